@@ -1,0 +1,1 @@
+//! Runnable examples of mp: see `src/bin/`.
