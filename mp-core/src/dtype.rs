@@ -125,7 +125,9 @@ impl FromStr for DType {
             "float32" => Ok(DType::F32),
             "float16" => Ok(DType::F16),
             "bfloat16" => Ok(DType::BF16),
-            _ => Err(Error::UnknownDType { name: s.to_string() }),
+            _ => Err(Error::UnknownDType {
+                name: s.to_string(),
+            }),
         }
     }
 }
@@ -153,6 +155,7 @@ pub trait Element:
     + fmt::Display
     + Send
     + Sync
+    + crate::cuda::DeviceElement
     + 'static
 {
     /// The runtime dtype of this element type.
@@ -333,11 +336,12 @@ mod tests {
         let sq16 = |x: f32| f16::from_f32(x) * f16::from_f32(x);
         assert!(sq16(256.0).is_infinite());
         assert_eq!(sq16(1e-5).to_f32(), 0.0);
-        let sqb = |x: f32| (bf16::from_f32(x).to_f32() * bf16::from_f32(x).to_f32());
+        let sqb = |x: f32| bf16::from_f32(x).to_f32() * bf16::from_f32(x).to_f32();
         assert_eq!(bf16::from_f32(sqb(256.0)).to_f32(), 65536.0);
         assert!(bf16::from_f32(sqb(1e-5)).to_f32() > 0.0);
-        assert_eq!(256f32 * 256f32, 65536.0);
-        assert!(1e-5f32 * 1e-5f32 > 0.0);
+        let (big, small) = (std::hint::black_box(256f32), std::hint::black_box(1e-5f32));
+        assert_eq!(big * big, 65536.0);
+        assert!(small * small > 0.0);
     }
 
     #[test]
@@ -345,9 +349,15 @@ mod tests {
         // 1 + 2^-11 is halfway between 1 and 1 + 2^-10 in float16: ties to even gives 1.
         assert_eq!(f16::from_f32(1.0 + 2f32.powi(-11)).to_f32(), 1.0);
         // 1 + 3 * 2^-11 is halfway between 1 + 2^-10 and 1 + 2^-9: ties to even gives 1 + 2^-9.
-        assert_eq!(f16::from_f32(1.0 + 3.0 * 2f32.powi(-11)).to_f32(), 1.0 + 2f32.powi(-9));
+        assert_eq!(
+            f16::from_f32(1.0 + 3.0 * 2f32.powi(-11)).to_f32(),
+            1.0 + 2f32.powi(-9)
+        );
         assert_eq!(bf16::from_f32(1.0 + 2f32.powi(-8)).to_f32(), 1.0);
-        assert_eq!(bf16::from_f32(1.0 + 3.0 * 2f32.powi(-8)).to_f32(), 1.0 + 2f32.powi(-6));
+        assert_eq!(
+            bf16::from_f32(1.0 + 3.0 * 2f32.powi(-8)).to_f32(),
+            1.0 + 2f32.powi(-6)
+        );
         for d in DType::ALL {
             assert!(d.round_f32(f32::NAN).is_nan());
             assert_eq!(d.round_f32(f32::INFINITY), f32::INFINITY);

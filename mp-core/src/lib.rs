@@ -25,13 +25,28 @@
 //! # Ok::<(), mp_core::Error>(())
 //! ```
 
+pub mod compat;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod loss_scale;
+pub mod memory;
+pub mod policy;
 pub mod rng;
 pub mod tensor;
+pub mod variable;
 
+pub use compat::{CompatReport, CpuFeatures};
 pub use dtype::{BF16, DType, DTypeKind, Element, F16, F32, FloatInfo};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use loss_scale::{
+    DynamicLossScale, DynamicLossScaleConfig, FixedLossScale, LossScale, LossScaleState,
+};
+pub use policy::{
+    Float32, MixedBFloat16, MixedFloat16, Policy, PolicyKind, PolicyVisitor, global_policy,
+    set_global_policy,
+};
 pub use rng::Rng;
-pub use tensor::Device;
+pub use tensor::{Device, Tensor};
+pub use variable::Variable;

@@ -111,7 +111,10 @@ impl Rng {
 /// The seed for a randomised test: `MP_TEST_SEED` when set (to replay a failure), else a fresh one
 /// from the clock. Prints `name: seed = N (replay with MP_TEST_SEED=N)` so every run can be replayed.
 pub fn test_seed(name: &str) -> u64 {
-    let seed = match std::env::var("MP_TEST_SEED").ok().and_then(|s| s.trim().parse().ok()) {
+    let seed = match std::env::var("MP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
         Some(seed) => seed,
         None => {
             let nanos = std::time::SystemTime::now()

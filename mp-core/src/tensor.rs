@@ -1,19 +1,581 @@
-//! Tensors (being written).
+//! Tensors: the dtype is a type parameter, the shape and the device are runtime values.
+//!
+//! CPU storage is contiguous, row-major and 64-byte aligned (one cache line, one zmm register),
+//! allocated through [`crate::memory`] so the bytes held by tensors can be counted. The CUDA arm
+//! exists behind mp-core's `cuda` feature; without it, [`Device::Cuda`] is still a value, and
+//! asking for it returns [`Error::CudaNotCompiled`].
+
+use std::alloc::{self, Layout};
 use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
+
+use crate::dtype::{DType, DTypeKind, Element};
+use crate::error::{Error, Result};
+
 /// Where a tensor lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     /// Host memory.
     #[default]
     Cpu,
-    /// CUDA device `n`.
+    /// CUDA device `n` (usable only in builds with the `cuda` feature).
     Cuda(usize),
 }
+
+impl Device {
+    /// CUDA device `ordinal`, after checking that it can be used: without the `cuda` feature this
+    /// is [`Error::CudaNotCompiled`]; with it, a missing driver or device is
+    /// [`Error::CudaUnavailable`] (never a panic).
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        crate::cuda::check_device(ordinal)?;
+        Ok(Device::Cuda(ordinal))
+    }
+
+    /// Whether this is the host.
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+/// The alignment of CPU tensor buffers, in bytes.
+pub const ALIGN: usize = 64;
+
+/// A 64-byte aligned, initialised buffer of elements on the host.
+pub struct AlignedBuf<E: Element> {
+    ptr: NonNull<E>,
+    len: usize,
+    _owns: PhantomData<E>,
+}
+
+// SAFETY: `AlignedBuf` owns its elements exclusively (like `Vec<E>`), and `E` is `Send + Sync`.
+unsafe impl<E: Element> Send for AlignedBuf<E> {}
+// SAFETY: shared references only hand out `&[E]`, and `E: Sync`.
+unsafe impl<E: Element> Sync for AlignedBuf<E> {}
+
+impl<E: Element> AlignedBuf<E> {
+    fn layout(len: usize) -> Result<Layout> {
+        len.checked_mul(std::mem::size_of::<E>())
+            .and_then(|bytes| Layout::from_size_align(bytes, ALIGN).ok())
+            .ok_or_else(|| Error::InvalidArgument {
+                what: format!("a tensor of {len} {} elements is too large", E::DTYPE),
+            })
+    }
+
+    /// `len` copies of `value`.
+    pub fn filled(len: usize, value: E) -> Result<Self> {
+        let layout = Self::layout(len)?;
+        if layout.size() == 0 {
+            return Ok(AlignedBuf {
+                ptr: NonNull::dangling(),
+                len,
+                _owns: PhantomData,
+            });
+        }
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc(layout) } as *mut E;
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: `ptr` is valid for `len` writes of `E`, properly aligned (64 >= align_of::<E>()).
+        unsafe {
+            for i in 0..len {
+                ptr.as_ptr().add(i).write(value);
+            }
+        }
+        crate::memory::on_alloc(layout.size());
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            _owns: PhantomData,
+        })
+    }
+
+    /// A copy of `data`.
+    pub fn from_slice(data: &[E]) -> Result<Self> {
+        let mut buf = Self::filled(data.len(), E::ZERO)?;
+        buf.as_mut_slice().copy_from_slice(data);
+        Ok(buf)
+    }
+
+    /// The elements.
+    pub fn as_slice(&self) -> &[E] {
+        // SAFETY: `ptr` points to `len` initialised elements we own (or is dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The elements, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [E] {
+        // SAFETY: as in `as_slice`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<E: Element> Drop for AlignedBuf<E> {
+    fn drop(&mut self) {
+        let layout = Self::layout(self.len).expect("layout was valid at allocation");
+        if layout.size() != 0 {
+            // SAFETY: allocated in `filled` with this very layout; `E` has no drop glue (Copy).
+            unsafe { alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout) };
+            crate::memory::on_free(layout.size());
+        }
+    }
+}
+
+impl<E: Element> Clone for AlignedBuf<E> {
+    fn clone(&self) -> Self {
+        Self::from_slice(self.as_slice()).expect("cloning a buffer that was allocated before")
+    }
+}
+
+impl<E: Element> fmt::Debug for AlignedBuf<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AlignedBuf<{}>[{}]", E::DTYPE, self.len)
+    }
+}
+
+enum Storage<E: Element> {
+    Cpu(AlignedBuf<E>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaBuf<E>),
+}
+
+impl<E: Element> Clone for Storage<E> {
+    fn clone(&self) -> Self {
+        match self {
+            Storage::Cpu(b) => Storage::Cpu(b.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Storage::Cuda(b.clone()),
+        }
+    }
+}
+
+/// An n-dimensional array of `D::Elem` on a [`Device`].
+///
+/// ```
+/// use mp_core::{Tensor, F32, BF16};
+///
+/// let x = Tensor::<F32>::from_vec(&[2, 2], vec![1.0, 2.5, -3.0, 1e-3])?;
+/// let y: Tensor<BF16> = x.cast()?;
+/// assert_eq!(y.shape(), &[2, 2]);
+/// assert_eq!(y.to_f32_vec()?, vec![1.0, 2.5, -3.0, 0.0009994507]);
+/// # Ok::<(), mp_core::Error>(())
+/// ```
+pub struct Tensor<D: DTypeKind> {
+    shape: Vec<usize>,
+    storage: Storage<D::Elem>,
+}
+
+impl<D: DTypeKind> Clone for Tensor<D> {
+    fn clone(&self) -> Self {
+        Tensor {
+            shape: self.shape.clone(),
+            storage: self.storage.clone(),
+        }
+    }
+}
+
+fn numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::InvalidArgument {
+            what: format!("{op}: shape {shape:?} has too many elements"),
+        })
+}
+
+impl<D: DTypeKind> Tensor<D> {
+    /// A host tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Result<Self> {
+        Self::full(shape, <D::Elem as Element>::ZERO)
+    }
+
+    /// A tensor of zeros on `device`.
+    pub fn zeros_on(shape: &[usize], device: Device) -> Result<Self> {
+        Self::zeros(shape)?.to_device(device)
+    }
+
+    /// A host tensor with every element `value`.
+    pub fn full(shape: &[usize], value: D::Elem) -> Result<Self> {
+        let n = numel("full", shape)?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(AlignedBuf::filled(n, value)?),
+        })
+    }
+
+    /// A host tensor holding `data` in row-major order. The length must match the shape.
+    pub fn from_vec(shape: &[usize], data: Vec<D::Elem>) -> Result<Self> {
+        Self::from_slice(shape, &data)
+    }
+
+    /// A host tensor holding a copy of `data` in row-major order.
+    pub fn from_slice(shape: &[usize], data: &[D::Elem]) -> Result<Self> {
+        let n = numel("from_slice", shape)?;
+        if n != data.len() {
+            return Err(Error::LengthMismatch {
+                op: "Tensor::from_slice",
+                shape: shape.to_vec(),
+                expected: n,
+                got: data.len(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(AlignedBuf::from_slice(data)?),
+        })
+    }
+
+    /// A host tensor from float32 values, each rounded to `D` (nearest even).
+    pub fn from_f32(shape: &[usize], data: &[f32]) -> Result<Self> {
+        let n = numel("from_f32", shape)?;
+        if n != data.len() {
+            return Err(Error::LengthMismatch {
+                op: "Tensor::from_f32",
+                shape: shape.to_vec(),
+                expected: n,
+                got: data.len(),
+            });
+        }
+        let mut t = Self::zeros(shape)?;
+        for (o, &x) in t.as_mut_slice()?.iter_mut().zip(data) {
+            *o = <D::Elem as Element>::from_f32(x);
+        }
+        Ok(t)
+    }
+
+    /// A host tensor copied from an `ndarray` array of any dimension and memory order.
+    pub fn from_ndarray<S, Dim>(array: &ArrayBase<S, Dim>) -> Result<Self>
+    where
+        S: Data<Elem = D::Elem>,
+        Dim: Dimension,
+    {
+        let shape = array.shape().to_vec();
+        match array.as_slice() {
+            Some(s) => Self::from_slice(&shape, s),
+            None => {
+                let mut t = Self::zeros(&shape)?;
+                for (o, &x) in t.as_mut_slice()?.iter_mut().zip(array.iter()) {
+                    *o = x;
+                }
+                Ok(t)
+            }
+        }
+    }
+
+    /// A copy as an `ndarray` array (host tensors only).
+    pub fn to_ndarray(&self) -> Result<ArrayD<D::Elem>> {
+        let data = self.as_slice()?.to_vec();
+        ArrayD::from_shape_vec(IxDyn(&self.shape), data).map_err(|e| Error::InvalidArgument {
+            what: format!("to_ndarray: {e}"),
+        })
+    }
+
+    /// The values widened to float32 (host tensors only).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.as_slice()?.iter().map(|x| x.to_f32()).collect())
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The runtime dtype.
+    pub fn dtype(&self) -> DType {
+        D::DTYPE
+    }
+
+    /// Bytes of element storage.
+    pub fn size_in_bytes(&self) -> usize {
+        self.len() * D::DTYPE.size_in_bytes()
+    }
+
+    /// Where the tensor lives.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
+        }
+    }
+
+    /// The elements of a host tensor, row-major.
+    pub fn as_slice(&self) -> Result<&[D::Elem]> {
+        match &self.storage {
+            Storage::Cpu(b) => Ok(b.as_slice()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Err(Error::WrongDevice {
+                op: "as_slice",
+                expected: Device::Cpu,
+                got: Device::Cuda(b.ordinal()),
+            }),
+        }
+    }
+
+    /// The elements of a host tensor, row-major, mutably.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [D::Elem]> {
+        match &mut self.storage {
+            Storage::Cpu(b) => Ok(b.as_mut_slice()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Err(Error::WrongDevice {
+                op: "as_mut_slice",
+                expected: Device::Cpu,
+                got: Device::Cuda(b.ordinal()),
+            }),
+        }
+    }
+
+    /// Sets every element to `value` (given as float32, rounded to `D`).
+    pub fn fill(&mut self, value: f32) -> Result<()> {
+        let v = <D::Elem as Element>::from_f32(value);
+        self.as_mut_slice()?.fill(v);
+        Ok(())
+    }
+
+    /// Copies `data` in; the length must match. On a mismatch nothing is written.
+    pub fn copy_from_slice(&mut self, data: &[D::Elem]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::LengthMismatch {
+                op: "Tensor::copy_from_slice",
+                shape: self.shape.clone(),
+                expected: self.len(),
+                got: data.len(),
+            });
+        }
+        self.as_mut_slice()?.copy_from_slice(data);
+        Ok(())
+    }
+
+    /// The same data with another shape holding the same number of elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        let n = numel("reshape", shape)?;
+        if n != self.len() {
+            return Err(Error::ShapeMismatch {
+                op: "reshape",
+                expected: self.shape.clone(),
+                got: shape.to_vec(),
+            });
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// A copy converted to dtype `D2`, each element rounded to nearest even; NaN and infinities
+    /// are kept. (This is the simple reference path; mp-kernels has the vectorised casts the
+    /// layers use.)
+    pub fn cast<D2: DTypeKind>(&self) -> Result<Tensor<D2>> {
+        let mut out = Tensor::<D2>::zeros(&self.shape)?;
+        self.cast_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Converts into an existing tensor of the same shape (reusing its buffer).
+    pub fn cast_into<D2: DTypeKind>(&self, out: &mut Tensor<D2>) -> Result<()> {
+        if out.shape != self.shape {
+            return Err(Error::ShapeMismatch {
+                op: "cast_into",
+                expected: self.shape.clone(),
+                got: out.shape.clone(),
+            });
+        }
+        let src = self.as_slice()?;
+        let dst = out.as_mut_slice()?;
+        for (o, &x) in dst.iter_mut().zip(src) {
+            *o = <D2::Elem as Element>::from_f32(x.to_f32());
+        }
+        Ok(())
+    }
+
+    /// A copy on `device` (a clone when it is already there).
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        match (&self.storage, device) {
+            (Storage::Cpu(_), Device::Cpu) => Ok(self.clone()),
+            #[cfg(not(feature = "cuda"))]
+            (Storage::Cpu(_), Device::Cuda(ordinal)) => Err(Error::CudaNotCompiled { ordinal }),
+            #[cfg(feature = "cuda")]
+            (Storage::Cpu(b), Device::Cuda(ordinal)) => Ok(Tensor {
+                shape: self.shape.clone(),
+                storage: Storage::Cuda(crate::cuda::CudaBuf::from_host(ordinal, b.as_slice())?),
+            }),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(b), Device::Cpu) => Ok(Tensor {
+                shape: self.shape.clone(),
+                storage: Storage::Cpu(AlignedBuf::from_slice(&b.to_host()?)?),
+            }),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(b), Device::Cuda(ordinal)) => {
+                if b.ordinal() == ordinal {
+                    Ok(self.clone())
+                } else {
+                    self.to_device(Device::Cpu)?
+                        .to_device(Device::Cuda(ordinal))
+                }
+            }
+        }
+    }
+}
+
+impl<D: DTypeKind> fmt::Debug for Tensor<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Tensor<{}>(shape={:?}, device={}",
+            D::DTYPE,
+            self.shape,
+            self.device()
+        )?;
+        if let Ok(s) = self.as_slice() {
+            let shown: Vec<_> = s.iter().take(6).collect();
+            write!(
+                f,
+                ", data={shown:?}{}",
+                if s.len() > 6 { "..." } else { "" }
+            )?;
+        }
+        f.write_str(")")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::{BF16, F16, F32};
+    use ndarray::{Array2, ShapeBuilder};
+
+    #[test]
+    fn construction_checks_shape_against_length() {
+        let err = Tensor::<F32>::from_vec(&[2, 3], vec![0.0; 5])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[2, 3]") && err.contains('6') && err.contains('5'),
+            "{err}"
+        );
+        assert!(Tensor::<F16>::from_f32(&[4], &[1.0; 3]).is_err());
+        assert!(Tensor::<F32>::zeros(&[usize::MAX, 4]).is_err());
+        let t = Tensor::<F32>::from_vec(&[0, 5], vec![]).unwrap();
+        assert!(t.is_empty());
+        assert_eq!(t.shape(), &[0, 5]);
+    }
+
+    #[test]
+    fn storage_is_64_byte_aligned() {
+        for n in [1, 3, 17, 1000] {
+            let t = Tensor::<BF16>::zeros(&[n]).unwrap();
+            assert_eq!(t.as_slice().unwrap().as_ptr() as usize % ALIGN, 0);
+        }
+    }
+
+    #[test]
+    fn ndarray_round_trip_any_layout() {
+        let a = Array2::from_shape_fn((3, 4), |(i, j)| (i * 10 + j) as f32);
+        let t = Tensor::<F32>::from_ndarray(&a).unwrap();
+        assert_eq!(t.to_ndarray().unwrap().into_dimensionality().unwrap(), a);
+        // A column-major array is copied in logical (row-major) order.
+        let f = Array2::from_shape_fn((3, 4).f(), |(i, j)| (i * 10 + j) as f32);
+        let tf = Tensor::<F32>::from_ndarray(&f).unwrap();
+        assert_eq!(tf.as_slice().unwrap(), t.as_slice().unwrap());
+        let tt = Tensor::<F32>::from_ndarray(&a.t()).unwrap();
+        assert_eq!(tt.shape(), &[4, 3]);
+        assert_eq!(tt.as_slice().unwrap()[1], 10.0);
+    }
+
+    #[test]
+    fn casts_round_and_keep_specials() {
+        let x = Tensor::<F32>::from_vec(
+            &[5],
+            vec![
+                1.0 + 2f32.powi(-11),
+                65520.0,
+                f32::NAN,
+                f32::NEG_INFINITY,
+                1e-8,
+            ],
+        )
+        .unwrap();
+        let h: Tensor<F16> = x.cast().unwrap();
+        let v = h.to_f32_vec().unwrap();
+        assert_eq!(v[0], 1.0);
+        assert!(v[1].is_infinite());
+        assert!(v[2].is_nan());
+        assert_eq!(v[3], f32::NEG_INFINITY);
+        assert_eq!(v[4], 0.0);
+        let b: Tensor<BF16> = x.cast().unwrap();
+        let v = b.to_f32_vec().unwrap();
+        assert_eq!(v[1], 65536.0);
+        assert!(v[4] > 0.0);
+        let mut wrong = Tensor::<BF16>::zeros(&[4]).unwrap();
+        assert!(x.cast_into(&mut wrong).is_err());
+    }
+
+    #[test]
+    fn reshape_and_fill() {
+        let mut t = Tensor::<F32>::zeros(&[2, 6]).unwrap();
+        t.fill(3.0).unwrap();
+        let t = t.reshape(&[3, 4]).unwrap();
+        assert_eq!(t.shape(), &[3, 4]);
+        let err = t.clone().reshape(&[5]).unwrap_err().to_string();
+        assert!(err.contains("[3, 4]") && err.contains("[5]"), "{err}");
+        assert_eq!(t.to_f32_vec().unwrap(), vec![3.0; 12]);
+    }
+
+    #[test]
+    fn memory_is_counted() {
+        let before = crate::memory::live_bytes();
+        let t = Tensor::<F32>::zeros(&[1000]).unwrap();
+        assert!(crate::memory::live_bytes() >= before + 4000 || cfg!(miri));
+        assert!(crate::memory::peak_bytes() >= 4000);
+        drop(t);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_an_error() {
+        let err = Device::cuda(0).unwrap_err();
+        assert!(matches!(err, Error::CudaNotCompiled { ordinal: 0 }));
+        assert!(err.to_string().contains("`cuda` feature"));
+        let t = Tensor::<F32>::zeros(&[3]).unwrap();
+        assert!(matches!(
+            t.to_device(Device::Cuda(1)),
+            Err(Error::CudaNotCompiled { ordinal: 1 })
+        ));
+        assert!(Tensor::<F32>::zeros_on(&[3], Device::Cuda(0)).is_err());
     }
 }

@@ -50,10 +50,20 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Checks that a buffer has `expected` elements.
-pub(crate) fn check_len(op: &'static str, what: &'static str, got: usize, expected: usize) -> Result<()> {
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &'static str,
+    got: usize,
+    expected: usize,
+) -> Result<()> {
     if got == expected {
         Ok(())
     } else {
-        Err(Error::LengthMismatch { op, what, expected, got })
+        Err(Error::LengthMismatch {
+            op,
+            what,
+            expected,
+            got,
+        })
     }
 }

@@ -28,7 +28,12 @@ impl Isa {
     pub fn detect() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
-            Isa::ALL.iter().rev().copied().find(|isa| isa.is_supported()).unwrap_or(Isa::Scalar)
+            Isa::ALL
+                .iter()
+                .rev()
+                .copied()
+                .find(|isa| isa.is_supported())
+                .unwrap_or(Isa::Scalar)
         })
     }
 
@@ -51,9 +56,7 @@ impl Isa {
                     && is_x86_feature_detected!("avx512dq")
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => {
-                Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16")
-            }
+            Isa::Avx512Bf16 => Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -61,6 +64,10 @@ impl Isa {
 
     /// The levels this CPU supports, lowest first (what tests iterate over).
     pub fn supported() -> Vec<Isa> {
-        Isa::ALL.iter().copied().filter(|isa| isa.is_supported()).collect()
+        Isa::ALL
+            .iter()
+            .copied()
+            .filter(|isa| isa.is_supported())
+            .collect()
     }
 }

@@ -1,1 +1,49 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>` (the alias is in `.cargo/config.toml`).
+//!
+//! - `cargo xtask bench [gemm] [--quick] [--rounds N]`: builds the measuring binary
+//!   (`examples/src/bin/bench.rs`) in release mode and runs it; it prints a markdown table and
+//!   writes JSON under `target/bench/`.
+//!
+//! xtask stays a thin dispatcher with few dependencies: the measuring code lives in `examples/`.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("bench") => bench::run(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{}", USAGE);
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown task {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  bench [gemm] [--quick] [--rounds N]   run the benchmarks (release build); writes target/bench/
+";
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// The cargo that runs us (`$CARGO`), or `cargo`.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}

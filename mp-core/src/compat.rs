@@ -1,0 +1,255 @@
+//! The mixed precision compatibility check for this machine.
+//!
+//! Keras prints `Mixed precision compatibility check (mixed_float16): OK` when the GPU has
+//! float16 tensor cores. mp does the same for the CPU it runs on, detected at run time:
+//!
+//! - **AVX512_BF16** (`vdpbf16ps`) or **AMX-BF16**: bfloat16 dot products at twice the float32
+//!   rate, so `mixed_bfloat16` is the fast policy;
+//! - **AVX512_FP16**: native float16 arithmetic (mp's kernels still convert float16 to float32
+//!   for the math, so it brings no speedup over float32 yet);
+//! - **F16C**: fast float16 ↔ float32 conversion; without it float16 is slow to even load.
+//!
+//! GPU compute capability joins the check with the CUDA backend.
+
+use std::fmt;
+
+use crate::policy::Policy;
+
+/// What the CPU offers for 16-bit floating point, detected at run time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CpuFeatures {
+    /// AVX2 (256-bit integer and float SIMD).
+    pub avx2: bool,
+    /// Fused multiply-add.
+    pub fma: bool,
+    /// float16 ↔ float32 conversion instructions.
+    pub f16c: bool,
+    /// AVX-512 Foundation.
+    pub avx512f: bool,
+    /// AVX512_BF16: `vdpbf16ps` (bfloat16 pair dot products into float32).
+    pub avx512_bf16: bool,
+    /// AVX512_FP16: float16 arithmetic.
+    pub avx512_fp16: bool,
+    /// AMX-BF16 tile matrix multiplies (reported by CPUID).
+    pub amx_bf16: bool,
+}
+
+impl CpuFeatures {
+    /// Detects the features of the CPU this runs on.
+    pub fn detect() -> CpuFeatures {
+        #[cfg(target_arch = "x86_64")]
+        {
+            CpuFeatures {
+                avx2: is_x86_feature_detected!("avx2"),
+                fma: is_x86_feature_detected!("fma"),
+                f16c: is_x86_feature_detected!("f16c"),
+                avx512f: is_x86_feature_detected!("avx512f"),
+                avx512_bf16: is_x86_feature_detected!("avx512bf16"),
+                avx512_fp16: is_x86_feature_detected!("avx512fp16"),
+                amx_bf16: amx_bf16_cpuid(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuFeatures::default()
+        }
+    }
+
+    /// Whether bfloat16 dot products run natively (AVX512_BF16 or AMX-BF16).
+    pub fn fast_bf16(&self) -> bool {
+        self.avx512_bf16 || self.amx_bf16
+    }
+
+    /// The names of the 16-bit features present, for messages.
+    pub fn summary(&self) -> String {
+        let mut names = vec![];
+        for (on, name) in [
+            (self.f16c, "F16C"),
+            (self.avx512f, "AVX-512"),
+            (self.avx512_bf16, "AVX512_BF16"),
+            (self.avx512_fp16, "AVX512_FP16"),
+            (self.amx_bf16, "AMX-BF16"),
+        ] {
+            if on {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            "no 16-bit float features".to_string()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// AMX-BF16 is CPUID leaf 7, sub-leaf 0, EDX bit 22 (`is_x86_feature_detected!("amx-bf16")` is
+/// not stable yet).
+#[cfg(target_arch = "x86_64")]
+fn amx_bf16_cpuid() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID is available on every x86_64 CPU; leaf 7 is read only if the maximum leaf
+    // reported by leaf 0 includes it.
+    unsafe {
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        __cpuid_count(7, 0).edx & (1 << 22) != 0
+    }
+}
+
+/// The verdict of the compatibility check for one policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompatReport {
+    /// The policy checked.
+    pub policy: Policy,
+    /// Whether the policy is expected to run at least as fast as float32 here.
+    pub ok: bool,
+    /// Why, in one sentence.
+    pub reason: String,
+}
+
+impl fmt::Display for CompatReport {
+    /// `Mixed precision compatibility check (mixed_bfloat16): OK` and the reason on a second line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Mixed precision compatibility check ({}): {}\n{}",
+            self.policy.name(),
+            if self.ok { "OK" } else { "WARNING" },
+            self.reason
+        )
+    }
+}
+
+/// Checks `policy` against this machine's CPU.
+pub fn check(policy: Policy) -> CompatReport {
+    check_with(policy, &CpuFeatures::detect())
+}
+
+/// Checks `policy` against the given CPU features (what [`check`] does, testable).
+pub fn check_with(policy: Policy, cpu: &CpuFeatures) -> CompatReport {
+    let (ok, reason) = match policy {
+        Policy::Float32 => (
+            true,
+            "float32 runs everywhere; it is the baseline.".to_string(),
+        ),
+        Policy::MixedBFloat16 if cpu.fast_bf16() => (
+            true,
+            format!(
+                "Your CPU will likely run quickly with dtype policy mixed_bfloat16: it has {} \
+                 (bfloat16 dot products at twice the float32 rate).",
+                if cpu.avx512_bf16 {
+                    "AVX512_BF16"
+                } else {
+                    "AMX-BF16"
+                }
+            ),
+        ),
+        Policy::MixedBFloat16 => (
+            false,
+            "The dtype policy mixed_bfloat16 may run slowly because this CPU has no AVX512_BF16 \
+             or AMX-BF16: bfloat16 is converted to float32 for the math, which halves activation \
+             memory but brings no speedup."
+                .to_string(),
+        ),
+        Policy::MixedFloat16 if !cpu.f16c => (
+            false,
+            "The dtype policy mixed_float16 will run slowly: this CPU has no F16C, so every \
+             float16 value is converted in software. Use float32."
+                .to_string(),
+        ),
+        Policy::MixedFloat16 => (
+            false,
+            format!(
+                "float16 is emulated on this CPU (float16 is converted to float32 for the math): \
+                 no speedup expected, use {}.",
+                if cpu.fast_bf16() {
+                    "mixed_bfloat16"
+                } else {
+                    "float32"
+                }
+            ),
+        ),
+    };
+    CompatReport { policy, ok, reason }
+}
+
+/// The policy the check recommends on this machine: `mixed_bfloat16` where bfloat16 is native,
+/// else `float32`.
+pub fn recommended_policy() -> Policy {
+    recommended_policy_for(&CpuFeatures::detect())
+}
+
+/// The policy the check recommends for the given CPU features.
+pub fn recommended_policy_for(cpu: &CpuFeatures) -> Policy {
+    if cpu.fast_bf16() {
+        Policy::MixedBFloat16
+    } else {
+        Policy::Float32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZEN4: CpuFeatures = CpuFeatures {
+        avx2: true,
+        fma: true,
+        f16c: true,
+        avx512f: true,
+        avx512_bf16: true,
+        avx512_fp16: false,
+        amx_bf16: false,
+    };
+
+    #[test]
+    fn verdicts() {
+        let r = check_with(Policy::MixedBFloat16, &ZEN4);
+        assert!(r.ok);
+        assert!(
+            r.to_string()
+                .starts_with("Mixed precision compatibility check (mixed_bfloat16): OK\n")
+        );
+        let r = check_with(Policy::MixedFloat16, &ZEN4);
+        assert!(!r.ok);
+        let text = r.to_string();
+        assert!(
+            text.contains("WARNING") && text.contains("use mixed_bfloat16"),
+            "{text}"
+        );
+        let old = CpuFeatures {
+            avx512_bf16: false,
+            ..ZEN4
+        };
+        assert!(!check_with(Policy::MixedBFloat16, &old).ok);
+        assert!(
+            check_with(Policy::MixedFloat16, &old)
+                .reason
+                .contains("use float32")
+        );
+        let ancient = CpuFeatures::default();
+        assert!(
+            check_with(Policy::MixedFloat16, &ancient)
+                .reason
+                .contains("no F16C")
+        );
+        assert!(check_with(Policy::Float32, &ancient).ok);
+        assert_eq!(recommended_policy_for(&ZEN4), Policy::MixedBFloat16);
+        assert_eq!(recommended_policy_for(&old), Policy::Float32);
+    }
+
+    #[test]
+    fn detection_runs() {
+        let cpu = CpuFeatures::detect();
+        // Whatever the CPU, the check gives a verdict for every policy without panicking.
+        for p in Policy::ALL {
+            assert!(!check(p).reason.is_empty());
+        }
+        assert!(!cpu.summary().is_empty());
+        if cpu.avx512_bf16 {
+            assert_eq!(recommended_policy(), Policy::MixedBFloat16);
+        }
+    }
+}

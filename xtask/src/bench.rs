@@ -1,0 +1,90 @@
+//! `cargo xtask bench`: build the measuring binary in release mode and run it.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// The benchmark groups the measuring binary knows.
+const GROUPS: &[&str] = &["gemm"];
+
+/// Runs `cargo xtask bench [GROUP] [OPTIONS]`.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let (groups, options) = split_args(args)?;
+    let root = crate::root();
+    let status = Command::new(crate::cargo())
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "examples",
+            "--bin",
+            "bench",
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the benchmark binary failed");
+    }
+    let exe = root.join("target/release/bench");
+    for group in groups {
+        let status = Command::new(&exe)
+            .current_dir(&root)
+            .arg(group)
+            .args(&options)
+            .status()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !status.success() {
+            bail!("benchmark group {group} failed");
+        }
+    }
+    Ok(())
+}
+
+/// Splits arguments into benchmark groups (all of them when none is named) and options passed
+/// through to the measuring binary.
+fn split_args(args: &[String]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let mut groups = vec![];
+    let mut options = vec![];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a.starts_with("--") {
+            options.push(a.clone());
+            if a == "--rounds" || a == "--out" {
+                let v = it.next().with_context(|| format!("{a} needs a value"))?;
+                options.push(v.clone());
+            }
+        } else if GROUPS.contains(&a.as_str()) {
+            groups.push(a.clone());
+        } else {
+            bail!(
+                "unknown benchmark group {a:?}; known groups: {}",
+                GROUPS.join(", ")
+            );
+        }
+    }
+    if groups.is_empty() {
+        groups = GROUPS.iter().map(|g| g.to_string()).collect();
+    }
+    Ok((groups, options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn splits_groups_and_options() {
+        let (g, o) = split_args(&s(&["gemm", "--quick", "--rounds", "7"])).unwrap();
+        assert_eq!(g, s(&["gemm"]));
+        assert_eq!(o, s(&["--quick", "--rounds", "7"]));
+        let (g, _) = split_args(&[]).unwrap();
+        assert_eq!(g, s(GROUPS));
+        assert!(split_args(&s(&["nope"])).is_err());
+        assert!(split_args(&s(&["--rounds"])).is_err());
+    }
+}
