@@ -5,7 +5,7 @@
 //!
 //! - [`gemm`]: `C = alpha * op(A) * op(B) + beta * C` for float32, bfloat16 and float16 inputs,
 //!   always accumulating in float32, with a fused bias + ReLU epilogue;
-//! - elementwise and reductions: [`cast`], [`activation`] (ReLU), [`softmax`] (softmax and
+//! - elementwise and reductions: [`cast`], [`activation`] (ReLU, sigmoid, tanh), [`softmax`] (softmax and
 //!   softmax cross-entropy, float32 math), [`reduce`] (bias gradient, argmax), [`scale`] (scale by
 //!   a scalar, fused unscale + all-finite check), [`optim`] (fused SGD, RMSprop and Adam updates);
 //! - [`peak`]: the machine's measured float32 FMA and `vdpbf16ps` peaks.

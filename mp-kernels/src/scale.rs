@@ -1,1 +1,278 @@
-//! (being written)
+//! Scaling by a scalar, the fused unscale + all-finite check of loss scaling, and the finiteness
+//! test.
+//!
+//! [`unscale_and_check`] is what `LossScaleOptimizer::get_unscaled_gradients` runs on each float32
+//! gradient: one pass that multiplies by `inv_scale` and reports whether every result is finite.
+//! The caller computes `inv_scale = (1.0 / scale as f64) as f32`: exact for the power-of-two
+//! scales dynamic loss scaling uses, so unscaling a gradient is then exact too (unless the
+//! result underflows into float32's subnormal range).
+//!
+//! ```
+//! use mp_kernels::scale::unscale_and_check;
+//!
+//! let scale = 32768.0f32;
+//! let inv_scale = (1.0 / scale as f64) as f32;
+//! let mut g = [3.0 * 32768.0, -0.5 * 32768.0];
+//! assert!(unscale_and_check(&mut g, inv_scale));
+//! assert_eq!(g, [3.0, -0.5]);
+//! let mut g = [1.0, f32::INFINITY];
+//! assert!(!unscale_and_check(&mut g, inv_scale));
+//! ```
+
+use mp_core::{DType, Element};
+
+use crate::cast::exec::{check_isa, par_all, par_each, par_each_all};
+use crate::error::Result;
+use crate::isa::Isa;
+
+/// `x = x * s` in float32, rounded back to the element type (overflow gives infinity, NaN stays
+/// NaN).
+pub fn scale<T: Element>(x: &mut [T], s: f32) -> Result<()> {
+    scale_with_isa(Isa::detect(), x, s)
+}
+
+/// [`scale`] on an explicit instruction set.
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
+pub fn scale_with_isa<T: Element>(isa: Isa, x: &mut [T], s: f32) -> Result<()> {
+    check_isa("scale", isa)?;
+    par_each(x, |x| scale_chunk(isa, x, s));
+    Ok(())
+}
+
+/// Multiplies every gradient by `inv_scale` in place and returns whether every value is finite,
+/// in one pass.
+///
+/// `false` means at least one value was NaN or infinite before or after the multiply: checking
+/// after suffices, since a non-finite value times any float32 is non-finite (`inf * 0` is NaN),
+/// and it also catches a finite value that overflows (`inv_scale > 1`) and a non-finite
+/// `inv_scale`. The whole slice is always processed. On `false` the caller skips the step.
+///
+/// `inv_scale` should be `(1.0 / scale as f64) as f32` (exact for power-of-two scales).
+pub fn unscale_and_check(grads: &mut [f32], inv_scale: f32) -> bool {
+    let isa = Isa::detect();
+    par_each_all(grads, |g| unscale_chunk(isa, g, inv_scale))
+}
+
+/// [`unscale_and_check`] on an explicit instruction set.
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
+pub fn unscale_and_check_with_isa(isa: Isa, grads: &mut [f32], inv_scale: f32) -> Result<bool> {
+    check_isa("unscale_and_check", isa)?;
+    Ok(par_each_all(grads, |g| unscale_chunk(isa, g, inv_scale)))
+}
+
+/// Whether every element is finite (neither infinite nor NaN). `true` for an empty slice.
+pub fn all_finite<T: Element>(x: &[T]) -> bool {
+    let isa = Isa::detect();
+    par_all(x, |x| finite_chunk(isa, x))
+}
+
+/// [`all_finite`] on an explicit instruction set.
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
+pub fn all_finite_with_isa<T: Element>(isa: Isa, x: &[T]) -> Result<bool> {
+    check_isa("all_finite", isa)?;
+    Ok(par_all(x, |x| finite_chunk(isa, x)))
+}
+
+fn scale_chunk<T: Element>(isa: Isa, x: &mut [T], s: f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was checked; one buffer in place.
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::scale_avx512(x, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::scale_avx2(x, s) },
+        _ => x.iter_mut().for_each(|v| *v = T::from_f32(v.to_f32() * s)),
+    }
+}
+
+fn unscale_chunk(isa: Isa, g: &mut [f32], s: f32) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was checked.
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::unscale_avx512(g, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was checked.
+        Isa::Avx2 => unsafe { x86::unscale_avx2(g, s) },
+        _ => {
+            let mut ok = true;
+            for v in g {
+                *v *= s;
+                ok &= v.is_finite();
+            }
+            ok
+        }
+    }
+}
+
+/// The exponent field of each dtype: all ones means infinite or NaN.
+const fn exponent_mask(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 0x7f80_0000,
+        DType::F16 => 0x7c00,
+        DType::BF16 => 0x7f80,
+    }
+}
+
+fn finite_chunk<T: Element>(isa: Isa, x: &[T]) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was checked.
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::finite_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was checked.
+        Isa::Avx2 => unsafe { x86::finite_avx2(x) },
+        _ => x.iter().fold(true, |ok, v| ok & v.is_finite()),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use mp_core::{DType, Element};
+
+    use super::exponent_mask;
+    use crate::cast::x86::{map_avx2, map_avx512, tail_mask16};
+
+    /// `vfpclassps` categories: QNaN, +inf, -inf, SNaN.
+    const NON_FINITE: i32 = 0x01 | 0x08 | 0x10 | 0x80;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn scale_avx512<T: Element>(x: &mut [T], s: f32) {
+        let sv = _mm512_set1_ps(s);
+        let p = x.as_mut_ptr();
+        // SAFETY: one buffer of `x.len()` elements, in place.
+        unsafe { map_avx512(x.len(), p.cast_const(), p, |v| _mm512_mul_ps(v, sv)) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scale_avx2<T: Element>(x: &mut [T], s: f32) {
+        let sv = _mm256_set1_ps(s);
+        let p = x.as_mut_ptr();
+        // SAFETY: one buffer of `x.len()` elements, in place.
+        unsafe { map_avx2(x.len(), p.cast_const(), p, |v| _mm256_mul_ps(v, sv)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn unscale_avx512(g: &mut [f32], s: f32) -> bool {
+        let sv = _mm512_set1_ps(s);
+        let n = g.len();
+        let p = g.as_mut_ptr();
+        let mut bad: __mmask16 = 0;
+        let mut i = 0;
+        // SAFETY: every access is below `n`.
+        unsafe {
+            while i + 16 <= n {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), sv);
+                bad |= _mm512_fpclass_ps_mask::<NON_FINITE>(v);
+                _mm512_storeu_ps(p.add(i), v);
+                i += 16;
+            }
+            if i < n {
+                let k = tail_mask16(n - i);
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), sv);
+                bad |= _mm512_mask_fpclass_ps_mask::<NON_FINITE>(k, v);
+                _mm512_mask_storeu_ps(p.add(i), k, v);
+            }
+        }
+        bad == 0
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn unscale_avx2(g: &mut [f32], s: f32) -> bool {
+        let sv = _mm256_set1_ps(s);
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let n = g.len();
+        let p = g.as_mut_ptr();
+        let mut bad = _mm256_setzero_si256();
+        let mut i = 0;
+        // SAFETY: every access is below `n`.
+        unsafe {
+            while i + 8 <= n {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), sv);
+                let e = _mm256_and_si256(_mm256_castps_si256(v), exp);
+                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, exp));
+                _mm256_storeu_ps(p.add(i), v);
+                i += 8;
+            }
+        }
+        let mut ok = _mm256_testz_si256(bad, bad) == 1;
+        for v in &mut g[i..] {
+            *v *= s;
+            ok &= v.is_finite();
+        }
+        ok
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn finite_avx512<T: Element>(x: &[T]) -> bool {
+        let n = x.len();
+        let mut i = 0;
+        // SAFETY: every access is below `n`.
+        unsafe {
+            if T::DTYPE == DType::F32 {
+                let p = x.as_ptr().cast::<f32>();
+                let mut bad: __mmask16 = 0;
+                while i + 16 <= n {
+                    bad |= _mm512_fpclass_ps_mask::<NON_FINITE>(_mm512_loadu_ps(p.add(i)));
+                    i += 16;
+                }
+                if i < n {
+                    let k = tail_mask16(n - i);
+                    bad |= _mm512_fpclass_ps_mask::<NON_FINITE>(_mm512_maskz_loadu_ps(k, p.add(i)));
+                }
+                bad == 0
+            } else {
+                // 32 raw 16-bit values at a time: non-finite means an all-ones exponent.
+                let p = x.as_ptr().cast::<i16>();
+                let m = _mm512_set1_epi16(exponent_mask(T::DTYPE) as i16);
+                let mut bad: __mmask32 = 0;
+                while i + 32 <= n {
+                    let v = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), m);
+                    bad |= _mm512_cmpeq_epi16_mask(v, m);
+                    i += 32;
+                }
+                if i < n {
+                    let k = ((1u64 << (n - i)) - 1) as __mmask32;
+                    let v = _mm512_and_si512(_mm512_maskz_loadu_epi16(k, p.add(i)), m);
+                    bad |= _mm512_cmpeq_epi16_mask(v, m);
+                }
+                bad == 0
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn finite_avx2<T: Element>(x: &[T]) -> bool {
+        let n = x.len();
+        let mut i = 0;
+        let mut bad = _mm256_setzero_si256();
+        // SAFETY: every access is below `n`.
+        unsafe {
+            if T::DTYPE == DType::F32 {
+                let p = x.as_ptr().cast::<__m256i>().cast::<u8>();
+                let m = _mm256_set1_epi32(exponent_mask(DType::F32) as i32);
+                while i + 8 <= n {
+                    let v = _mm256_and_si256(_mm256_loadu_si256(p.add(4 * i).cast()), m);
+                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(v, m));
+                    i += 8;
+                }
+            } else {
+                let p = x.as_ptr().cast::<u8>();
+                let m = _mm256_set1_epi16(exponent_mask(T::DTYPE) as i16);
+                while i + 16 <= n {
+                    let v = _mm256_and_si256(_mm256_loadu_si256(p.add(2 * i).cast()), m);
+                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi16(v, m));
+                    i += 16;
+                }
+            }
+        }
+        _mm256_testz_si256(bad, bad) == 1 && x[i..].iter().all(|v| v.is_finite())
+    }
+}

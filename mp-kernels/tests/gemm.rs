@@ -1,0 +1,782 @@
+//! GEMM against a float64 reference, on every instruction set this CPU supports.
+//!
+//! # Error bounds
+//! The reference is the float64 product of the inputs *as stored* (already rounded to their
+//! dtype), so what is measured is the kernel's own error: the float32 accumulation and, for a
+//! 16-bit output, the final rounding.
+//!
+//! With `u = 2^-24` (float32 unit roundoff), `S_ij = |alpha| sum_p |a_ip| |b_pj| + |beta c_ij| +
+//! |bias_j|` and `K` multiply-adds per element (plus the alpha, beta and bias steps), the
+//! worst-case bound for recursive float32 summation is `|c - ref| <= (K + 3) u S_ij` (Higham,
+//! *Accuracy and Stability of Numerical Algorithms*, 3.1). It is far from sharp: rounding errors
+//! are independent and centred, and Higham & Mary (SIAM J. Sci. Comput. 41, 2019) show that
+//! `|c - ref| <= lambda sqrt(K + 3) u S_ij` holds with probability at least
+//! `1 - 2 exp(-lambda^2 (1 - u)^2 / 2)`. We assert it per element with `lambda = 8` (failure
+//! probability below 1e-13 per element), taking the smaller of the two bounds. `vdpbf16ps` (two
+//! roundings per pair of k) and the portable path (separate multiply and add) make at most two
+//! roundings per k, covered by a factor 2 on `u`.
+//!
+//! A 16-bit output adds one rounding to nearest: `u_out |x|` with `u_out = 2^-8` (bfloat16) or
+//! `2^-11` (float16), plus half the smallest subnormal spacing for float16's gradual underflow.
+//!
+//! On the whole matrix, the relative Frobenius error `||C - ref|| / ||ref||` is also checked
+//! against `2 sqrt(K + 3) u ||S|| / ||ref|| + u_out`; for float32 with random data in [-1, 1] this
+//! is ~1e-6 at K = 4096, far under 1e-4 (asserted separately on a large case).
+
+use half::{bf16, f16};
+use mp_core::{DType, Element, Rng, rng::test_seed};
+use mp_kernels::gemm::{Epilogue, GemmInput, GemmOutput, gemm, gemm_with_isa};
+use mp_kernels::{Error, Isa, counters};
+
+const U32: f64 = 1.0 / (1u64 << 24) as f64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Epi {
+    None,
+    Relu,
+    Bias,
+    BiasRelu,
+}
+
+const EPIS: [Epi; 4] = [Epi::None, Epi::Relu, Epi::Bias, Epi::BiasRelu];
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+    epi: Epi,
+    /// Extra elements per row beyond the stored width (leading dim = width + pad).
+    pad: usize,
+}
+
+impl Case {
+    fn new(m: usize, n: usize, k: usize) -> Self {
+        Case {
+            m,
+            n,
+            k,
+            ta: false,
+            tb: false,
+            alpha: 1.0,
+            beta: 0.0,
+            epi: Epi::None,
+            pad: 0,
+        }
+    }
+}
+
+/// Sentinel written between rows (in the leading-dim padding) of C: must survive the call.
+const SENTINEL: f32 = 1234.5;
+
+/// A stored matrix of `rows x cols` with leading dim `cols + pad`, values uniform in [-1, 1)
+/// rounded to `T`, padding set to a large value that would show up if read.
+fn rand_mat<T: Element>(rng: &mut Rng, rows: usize, cols: usize, pad: usize) -> (Vec<T>, usize) {
+    let ld = cols + pad;
+    let mut v = vec![T::from_f32(-777.0); rows * ld];
+    for r in 0..rows {
+        for c in 0..cols {
+            v[r * ld + c] = T::from_f32(rng.uniform(-1.0, 1.0));
+        }
+    }
+    (v, ld)
+}
+
+/// Runs one case for input `T`, output `O` on `isa` and checks it against float64.
+fn check<T: GemmInput, O: GemmOutput>(isa: Isa, case: Case, rng: &mut Rng) {
+    let Case {
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        alpha,
+        beta,
+        epi,
+        pad,
+    } = case;
+    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+    let (br, bc) = if tb { (n, k) } else { (k, n) };
+    let (a, lda) = rand_mat::<T>(rng, ar, ac, pad);
+    let (b, ldb) = rand_mat::<T>(rng, br, bc, pad);
+    let ldc = n + pad;
+    let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    // C: NaN when beta == 0 (must be ignored and overwritten), else random; sentinel padding.
+    let mut c = vec![O::from_f32(SENTINEL); m * ldc];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * ldc + j] = if beta == 0.0 {
+                O::from_f32(f32::NAN)
+            } else {
+                O::from_f32(rng.uniform(-1.0, 1.0))
+            };
+        }
+    }
+    let c0 = c.clone();
+    let epilogue = match epi {
+        Epi::None => Epilogue::None,
+        Epi::Relu => Epilogue::Relu,
+        Epi::Bias => Epilogue::Bias(&bias),
+        Epi::BiasRelu => Epilogue::BiasRelu(&bias),
+    };
+    gemm_with_isa(
+        isa, ta, tb, m, n, k, alpha, &a, lda, &b, ldb, beta, &mut c, ldc, epilogue,
+    )
+    .unwrap_or_else(|e| panic!("{isa:?} {case:?}: {e}"));
+
+    let at = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] }.to_f64();
+    let bt = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] }.to_f64();
+    // op(B) transposed to n x k for contiguous reference loops.
+    let bcols: Vec<Vec<f64>> = (0..n).map(|j| (0..k).map(|p| bt(p, j)).collect()).collect();
+    let u_out = match O::DTYPE {
+        DType::F32 => 0.0,
+        DType::BF16 => 1.0 / 256.0,
+        DType::F16 => 1.0 / 2048.0,
+    };
+    let abs_floor = match O::DTYPE {
+        DType::F16 => 2f64.powi(-25),
+        _ => 0.0,
+    };
+    // Two roundings per k at most (see the module comment).
+    let kk = (k + 3) as f64;
+    let gamma = (8.0 * kk.sqrt()).min(kk) * 2.0 * U32;
+    let (mut err2, mut ref2, mut s2) = (0.0f64, 0.0f64, 0.0f64);
+    for i in 0..m {
+        let arow: Vec<f64> = (0..k).map(|p| at(i, p)).collect();
+        for j in 0..n {
+            let (mut dot, mut absdot) = (0.0f64, 0.0f64);
+            for (x, y) in arow.iter().zip(&bcols[j]) {
+                dot += x * y;
+                absdot += (x * y).abs();
+            }
+            let old = c0[i * ldc + j].to_f64();
+            let old = if beta == 0.0 { 0.0 } else { old };
+            let bj = if matches!(epi, Epi::Bias | Epi::BiasRelu) {
+                bias[j] as f64
+            } else {
+                0.0
+            };
+            let mut r = alpha as f64 * dot + beta as f64 * old + bj;
+            if matches!(epi, Epi::Relu | Epi::BiasRelu) && r < 0.0 {
+                r = 0.0;
+            }
+            let s = (alpha as f64).abs() * absdot + (beta as f64 * old).abs() + bj.abs();
+            let got = c[i * ldc + j].to_f64();
+            let err = (got - r).abs();
+            let bound = gamma * s + u_out * (r.abs() + gamma * s) + abs_floor + f64::MIN_POSITIVE;
+            assert!(
+                err <= bound,
+                "{isa:?} {} -> {} {case:?}: c[{i}, {j}] = {got}, reference {r}, error {err:e} > bound {bound:e}",
+                T::DTYPE,
+                O::DTYPE
+            );
+            err2 += err * err;
+            ref2 += r * r;
+            s2 += s * s;
+        }
+        for j in n..ldc {
+            assert_eq!(
+                c[i * ldc + j],
+                O::from_f32(SENTINEL),
+                "{isa:?} {case:?}: padding c[{i}, {j}] written"
+            );
+        }
+    }
+    if ref2 > 0.0 {
+        let rel = (err2 / ref2).sqrt();
+        let bound =
+            2.0 * kk.sqrt() * 2.0 * U32 * (s2 / ref2).sqrt() + u_out + (abs_floor / ref2.sqrt());
+        assert!(
+            rel <= bound,
+            "{isa:?} {} -> {} {case:?}: relative Frobenius error {rel:e} > {bound:e}",
+            T::DTYPE,
+            O::DTYPE
+        );
+    }
+}
+
+/// Every instruction set this CPU supports; the portable one only when `with_scalar`.
+fn isas(with_scalar: bool) -> Vec<Isa> {
+    Isa::supported()
+        .into_iter()
+        .filter(|&i| with_scalar || i != Isa::Scalar)
+        .collect()
+}
+
+/// Small and odd shapes (no multiple of any tile), every transpose, epilogue, alpha/beta and
+/// padding, for one input/output pair on every path, the portable one included.
+fn sweep_small<T: GemmInput, O: GemmOutput>(name: &str) {
+    let mut rng = Rng::new(test_seed(name));
+    let shapes = [
+        (1, 1, 1),
+        (7, 3, 5),
+        (1, 33, 7),
+        (33, 1, 17),
+        (13, 65, 33),
+        (33, 7, 257),
+        (70, 129, 19),
+    ];
+    for isa in isas(true) {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            for t in 0..4 {
+                let epi = EPIS[(s + t) % 4];
+                let (alpha, beta) =
+                    [(1.0, 0.0), (0.5, 1.0), (-1.5, 0.25), (2.0, 0.0)][(s + 2 * t) % 4];
+                let case = Case {
+                    ta: t & 1 == 1,
+                    tb: t & 2 == 2,
+                    alpha,
+                    beta,
+                    epi,
+                    pad: (s + t) % 3 * 5,
+                    ..Case::new(m, n, k)
+                };
+                check::<T, O>(isa, case, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_small_shapes_every_path() {
+    sweep_small::<f32, f32>("f32_small_shapes_every_path");
+}
+
+#[test]
+fn f32_input_16bit_outputs() {
+    sweep_small::<f32, bf16>("f32_input_bf16_output");
+    sweep_small::<f32, f16>("f32_input_f16_output");
+}
+
+#[test]
+fn bf16_small_shapes_every_path() {
+    sweep_small::<bf16, bf16>("bf16_to_bf16");
+    sweep_small::<bf16, f32>("bf16_to_f32");
+    sweep_small::<bf16, f16>("bf16_to_f16");
+}
+
+#[test]
+fn f16_small_shapes_every_path() {
+    sweep_small::<f16, f16>("f16_to_f16");
+    sweep_small::<f16, f32>("f16_to_f32");
+    sweep_small::<f16, bf16>("f16_to_bf16");
+}
+
+/// Larger shapes on the SIMD paths: several depth blocks (K up to 4096, odd K), several row
+/// blocks, both thread splits (rows for tall-thin C, columns for wide C), several column blocks
+/// of packed B per thread (n = 2200 with K = 2100), every transpose.
+fn sweep_large<T: GemmInput, O: GemmOutput>(name: &str) {
+    let mut rng = Rng::new(test_seed(name));
+    let shapes = [
+        (257, 130, 301),
+        (5, 257, 4096),
+        (130, 9, 1025),
+        (97, 200, 600),
+        (600, 20, 300),
+        (20, 600, 300),
+        (5, 2200, 2100),
+    ];
+    for isa in isas(false) {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            for t in 0..4 {
+                let (alpha, beta) = [(1.0, 0.0), (0.75, 1.0)][t % 2];
+                let case = Case {
+                    ta: t & 1 == 1,
+                    tb: t & 2 == 2,
+                    alpha,
+                    beta,
+                    epi: EPIS[(s + t) % 4],
+                    pad: 3,
+                    ..Case::new(m, n, k)
+                };
+                check::<T, O>(isa, case, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_large_shapes() {
+    sweep_large::<f32, f32>("f32_large_shapes");
+}
+
+#[test]
+fn bf16_large_shapes() {
+    sweep_large::<bf16, bf16>("bf16_large_shapes");
+    sweep_large::<bf16, f32>("bf16_large_shapes_f32_out");
+}
+
+#[test]
+fn f16_large_shapes() {
+    sweep_large::<f16, f16>("f16_large_shapes");
+    sweep_large::<f16, f32>("f16_large_shapes_f32_out");
+}
+
+/// A backward-shaped weight gradient `Xt dY` with beta = 1 into float32 (accumulation), and the
+/// forward `X W + b`: the relative Frobenius error of float32 is far under 1e-4.
+#[test]
+fn f32_relative_error_far_under_1e_4() {
+    let mut rng = Rng::new(test_seed("f32_relative_error_far_under_1e_4"));
+    for isa in isas(false) {
+        let (m, n, k) = (64, 96, 4096);
+        let (a, _) = rand_mat::<f32>(&mut rng, k, m, 0);
+        let (b, _) = rand_mat::<f32>(&mut rng, k, n, 0);
+        let mut c = vec![0.0f32; m * n];
+        gemm_with_isa(
+            isa,
+            true,
+            false,
+            m,
+            n,
+            k,
+            1.0,
+            &a,
+            m,
+            &b,
+            n,
+            0.0,
+            &mut c,
+            n,
+            Epilogue::None,
+        )
+        .unwrap();
+        let mut num = 0.0f64;
+        let mut den = 0.0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let r: f64 = (0..k)
+                    .map(|p| a[p * m + i] as f64 * b[p * n + j] as f64)
+                    .sum();
+                num += (c[i * n + j] as f64 - r).powi(2);
+                den += r * r;
+            }
+        }
+        let rel = (num / den).sqrt();
+        eprintln!("{isa:?}: float32 relative Frobenius error at K = {k}: {rel:e}");
+        assert!(rel < 1e-5, "{isa:?}: relative error {rel:e}");
+    }
+}
+
+#[test]
+fn nan_and_inf_propagate() {
+    fn run<T: GemmInput, O: GemmOutput>(isa: Isa) {
+        let (m, n, k) = (9, 20, 11);
+        let mut a = vec![T::from_f32(0.5); m * k];
+        let mut b = vec![T::from_f32(0.25); k * n];
+        a[2 * k + 3] = T::from_f32(f32::NAN); // row 2 of C is NaN
+        b[4 * n + 5] = T::from_f32(f32::INFINITY); // column 5 of C is +inf (NaN in row 2)
+        let mut c = vec![O::from_f32(f32::NAN); m * n];
+        for epi in [Epilogue::None, Epilogue::Relu] {
+            gemm_with_isa(
+                isa, false, false, m, n, k, 1.0, &a, k, &b, n, 0.0, &mut c, n, epi,
+            )
+            .unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let x = c[i * n + j].to_f32();
+                    if i == 2 {
+                        assert!(x.is_nan(), "{isa:?} {epi:?}: c[{i},{j}] = {x}, want NaN");
+                    } else if j == 5 {
+                        assert_eq!(x, f32::INFINITY, "{isa:?} {epi:?}: c[{i},{j}]");
+                    } else {
+                        assert_eq!(x, 0.125 * k as f32, "{isa:?} {epi:?}: c[{i},{j}]");
+                    }
+                }
+            }
+        }
+        // -inf through ReLU gives 0; NaN through ReLU stays NaN.
+        b[4 * n + 5] = T::from_f32(f32::NEG_INFINITY);
+        gemm_with_isa(
+            isa,
+            false,
+            false,
+            m,
+            n,
+            k,
+            1.0,
+            &a,
+            k,
+            &b,
+            n,
+            0.0,
+            &mut c,
+            n,
+            Epilogue::Relu,
+        )
+        .unwrap();
+        assert_eq!(c[5].to_f32(), 0.0, "{isa:?}: relu(-inf)");
+        assert!(c[2 * n + 5].to_f32().is_nan(), "{isa:?}: relu(NaN)");
+        // beta != 0 reads C: NaN in C propagates.
+        let mut c = vec![O::from_f32(1.0); m * n];
+        c[n + 1] = O::from_f32(f32::NAN);
+        gemm_with_isa(
+            isa,
+            false,
+            false,
+            m,
+            n,
+            k,
+            1.0,
+            &a,
+            k,
+            &b,
+            n,
+            1.0,
+            &mut c,
+            n,
+            Epilogue::None,
+        )
+        .unwrap();
+        assert!(
+            c[n + 1].to_f32().is_nan(),
+            "{isa:?}: NaN in C with beta = 1"
+        );
+        assert!(!c[n + 2].to_f32().is_nan());
+    }
+    for isa in isas(true) {
+        run::<f32, f32>(isa);
+        run::<bf16, bf16>(isa);
+        run::<bf16, f32>(isa);
+        run::<f16, f16>(isa);
+        run::<f16, f32>(isa);
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_naming_both_shapes() {
+    let a = vec![1.0f32; 12];
+    let b = vec![1.0f32; 12];
+    let mut c = vec![7.0f32; 16];
+    let untouched = c.clone();
+    let msg = |e: Error| e.to_string();
+
+    // A too short for [4, 3]: 11 elements.
+    let e = gemm(
+        false,
+        false,
+        4,
+        4,
+        3,
+        1.0,
+        &a[..11],
+        3,
+        &b,
+        4,
+        0.0,
+        &mut c,
+        4,
+        Epilogue::None,
+    )
+    .unwrap_err();
+    let s = msg(e);
+    assert!(
+        s.contains("gemm") && s.contains("[4, 3]") && s.contains("[11]"),
+        "{s}"
+    );
+    // B (stored [3, 4]) too short.
+    let e = gemm(
+        false,
+        false,
+        4,
+        4,
+        3,
+        1.0,
+        &a,
+        3,
+        &b[..10],
+        4,
+        0.0,
+        &mut c,
+        4,
+        Epilogue::None,
+    )
+    .unwrap_err();
+    let s = msg(e);
+    assert!(
+        s.contains("b stored") && s.contains("[3, 4]") && s.contains("[10]"),
+        "{s}"
+    );
+    // Transposed B is stored [n, k] = [4, 3]: ldb 2 < 3.
+    let e = gemm(
+        false,
+        true,
+        4,
+        4,
+        3,
+        1.0,
+        &a,
+        3,
+        &b,
+        2,
+        0.0,
+        &mut c,
+        4,
+        Epilogue::None,
+    )
+    .unwrap_err();
+    let s = msg(e);
+    assert!(
+        s.contains("[4, 3]") && s.contains("ldb") && s.contains("[2]"),
+        "{s}"
+    );
+    // C too short.
+    let e = gemm(
+        false,
+        false,
+        4,
+        4,
+        3,
+        1.0,
+        &a,
+        3,
+        &b,
+        4,
+        0.0,
+        &mut c[..15],
+        4,
+        Epilogue::None,
+    )
+    .unwrap_err();
+    let s = msg(e);
+    assert!(
+        s.contains("c [m, n]") && s.contains("[4, 4]") && s.contains("[15]"),
+        "{s}"
+    );
+    // Bias of the wrong length.
+    let e = gemm(
+        false,
+        false,
+        4,
+        4,
+        3,
+        1.0,
+        &a,
+        3,
+        &b,
+        4,
+        0.0,
+        &mut c,
+        4,
+        Epilogue::Bias(&[1.0; 3]),
+    )
+    .unwrap_err();
+    let s = msg(e);
+    assert!(s.contains("[4, 4]") && s.contains("bias [3]"), "{s}");
+    assert!(matches!(
+        gemm(
+            false,
+            false,
+            4,
+            4,
+            3,
+            1.0,
+            &a,
+            3,
+            &b,
+            4,
+            0.0,
+            &mut c,
+            4,
+            Epilogue::BiasRelu(&[])
+        ),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    // lda smaller than the row width.
+    assert!(
+        gemm(
+            false,
+            false,
+            4,
+            4,
+            3,
+            1.0,
+            &a,
+            2,
+            &b,
+            4,
+            0.0,
+            &mut c,
+            4,
+            Epilogue::None
+        )
+        .is_err()
+    );
+    // Overflowing strides are errors, not panics.
+    assert!(
+        gemm(
+            false,
+            false,
+            4,
+            4,
+            3,
+            1.0,
+            &a,
+            usize::MAX,
+            &b,
+            4,
+            0.0,
+            &mut c,
+            4,
+            Epilogue::None
+        )
+        .is_err()
+    );
+    assert_eq!(c, untouched, "an error must leave C untouched");
+}
+
+#[test]
+fn zero_sized_dims_are_valid() {
+    for isa in isas(true) {
+        let mut c = vec![2.0f32; 6];
+        // m = 0, n = 0: nothing to do, empty slices fine.
+        gemm_with_isa::<f32, f32>(
+            isa,
+            false,
+            false,
+            0,
+            3,
+            4,
+            1.0,
+            &[],
+            4,
+            &[0.0; 12],
+            3,
+            0.0,
+            &mut [],
+            3,
+            Epilogue::None,
+        )
+        .unwrap();
+        gemm_with_isa::<f32, f32>(
+            isa,
+            false,
+            false,
+            2,
+            0,
+            4,
+            1.0,
+            &[0.0; 8],
+            4,
+            &[],
+            0,
+            0.0,
+            &mut [],
+            0,
+            Epilogue::None,
+        )
+        .unwrap();
+        // k = 0: C = epilogue(beta * C).
+        let bias = [1.0f32, -10.0, 0.5];
+        gemm_with_isa::<f32, f32>(
+            isa,
+            false,
+            false,
+            2,
+            3,
+            0,
+            1.0,
+            &[],
+            0,
+            &[],
+            3,
+            0.5,
+            &mut c,
+            3,
+            Epilogue::BiasRelu(&bias),
+        )
+        .unwrap();
+        assert_eq!(c, [2.0, 0.0, 1.5, 2.0, 0.0, 1.5], "{isa:?}");
+        let mut c = vec![f16::NAN; 6];
+        gemm_with_isa::<bf16, f16>(
+            isa,
+            true,
+            true,
+            2,
+            3,
+            0,
+            1.0,
+            &[],
+            2,
+            &[],
+            0,
+            0.0,
+            &mut c,
+            3,
+            Epilogue::None,
+        )
+        .unwrap();
+        assert!(
+            c.iter().all(|x| x.to_f32() == 0.0),
+            "{isa:?}: beta = 0 with k = 0 gives zeros"
+        );
+    }
+}
+
+#[test]
+fn results_are_bit_identical_across_calls() {
+    fn run<T: GemmInput, O: GemmOutput>(rng: &mut Rng) {
+        let (m, n, k) = (150, 300, 700);
+        let (a, _) = rand_mat::<T>(rng, m, k, 0);
+        let (b, _) = rand_mat::<T>(rng, n, k, 0);
+        let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        for isa in isas(false) {
+            let mut c1 = vec![O::ZERO; m * n];
+            let mut c2 = vec![O::ZERO; m * n];
+            for c in [&mut c1, &mut c2] {
+                gemm_with_isa(
+                    isa,
+                    false,
+                    true,
+                    m,
+                    n,
+                    k,
+                    1.0,
+                    &a,
+                    k,
+                    &b,
+                    k,
+                    0.0,
+                    c,
+                    n,
+                    Epilogue::BiasRelu(&bias),
+                )
+                .unwrap();
+            }
+            let bits = |c: &[O]| c.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&c1), bits(&c2), "{isa:?} {}", T::DTYPE);
+        }
+    }
+    let mut rng = Rng::new(test_seed("results_are_bit_identical_across_calls"));
+    run::<f32, f32>(&mut rng);
+    run::<bf16, bf16>(&mut rng);
+    run::<f16, f16>(&mut rng);
+}
+
+#[test]
+fn counts_calls_per_input_dtype() {
+    let before = counters::gemm_calls(DType::BF16);
+    let mut c = [0.0f32; 1];
+    gemm::<bf16, f32>(
+        false,
+        false,
+        1,
+        1,
+        1,
+        1.0,
+        &[bf16::ONE],
+        1,
+        &[bf16::ONE],
+        1,
+        0.0,
+        &mut c,
+        1,
+        Epilogue::None,
+    )
+    .unwrap();
+    assert!(counters::gemm_calls(DType::BF16) > before);
+    assert_eq!(c[0], 1.0);
+}
