@@ -216,7 +216,7 @@ impl Element for f16 {
     }
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        f16::from_f64(x)
+        f16::from_f32(f64_to_f32_round_to_odd(x))
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
@@ -242,7 +242,7 @@ impl Element for bf16 {
     }
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
+        bf16::from_f32(f64_to_f32_round_to_odd(x))
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
@@ -252,6 +252,24 @@ impl Element for bf16 {
     fn is_finite(self) -> bool {
         bf16::is_finite(self)
     }
+}
+
+/// Rounds `x` to float32 *to odd* (truncate, then set the last bit if anything was lost).
+///
+/// Rounding the result once more to a format with at least two fewer mantissa bits (float16,
+/// bfloat16) then gives the correctly rounded value of `x`: the intermediate keeps enough
+/// information to break ties right, which plain double rounding through float32 does not.
+fn f64_to_f32_round_to_odd(x: f64) -> f32 {
+    let nearest = x as f32;
+    if !x.is_finite() || nearest as f64 == x || nearest.is_infinite() {
+        return nearest;
+    }
+    // Step toward zero if rounding went away from zero, then mark the result inexact.
+    let mut bits = nearest.to_bits();
+    if (nearest as f64).abs() > x.abs() {
+        bits -= 1;
+    }
+    f32::from_bits(bits | 1)
 }
 
 /// A dtype as a type: the marker types [`F32`], [`F16`] and [`BF16`].
@@ -364,6 +382,31 @@ mod tests {
             assert_eq!(d.round_f32(f32::NEG_INFINITY), f32::NEG_INFINITY);
         }
         assert!(<bf16 as Element>::from_f32(f32::NAN).to_f32().is_nan());
+        // One rounding from float64: just above a float16 tie rounds up, although the value
+        // rounded to float32 first would sit exactly on the tie and round to even (down).
+        let above_tie = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        assert_eq!(
+            <f16 as Element>::from_f64(above_tie).to_f64(),
+            1.0 + 2f64.powi(-10)
+        );
+        assert_eq!(
+            <f16 as Element>::from_f64(-above_tie).to_f64(),
+            -(1.0 + 2f64.powi(-10))
+        );
+        assert_eq!(
+            <f16 as Element>::from_f64(1.0 + 2f64.powi(-11)).to_f64(),
+            1.0
+        );
+        let above_tie = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(
+            <bf16 as Element>::from_f64(above_tie).to_f64(),
+            1.0 + 2f64.powi(-7)
+        );
+        assert!(<bf16 as Element>::from_f64(f64::NAN).is_nan());
+        assert_eq!(
+            <f16 as Element>::from_f64(f64::NEG_INFINITY).to_f64(),
+            f64::NEG_INFINITY
+        );
         assert!(<f16 as Element>::from_f64(1e6).to_f32().is_infinite());
     }
 }

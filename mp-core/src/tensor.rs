@@ -9,6 +9,7 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 
@@ -156,7 +157,9 @@ impl<E: Element> fmt::Debug for AlignedBuf<E> {
 }
 
 enum Storage<E: Element> {
-    Cpu(AlignedBuf<E>),
+    /// Shared, copy-on-write: cloning a tensor is O(1), and writing to a shared buffer copies it
+    /// first, so tensors keep value semantics.
+    Cpu(Arc<AlignedBuf<E>>),
     #[cfg(feature = "cuda")]
     Cuda(crate::cuda::CudaBuf<E>),
 }
@@ -164,7 +167,7 @@ enum Storage<E: Element> {
 impl<E: Element> Clone for Storage<E> {
     fn clone(&self) -> Self {
         match self {
-            Storage::Cpu(b) => Storage::Cpu(b.clone()),
+            Storage::Cpu(b) => Storage::Cpu(Arc::clone(b)),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Storage::Cuda(b.clone()),
         }
@@ -172,6 +175,9 @@ impl<E: Element> Clone for Storage<E> {
 }
 
 /// An n-dimensional array of `D::Elem` on a [`Device`].
+///
+/// Host storage is shared copy-on-write: `clone` is O(1) (a layer can keep its input for
+/// backward without copying it), and the first write to a shared buffer copies it.
 ///
 /// ```
 /// use mp_core::{Tensor, F32, BF16};
@@ -221,7 +227,7 @@ impl<D: DTypeKind> Tensor<D> {
         let n = numel("full", shape)?;
         Ok(Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Cpu(AlignedBuf::filled(n, value)?),
+            storage: Storage::Cpu(Arc::new(AlignedBuf::filled(n, value)?)),
         })
     }
 
@@ -243,7 +249,7 @@ impl<D: DTypeKind> Tensor<D> {
         }
         Ok(Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Cpu(AlignedBuf::from_slice(data)?),
+            storage: Storage::Cpu(Arc::new(AlignedBuf::from_slice(data)?)),
         })
     }
 
@@ -352,7 +358,7 @@ impl<D: DTypeKind> Tensor<D> {
     /// The elements of a host tensor, row-major, mutably.
     pub fn as_mut_slice(&mut self) -> Result<&mut [D::Elem]> {
         match &mut self.storage {
-            Storage::Cpu(b) => Ok(b.as_mut_slice()),
+            Storage::Cpu(b) => Ok(Arc::make_mut(b).as_mut_slice()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Err(Error::WrongDevice {
                 op: "as_mut_slice",
@@ -437,7 +443,7 @@ impl<D: DTypeKind> Tensor<D> {
             #[cfg(feature = "cuda")]
             (Storage::Cuda(b), Device::Cpu) => Ok(Tensor {
                 shape: self.shape.clone(),
-                storage: Storage::Cpu(AlignedBuf::from_slice(&b.to_host()?)?),
+                storage: Storage::Cpu(Arc::new(AlignedBuf::from_slice(&b.to_host()?)?)),
             }),
             #[cfg(feature = "cuda")]
             (Storage::Cuda(b), Device::Cuda(ordinal)) => {
@@ -554,6 +560,20 @@ mod tests {
         let err = t.clone().reshape(&[5]).unwrap_err().to_string();
         assert!(err.contains("[3, 4]") && err.contains("[5]"), "{err}");
         assert_eq!(t.to_f32_vec().unwrap(), vec![3.0; 12]);
+    }
+
+    #[test]
+    fn clones_share_until_written() {
+        let a = Tensor::<F32>::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap();
+        let mut b = a.clone();
+        assert_eq!(
+            a.as_slice().unwrap().as_ptr(),
+            b.as_slice().unwrap().as_ptr()
+        );
+        b.as_mut_slice().unwrap()[0] = 9.0;
+        assert_eq!(a.as_slice().unwrap(), &[1.0, 2.0, 3.0]);
+        assert_eq!(b.as_slice().unwrap(), &[9.0, 2.0, 3.0]);
+        assert_eq!(b.as_slice().unwrap().as_ptr() as usize % ALIGN, 0);
     }
 
     #[test]

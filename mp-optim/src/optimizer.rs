@@ -1,0 +1,712 @@
+//! The `Optimizer` trait and SGD, RMSprop and Adam.
+//!
+//! Variables and optimizer state are float32 under every policy. Each update is one fused
+//! per-variable kernel from mp-kernels; this module holds the hyperparameters, the per-variable
+//! state and the step count.
+
+use mp_core::{F32, Tensor, Variable};
+
+use crate::error::{Error, Result};
+
+/// Something that holds variables: a model, a slice of variables. Visited in a fixed order.
+pub trait VariableSet {
+    /// Calls `f` with each variable's path and the variable, in a fixed order.
+    fn for_each_variable(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()>;
+}
+
+impl VariableSet for [Variable] {
+    fn for_each_variable(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()> {
+        for v in self.iter_mut() {
+            let name = v.name().to_string();
+            f(&name, v)?;
+        }
+        Ok(())
+    }
+}
+
+impl VariableSet for Vec<Variable> {
+    fn for_each_variable(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()> {
+        self.as_mut_slice().for_each_variable(f)
+    }
+}
+
+/// An optimizer: updates float32 variables from their (unscaled) float32 gradients.
+pub trait Optimizer: Send {
+    /// The Keras name (`SGD`, `RMSprop`, `Adam`).
+    fn name(&self) -> &'static str;
+
+    /// The learning rate.
+    fn learning_rate(&self) -> f32;
+
+    /// Sets the learning rate (finite and non-negative, else an error and no change).
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()>;
+
+    /// Updates applied so far (Keras's `iterations`).
+    fn iterations(&self) -> u64;
+
+    /// Updates every variable from its gradient. The variables must be the same, in the same
+    /// order, at every step (checked before anything is written).
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()>;
+
+    /// The optimizer's per-variable state, as `(variable path, slot name, value)`.
+    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)>;
+
+    /// The hyperparameters other than the learning rate, as `(name, value)`: what a checkpoint
+    /// records so that loading it into a differently configured optimizer can be refused.
+    fn config(&self) -> Vec<(&'static str, f64)> {
+        vec![]
+    }
+
+    /// Replaces the step count and the per-variable state with saved values, as
+    /// [`Optimizer::state`] and [`Optimizer::iterations`] gave them (slot names as strings), to
+    /// resume training exactly. Every entry is checked (each variable's slots, in order, with
+    /// one shape; no variable twice) before anything is written: on error the optimizer is
+    /// unchanged. An empty `state` means no step has built the state yet.
+    ///
+    /// The default refuses: an optimizer that keeps state must implement this to be resumable.
+    fn load_state(
+        &mut self,
+        iterations: u64,
+        state: Vec<(String, String, Tensor<F32>)>,
+    ) -> Result<()> {
+        let _ = (iterations, state);
+        Err(Error::StateMismatch {
+            optimizer: self.name(),
+            what: "this optimizer cannot restore saved state".into(),
+        })
+    }
+}
+
+/// The update a [`Slots::update`] caller applies: `(value, gradient, state buffers)`.
+pub(crate) type UpdateFn<'a> = dyn FnMut(&mut [f32], &[f32], &mut [Tensor<F32>]) -> Result<()> + 'a;
+
+/// Per-variable state buffers, created at the first step and checked at every later one.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Slots {
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    buffers: Vec<Vec<Tensor<F32>>>,
+}
+
+impl Slots {
+    /// Creates the buffers at the first step; afterwards checks the variables still match.
+    /// Nothing is written to the variables.
+    pub(crate) fn prepare(
+        &mut self,
+        optimizer: &'static str,
+        per_variable: usize,
+        vars: &mut dyn VariableSet,
+    ) -> Result<()> {
+        let mut seen: Vec<(String, Vec<usize>)> = vec![];
+        vars.for_each_variable(&mut |name, v| {
+            seen.push((name.to_string(), v.shape().to_vec()));
+            Ok(())
+        })?;
+        if self.names.is_empty() && self.buffers.is_empty() {
+            for (name, shape) in seen {
+                let bufs = (0..per_variable)
+                    .map(|_| Tensor::<F32>::zeros(&shape))
+                    .collect::<Result<_, _>>()?;
+                self.names.push(name);
+                self.shapes.push(shape);
+                self.buffers.push(bufs);
+            }
+            return Ok(());
+        }
+        if seen.len() != self.names.len() {
+            return Err(Error::StateMismatch {
+                optimizer,
+                what: format!(
+                    "it was built for {} variables, {} were given",
+                    self.names.len(),
+                    seen.len()
+                ),
+            });
+        }
+        for (i, (name, shape)) in seen.iter().enumerate() {
+            if name != &self.names[i] || shape != &self.shapes[i] {
+                return Err(Error::StateMismatch {
+                    optimizer,
+                    what: format!(
+                        "variable {i} was {:?} {:?}, now {name:?} {shape:?}",
+                        self.names[i], self.shapes[i]
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(value, grad, state)` for each variable, in order (after [`Slots::prepare`]).
+    pub(crate) fn update(
+        &mut self,
+        vars: &mut dyn VariableSet,
+        f: &mut UpdateFn<'_>,
+    ) -> Result<()> {
+        let mut i = 0;
+        let buffers = &mut self.buffers;
+        vars.for_each_variable(&mut |_, v| {
+            let (value, grad) = v.value_and_grad_mut();
+            f(value.as_mut_slice()?, grad.as_slice()?, &mut buffers[i])?;
+            i += 1;
+            Ok(())
+        })
+    }
+
+    /// Slots rebuilt from saved `(variable path, slot name, value)` entries: each variable's
+    /// `expected` slots in order, all of one shape, no variable twice. Nothing is kept on error.
+    pub(crate) fn from_saved(
+        optimizer: &'static str,
+        expected: &[&'static str],
+        iterations: u64,
+        state: Vec<(String, String, Tensor<F32>)>,
+    ) -> Result<Slots> {
+        let mismatch = |what: String| Error::StateMismatch { optimizer, what };
+        if state.is_empty() {
+            if iterations > 0 && !expected.is_empty() {
+                return Err(mismatch(format!(
+                    "{iterations} updates were applied but no slot values ({expected:?}) were given"
+                )));
+            }
+            return Ok(Slots::default());
+        }
+        if expected.is_empty() {
+            return Err(mismatch(format!(
+                "this configuration keeps no per-variable state, but {} slot values were given \
+                 (first: {:?} of {:?})",
+                state.len(),
+                state[0].1,
+                state[0].0
+            )));
+        }
+        let mut slots = Slots::default();
+        let mut entries = state.into_iter().peekable();
+        while let Some((name, slot, first)) = entries.next() {
+            if slots.names.contains(&name) {
+                return Err(mismatch(format!(
+                    "the slots of variable {name:?} are given twice or not together"
+                )));
+            }
+            let shape = first.shape().to_vec();
+            let mut got = vec![slot];
+            let mut bufs = vec![first];
+            while got.len() < expected.len() {
+                match entries.next_if(|(n, _, _)| *n == name) {
+                    Some((_, slot, t)) => {
+                        if t.shape() != shape.as_slice() {
+                            return Err(mismatch(format!(
+                                "variable {name:?}: slot {slot:?} has shape {:?}, slot {:?} has \
+                                 {shape:?}",
+                                t.shape(),
+                                got[0]
+                            )));
+                        }
+                        got.push(slot);
+                        bufs.push(t);
+                    }
+                    None => break,
+                }
+            }
+            if got.len() != expected.len() || got.iter().zip(expected).any(|(g, e)| g != e) {
+                return Err(mismatch(format!(
+                    "variable {name:?}: expected slots {expected:?}, got {got:?}"
+                )));
+            }
+            slots.names.push(name);
+            slots.shapes.push(shape);
+            slots.buffers.push(bufs);
+        }
+        Ok(slots)
+    }
+
+    pub(crate) fn state(
+        &self,
+        slot_names: &[&'static str],
+    ) -> Vec<(String, &'static str, &Tensor<F32>)> {
+        let mut out = vec![];
+        for (name, bufs) in self.names.iter().zip(&self.buffers) {
+            for (slot, t) in slot_names.iter().zip(bufs) {
+                out.push((name.clone(), *slot, t));
+            }
+        }
+        out
+    }
+}
+
+pub(crate) fn check_rate(optimizer: &'static str, what: &str, v: f32) -> Result<f32> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(Error::InvalidHyperparameter {
+            optimizer,
+            what: format!("{what} must be finite and non-negative, got {v:?}"),
+        })
+    }
+}
+
+pub(crate) fn check_unit(
+    optimizer: &'static str,
+    what: &str,
+    v: f64,
+    closed_top: bool,
+) -> Result<f64> {
+    let ok = v.is_finite() && v >= 0.0 && if closed_top { v <= 1.0 } else { v < 1.0 };
+    if ok {
+        Ok(v)
+    } else {
+        Err(Error::InvalidHyperparameter {
+            optimizer,
+            what: format!(
+                "{what} must be in [0, 1{}, got {v:?}",
+                if closed_top { "]" } else { ")" }
+            ),
+        })
+    }
+}
+
+pub(crate) fn check_epsilon(optimizer: &'static str, v: f32) -> Result<f32> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(Error::InvalidHyperparameter {
+            optimizer,
+            what: format!("epsilon must be finite and positive, got {v:?}"),
+        })
+    }
+}
+
+/// Stochastic gradient descent with optional (Nesterov) momentum, as Keras's `SGD`.
+///
+/// Without momentum `w -= lr * g`; with it `m = momentum * m - lr * g`, then `w += m`
+/// (Nesterov: `w += momentum * m - lr * g`).
+#[derive(Debug, Clone)]
+pub struct Sgd {
+    learning_rate: f32,
+    momentum: f32,
+    nesterov: bool,
+    iterations: u64,
+    slots: Slots,
+}
+
+impl Sgd {
+    /// SGD with learning rate `learning_rate` and no momentum.
+    pub fn new(learning_rate: f32) -> Result<Self> {
+        Ok(Sgd {
+            learning_rate: check_rate("SGD", "learning_rate", learning_rate)?,
+            momentum: 0.0,
+            nesterov: false,
+            iterations: 0,
+            slots: Slots::default(),
+        })
+    }
+
+    /// Sets the momentum (in [0, 1)).
+    pub fn with_momentum(mut self, momentum: f32) -> Result<Self> {
+        self.momentum = check_unit("SGD", "momentum", momentum as f64, false)? as f32;
+        Ok(self)
+    }
+
+    /// Uses Nesterov momentum.
+    pub fn with_nesterov(mut self, nesterov: bool) -> Self {
+        self.nesterov = nesterov;
+        self
+    }
+}
+
+impl Default for Sgd {
+    /// Keras's defaults: learning rate 0.01, no momentum.
+    fn default() -> Self {
+        Sgd::new(0.01).expect("valid defaults")
+    }
+}
+
+impl Optimizer for Sgd {
+    fn name(&self) -> &'static str {
+        "SGD"
+    }
+    fn learning_rate(&self) -> f32 {
+        self.learning_rate
+    }
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        self.learning_rate = check_rate("SGD", "learning_rate", learning_rate)?;
+        Ok(())
+    }
+    fn iterations(&self) -> u64 {
+        self.iterations
+    }
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
+        let with_momentum = self.momentum > 0.0;
+        self.slots
+            .prepare("SGD", usize::from(with_momentum), vars)?;
+        let (lr, momentum, nesterov) = (self.learning_rate, self.momentum, self.nesterov);
+        self.slots.update(vars, &mut |w, g, state| {
+            let m = state.first_mut().map(|m| m.as_mut_slice()).transpose()?;
+            let p = mp_kernels::optim::SgdParams {
+                lr,
+                momentum,
+                nesterov,
+            };
+            mp_kernels::optim::sgd_update(w, g, m, p)?;
+            Ok(())
+        })?;
+        self.iterations += 1;
+        Ok(())
+    }
+    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
+        self.slots.state(&["momentum"])
+    }
+    fn config(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("momentum", f64::from(self.momentum)),
+            ("nesterov", f64::from(u8::from(self.nesterov))),
+        ]
+    }
+    fn load_state(
+        &mut self,
+        iterations: u64,
+        state: Vec<(String, String, Tensor<F32>)>,
+    ) -> Result<()> {
+        let expected: &[&'static str] = if self.momentum > 0.0 {
+            &["momentum"]
+        } else {
+            &[]
+        };
+        self.slots = Slots::from_saved("SGD", expected, iterations, state)?;
+        self.iterations = iterations;
+        Ok(())
+    }
+}
+
+/// RMSprop as Keras's (not centered): `v = rho * v + (1 - rho) * g²`,
+/// `inc = lr * g / sqrt(v + epsilon)` (epsilon inside the square root, as Keras), then
+/// `w -= inc`, or with momentum `mom = momentum * mom + inc; w -= mom`.
+#[derive(Debug, Clone)]
+pub struct RmsProp {
+    learning_rate: f32,
+    /// Kept as the float64 the user gave, so `1 - rho` is computed before rounding (as Keras).
+    rho: f64,
+    momentum: f32,
+    epsilon: f32,
+    iterations: u64,
+    slots: Slots,
+}
+
+impl RmsProp {
+    /// RMSprop with the Keras defaults and learning rate `learning_rate`.
+    pub fn new(learning_rate: f32) -> Result<Self> {
+        Ok(RmsProp {
+            learning_rate: check_rate("RMSprop", "learning_rate", learning_rate)?,
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-7,
+            iterations: 0,
+            slots: Slots::default(),
+        })
+    }
+
+    /// Sets rho, the decay of the squared-gradient average (in [0, 1)).
+    pub fn with_rho(mut self, rho: f64) -> Result<Self> {
+        self.rho = check_unit("RMSprop", "rho", rho, false)?;
+        Ok(self)
+    }
+
+    /// Sets the momentum (in [0, 1)).
+    pub fn with_momentum(mut self, momentum: f32) -> Result<Self> {
+        self.momentum = check_unit("RMSprop", "momentum", momentum as f64, false)? as f32;
+        Ok(self)
+    }
+
+    /// Sets epsilon (finite, positive).
+    pub fn with_epsilon(mut self, epsilon: f32) -> Result<Self> {
+        self.epsilon = check_epsilon("RMSprop", epsilon)?;
+        Ok(self)
+    }
+}
+
+impl Default for RmsProp {
+    /// Keras's defaults: learning rate 0.001, rho 0.9, momentum 0, epsilon 1e-7.
+    fn default() -> Self {
+        RmsProp::new(0.001).expect("valid defaults")
+    }
+}
+
+impl Optimizer for RmsProp {
+    fn name(&self) -> &'static str {
+        "RMSprop"
+    }
+    fn learning_rate(&self) -> f32 {
+        self.learning_rate
+    }
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        self.learning_rate = check_rate("RMSprop", "learning_rate", learning_rate)?;
+        Ok(())
+    }
+    fn iterations(&self) -> u64 {
+        self.iterations
+    }
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
+        let with_momentum = self.momentum > 0.0;
+        self.slots
+            .prepare("RMSprop", 1 + usize::from(with_momentum), vars)?;
+        let (lr, rho, momentum, eps) = (self.learning_rate, self.rho, self.momentum, self.epsilon);
+        self.slots.update(vars, &mut |w, g, state| {
+            let (v, rest) = state.split_first_mut().expect("one slot at least");
+            let mom = rest.first_mut().map(|m| m.as_mut_slice()).transpose()?;
+            let p = mp_kernels::optim::RmspropParams::new(lr, rho, momentum, eps);
+            mp_kernels::optim::rmsprop_update(w, g, v.as_mut_slice()?, mom, p)?;
+            Ok(())
+        })?;
+        self.iterations += 1;
+        Ok(())
+    }
+    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
+        self.slots.state(&["velocity", "momentum"])
+    }
+    fn config(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("rho", self.rho),
+            ("momentum", f64::from(self.momentum)),
+            ("epsilon", f64::from(self.epsilon)),
+        ]
+    }
+    fn load_state(
+        &mut self,
+        iterations: u64,
+        state: Vec<(String, String, Tensor<F32>)>,
+    ) -> Result<()> {
+        let expected: &[&'static str] = if self.momentum > 0.0 {
+            &["velocity", "momentum"]
+        } else {
+            &["velocity"]
+        };
+        self.slots = Slots::from_saved("RMSprop", expected, iterations, state)?;
+        self.iterations = iterations;
+        Ok(())
+    }
+}
+
+/// Adam as Keras's: `m += (g - m)(1 - beta_1)`, `v += (g² - v)(1 - beta_2)`,
+/// `w -= alpha * m / (sqrt(v) + epsilon)` with `alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`
+/// computed in float64.
+#[derive(Debug, Clone)]
+pub struct Adam {
+    learning_rate: f32,
+    /// Betas and epsilon kept as the float64 the user gave; the kernel's constants are
+    /// computed from them in float64 and rounded once (as Keras).
+    beta_1: f64,
+    beta_2: f64,
+    epsilon: f64,
+    iterations: u64,
+    slots: Slots,
+}
+
+impl Adam {
+    /// Adam with the Keras defaults and learning rate `learning_rate`.
+    pub fn new(learning_rate: f32) -> Result<Self> {
+        Ok(Adam {
+            learning_rate: check_rate("Adam", "learning_rate", learning_rate)?,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-7,
+            iterations: 0,
+            slots: Slots::default(),
+        })
+    }
+
+    /// Sets beta_1 and beta_2 (each in [0, 1)).
+    pub fn with_betas(mut self, beta_1: f64, beta_2: f64) -> Result<Self> {
+        self.beta_1 = check_unit("Adam", "beta_1", beta_1, false)?;
+        self.beta_2 = check_unit("Adam", "beta_2", beta_2, false)?;
+        Ok(self)
+    }
+
+    /// Sets epsilon (finite, positive).
+    pub fn with_epsilon(mut self, epsilon: f64) -> Result<Self> {
+        self.epsilon = check_epsilon("Adam", epsilon as f32)? as f64;
+        Ok(self)
+    }
+}
+
+impl Default for Adam {
+    /// Keras's defaults: 0.001, 0.9, 0.999, 1e-7.
+    fn default() -> Self {
+        Adam::new(0.001).expect("valid defaults")
+    }
+}
+
+impl Optimizer for Adam {
+    fn name(&self) -> &'static str {
+        "Adam"
+    }
+    fn learning_rate(&self) -> f32 {
+        self.learning_rate
+    }
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        self.learning_rate = check_rate("Adam", "learning_rate", learning_rate)?;
+        Ok(())
+    }
+    fn iterations(&self) -> u64 {
+        self.iterations
+    }
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
+        self.slots.prepare("Adam", 2, vars)?;
+        let p = mp_kernels::optim::AdamParams::new(
+            self.learning_rate as f64,
+            self.beta_1,
+            self.beta_2,
+            self.epsilon,
+            self.iterations + 1,
+        );
+        self.slots.update(vars, &mut |w, g, state| {
+            let (m, v) = state.split_at_mut(1);
+            mp_kernels::optim::adam_update(w, g, m[0].as_mut_slice()?, v[0].as_mut_slice()?, p)?;
+            Ok(())
+        })?;
+        self.iterations += 1;
+        Ok(())
+    }
+    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
+        self.slots.state(&["m", "v"])
+    }
+    fn config(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("beta_1", self.beta_1),
+            ("beta_2", self.beta_2),
+            ("epsilon", self.epsilon),
+        ]
+    }
+    fn load_state(
+        &mut self,
+        iterations: u64,
+        state: Vec<(String, String, Tensor<F32>)>,
+    ) -> Result<()> {
+        self.slots = Slots::from_saved("Adam", &["m", "v"], iterations, state)?;
+        self.iterations = iterations;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Saved = Vec<(String, String, Tensor<F32>)>;
+
+    fn vars() -> Vec<Variable> {
+        let w = Tensor::from_vec(&[2, 2], vec![0.5, -1.0, 2.0, 0.25]).unwrap();
+        let b = Tensor::from_vec(&[2], vec![0.1, -0.2]).unwrap();
+        vec![
+            Variable::new("d/kernel", w).unwrap(),
+            Variable::new("d/bias", b).unwrap(),
+        ]
+    }
+
+    fn step(opt: &mut dyn Optimizer, vars: &mut Vec<Variable>, k: f32) {
+        for v in vars.iter_mut() {
+            let n = v.shape().iter().product::<usize>();
+            let g: Vec<f32> = (0..n).map(|i| (i as f32 + k) * 0.1 - 0.15).collect();
+            v.grad_mut().copy_from_slice(&g).unwrap();
+        }
+        opt.apply_gradients(vars).unwrap();
+    }
+
+    fn saved(opt: &dyn Optimizer) -> Saved {
+        opt.state()
+            .into_iter()
+            .map(|(n, s, t)| (n, s.to_string(), t.clone()))
+            .collect()
+    }
+
+    fn bits(vars: &[Variable]) -> Vec<u32> {
+        vars.iter()
+            .flat_map(|v| v.value().as_slice().unwrap().iter().map(|x| x.to_bits()))
+            .collect()
+    }
+
+    fn resumes_exactly(make: &dyn Fn() -> Box<dyn Optimizer>) {
+        let mut a = make();
+        let mut va = vars();
+        for k in 0..3 {
+            step(a.as_mut(), &mut va, k as f32);
+        }
+        let mut b = make();
+        let mut vb = va.clone();
+        b.load_state(a.iterations(), saved(a.as_ref())).unwrap();
+        assert_eq!(b.iterations(), 3);
+        for k in 3..6 {
+            step(a.as_mut(), &mut va, k as f32);
+            step(b.as_mut(), &mut vb, k as f32);
+        }
+        assert_eq!(bits(&va), bits(&vb), "{}", a.name());
+        assert_eq!(b.iterations(), a.iterations());
+    }
+
+    #[test]
+    fn every_optimizer_resumes_bit_exactly() {
+        resumes_exactly(&|| Box::new(Adam::default()));
+        resumes_exactly(&|| Box::new(RmsProp::default().with_momentum(0.5).unwrap()));
+        resumes_exactly(&|| Box::new(RmsProp::default()));
+        resumes_exactly(&|| Box::new(Sgd::new(0.1).unwrap().with_momentum(0.9).unwrap()));
+        resumes_exactly(&|| Box::new(Sgd::new(0.1).unwrap()));
+    }
+
+    #[test]
+    fn bad_saved_state_is_refused_and_changes_nothing() {
+        let mut a = Adam::default();
+        let mut va = vars();
+        step(&mut a, &mut va, 0.0);
+        let good = saved(&a);
+        let before = (a.iterations(), saved(&a));
+        let cases: Vec<(Saved, &str)> = vec![
+            (good[..3].to_vec(), "expected slots"),
+            (
+                good.iter()
+                    .cloned()
+                    .map(|(n, s, t)| (n, if s == "v" { "x".into() } else { s }, t))
+                    .collect(),
+                "expected slots",
+            ),
+            (
+                [good.clone(), good[..2].to_vec()].concat(),
+                "given twice or not together",
+            ),
+            (
+                {
+                    let mut g = good.clone();
+                    g[1].2 = Tensor::zeros(&[4]).unwrap();
+                    g
+                },
+                "has shape",
+            ),
+            (vec![], "no slot values"),
+        ];
+        for (bad, expect) in cases {
+            let e = a.load_state(7, bad).unwrap_err().to_string();
+            assert!(e.contains(expect), "{e}");
+            assert_eq!(a.iterations(), before.0);
+            let now = saved(&a);
+            assert_eq!(now.len(), before.1.len());
+            for (x, y) in now.iter().zip(&before.1) {
+                assert_eq!((&x.0, &x.1), (&y.0, &y.1));
+                assert_eq!(x.2.as_slice().unwrap(), y.2.as_slice().unwrap());
+            }
+        }
+        let mut plain = Sgd::new(0.1).unwrap();
+        let e = plain.load_state(1, good).unwrap_err().to_string();
+        assert!(e.contains("keeps no per-variable state"), "{e}");
+        // Before the first step there is no state: an empty one restores that.
+        let mut fresh = Adam::default();
+        fresh.load_state(0, vec![]).unwrap();
+        assert!(fresh.state().is_empty());
+        assert_eq!(Adam::default().config()[0], ("beta_1", 0.9));
+    }
+}
