@@ -1,0 +1,401 @@
+//! `Dense`: `y = activation(x · kernel + bias)`, computed in the policy's compute dtype with
+//! float32 accumulation and float32 variables.
+
+use std::any::Any;
+use std::marker::PhantomData;
+
+use mp_core::{F32, PolicyKind, Rng, Tensor, Variable};
+use mp_kernels::gemm::{Epilogue, gemm};
+
+use crate::error::{Error, Result};
+use crate::layer::Layer;
+use crate::util::{check_features, name_seed};
+
+/// A densely connected layer, like Keras's `Dense`.
+///
+/// - Variables: `kernel` (`input_dim × units`, glorot-uniform) and `bias` (`units`, zeros), both
+///   float32 under every policy.
+/// - Forward: the input arrives in the compute dtype; the kernel is cast to the compute dtype
+///   once per training step (and reused by backward); the GEMM accumulates in float32 and adds
+///   the float32 bias (and applies ReLU) before rounding to the compute dtype once.
+/// - Backward: weight gradients come straight out of the float32-accumulating GEMM into the
+///   float32 gradient buffers; the input gradient is computed only when asked.
+///
+/// ```
+/// use mp_core::{MixedBFloat16, Tensor, BF16};
+/// use mp_layers::{Dense, Layer};
+///
+/// let mut dense = Dense::<MixedBFloat16>::new(3).relu();
+/// assert_eq!(dense.build(&[4])?, vec![3]);
+/// let x = Tensor::<BF16>::from_f32(&[2, 4], &[0.5; 8])?;
+/// let y = dense.forward(&x)?; // bfloat16 output
+/// assert_eq!(y.shape(), &[2, 3]);
+/// # Ok::<(), mp_layers::Error>(())
+/// ```
+pub struct Dense<P: PolicyKind> {
+    units: usize,
+    relu: bool,
+    use_bias: bool,
+    seed: Option<u64>,
+    name: String,
+    input_dim: Option<usize>,
+    output_shape: Option<Vec<usize>>,
+    kernel: Option<Variable>,
+    bias: Option<Variable>,
+    /// The kernel cast to the compute dtype by the last `forward_train` (low-precision policies).
+    kernel_cast: Option<Tensor<P::Compute>>,
+    saved_x: Option<Tensor<P::Compute>>,
+    saved_y: Option<Tensor<P::Compute>>,
+    _policy: PhantomData<P>,
+}
+
+impl<P: PolicyKind> std::fmt::Debug for Dense<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dense")
+            .field("name", &self.name)
+            .field("units", &self.units)
+            .field("relu", &self.relu)
+            .field("policy", &P::POLICY)
+            .field("input_dim", &self.input_dim)
+            .finish()
+    }
+}
+
+impl<P: PolicyKind> Dense<P> {
+    /// A dense layer with `units` outputs and no activation.
+    pub fn new(units: usize) -> Self {
+        Dense {
+            units,
+            relu: false,
+            use_bias: true,
+            seed: None,
+            name: "dense".to_string(),
+            input_dim: None,
+            output_shape: None,
+            kernel: None,
+            bias: None,
+            kernel_cast: None,
+            saved_x: None,
+            saved_y: None,
+            _policy: PhantomData,
+        }
+    }
+
+    /// Applies ReLU to the output (fused into the GEMM's store).
+    pub fn relu(mut self) -> Self {
+        self.relu = true;
+        self
+    }
+
+    /// Leaves out the bias.
+    pub fn without_bias(mut self) -> Self {
+        self.use_bias = false;
+        self
+    }
+
+    /// Seeds the kernel initialiser (default: a hash of the layer's name, so a model builds the
+    /// same initial weights every time).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The number of outputs.
+    pub fn units(&self) -> usize {
+        self.units
+    }
+
+    /// The kernel variable (`input_dim × units`, float32), once built.
+    pub fn kernel(&self) -> Option<&Variable> {
+        self.kernel.as_ref()
+    }
+
+    /// The bias variable (`units`, float32), once built.
+    pub fn bias(&self) -> Option<&Variable> {
+        self.bias.as_ref()
+    }
+
+    fn built(&self) -> Result<(usize, &Variable)> {
+        match (self.input_dim, &self.kernel) {
+            (Some(d), Some(k)) => Ok((d, k)),
+            _ => Err(Error::NotBuilt {
+                layer: self.name.clone(),
+            }),
+        }
+    }
+
+    fn epilogue(&self) -> Result<Epilogue<'_>> {
+        let bias = match &self.bias {
+            Some(b) => Some(b.value().as_slice()?),
+            None => None,
+        };
+        Ok(match (bias, self.relu) {
+            (Some(b), true) => Epilogue::BiasRelu(b),
+            (Some(b), false) => Epilogue::Bias(b),
+            (None, true) => Epilogue::Relu,
+            (None, false) => Epilogue::None,
+        })
+    }
+
+    /// `x · kernel (+ bias, relu)` with `kernel` already in the compute dtype.
+    fn compute(
+        &self,
+        x: &Tensor<P::Compute>,
+        kernel: &Tensor<P::Compute>,
+    ) -> Result<Tensor<P::Compute>> {
+        let (input_dim, _) = self.built()?;
+        let rows = check_features(&self.name, x.shape(), input_dim)?;
+        let mut out_shape = x.shape().to_vec();
+        *out_shape.last_mut().expect("rank checked") = self.units;
+        let mut y = Tensor::<P::Compute>::zeros(&out_shape)?;
+        gemm(
+            false,
+            false,
+            rows,
+            self.units,
+            input_dim,
+            1.0,
+            x.as_slice()?,
+            input_dim,
+            kernel.as_slice()?,
+            self.units,
+            0.0,
+            y.as_mut_slice()?,
+            self.units,
+            self.epilogue()?,
+        )?;
+        Ok(y)
+    }
+
+    /// Casts the float32 kernel to the compute dtype into the reused buffer.
+    fn refresh_kernel_cast(&mut self) -> Result<()> {
+        let Some(kernel) = self.kernel.as_ref() else {
+            return Err(Error::NotBuilt {
+                layer: self.name.clone(),
+            });
+        };
+        if (kernel.value() as &dyn Any).is::<Tensor<P::Compute>>() {
+            return Ok(()); // float32 compute: the variable is used directly
+        }
+        let cast = match &mut self.kernel_cast {
+            Some(c) if c.shape() == kernel.shape() => c,
+            slot => slot.insert(Tensor::zeros(kernel.shape())?),
+        };
+        mp_kernels::cast::cast(kernel.value().as_slice()?, cast.as_mut_slice()?)?;
+        Ok(())
+    }
+
+    /// The kernel in the compute dtype: the variable itself under float32, else the cast copy.
+    fn kernel_compute(&self) -> Result<&Tensor<P::Compute>> {
+        let (_, kernel) = self.built()?;
+        if let Some(k) = (kernel.value() as &dyn Any).downcast_ref::<Tensor<P::Compute>>() {
+            return Ok(k);
+        }
+        self.kernel_cast
+            .as_ref()
+            .ok_or_else(|| Error::InvalidState {
+                layer: self.name.clone(),
+                what: "the kernel was not cast for this step".into(),
+            })
+    }
+}
+
+impl<P: PolicyKind> Layer for Dense<P> {
+    type Policy = P;
+    type Output = P::Compute;
+
+    fn type_name(&self) -> &'static str {
+        "Dense"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
+
+    fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
+        if self.units == 0 {
+            return Err(Error::InvalidArgument {
+                what: format!("{}: Dense needs at least one unit", self.name),
+            });
+        }
+        let Some(&input_dim) = input_shape.last() else {
+            return Err(Error::IncompatibleShapes {
+                layer: self.name.clone(),
+                previous: "the model input".into(),
+                expected: vec![0],
+                got: input_shape.to_vec(),
+            });
+        };
+        if input_dim == 0 || input_shape.len() != 1 {
+            return Err(Error::IncompatibleShapes {
+                layer: self.name.clone(),
+                previous: "the model input".into(),
+                expected: vec![input_dim.max(1)],
+                got: input_shape.to_vec(),
+            });
+        }
+        if let Some(d) = self.input_dim {
+            if d != input_dim {
+                return Err(Error::IncompatibleShapes {
+                    layer: self.name.clone(),
+                    previous: "the model input".into(),
+                    expected: vec![d],
+                    got: input_shape.to_vec(),
+                });
+            }
+            return Ok(vec![self.units]);
+        }
+        // glorot_uniform: U(-limit, limit), limit = sqrt(6 / (fan_in + fan_out)).
+        let limit = (6.0 / (input_dim + self.units) as f64).sqrt() as f32;
+        let mut rng = Rng::new(self.seed.unwrap_or_else(|| name_seed(&self.name)));
+        let values = rng.uniform_vec(input_dim * self.units, -limit, limit);
+        let kernel = Tensor::<F32>::from_vec(&[input_dim, self.units], values)?;
+        self.kernel = Some(Variable::new("kernel", kernel)?);
+        if self.use_bias {
+            self.bias = Some(Variable::new("bias", Tensor::<F32>::zeros(&[self.units])?)?);
+        }
+        self.input_dim = Some(input_dim);
+        self.output_shape = Some(vec![self.units]);
+        Ok(vec![self.units])
+    }
+
+    fn output_shape(&self) -> Option<&[usize]> {
+        self.output_shape.as_deref()
+    }
+
+    fn forward(&self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        let (_, kernel) = self.built()?;
+        match (kernel.value() as &dyn Any).downcast_ref::<Tensor<P::Compute>>() {
+            Some(k) => self.compute(x, k),
+            None => {
+                let mut k = Tensor::<P::Compute>::zeros(kernel.shape())?;
+                mp_kernels::cast::cast(kernel.value().as_slice()?, k.as_mut_slice()?)?;
+                self.compute(x, &k)
+            }
+        }
+    }
+
+    fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        self.refresh_kernel_cast()?;
+        let y = self.compute(x, self.kernel_compute()?)?;
+        self.saved_x = Some(x.clone());
+        self.saved_y = if self.relu { Some(y.clone()) } else { None };
+        Ok(y)
+    }
+
+    fn backward(
+        &mut self,
+        dy: &Tensor<P::Compute>,
+        need_dx: bool,
+    ) -> Result<Option<Tensor<P::Compute>>> {
+        let (input_dim, _) = self.built()?;
+        let x = self.saved_x.take().ok_or_else(|| Error::InvalidState {
+            layer: self.name.clone(),
+            what: "backward called without a preceding forward_train".into(),
+        })?;
+        let y = self.saved_y.take();
+        let rows = check_features(&self.name, dy.shape(), self.units)?;
+        if rows * input_dim != x.len() {
+            return Err(Error::ShapeMismatch {
+                layer: self.name.clone(),
+                expected: format!("a gradient for {} rows", x.len() / input_dim),
+                got: dy.shape().to_vec(),
+            });
+        }
+        // Through the ReLU: dz = dy where y > 0.
+        let dz_owned;
+        let dz = match &y {
+            Some(y) => {
+                let mut d = Tensor::<P::Compute>::zeros(dy.shape())?;
+                mp_kernels::activation::relu_backward(
+                    dy.as_slice()?,
+                    y.as_slice()?,
+                    d.as_mut_slice()?,
+                )?;
+                dz_owned = d;
+                &dz_owned
+            }
+            None => dy,
+        };
+        let units = self.units;
+        let dx = if need_dx {
+            // dx = dz · kernelᵀ, in the compute dtype.
+            let mut dx = Tensor::<P::Compute>::zeros(x.shape())?;
+            gemm(
+                false,
+                true,
+                rows,
+                input_dim,
+                units,
+                1.0,
+                dz.as_slice()?,
+                units,
+                self.kernel_compute()?.as_slice()?,
+                units,
+                0.0,
+                dx.as_mut_slice()?,
+                input_dim,
+                Epilogue::None,
+            )?;
+            Some(dx)
+        } else {
+            None
+        };
+        // d kernel += xᵀ · dz, accumulated in float32 straight into the gradient.
+        let kernel = self.kernel.as_mut().expect("built");
+        gemm(
+            true,
+            false,
+            input_dim,
+            units,
+            rows,
+            1.0,
+            x.as_slice()?,
+            input_dim,
+            dz.as_slice()?,
+            units,
+            1.0,
+            kernel.grad_mut().as_mut_slice()?,
+            units,
+            Epilogue::None,
+        )?;
+        if let Some(bias) = self.bias.as_mut() {
+            mp_kernels::reduce::bias_grad(
+                dz.as_slice()?,
+                rows,
+                units,
+                bias.grad_mut().as_mut_slice()?,
+                true,
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn visit_variables(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(k) = self.kernel.as_mut() {
+            f(&format!("{prefix}kernel"), k)?;
+        }
+        if let Some(b) = self.bias.as_mut() {
+            f(&format!("{prefix}bias"), b)?;
+        }
+        Ok(())
+    }
+
+    fn saved_bytes(&self) -> usize {
+        self.saved_x.as_ref().map_or(0, Tensor::size_in_bytes)
+            + self.saved_y.as_ref().map_or(0, Tensor::size_in_bytes)
+    }
+
+    fn param_count(&self) -> usize {
+        self.kernel.as_ref().map_or(0, |k| k.value().len())
+            + self.bias.as_ref().map_or(0, |b| b.value().len())
+    }
+}

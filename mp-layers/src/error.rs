@@ -1,0 +1,69 @@
+//! The error type of mp-layers.
+
+/// What layers, models and training can refuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A layer whose input does not fit the previous layer's output, found at `build`.
+    #[error(
+        "cannot build {layer}: it expects inputs of shape {expected:?}, but {previous} outputs {got:?}"
+    )]
+    IncompatibleShapes {
+        /// The layer being built.
+        layer: String,
+        /// The layer before it (or `the model input`).
+        previous: String,
+        /// What the layer accepts.
+        expected: Vec<usize>,
+        /// What it was given.
+        got: Vec<usize>,
+    },
+    /// A tensor of the wrong shape at run time.
+    #[error("shape mismatch in {layer}: expected {expected}, got {got:?}")]
+    ShapeMismatch {
+        /// The layer or operation.
+        layer: String,
+        /// What was expected, in words or as a shape.
+        expected: String,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// A layer used before `build`.
+    #[error("layer {layer} is not built: call build(input_shape) first")]
+    NotBuilt {
+        /// The layer.
+        layer: String,
+    },
+    /// A call out of order (backward before forward_train, ...).
+    #[error("invalid state in {layer}: {what}")]
+    InvalidState {
+        /// The layer.
+        layer: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// Weights that do not match the model's variables (names, count, shapes).
+    #[error("weights do not match the model: {}", problems.join("; "))]
+    Weights {
+        /// Every mismatch found.
+        problems: Vec<String>,
+    },
+    /// An argument out of range (zero units, an unknown activation, a bad label...).
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What is wrong.
+        what: String,
+    },
+    /// An error from mp-core.
+    #[error(transparent)]
+    Core(#[from] mp_core::Error),
+    /// An error from a kernel.
+    #[error(transparent)]
+    Kernel(#[from] mp_kernels::Error),
+    /// An error from an optimizer (including a collapsed loss scale).
+    #[error(transparent)]
+    Optim(#[from] mp_optim::Error),
+}
+
+/// The result type of mp-layers.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

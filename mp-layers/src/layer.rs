@@ -1,0 +1,327 @@
+//! The `Layer` and `Model` traits, and the dtype conversions between layers.
+
+use std::any::Any;
+use std::fmt::Write as _;
+use std::ops::Deref;
+
+use mp_core::{DTypeKind, F32, Policy, PolicyKind, Tensor, Variable};
+
+use crate::error::{Error, Result};
+
+/// The compute dtype (marker type) of layer `L`.
+pub type Compute<L> = <<L as Layer>::Policy as PolicyKind>::Compute;
+
+/// One row of a model summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SummaryRow {
+    /// The layer's path (`dense_1`, or `block/dense_1` inside a nested model).
+    pub name: String,
+    /// The layer's type (`Dense`).
+    pub type_name: String,
+    /// The layer's dtype policy.
+    pub policy: Policy,
+    /// The output shape per sample, `None` before `build`.
+    pub output_shape: Option<Vec<usize>>,
+    /// Trainable parameters.
+    pub params: usize,
+}
+
+/// A layer: computes in its policy's compute dtype, keeps float32 variables, and knows its own
+/// backward pass.
+///
+/// Shapes given to [`Layer::build`] are per sample (without the batch dimension); tensors given
+/// to `forward` have the batch as their first dimension.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an mp layer",
+    note = "implement `mp_layers::Layer` for it, or use `Dense`, `Softmax`, `Activation`, `Flatten`"
+)]
+pub trait Layer: Send + 'static {
+    /// The layer's dtype policy.
+    type Policy: PolicyKind;
+    /// The dtype of the layer's output (the compute dtype for most layers).
+    type Output: DTypeKind;
+
+    /// The layer's type, for summaries (`Dense`).
+    fn type_name(&self) -> &'static str;
+
+    /// The layer's name (`dense_1`); a model names its layers after their fields.
+    fn name(&self) -> &str;
+
+    /// Renames the layer.
+    fn set_name(&mut self, name: &str);
+
+    /// Allocates the variables for inputs of shape `input_shape` (per sample) and returns the
+    /// output shape. Building twice with the same shape keeps the variables; with another shape
+    /// it is an error naming both shapes.
+    fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>>;
+
+    /// The output shape per sample, once built.
+    fn output_shape(&self) -> Option<&[usize]>;
+
+    /// Inference: computes the output and keeps nothing.
+    fn forward(&self, x: &Tensor<Compute<Self>>) -> Result<Tensor<Self::Output>>;
+
+    /// Training: computes the output and keeps what [`Layer::backward`] needs.
+    fn forward_train(&mut self, x: &Tensor<Compute<Self>>) -> Result<Tensor<Self::Output>>;
+
+    /// Given the gradient of the loss with respect to the last `forward_train` output, adds the
+    /// gradients of the variables (in float32) to their `grad` and returns the gradient with
+    /// respect to the input when `need_dx` (the first layer of a model needs none).
+    fn backward(
+        &mut self,
+        dy: &Tensor<Self::Output>,
+        need_dx: bool,
+    ) -> Result<Option<Tensor<Compute<Self>>>>;
+
+    /// Whether the layer ends in a softmax computed in float32, so a cross-entropy loss can hand
+    /// it the gradient with respect to the softmax's *input* (`p - onehot`, the fused form).
+    fn ends_in_softmax(&self) -> bool {
+        false
+    }
+
+    /// Backward given the gradient with respect to the final softmax's input (only called when
+    /// [`Layer::ends_in_softmax`] is true).
+    fn backward_from_softmax_input(
+        &mut self,
+        dz: &Tensor<F32>,
+        need_dx: bool,
+    ) -> Result<Option<Tensor<Compute<Self>>>> {
+        let _ = (dz, need_dx);
+        Err(Error::InvalidState {
+            layer: self.name().to_string(),
+            what: "backward_from_softmax_input called on a layer that does not end in softmax"
+                .into(),
+        })
+    }
+
+    /// Calls `f` with each variable and its path (`prefix` + `kernel`, ...), in a fixed order.
+    fn visit_variables(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()>;
+
+    /// Bytes of activations kept by the last `forward_train` for backward.
+    fn saved_bytes(&self) -> usize;
+
+    /// Trainable parameters.
+    fn param_count(&self) -> usize;
+
+    /// Appends this layer's summary rows: one named `path` for a plain layer; one per layer for
+    /// a model, named `path/field`.
+    fn summary_rows(&self, path: &str, rows: &mut Vec<SummaryRow>) {
+        rows.push(SummaryRow {
+            name: path.to_string(),
+            type_name: self.type_name().to_string(),
+            policy: <Self::Policy as PolicyKind>::POLICY,
+            output_shape: self.output_shape().map(<[usize]>::to_vec),
+            params: self.param_count(),
+        });
+    }
+}
+
+/// A whole model: a layer whose output is float32, with Keras's model conveniences.
+///
+/// `#[model]` implements it only when the last layer's output dtype is float32: the rule is a
+/// trait bound, so using a model whose last layer would output float16 or bfloat16 as a `Model`
+/// (`fit`, `evaluate`, `predict`, `summary`) does not compile, and the error names the field to
+/// annotate with `#[dtype = "float32"]`.
+pub trait Model: Layer {
+    /// Inference: the model's float32 output. (`#[model]` guarantees the output dtype is
+    /// float32, so the conversion is a no-op.)
+    fn forward_f32(&self, x: &Tensor<Compute<Self>>) -> Result<Tensor<F32>> {
+        convert::<Self::Output, F32>(self.forward(x)?)
+    }
+
+    /// Training forward: the float32 output; every layer keeps what backward needs.
+    fn forward_train_f32(&mut self, x: &Tensor<Compute<Self>>) -> Result<Tensor<F32>> {
+        convert::<Self::Output, F32>(self.forward_train(x)?)
+    }
+
+    /// Backward from the gradient of the loss with respect to the float32 output. The model's
+    /// input needs no gradient, so the first layer skips computing one.
+    fn backward_f32(&mut self, dy: &Tensor<F32>) -> Result<()> {
+        let dy = convert_ref::<F32, Self::Output>(dy)?;
+        self.backward(&dy, false).map(|_| ())
+    }
+
+    /// Backward from the gradient with respect to the input of the final float32 softmax (the
+    /// fused cross-entropy gradient `p - onehot`); only when [`Layer::ends_in_softmax`].
+    fn backward_from_softmax_input_f32(&mut self, dz: &Tensor<F32>) -> Result<()> {
+        self.backward_from_softmax_input(dz, false).map(|_| ())
+    }
+
+    /// The model's name (the struct's name).
+    fn model_name(&self) -> &'static str {
+        self.type_name()
+    }
+
+    /// The Keras-style summary table: name, type, output shape, parameters, dtype policy.
+    fn summary(&self) -> String {
+        let mut rows = vec![];
+        self.summary_rows("", &mut rows);
+        format_summary(
+            self.model_name(),
+            <Self::Policy as PolicyKind>::POLICY,
+            &rows,
+        )
+    }
+
+    /// Copies of every variable's value, with its path, in a fixed order.
+    fn get_weights(&mut self) -> Result<Vec<(String, Tensor<F32>)>> {
+        let mut out = vec![];
+        self.visit_variables("", &mut |path, v| {
+            out.push((path.to_string(), v.value().clone()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Sets every variable from `weights` (as returned by [`Model::get_weights`]). Every name and
+    /// shape is checked before anything is written, so a mismatch leaves the model unchanged.
+    fn set_weights(&mut self, weights: &[(String, Tensor<F32>)]) -> Result<()> {
+        let mut expected = vec![];
+        self.visit_variables("", &mut |path, v| {
+            expected.push((path.to_string(), v.shape().to_vec()));
+            Ok(())
+        })?;
+        let mut problems = vec![];
+        if expected.len() != weights.len() {
+            problems.push(format!(
+                "the model has {} variables, {} were given",
+                expected.len(),
+                weights.len()
+            ));
+        }
+        for ((name, shape), (given_name, given)) in expected.iter().zip(weights) {
+            if name != given_name {
+                problems.push(format!("expected variable {name:?}, got {given_name:?}"));
+            } else if shape.as_slice() != given.shape() {
+                problems.push(format!(
+                    "variable {name:?} has shape {shape:?}, the given value has {:?}",
+                    given.shape()
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Weights { problems });
+        }
+        let mut it = weights.iter();
+        self.visit_variables("", &mut |_, v| {
+            let (_, w) = it.next().expect("counts checked above");
+            v.value_mut().copy_from_slice(w.as_slice()?)?;
+            Ok(())
+        })
+    }
+
+    /// Sets every variable's gradient to zero.
+    fn zero_grad(&mut self) -> Result<()> {
+        self.visit_variables("", &mut |_, v| Ok(v.zero_grad()?))
+    }
+}
+
+/// Formats summary rows as Keras does.
+pub fn format_summary(model_name: &str, policy: Policy, rows: &[SummaryRow]) -> String {
+    let shape = |s: &Option<Vec<usize>>| match s {
+        Some(s) => {
+            let dims: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+            format!("(None, {})", dims.join(", "))
+        }
+        None => "(unbuilt)".to_string(),
+    };
+    let w0 = rows
+        .iter()
+        .map(|r| r.name.len() + r.type_name.len() + 3)
+        .max()
+        .unwrap_or(0)
+        .max(20);
+    let w1 = rows
+        .iter()
+        .map(|r| shape(&r.output_shape).len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
+    let w2 = 16;
+    let line = "_".repeat(w0 + w1 + w2 + 12);
+    let mut out = String::new();
+    let _ = writeln!(out, "Model: \"{model_name}\" (policy {})", policy.name());
+    let _ = writeln!(out, "{line}");
+    let _ = writeln!(
+        out,
+        " {:<w0$}  {:<w1$}  {:>8}  {:<w2$}",
+        "Layer (type)", "Output Shape", "Param #", "Dtype policy"
+    );
+    let _ = writeln!(out, "{}", "=".repeat(line.len()));
+    for r in rows {
+        let name = format!("{} ({})", r.name, r.type_name);
+        let _ = writeln!(
+            out,
+            " {:<w0$}  {:<w1$}  {:>8}  {:<w2$}",
+            name,
+            shape(&r.output_shape),
+            r.params,
+            r.policy.name()
+        );
+    }
+    let total: usize = rows.iter().map(|r| r.params).sum();
+    let _ = writeln!(out, "{}", "=".repeat(line.len()));
+    let _ = writeln!(
+        out,
+        "Total params: {total} ({:.2} MB in float32)",
+        total as f64 * 4.0 / 1e6
+    );
+    let _ = writeln!(out, "Trainable params: {total}");
+    let _ = write!(out, "{line}");
+    out
+}
+
+/// A tensor converted to another dtype, borrowed when no conversion was needed.
+#[derive(Debug)]
+pub enum Converted<'a, D: DTypeKind> {
+    /// The input had the target dtype already.
+    Borrowed(&'a Tensor<D>),
+    /// A converted copy.
+    Owned(Tensor<D>),
+}
+
+impl<D: DTypeKind> Deref for Converted<'_, D> {
+    type Target = Tensor<D>;
+    fn deref(&self) -> &Tensor<D> {
+        match self {
+            Converted::Borrowed(t) => t,
+            Converted::Owned(t) => t,
+        }
+    }
+}
+
+/// `x` as dtype `B`: the same tensor when `A` is `B`, else a converted copy (round to nearest
+/// even, NaN and infinities kept). This is the cast a layer applies to its input.
+pub fn convert_ref<A: DTypeKind, B: DTypeKind>(x: &Tensor<A>) -> Result<Converted<'_, B>> {
+    if let Some(same) = (x as &dyn Any).downcast_ref::<Tensor<B>>() {
+        return Ok(Converted::Borrowed(same));
+    }
+    let mut out = Tensor::<B>::zeros(x.shape())?;
+    mp_kernels::cast::cast(x.as_slice()?, out.as_mut_slice()?)?;
+    Ok(Converted::Owned(out))
+}
+
+/// `x` as dtype `B`, by value: moved when `A` is `B`, else converted.
+pub fn convert<A: DTypeKind, B: DTypeKind>(x: Tensor<A>) -> Result<Tensor<B>> {
+    let boxed: Box<dyn Any> = Box::new(x);
+    match boxed.downcast::<Tensor<B>>() {
+        Ok(same) => Ok(*same),
+        Err(other) => {
+            let x = other
+                .downcast::<Tensor<A>>()
+                .expect("the box holds a Tensor<A>");
+            let mut out = Tensor::<B>::zeros(x.shape())?;
+            mp_kernels::cast::cast(x.as_slice()?, out.as_mut_slice()?)?;
+            Ok(out)
+        }
+    }
+}
+
+/// `Some(x)` converted to `B`, for gradients that may be absent.
+pub fn convert_opt<A: DTypeKind, B: DTypeKind>(x: Option<Tensor<A>>) -> Result<Option<Tensor<B>>> {
+    x.map(convert).transpose()
+}

@@ -1,0 +1,99 @@
+//! Metrics: running averages over a pass through the data.
+
+use mp_core::{F32, Tensor};
+use mp_kernels::softmax::Label;
+
+use crate::error::{Error, Result};
+
+/// Keras's `Mean`: a weighted running mean (accumulated in float64).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mean {
+    total: f64,
+    count: f64,
+}
+
+impl Mean {
+    /// An empty mean.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `value` with weight `weight` (e.g. a batch's mean loss weighted by its size).
+    pub fn update_state(&mut self, value: f32, weight: f64) {
+        self.total += value as f64 * weight;
+        self.count += weight;
+    }
+
+    /// The mean so far (0 when empty, as Keras).
+    pub fn result(&self) -> f32 {
+        if self.count == 0.0 {
+            0.0
+        } else {
+            (self.total / self.count) as f32
+        }
+    }
+
+    /// Forgets everything.
+    pub fn reset_state(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Keras's `SparseCategoricalAccuracy`: how often the arg-max class equals the label.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparseCategoricalAccuracy {
+    correct: u64,
+    total: u64,
+}
+
+impl SparseCategoricalAccuracy {
+    /// An empty accuracy.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts a batch of predictions (`[batch, classes]`, float32) against labels. Ties go to
+    /// the first class; a row holding NaN counts as wrong.
+    pub fn update_state<L: Label>(&mut self, y_pred: &Tensor<F32>, labels: &[L]) -> Result<()> {
+        let [rows, cols] = *y_pred.shape() else {
+            return Err(Error::ShapeMismatch {
+                layer: "sparse_categorical_accuracy".into(),
+                expected: "(batch, classes)".into(),
+                got: y_pred.shape().to_vec(),
+            });
+        };
+        if rows != labels.len() {
+            return Err(Error::ShapeMismatch {
+                layer: "sparse_categorical_accuracy".into(),
+                expected: format!("({}, classes) for {} labels", labels.len(), labels.len()),
+                got: y_pred.shape().to_vec(),
+            });
+        }
+        let mut arg = vec![0u32; rows];
+        mp_kernels::reduce::argmax_rows(y_pred.as_slice()?, rows, cols, &mut arg)?;
+        let pred = y_pred.as_slice()?;
+        for (r, (&a, &l)) in arg.iter().zip(labels).enumerate() {
+            let row = &pred[r * cols..(r + 1) * cols];
+            let has_nan = row.iter().any(|x| x.is_nan());
+            if !has_nan && l.index() == Some(a as usize) {
+                self.correct += 1;
+            }
+        }
+        self.total += rows as u64;
+        Ok(())
+    }
+
+    /// The accuracy so far (0 when empty).
+    pub fn result(&self) -> f32 {
+        if self.total == 0 {
+            0.0
+        } else {
+            (self.correct as f64 / self.total as f64) as f32
+        }
+    }
+
+    /// Forgets everything.
+    pub fn reset_state(&mut self) {
+        *self = Self::default();
+    }
+}

@@ -1,0 +1,618 @@
+//! Training: `fit`, `evaluate` and `predict` over host `ndarray` data, as Keras's `Model` methods.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use mp_core::{F32, LossScale, PolicyKind, Rng, Tensor, Variable};
+use mp_kernels::softmax::Label;
+use mp_optim::{LossScaleOptimizer, Optimizer, VariableSet};
+use ndarray::{Array2, ArrayView1, ArrayView2};
+
+use crate::error::{Error, Result};
+use crate::layer::{Compute, Layer, Model, convert};
+use crate::losses::SparseCategoricalCrossentropy;
+use crate::metrics::{Mean, SparseCategoricalAccuracy};
+
+/// A model's variables as an optimizer sees them.
+#[derive(Debug)]
+pub struct ModelVars<'a, M: Layer>(pub &'a mut M);
+
+impl<M: Layer> VariableSet for ModelVars<'_, M> {
+    fn for_each_variable(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Variable) -> mp_optim::Result<()>,
+    ) -> mp_optim::Result<()> {
+        let mut inner: Option<mp_optim::Error> = None;
+        let visited = self.0.visit_variables("", &mut |name, v| match f(name, v) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                inner = Some(e);
+                Err(Error::InvalidState {
+                    layer: name.to_string(),
+                    what: "optimizer".into(),
+                })
+            }
+        });
+        match (inner, visited) {
+            (Some(e), _) => Err(e),
+            (None, Ok(())) => Ok(()),
+            (None, Err(e)) => Err(mp_optim::Error::Core(mp_core::Error::InvalidArgument {
+                what: e.to_string(),
+            })),
+        }
+    }
+}
+
+/// How much `fit` and `evaluate` print.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Verbose {
+    /// Nothing.
+    Silent,
+    /// A live progress bar on a terminal; one line per epoch otherwise (Keras's `verbose=1`).
+    #[default]
+    Auto,
+    /// One line per epoch, no bar (Keras's `verbose=2`).
+    Lines,
+}
+
+/// The options of [`Trainer::fit`], with Keras's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitOptions {
+    /// Samples per gradient update (Keras: 32).
+    pub batch_size: usize,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// The fraction of the data, taken from the end before shuffling, held out for validation.
+    pub validation_split: f64,
+    /// Reshuffle the training data every epoch.
+    pub shuffle: bool,
+    /// The seed of the shuffling.
+    pub seed: u64,
+    /// What to print.
+    pub verbose: Verbose,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            batch_size: 32,
+            epochs: 1,
+            validation_split: 0.0,
+            shuffle: true,
+            seed: 0,
+            verbose: Verbose::Auto,
+        }
+    }
+}
+
+/// What one epoch measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochLogs {
+    /// The epoch, from 0.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub loss: f32,
+    /// Training accuracy.
+    pub accuracy: f32,
+    /// Validation loss, when there is validation data.
+    pub val_loss: Option<f32>,
+    /// Validation accuracy.
+    pub val_accuracy: Option<f32>,
+    /// The loss scale at the end of the epoch (with loss scaling).
+    pub loss_scale: Option<f32>,
+    /// Steps skipped in this epoch because of non-finite gradients.
+    pub skipped_steps: u64,
+    /// Steps run.
+    pub steps: usize,
+    /// Wall time of the epoch (training and validation), in seconds.
+    pub seconds: f64,
+}
+
+/// Per-epoch metrics, as Keras's `History`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    /// One entry per epoch.
+    pub epochs: Vec<EpochLogs>,
+}
+
+impl History {
+    /// The values of one metric per epoch (`loss`, `accuracy`, `val_loss`, `val_accuracy`,
+    /// `loss_scale`), `None` for an unknown name.
+    pub fn get(&self, metric: &str) -> Option<Vec<f32>> {
+        let pick: fn(&EpochLogs) -> Option<f32> = match metric {
+            "loss" => |e| Some(e.loss),
+            "accuracy" => |e| Some(e.accuracy),
+            "val_loss" => |e| e.val_loss,
+            "val_accuracy" => |e| e.val_accuracy,
+            "loss_scale" => |e| e.loss_scale,
+            _ => return None,
+        };
+        self.epochs.iter().map(pick).collect()
+    }
+}
+
+/// Where training stands: what a checkpoint saves to resume exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrainingProgress {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Training steps run in total.
+    pub step: u64,
+    /// The state of the shuffling generator at the start of the next epoch.
+    pub rng_state: u64,
+}
+
+/// Loss and accuracy from [`Trainer::evaluate`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// Mean loss.
+    pub loss: f32,
+    /// Accuracy.
+    pub accuracy: f32,
+}
+
+/// What one training step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResult {
+    /// The (unscaled) mean loss of the batch.
+    pub loss: f32,
+    /// Whether the update was applied (false: skipped for non-finite gradients).
+    pub applied: bool,
+    /// The loss scale the step used (1 without loss scaling).
+    pub loss_scale: f32,
+}
+
+/// The optimizer a trainer steps: plain, or wrapped in loss scaling.
+#[derive(Debug)]
+pub enum TrainOptimizer<O: Optimizer> {
+    /// No loss scaling.
+    Plain(O),
+    /// Loss scaling around the optimizer.
+    Scaled(LossScaleOptimizer<O>),
+}
+
+impl<O: Optimizer> TrainOptimizer<O> {
+    /// The loss scale (1 without loss scaling).
+    pub fn loss_scale(&self) -> f32 {
+        match self {
+            TrainOptimizer::Plain(_) => 1.0,
+            TrainOptimizer::Scaled(s) => s.loss_scale(),
+        }
+    }
+
+    /// The optimizer itself.
+    pub fn inner(&self) -> &O {
+        match self {
+            TrainOptimizer::Plain(o) => o,
+            TrainOptimizer::Scaled(s) => s.inner(),
+        }
+    }
+}
+
+/// An epoch-end callback: it sees the epoch's logs and the training progress.
+pub type Callback = Box<dyn FnMut(&EpochLogs, &TrainingProgress) -> Result<()> + Send>;
+
+/// A compiled model: the model, its optimizer (with loss scaling under `mixed_float16`, as
+/// Keras) and its loss. Keras's `model.compile(...)` followed by `fit`, `evaluate`, `predict`.
+pub struct Trainer<M: Model, O: Optimizer> {
+    model: M,
+    optimizer: TrainOptimizer<O>,
+    loss: SparseCategoricalCrossentropy,
+    progress: TrainingProgress,
+    callbacks: Vec<Callback>,
+}
+
+impl<M: Model, O: Optimizer> std::fmt::Debug for Trainer<M, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model", &self.model.model_name())
+            .field("optimizer", &self.optimizer.inner().name())
+            .field("loss_scale", &self.optimizer.loss_scale())
+            .field("progress", &self.progress)
+            .finish()
+    }
+}
+
+impl<M: Model, O: Optimizer> Trainer<M, O> {
+    /// Compiles `model` with `optimizer` and `loss`. Under `mixed_float16` the optimizer is
+    /// wrapped in a [`LossScaleOptimizer`] with a dynamic scale (Keras's rule); under `float32`
+    /// and `mixed_bfloat16` it is not, unless asked with [`Trainer::with_loss_scale`].
+    pub fn compile(model: M, optimizer: O, loss: SparseCategoricalCrossentropy) -> Self {
+        let policy = <M::Policy as PolicyKind>::POLICY;
+        let optimizer = match policy.default_loss_scale() {
+            Some(scale) => {
+                TrainOptimizer::Scaled(LossScaleOptimizer::with_loss_scale(optimizer, scale))
+            }
+            None => TrainOptimizer::Plain(optimizer),
+        };
+        Trainer {
+            model,
+            optimizer,
+            loss,
+            progress: TrainingProgress::default(),
+            callbacks: vec![],
+        }
+    }
+
+    /// Chooses the loss scaling explicitly: `Some(scale)` wraps the optimizer, `None` unwraps it.
+    pub fn with_loss_scale(mut self, scale: Option<LossScale>) -> Self {
+        let inner = match self.optimizer {
+            TrainOptimizer::Plain(o) => o,
+            TrainOptimizer::Scaled(s) => s.into_inner(),
+        };
+        self.optimizer = match scale {
+            Some(s) => TrainOptimizer::Scaled(LossScaleOptimizer::with_loss_scale(inner, s)),
+            None => TrainOptimizer::Plain(inner),
+        };
+        self
+    }
+
+    /// Wraps the optimizer in a given [`LossScaleOptimizer`] configuration.
+    pub fn with_loss_scale_optimizer(mut self, lso: LossScaleOptimizer<O>) -> Self {
+        self.optimizer = TrainOptimizer::Scaled(lso);
+        self
+    }
+
+    /// Adds a callback run at the end of every epoch.
+    pub fn add_callback(&mut self, callback: Callback) {
+        self.callbacks.push(callback);
+    }
+
+    /// The model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The model, mutably.
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.model
+    }
+
+    /// Gives the model back.
+    pub fn into_model(self) -> M {
+        self.model
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &TrainOptimizer<O> {
+        &self.optimizer
+    }
+
+    /// The optimizer, mutably.
+    pub fn optimizer_mut(&mut self) -> &mut TrainOptimizer<O> {
+        &mut self.optimizer
+    }
+
+    /// Where training stands.
+    pub fn progress(&self) -> TrainingProgress {
+        self.progress
+    }
+
+    /// Sets where training stands (to resume).
+    pub fn set_progress(&mut self, progress: TrainingProgress) {
+        self.progress = progress;
+    }
+
+    fn ensure_built(&mut self, features: usize) -> Result<()> {
+        match self.model.output_shape() {
+            Some(_) => Ok(()),
+            None => self.model.build(&[features]).map(|_| ()),
+        }
+    }
+
+    /// One training step on a batch already in the model's compute dtype: forward, loss,
+    /// backward (scaled when loss scaling), unscale, check and apply. Returns the batch loss and
+    /// the float32 predictions.
+    pub fn train_step<L: Label>(
+        &mut self,
+        x: &Tensor<Compute<M>>,
+        labels: &[L],
+    ) -> Result<(StepResult, Tensor<F32>)> {
+        self.model.zero_grad()?;
+        let probs = self.model.forward_train_f32(x)?;
+        let loss = self.loss.loss(&probs, labels)?;
+        let scale = self.optimizer.loss_scale();
+        if !self.loss.is_from_logits() && self.model.ends_in_softmax() {
+            let dz = self.loss.softmax_input_gradient(&probs, labels, scale)?;
+            self.model.backward_from_softmax_input_f32(&dz)?;
+        } else {
+            let dy = self.loss.gradient(&probs, labels, scale)?;
+            self.model.backward_f32(&dy)?;
+        }
+        let applied = match &mut self.optimizer {
+            TrainOptimizer::Plain(o) => {
+                o.apply_gradients(&mut ModelVars(&mut self.model))?;
+                true
+            }
+            TrainOptimizer::Scaled(s) => {
+                let _ = s.get_unscaled_gradients(&mut ModelVars(&mut self.model))?;
+                s.apply_gradients(&mut ModelVars(&mut self.model))?.applied
+            }
+        };
+        self.progress.step += 1;
+        Ok((
+            StepResult {
+                loss,
+                applied,
+                loss_scale: scale,
+            },
+            probs,
+        ))
+    }
+
+    /// Trains for `options.epochs` epochs on `x` (`[samples, features]`, float32) and integer
+    /// labels `y`, as Keras's `fit`: the last `validation_split` of the samples (before
+    /// shuffling) is held out and evaluated after each epoch; the rest is reshuffled every epoch.
+    pub fn fit<L: Label>(
+        &mut self,
+        x: ArrayView2<'_, f32>,
+        y: ArrayView1<'_, L>,
+        options: &FitOptions,
+    ) -> Result<History> {
+        check_data(&x, &y)?;
+        if options.batch_size == 0 {
+            return Err(Error::InvalidArgument {
+                what: "batch_size must be at least 1".into(),
+            });
+        }
+        let (train, val) = mp_core::rng::validation_split(x.nrows(), options.validation_split)?;
+        if train.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "no training samples left: {} samples with validation_split {}",
+                    x.nrows(),
+                    options.validation_split
+                ),
+            });
+        }
+        self.ensure_built(x.ncols())?;
+        let mut history = History::default();
+        let first_epoch = self.progress.epoch;
+        if self.progress.epoch == 0 && self.progress.step == 0 {
+            self.progress.rng_state = Rng::new(options.seed).state();
+        }
+        let steps = mp_core::rng::num_batches(train.len(), options.batch_size);
+        for epoch in first_epoch..first_epoch + options.epochs {
+            let started = Instant::now();
+            let mut rng = Rng::from_state(self.progress.rng_state);
+            let mut order: Vec<usize> = train.clone().collect();
+            if options.shuffle {
+                rng.shuffle(&mut order);
+            }
+            let mut reporter =
+                Reporter::new(options.verbose, epoch, first_epoch + options.epochs, steps);
+            let mut loss_mean = Mean::new();
+            let mut accuracy = SparseCategoricalAccuracy::new();
+            let mut skipped = 0;
+            let mut labels = vec![];
+            for (step, range) in
+                mp_core::rng::batch_ranges(order.len(), options.batch_size).enumerate()
+            {
+                let idx = &order[range];
+                let xb = gather::<Compute<M>>(&x, idx)?;
+                labels.clear();
+                labels.extend(idx.iter().map(|&i| y[i]));
+                let (result, probs) = self.train_step(&xb, &labels)?;
+                loss_mean.update_state(result.loss, idx.len() as f64);
+                accuracy.update_state(&probs, &labels)?;
+                skipped += u64::from(!result.applied);
+                reporter.step(step + 1, loss_mean.result(), accuracy.result(), started);
+            }
+            self.progress.rng_state = rng.state();
+            let (val_loss, val_accuracy) = if val.is_empty() {
+                (None, None)
+            } else {
+                let s = self.evaluate_range(&x, &y, val.clone(), options.batch_size)?;
+                (Some(s.loss), Some(s.accuracy))
+            };
+            let logs = EpochLogs {
+                epoch,
+                loss: loss_mean.result(),
+                accuracy: accuracy.result(),
+                val_loss,
+                val_accuracy,
+                loss_scale: match &self.optimizer {
+                    TrainOptimizer::Scaled(s) => Some(s.loss_scale()),
+                    TrainOptimizer::Plain(_) => None,
+                },
+                skipped_steps: skipped,
+                steps,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            reporter.finish(&logs);
+            self.progress.epoch = epoch + 1;
+            for cb in &mut self.callbacks {
+                cb(&logs, &self.progress)?;
+            }
+            history.epochs.push(logs);
+        }
+        Ok(history)
+    }
+
+    fn evaluate_range<L: Label>(
+        &self,
+        x: &ArrayView2<'_, f32>,
+        y: &ArrayView1<'_, L>,
+        range: std::ops::Range<usize>,
+        batch_size: usize,
+    ) -> Result<Scores> {
+        let mut loss_mean = Mean::new();
+        let mut accuracy = SparseCategoricalAccuracy::new();
+        let idx: Vec<usize> = range.collect();
+        let mut labels = vec![];
+        for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
+            let batch = &idx[r];
+            let xb = gather::<Compute<M>>(x, batch)?;
+            labels.clear();
+            labels.extend(batch.iter().map(|&i| y[i]));
+            let probs = self.model.forward_f32(&xb)?;
+            loss_mean.update_state(self.loss.loss(&probs, &labels)?, batch.len() as f64);
+            accuracy.update_state(&probs, &labels)?;
+        }
+        Ok(Scores {
+            loss: loss_mean.result(),
+            accuracy: accuracy.result(),
+        })
+    }
+
+    /// Loss and accuracy on `x`, `y`, as Keras's `evaluate`; prints
+    /// `313/313 - 1s - loss: ... - accuracy: ...` unless silent.
+    pub fn evaluate<L: Label>(
+        &mut self,
+        x: ArrayView2<'_, f32>,
+        y: ArrayView1<'_, L>,
+        batch_size: usize,
+        verbose: Verbose,
+    ) -> Result<Scores> {
+        check_data(&x, &y)?;
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument {
+                what: "batch_size must be at least 1".into(),
+            });
+        }
+        self.ensure_built(x.ncols())?;
+        let started = Instant::now();
+        let scores = self.evaluate_range(&x, &y, 0..x.nrows(), batch_size)?;
+        if verbose != Verbose::Silent {
+            let steps = mp_core::rng::num_batches(x.nrows(), batch_size);
+            println!(
+                "{steps}/{steps} - {:.0}s - loss: {:.4} - accuracy: {:.4}",
+                started.elapsed().as_secs_f64(),
+                scores.loss,
+                scores.accuracy
+            );
+        }
+        Ok(scores)
+    }
+
+    /// The model's float32 output for every row of `x`, as Keras's `predict`.
+    pub fn predict(&mut self, x: ArrayView2<'_, f32>, batch_size: usize) -> Result<Array2<f32>> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument {
+                what: "batch_size must be at least 1".into(),
+            });
+        }
+        self.ensure_built(x.ncols())?;
+        let mut rows: Vec<f32> = vec![];
+        let mut classes = 0;
+        let idx: Vec<usize> = (0..x.nrows()).collect();
+        for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
+            let xb = gather::<Compute<M>>(&x, &idx[r])?;
+            let probs = self.model.forward_f32(&xb)?;
+            classes = probs.shape()[1];
+            rows.extend_from_slice(probs.as_slice()?);
+        }
+        Array2::from_shape_vec((x.nrows(), classes), rows).map_err(|e| Error::InvalidArgument {
+            what: format!("predict: {e}"),
+        })
+    }
+}
+
+fn check_data<L>(x: &ArrayView2<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
+    if x.nrows() != y.len() {
+        return Err(Error::ShapeMismatch {
+            layer: "fit".into(),
+            expected: format!("one label per sample ({} samples)", x.nrows()),
+            got: vec![y.len()],
+        });
+    }
+    if x.nrows() == 0 {
+        return Err(Error::InvalidArgument {
+            what: "no samples given".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Copies rows `idx` of `x` into a float32 tensor and converts it to the compute dtype.
+fn gather<D: mp_core::DTypeKind>(x: &ArrayView2<'_, f32>, idx: &[usize]) -> Result<Tensor<D>> {
+    let cols = x.ncols();
+    let mut t = Tensor::<F32>::zeros(&[idx.len(), cols])?;
+    let out = t.as_mut_slice()?;
+    for (o, &i) in out.chunks_exact_mut(cols.max(1)).zip(idx) {
+        let row = x.row(i);
+        match row.as_slice() {
+            Some(s) => o.copy_from_slice(s),
+            None => o.iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = v),
+        }
+    }
+    convert::<F32, D>(t)
+}
+
+/// Prints progress the way Keras does.
+struct Reporter {
+    verbose: Verbose,
+    bar: Option<ProgressBar>,
+    steps: usize,
+}
+
+impl Reporter {
+    fn new(verbose: Verbose, epoch: usize, epochs: usize, steps: usize) -> Self {
+        if verbose == Verbose::Silent {
+            return Reporter {
+                verbose,
+                bar: None,
+                steps,
+            };
+        }
+        println!("Epoch {}/{}", epoch + 1, epochs);
+        let bar = (verbose == Verbose::Auto && std::io::stdout().is_terminal()).then(|| {
+            let bar =
+                ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stdout());
+            bar.set_style(
+                ProgressStyle::with_template("{pos}/{len} [{bar:30}] - {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=>."),
+            );
+            bar
+        });
+        Reporter {
+            verbose,
+            bar,
+            steps,
+        }
+    }
+
+    fn step(&mut self, step: usize, loss: f32, accuracy: f32, started: Instant) {
+        if let Some(bar) = &self.bar {
+            let eta = started.elapsed().as_secs_f64() / step as f64 * (self.steps - step) as f64;
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "ETA: {eta:.0}s - loss: {loss:.4} - accuracy: {accuracy:.4}"
+            ));
+        }
+    }
+
+    fn finish(&mut self, logs: &EpochLogs) {
+        if self.verbose == Verbose::Silent {
+            return;
+        }
+        let ms_per_step = logs.seconds * 1000.0 / logs.steps.max(1) as f64;
+        let mut metrics = format!("loss: {:.4} - accuracy: {:.4}", logs.loss, logs.accuracy);
+        if let (Some(l), Some(a)) = (logs.val_loss, logs.val_accuracy) {
+            metrics.push_str(&format!(" - val_loss: {l:.4} - val_accuracy: {a:.4}"));
+        }
+        let line = match self.verbose {
+            Verbose::Lines => format!(
+                "{}/{} - {:.0}s - {metrics}",
+                logs.steps, logs.steps, logs.seconds
+            ),
+            _ => format!(
+                "{}/{} [{}] - {:.0}s {:.0}ms/step - {metrics}",
+                logs.steps,
+                logs.steps,
+                "=".repeat(30),
+                logs.seconds,
+                ms_per_step
+            ),
+        };
+        match self.bar.take() {
+            Some(bar) => {
+                bar.finish_and_clear();
+                println!("{line}");
+            }
+            None => println!("{line}"),
+        }
+    }
+}

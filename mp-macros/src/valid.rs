@@ -1,0 +1,155 @@
+//! The rules a `#[model]` struct must follow, and the error collector.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Display;
+
+use proc_macro2::TokenStream;
+use quote::ToTokens;
+use syn::spanned::Spanned;
+use syn::{GenericArgument, PathArguments, Type};
+
+use crate::ast::{Field, Model};
+
+/// Collects every error (serde's `Ctxt`), so one expansion reports all of them.
+///
+/// Errors are *recoverable* when the full expansion can still be generated around them (a bad
+/// `#[dtype]` falls back to float32; arguments to `#[model(...)]` are ignored), so users see only
+/// the error itself; otherwise *fatal*, and the expansion is a stub.
+#[derive(Default)]
+pub(crate) struct Ctxt {
+    errors: RefCell<Vec<syn::Error>>,
+    fatal: Cell<bool>,
+}
+
+impl Ctxt {
+    /// A recoverable error at `tokens`.
+    pub(crate) fn error_spanned(&self, tokens: impl ToTokens, msg: impl Display) {
+        self.errors
+            .borrow_mut()
+            .push(syn::Error::new_spanned(tokens, msg));
+    }
+
+    /// An error after which the struct cannot be expanded.
+    pub(crate) fn fatal(&self, error: syn::Error) {
+        self.fatal.set(true);
+        self.errors.borrow_mut().push(error);
+    }
+
+    /// A fatal error at `tokens`.
+    pub(crate) fn fatal_spanned(&self, tokens: impl ToTokens, msg: impl Display) {
+        self.fatal(syn::Error::new_spanned(tokens, msg));
+    }
+
+    /// Every error combined (in the order found), and whether any was fatal.
+    pub(crate) fn finish(self) -> (Option<syn::Error>, bool) {
+        let combined = self.errors.into_inner().into_iter().reduce(|mut all, e| {
+            all.combine(e);
+            all
+        });
+        (combined, self.fatal.into_inner())
+    }
+}
+
+/// `#[model]` takes no arguments.
+pub(crate) fn check_args(args: &TokenStream, cx: &Ctxt) {
+    if !args.is_empty() {
+        cx.error_spanned(
+            args,
+            "`#[model]` takes no arguments; a model's policy is its type parameter \
+             (`Digits<MixedFloat16>`) and a field's is set with `#[dtype = \"...\"]`",
+        );
+    }
+}
+
+/// The rules on a struct that parsed as a model.
+pub(crate) fn check(model: &Model<'_>, cx: &Ctxt) {
+    let generics = &model.input.generics;
+    if !generics.params.is_empty() || generics.where_clause.is_some() {
+        let msg = "`#[model]` adds the policy parameter itself (`Digits<P: PolicyKind>`); \
+                   remove the struct's generics";
+        match &generics.where_clause {
+            Some(w) if generics.params.is_empty() => cx.fatal_spanned(w, msg),
+            _ => cx.fatal_spanned(generics, msg),
+        }
+    }
+    if model.fields.is_empty() {
+        cx.fatal_spanned(
+            &model.input.ident,
+            "a model needs at least one layer: add fields such as `dense_1: Dense`",
+        );
+    }
+    for attr in model
+        .input
+        .attrs
+        .iter()
+        .filter(|a| crate::attr::is_dtype(a))
+    {
+        cx.error_spanned(
+            attr,
+            "`#[dtype]` goes on a field, not on the model: the model's policy is its type \
+             parameter (`Digits<MixedFloat16>`)",
+        );
+    }
+    for field in &model.fields {
+        check_field(field, cx);
+    }
+}
+
+/// A field's type must be a path to a layer type, written without its policy.
+fn check_field(field: &Field<'_>, cx: &Ctxt) {
+    let ty = field.ty;
+    let path = match strip(ty) {
+        Type::Path(p) if p.qself.is_none() => &p.path,
+        _ => {
+            cx.fatal_spanned(
+                ty,
+                "a model field's type must be a layer type such as `Dense` or `Softmax`, \
+                 written without its policy parameter",
+            );
+            return;
+        }
+    };
+    let Some(last) = path.segments.last() else {
+        cx.fatal_spanned(ty, "expected a layer type");
+        return;
+    };
+    match &last.arguments {
+        PathArguments::None => {}
+        PathArguments::AngleBracketed(args) => {
+            // Naming a policy here is the mistake most worth catching: the macro adds it.
+            if let Some(arg) = args.args.iter().find(|a| names_policy(a)) {
+                cx.fatal(syn::Error::new(
+                    arg.span(),
+                    "leave the policy out of the field's type: `#[model]` appends it (the \
+                     model's `P`, or the one named by `#[dtype = \"...\"]`)",
+                ));
+            }
+        }
+        PathArguments::Parenthesized(args) => cx.fatal_spanned(
+            args,
+            "a model field's type must be a layer type such as `Dense` or `Softmax`",
+        ),
+    }
+}
+
+/// `Float32`, `MixedFloat16`, `MixedBFloat16` or `P`, possibly behind a path.
+fn names_policy(arg: &GenericArgument) -> bool {
+    let GenericArgument::Type(Type::Path(p)) = arg else {
+        return false;
+    };
+    p.path.segments.last().is_some_and(|s| {
+        s.arguments.is_none()
+            && ["P", "Float32", "MixedFloat16", "MixedBFloat16"]
+                .iter()
+                .any(|n| s.ident == n)
+    })
+}
+
+/// The type inside invisible groups and parentheses (as macro_rules hands them over).
+pub(crate) fn strip(ty: &Type) -> &Type {
+    match ty {
+        Type::Group(g) => strip(&g.elem),
+        Type::Paren(p) => strip(&p.elem),
+        other => other,
+    }
+}

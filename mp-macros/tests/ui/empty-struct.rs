@@ -1,0 +1,6 @@
+use mp_layers::model;
+
+#[model]
+pub struct Nothing {}
+
+fn main() {}
