@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// The benchmark groups the measuring binary knows.
-const GROUPS: &[&str] = &["gemm"];
+const GROUPS: &[&str] = &["train", "gemm"];
 
 /// Runs `cargo xtask bench [GROUP] [OPTIONS]`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -27,7 +27,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("building the benchmark binary failed");
     }
     let exe = root.join("target/release/bench");
-    for group in groups {
+    for group in &groups {
         let status = Command::new(&exe)
             .current_dir(&root)
             .arg(group)
@@ -38,7 +38,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             bail!("benchmark group {group} failed");
         }
     }
-    Ok(())
+    let inputs = crate::report::read_inputs(&root.join("target/bench"), &groups)?;
+    let command = format!("cargo xtask bench {}", args.join(" "));
+    crate::report::write(
+        &root,
+        &inputs,
+        command.trim(),
+        options.iter().any(|o| o == "--quick"),
+    )
 }
 
 /// Splits arguments into benchmark groups (all of them when none is named) and options passed

@@ -4,9 +4,14 @@
 //!   (`examples/src/bin/bench.rs`) in release mode and runs it; it prints a markdown table and
 //!   writes JSON under `target/bench/`.
 //!
+//! - `cargo xtask data [--dir DIR]`: fetches and verifies MNIST (through mp-data's
+//!   `fetch_mnist` example) into `$MP_DATA_DIR` or the default cache.
+//!
 //! xtask stays a thin dispatcher with few dependencies: the measuring code lives in `examples/`.
 
 mod bench;
+mod data;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +20,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
+        Some("data") => data::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE);
             Ok(())
@@ -34,7 +40,10 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  bench [gemm] [--quick] [--rounds N]   run the benchmarks (release build); writes target/bench/
+  bench [train] [gemm] [--quick] [--rounds N]
+                                        run the benchmarks (release build); writes target/bench/
+                                        report.{json,svg} and, without --quick, BENCHMARKS.md
+  data [--dir DIR]                      fetch and verify MNIST into $MP_DATA_DIR or ~/.cache/mp/mnist
 ";
 
 /// The workspace root (xtask lives one level below it).
