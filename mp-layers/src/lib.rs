@@ -7,6 +7,7 @@
 //! Layers compose mp-kernels' kernels and never loop over elements themselves.
 
 pub mod activation;
+pub mod checkpoint;
 pub mod dense;
 pub mod error;
 pub mod layer;
@@ -20,6 +21,7 @@ mod util;
 pub mod __private;
 
 pub use activation::{Activation, ActivationKind, Flatten, Softmax};
+pub use checkpoint::{BestMetric, CheckpointConfig, Mode as CheckpointMode};
 pub use dense::Dense;
 pub use error::{Error, Result};
 pub use layer::{

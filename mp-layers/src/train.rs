@@ -9,6 +9,7 @@ use mp_kernels::softmax::Label;
 use mp_optim::{LossScaleOptimizer, Optimizer, VariableSet};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
+use crate::checkpoint::{BestMetric, CheckpointConfig};
 use crate::error::{Error, Result};
 use crate::layer::{Compute, Layer, Model, convert};
 use crate::losses::SparseCategoricalCrossentropy;
@@ -188,6 +189,14 @@ impl<O: Optimizer> TrainOptimizer<O> {
             TrainOptimizer::Scaled(s) => s.inner(),
         }
     }
+
+    /// The optimizer itself, mutably.
+    pub fn inner_mut(&mut self) -> &mut O {
+        match self {
+            TrainOptimizer::Plain(o) => o,
+            TrainOptimizer::Scaled(s) => s.inner_mut(),
+        }
+    }
 }
 
 /// An epoch-end callback: it sees the epoch's logs and the training progress.
@@ -201,6 +210,10 @@ pub struct Trainer<M: Model, O: Optimizer> {
     loss: SparseCategoricalCrossentropy,
     progress: TrainingProgress,
     callbacks: Vec<Callback>,
+    /// Where and when `fit` writes checkpoints (see [`Trainer::with_checkpoints`]).
+    pub(crate) checkpoints: Option<CheckpointConfig>,
+    /// The best value so far of a metric, and which metric (saved in checkpoints).
+    pub(crate) best: Option<(BestMetric, f32)>,
 }
 
 impl<M: Model, O: Optimizer> std::fmt::Debug for Trainer<M, O> {
@@ -232,6 +245,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             loss,
             progress: TrainingProgress::default(),
             callbacks: vec![],
+            checkpoints: None,
+            best: None,
         }
     }
 
@@ -252,6 +267,25 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     pub fn with_loss_scale_optimizer(mut self, lso: LossScaleOptimizer<O>) -> Self {
         self.optimizer = TrainOptimizer::Scaled(lso);
         self
+    }
+
+    /// Makes `fit` write checkpoints at the end of every epoch, as `config` says: the last
+    /// `keep_last` epochs (`epoch-000003.safetensors`, ...) and, with a [`BestMetric`], the best
+    /// epoch so far (`best.safetensors`). Each is a whole checkpoint (see
+    /// [`crate::checkpoint`]) that [`Trainer::resume`] continues from exactly.
+    pub fn with_checkpoints(mut self, config: CheckpointConfig) -> Self {
+        self.checkpoints = Some(config);
+        self
+    }
+
+    /// The checkpointing configuration, if any.
+    pub fn checkpoints(&self) -> Option<&CheckpointConfig> {
+        self.checkpoints.as_ref()
+    }
+
+    /// The best value so far of the checkpointing metric (restored on resume).
+    pub fn best_metric(&self) -> Option<(&BestMetric, f32)> {
+        self.best.as_ref().map(|(m, v)| (m, *v))
     }
 
     /// Adds a callback run at the end of every epoch.
@@ -344,6 +378,12 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// Trains for `options.epochs` epochs on `x` (`[samples, features]`, float32) and integer
     /// labels `y`, as Keras's `fit`: the last `validation_split` of the samples (before
     /// shuffling) is held out and evaluated after each epoch; the rest is reshuffled every epoch.
+    ///
+    /// Training continues from [`Trainer::progress`]: after [`Trainer::resume`] it runs
+    /// `options.epochs` more epochs from the restored one, with the restored shuffling state, so
+    /// the result is bit-for-bit that of an uninterrupted run. With
+    /// [`Trainer::with_checkpoints`], a checkpoint is written at the end of every epoch, before
+    /// the callbacks run.
     pub fn fit<L: Label>(
         &mut self,
         x: ArrayView2<'_, f32>,
@@ -365,6 +405,9 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                     options.validation_split
                 ),
             });
+        }
+        if let Some(config) = &self.checkpoints {
+            config.check(!val.is_empty())?;
         }
         self.ensure_built(x.ncols())?;
         let mut history = History::default();
@@ -422,6 +465,9 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             };
             reporter.finish(&logs);
             self.progress.epoch = epoch + 1;
+            if self.checkpoints.is_some() {
+                crate::checkpoint::on_epoch_end(self, &logs)?;
+            }
             for cb in &mut self.callbacks {
                 cb(&logs, &self.progress)?;
             }

@@ -195,6 +195,9 @@ fn flatten_reshapes_both_ways() {
 /// inputs, the weights and the incoming gradient to the 16-bit dtype implies. Each product
 /// carries at most three roundings (x, w or dy, and the 16-bit output of the previous step),
 /// so the relative Frobenius error is bounded by about 4u, u = 2^-(mantissa bits + 1).
+/// Without ReLU: a pre-activation near zero can change sign when rounded, which flips the
+/// mask and is not a rounding error of the gradient (ReLU's backward is exact and tested on
+/// its own).
 fn mixed_matches_float32<P: PolicyKind>() {
     let seed = mp_core::rng::test_seed("mixed_matches_float32");
     let mut rng = Rng::new(seed);
@@ -202,9 +205,9 @@ fn mixed_matches_float32<P: PolicyKind>() {
     let (rows, inp, units) = (33, 70, 19);
     let x = rand_tensor(&mut rng, &[rows, inp], -1.0, 1.0);
     let dy = rand_tensor(&mut rng, &[rows, units], -1.0, 1.0);
-    let mut reference = Dense::<Float32>::new(units).relu().with_seed(seed);
+    let mut reference = Dense::<Float32>::new(units).with_seed(seed);
     reference.build(&[inp]).unwrap();
-    let mut mixed = Dense::<P>::new(units).relu().with_seed(seed);
+    let mut mixed = Dense::<P>::new(units).with_seed(seed);
     mixed.build(&[inp]).unwrap();
     reference.forward_train(&x).unwrap();
     let dx_ref = reference.backward(&dy, true).unwrap().unwrap();

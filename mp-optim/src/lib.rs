@@ -30,6 +30,6 @@ pub mod optimizer;
 
 pub use error::{Error, Result};
 pub use loss_scale_optimizer::{
-    DEFAULT_MAX_SKIPS_AT_FLOOR, GradientCheck, LossScaleOptimizer, StepOutcome,
+    DEFAULT_MAX_SKIPS_AT_FLOOR, GradientCheck, LossScaleOptimizer, ScalingState, StepOutcome,
 };
 pub use optimizer::{Adam, Optimizer, RmsProp, Sgd, VariableSet};

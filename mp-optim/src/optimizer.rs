@@ -610,6 +610,10 @@ mod tests {
         ]
     }
 
+    #[allow(
+        clippy::ptr_arg,
+        reason = "a Vec is a VariableSet; a slice cannot be made dyn"
+    )]
     fn step(opt: &mut dyn Optimizer, vars: &mut Vec<Variable>, k: f32) {
         for v in vars.iter_mut() {
             let n = v.shape().iter().product::<usize>();

@@ -1,0 +1,767 @@
+//! Checkpoints: exact resume, the safetensors layout, refusal of bad files with the trainer left
+//! unchanged, atomic writes across a crash, and fit's checkpoint callbacks.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use mp_core::{
+    DynamicLossScale, F32, Float32, LossScale, MixedBFloat16, MixedFloat16, PolicyKind, Rng, Tensor,
+};
+use mp_layers::checkpoint::{
+    self, Error as CkptError, KEY_SHA256, KEY_VERSION, safetensors::SafeTensors,
+};
+use mp_layers::{
+    BestMetric, CheckpointConfig, Dense, EpochLogs, FitOptions, Layer, Model, Softmax,
+    SparseCategoricalCrossentropy, TrainOptimizer, Trainer, TrainingProgress, Verbose, model,
+};
+use mp_optim::loss_scale_optimizer::ScalingState;
+use mp_optim::{Adam, Optimizer, RmsProp, Sgd};
+use ndarray::{Array1, Array2};
+
+#[model]
+struct Classifier {
+    hidden_1: Dense,
+    hidden_2: Dense,
+    logits: Dense,
+    #[dtype = "float32"]
+    probs: Softmax,
+}
+
+fn classifier<P: PolicyKind>(units: usize) -> Classifier<P> {
+    Classifier {
+        hidden_1: Dense::new(units).relu(),
+        hidden_2: Dense::new(units).relu(),
+        logits: Dense::new(2),
+        probs: Softmax::new(),
+    }
+}
+
+/// Two interleaved spirals.
+fn spirals(n_per_class: usize, seed: u64) -> (Array2<f32>, Array1<u32>) {
+    let mut rng = Rng::new(seed);
+    let mut x = Array2::zeros((2 * n_per_class, 2));
+    let mut y = Array1::zeros(2 * n_per_class);
+    for i in 0..n_per_class {
+        let t = 0.25 + 3.0 * std::f32::consts::PI * i as f32 / n_per_class as f32;
+        for class in 0..2 {
+            let r = t / (3.0 * std::f32::consts::PI);
+            let angle = t + class as f32 * std::f32::consts::PI;
+            let row = 2 * i + class;
+            x[[row, 0]] = r * angle.cos() + 0.01 * rng.normal();
+            x[[row, 1]] = r * angle.sin() + 0.01 * rng.normal();
+            y[row] = class as u32;
+        }
+    }
+    (x, y)
+}
+
+fn bits(t: &Tensor<F32>) -> Vec<u32> {
+    t.as_slice().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Everything a checkpoint restores, bit for bit.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    weights: Vec<(String, Vec<u32>)>,
+    slots: Vec<(String, String, Vec<u32>)>,
+    iterations: u64,
+    learning_rate: u32,
+    scaling: Option<ScalingState>,
+    progress: TrainingProgress,
+    best: Option<(BestMetric, u32)>,
+}
+
+fn snapshot<M: Model, O: Optimizer>(t: &mut Trainer<M, O>) -> Snapshot {
+    let weights = t
+        .model_mut()
+        .get_weights()
+        .unwrap()
+        .iter()
+        .map(|(n, w)| (n.clone(), bits(w)))
+        .collect();
+    let opt = t.optimizer().inner();
+    Snapshot {
+        weights,
+        slots: opt
+            .state()
+            .into_iter()
+            .map(|(v, s, x)| (v, s.to_string(), bits(x)))
+            .collect(),
+        iterations: opt.iterations(),
+        learning_rate: opt.learning_rate().to_bits(),
+        scaling: match t.optimizer() {
+            TrainOptimizer::Scaled(s) => Some(s.scaling_state()),
+            TrainOptimizer::Plain(_) => None,
+        },
+        progress: t.progress(),
+        best: t.best_metric().map(|(m, v)| (m.clone(), v.to_bits())),
+    }
+}
+
+/// The epoch's numbers without its wall time, as bits.
+fn logs_bits(l: &EpochLogs) -> (usize, u32, u32, Option<u32>, Option<u32>, Option<u32>, u64) {
+    (
+        l.epoch,
+        l.loss.to_bits(),
+        l.accuracy.to_bits(),
+        l.val_loss.map(f32::to_bits),
+        l.val_accuracy.map(f32::to_bits),
+        l.loss_scale.map(f32::to_bits),
+        l.skipped_steps,
+    )
+}
+
+fn options(epochs: usize) -> FitOptions {
+    FitOptions {
+        batch_size: 16,
+        epochs,
+        validation_split: 0.2,
+        seed: 1234,
+        verbose: Verbose::Silent,
+        ..Default::default()
+    }
+}
+
+const GROWTH_INTERVAL: u64 = 8;
+
+/// A dynamic loss scale far too large for float16 that tries to grow back after 8 finite steps:
+/// it falls from 2^24 to 2^19 in the first epoch, then keeps growing to 2^20, overflowing and
+/// backing off, so steps are skipped before and after the checkpoint, which lands mid-way
+/// through a run of good steps.
+fn restless_scale() -> LossScale {
+    LossScale::Dynamic(DynamicLossScale::new(16_777_216.0, GROWTH_INTERVAL, 2.0).unwrap())
+}
+
+/// Trains 4 epochs straight, and 2 + (checkpoint, new trainer, resume) 2, and compares
+/// everything bit for bit.
+fn resume_is_bit_identical<P: PolicyKind, O: Optimizer>(
+    make_opt: impl Fn() -> O,
+    scale: Option<LossScale>,
+) -> (Vec<EpochLogs>, Snapshot) {
+    let (x, y) = spirals(64, 99);
+    let trainer = || {
+        let t = Trainer::compile(
+            classifier::<P>(16),
+            make_opt(),
+            SparseCategoricalCrossentropy::new(),
+        );
+        match &scale {
+            Some(s) => t.with_loss_scale(Some(s.clone())),
+            None => t,
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = CheckpointConfig::new(dir.path())
+        .keep_last(2)
+        .best(BestMetric::min("val_loss"));
+
+    let mut straight = trainer().with_checkpoints(CheckpointConfig::new(dir.path().join("a")));
+    let full = straight.fit(x.view(), y.view(), &options(4)).unwrap();
+
+    let mut first = trainer().with_checkpoints(config.clone());
+    let h1 = first.fit(x.view(), y.view(), &options(2)).unwrap();
+    let at_checkpoint = snapshot(&mut first);
+    drop(first);
+
+    let mut resumed = trainer().with_checkpoints(config.clone());
+    resumed.model_mut().build(&[2]).unwrap();
+    let from = resumed.resume_latest(dir.path()).unwrap().unwrap();
+    assert_eq!(from, config.epoch_path(2));
+    assert_eq!(
+        snapshot(&mut resumed),
+        at_checkpoint,
+        "resume restores everything"
+    );
+    let h2 = resumed.fit(x.view(), y.view(), &options(2)).unwrap();
+
+    let split: Vec<_> = h1.epochs.iter().chain(&h2.epochs).map(logs_bits).collect();
+    let whole: Vec<_> = full.epochs.iter().map(logs_bits).collect();
+    assert_eq!(split, whole, "the per-epoch metrics match bit for bit");
+    let end = snapshot(&mut straight);
+    let mut resumed_end = snapshot(&mut resumed);
+    // The best value is tracked only where checkpointing with a best metric is on.
+    assert!(resumed_end.best.is_some());
+    resumed_end.best = None;
+    assert_eq!(
+        resumed_end, end,
+        "weights, optimizer, loss scale and progress match"
+    );
+    assert_eq!(end.progress.epoch, 4);
+    assert_eq!(
+        end.progress.step,
+        4 * 7,
+        "102 training samples in batches of 16"
+    );
+
+    // keep_last(2): epochs 3 and 4 remain; the best epoch was written too.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "best.safetensors",
+            "epoch-000003.safetensors",
+            "epoch-000004.safetensors"
+        ]
+    );
+    (full.epochs, at_checkpoint)
+}
+
+#[test]
+fn resume_is_bit_identical_under_mixed_float16_with_a_moving_loss_scale() {
+    let (epochs, at_checkpoint) =
+        resume_is_bit_identical::<MixedFloat16, _>(Adam::default, Some(restless_scale()));
+    let scaling = at_checkpoint.scaling.unwrap();
+    // The scale really moved: steps were skipped before and after the checkpoint, and the
+    // scale at the end of each epoch is not the initial one.
+    eprintln!(
+        "at the checkpoint: {} applied, {} skipped, {}; per epoch: {:?}",
+        scaling.applied,
+        scaling.skipped,
+        scaling.loss_scale,
+        epochs
+            .iter()
+            .map(|e| (e.loss_scale, e.skipped_steps))
+            .collect::<Vec<_>>()
+    );
+    assert!(scaling.skipped > 0 && scaling.applied > 0);
+    assert!(epochs[2..].iter().map(|e| e.skipped_steps).sum::<u64>() > 0);
+    assert!(epochs.iter().all(|e| e.loss_scale.unwrap() < 16_777_216.0));
+    let LossScale::Dynamic(d) = &scaling.loss_scale else {
+        panic!("dynamic")
+    };
+    assert_eq!(
+        d.config().growth_interval,
+        GROWTH_INTERVAL,
+        "the whole config is restored"
+    );
+    assert!(d.good_steps() > 0, "a good-step count mid-way is restored");
+    assert!(at_checkpoint.iterations > 0 && !at_checkpoint.slots.is_empty());
+}
+
+#[test]
+fn resume_is_bit_identical_without_loss_scaling() {
+    resume_is_bit_identical::<MixedBFloat16, _>(
+        || RmsProp::default().with_momentum(0.5).unwrap(),
+        None,
+    );
+    resume_is_bit_identical::<Float32, _>(
+        || Sgd::new(0.05).unwrap().with_momentum(0.9).unwrap(),
+        None,
+    );
+}
+
+fn trained_trainer() -> Trainer<Classifier<MixedFloat16>, Adam> {
+    let (x, y) = spirals(32, 5);
+    let mut t = Trainer::compile(
+        classifier::<MixedFloat16>(8),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    let o = FitOptions {
+        batch_size: 8,
+        epochs: 2,
+        verbose: Verbose::Silent,
+        ..Default::default()
+    };
+    t.fit(x.view(), y.view(), &o).unwrap();
+    t
+}
+
+#[test]
+fn a_checkpoint_is_a_safetensors_file_named_by_parameter_paths() {
+    let mut t = trained_trainer();
+    let bytes = t.checkpoint_bytes().unwrap();
+    // Read it by hand, as the format's specification says.
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!((8 + n) % 8, 0, "the data starts 8-byte aligned");
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    for (name, w) in t.model_mut().get_weights().unwrap() {
+        let e = &header[name.as_str()];
+        assert_eq!(e["dtype"], "F32", "{name}");
+        let shape: Vec<usize> = serde_json::from_value(e["shape"].clone()).unwrap();
+        assert_eq!(shape, w.shape(), "{name}");
+        let [b, end]: [usize; 2] = serde_json::from_value(e["data_offsets"].clone()).unwrap();
+        let values: Vec<u32> = data[b..end]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, bits(&w), "{name}");
+    }
+    assert_eq!(
+        header["hidden_1/kernel"]["shape"],
+        serde_json::json!([2, 8])
+    );
+    assert_eq!(
+        header["optimizer/hidden_1/kernel/m"]["shape"],
+        serde_json::json!([2, 8])
+    );
+    let meta = &header["__metadata__"];
+    assert_eq!(meta["mp.kind"], "checkpoint");
+    assert_eq!(meta[KEY_VERSION], "1");
+    let state: serde_json::Value =
+        serde_json::from_str(meta["mp.state"].as_str().unwrap()).unwrap();
+    assert_eq!(state["policy"], "mixed_float16");
+    assert_eq!(state["optimizer"]["name"], "Adam");
+    assert_eq!(state["progress"]["epoch"], 2);
+    assert_eq!(
+        state["loss_scaling"]["loss_scale"]["initial_scale"],
+        "32768.0"
+    );
+
+    // The weights-only file holds exactly the variables.
+    let w = checkpoint::weights_to_bytes(t.model_mut()).unwrap();
+    let st = SafeTensors::parse("w", &w).unwrap();
+    let names: Vec<&str> = st.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "hidden_1/kernel",
+            "hidden_1/bias",
+            "hidden_2/kernel",
+            "hidden_2/bias",
+            "logits/kernel",
+            "logits/bias"
+        ]
+    );
+}
+
+/// Rewrites a file through `edit` and gives it a valid checksum again: what passes the
+/// checksum must still be refused by name.
+fn reseal(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut BTreeMap<String, String>, &mut Vec<(String, String, Vec<usize>, Vec<u8>)>),
+) -> Vec<u8> {
+    let st = SafeTensors::parse("x", bytes).unwrap();
+    let mut meta = st.metadata.clone();
+    let mut tensors: Vec<_> = st
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.dtype.clone(),
+                t.shape.clone(),
+                st.data(t).to_vec(),
+            )
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let write = |meta: &BTreeMap<String, String>| {
+        let entries: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.as_slice(), b.as_slice()))
+            .collect();
+        checkpoint::safetensors::serialize(&entries, meta).unwrap()
+    };
+    let unsealed = write(&meta);
+    let sum = checkpoint::checksum(&SafeTensors::parse("x", &unsealed).unwrap());
+    meta.insert(KEY_SHA256.into(), sum);
+    write(&meta)
+}
+
+fn refused<M: Model, O: Optimizer>(t: &mut Trainer<M, O>, bytes: &[u8], expect: &[&str]) {
+    let before = snapshot(t);
+    let e = t.resume_from_bytes("bad.safetensors", bytes).unwrap_err();
+    let msg = e.to_string();
+    for part in expect {
+        assert!(msg.contains(part), "{part:?} not in: {msg}");
+    }
+    assert_eq!(
+        snapshot(t),
+        before,
+        "a refused file changed the trainer: {msg}"
+    );
+}
+
+#[test]
+fn truncated_corrupted_and_foreign_files_are_refused_and_change_nothing() {
+    let mut source = trained_trainer();
+    let good = source.checkpoint_bytes().unwrap();
+    // The target: another trainer, trained differently, whose state must survive every refusal.
+    let mut t = trained_trainer();
+    let (x, y) = spirals(16, 8);
+    let o = FitOptions {
+        batch_size: 4,
+        epochs: 1,
+        seed: 3,
+        verbose: Verbose::Silent,
+        ..Default::default()
+    };
+    t.fit(x.view(), y.view(), &o).unwrap();
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+
+    // Truncated anywhere.
+    refused(&mut t, &[], &["truncated", "8-byte header length"]);
+    refused(&mut t, &good[..5], &["truncated"]);
+    refused(&mut t, &good[..8], &["truncated", "header length"]);
+    refused(&mut t, &good[..8 + n / 2], &["truncated"]);
+    refused(
+        &mut t,
+        &good[..good.len() - 1],
+        &["truncated", "data section"],
+    );
+    refused(&mut t, &good[..good.len() - 100], &["truncated"]);
+    // Trailing bytes.
+    refused(&mut t, &[&good[..], b"x"].concat(), &["trailing bytes"]);
+    // Corrupted data (one bit) and corrupted header.
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    refused(&mut t, &flipped, &["corrupted", "checksum"]);
+    let mut flipped = good.clone();
+    flipped[8 + n / 2] ^= 0x40;
+    let e = t.resume_from_bytes("f", &flipped).unwrap_err().to_string();
+    assert!(
+        e.contains("not a valid safetensors") || e.contains("corrupted"),
+        "{e}"
+    );
+    // Foreign files.
+    let idx = [0u8, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 7];
+    refused(&mut t, &idx, &["not a valid safetensors file"]);
+    refused(&mut t, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", &["header length"]);
+    refused(
+        &mut t,
+        b"{\"not\": \"safetensors\"}",
+        &["not a valid safetensors"],
+    );
+    let foreign = checkpoint::safetensors::serialize(
+        &[("weight", "F32", &[1][..], &[0, 0, 128, 63][..])],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    refused(&mut t, &foreign, &["not an mp checkpoint", "another tool"]);
+    let weights = checkpoint::weights_to_bytes(source.model_mut()).unwrap();
+    refused(&mut t, &weights, &["not an mp checkpoint", "weights only"]);
+
+    // A newer format version is refused before anything else is trusted.
+    let newer = reseal(&good, |m, _| {
+        m.insert(KEY_VERSION.into(), "2".into());
+    });
+    refused(
+        &mut t,
+        &newer,
+        &["format version 2", "newer than the newest", "(1)"],
+    );
+    // Checksummed but wrong: a float16 weight, a weight of the wrong shape, a missing one.
+    let f16 = reseal(&good, |_, ts| {
+        let k = ts.iter_mut().find(|t| t.0 == "hidden_2/bias").unwrap();
+        k.1 = "F16".into();
+        k.3.truncate(k.3.len() / 2);
+    });
+    refused(
+        &mut t,
+        &f16,
+        &["\"hidden_2/bias\" has dtype F16, expected F32"],
+    );
+    let bad_state = reseal(&good, |m, _| {
+        let s = m.get_mut("mp.state").unwrap();
+        *s = s.replace("\"growth_interval\":2000", "\"growth_interval\":0");
+    });
+    refused(
+        &mut t,
+        &bad_state,
+        &["invalid checkpoint", "growth_interval"],
+    );
+
+    // Another model: every mismatching variable is named, with both shapes.
+    let mut wide = Trainer::compile(
+        classifier::<MixedFloat16>(12),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    wide.model_mut().build(&[2]).unwrap();
+    let wide = wide.checkpoint_bytes().unwrap();
+    let before = snapshot(&mut t);
+    let e = t.resume_from_bytes("wide", &wide).unwrap_err();
+    let CkptError::Mismatch { problems, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(snapshot(&mut t), before);
+    for name in [
+        "hidden_1/kernel",
+        "hidden_1/bias",
+        "hidden_2/kernel",
+        "logits/kernel",
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("{name:?} has shape"))),
+            "{name} not named in {problems:?}"
+        );
+    }
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("[2, 12] in the file, [2, 8] in the model"))
+    );
+
+    // Another optimizer, another loss scaling, an unbuilt model.
+    let mut rms = Trainer::compile(
+        classifier::<MixedFloat16>(8),
+        RmsProp::default(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    rms.model_mut().build(&[2]).unwrap();
+    refused(
+        &mut rms,
+        &good,
+        &["the optimizer is Adam in the file, RMSprop in the trainer"],
+    );
+    let mut plain = Trainer::compile(
+        classifier::<Float32>(8),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    plain.model_mut().build(&[2]).unwrap();
+    refused(&mut plain, &good, &["the file has loss scaling"]);
+    let mut unbuilt = Trainer::compile(
+        classifier::<MixedFloat16>(8),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    refused(&mut unbuilt, &good, &["build it"]);
+    let mut adam = Trainer::compile(
+        classifier::<MixedFloat16>(8),
+        Adam::default().with_betas(0.8, 0.999).unwrap(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    adam.model_mut().build(&[2]).unwrap();
+    refused(
+        &mut adam,
+        &good,
+        &["Adam beta_1 is 0.9 in the file, 0.8 in the trainer"],
+    );
+
+    // And the good file still loads.
+    t.resume_from_bytes("good", &good).unwrap();
+    assert_eq!(snapshot(&mut t), snapshot(&mut source));
+}
+
+#[test]
+fn weights_files_round_trip_and_foreign_files_are_checked_by_name() {
+    let mut t = trained_trainer();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    checkpoint::save_weights(t.model_mut(), &path).unwrap();
+    let mut fresh = classifier::<MixedFloat16>(8);
+    fresh.build(&[2]).unwrap();
+    checkpoint::load_weights(&mut fresh, &path).unwrap();
+    let bits_of = |m: &mut Classifier<MixedFloat16>| -> Vec<Vec<u32>> {
+        m.get_weights()
+            .unwrap()
+            .iter()
+            .map(|(_, w)| bits(w))
+            .collect()
+    };
+    assert_eq!(bits_of(&mut fresh), bits_of(t.model_mut()));
+    // A whole checkpoint gives its weights too.
+    let mut other = classifier::<MixedFloat16>(8);
+    other.build(&[2]).unwrap();
+    let ckpt = t.checkpoint_bytes().unwrap();
+    checkpoint::load_weights_from_bytes(&mut other, "ckpt", &ckpt).unwrap();
+    assert_eq!(bits_of(&mut other), bits_of(t.model_mut()));
+
+    // A file from another tool (no mp metadata): names, dtypes and shapes decide.
+    let weights = t.model_mut().get_weights().unwrap();
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .iter()
+        .map(|(n, w)| {
+            let b = w
+                .as_slice()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (n.clone(), w.shape().to_vec(), b)
+        })
+        .collect();
+    let write = |skip: &str, extra: bool| {
+        let mut entries: Vec<(&str, &str, &[usize], &[u8])> = raw
+            .iter()
+            .filter(|(n, _, _)| n != skip)
+            .map(|(n, s, b)| (n.as_str(), "F32", s.as_slice(), b.as_slice()))
+            .collect();
+        if extra {
+            entries.push(("dense_9/kernel", "F32", &[0][..], &[][..]));
+        }
+        checkpoint::safetensors::serialize(&entries, &BTreeMap::new()).unwrap()
+    };
+    let mut m = classifier::<MixedFloat16>(8);
+    m.build(&[2]).unwrap();
+    let before = bits_of(&mut m);
+    checkpoint::load_weights_from_bytes(&mut m, "foreign", &write("", false)).unwrap();
+    assert_eq!(bits_of(&mut m), bits_of(t.model_mut()));
+    let mut m = classifier::<MixedFloat16>(8);
+    m.build(&[2]).unwrap();
+    let e = checkpoint::load_weights_from_bytes(&mut m, "f", &write("logits/bias", true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"logits/bias\" of the model is missing from the file")
+            && e.contains("\"dense_9/kernel\" in the file is not a variable of the model"),
+        "{e}"
+    );
+    assert_eq!(bits_of(&mut m), before, "unchanged");
+}
+
+#[test]
+fn fit_keeps_the_last_epochs_and_the_best_one() {
+    let (x, y) = spirals(40, 21);
+    let dir = tempfile::tempdir().unwrap();
+    let config = CheckpointConfig::new(dir.path())
+        .keep_last(2)
+        .best(BestMetric::max("val_accuracy"));
+    let mut t = Trainer::compile(
+        classifier::<Float32>(8),
+        Adam::new(0.01).unwrap(),
+        SparseCategoricalCrossentropy::new(),
+    )
+    .with_checkpoints(config.clone());
+    // A later epoch left by another run in the same directory is not this run's to prune.
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(config.epoch_path(9), b"another run").unwrap();
+    let h = t.fit(x.view(), y.view(), &options(5)).unwrap();
+    assert!(!config.epoch_path(3).exists());
+    assert!(config.epoch_path(4).exists() && config.epoch_path(5).exists());
+    assert_eq!(std::fs::read(config.epoch_path(9)).unwrap(), b"another run");
+    std::fs::remove_file(config.epoch_path(9)).unwrap();
+    // best.safetensors is the first epoch with the highest validation accuracy.
+    let acc = h.get("val_accuracy").unwrap();
+    let best_epoch = 1
+        + (0..acc.len())
+            .reduce(|b, i| if acc[i] > acc[b] { i } else { b })
+            .unwrap();
+    let mut probe = Trainer::compile(
+        classifier::<Float32>(8),
+        Adam::new(0.01).unwrap(),
+        SparseCategoricalCrossentropy::new(),
+    )
+    .with_checkpoints(config.clone());
+    probe.model_mut().build(&[2]).unwrap();
+    probe.resume(config.best_path()).unwrap();
+    assert_eq!(probe.progress().epoch, best_epoch, "val_accuracy {acc:?}");
+    let (metric, value) = probe.best_metric().unwrap();
+    assert_eq!(
+        (metric, value),
+        (&BestMetric::max("val_accuracy"), acc[best_epoch - 1])
+    );
+
+    // A metric that does not exist, or needs validation data that is not there, is refused
+    // before training.
+    for (best, split, expect) in [
+        (BestMetric::min("val_los"), 0.2, "unknown checkpoint metric"),
+        (BestMetric::min("val_loss"), 0.0, "needs validation data"),
+    ] {
+        let mut t = Trainer::compile(
+            classifier::<Float32>(8),
+            Adam::default(),
+            SparseCategoricalCrossentropy::new(),
+        )
+        .with_checkpoints(CheckpointConfig::new(dir.path().join("x")).best(best));
+        let o = FitOptions {
+            validation_split: split,
+            ..options(1)
+        };
+        let e = t.fit(x.view(), y.view(), &o).unwrap_err().to_string();
+        assert!(e.contains(expect), "{e}");
+        assert_eq!(t.progress().step, 0);
+    }
+}
+
+const CRASH_ENV: &str = "MP_CHECKPOINT_CRASH_PATH";
+
+/// Run by `a_crash_mid_write_leaves_the_previous_checkpoint` in a child process: starts writing a
+/// new checkpoint over the old one and dies (SIGABRT) halfway through.
+#[test]
+#[ignore = "run as a child process by a_crash_mid_write_leaves_the_previous_checkpoint"]
+fn crash_while_writing() {
+    let Ok(path) = std::env::var(CRASH_ENV) else {
+        return;
+    };
+    let mut t = trained_trainer();
+    let (x, y) = spirals(16, 2);
+    let o = FitOptions {
+        verbose: Verbose::Silent,
+        ..Default::default()
+    };
+    t.fit(x.view(), y.view(), &o).unwrap();
+    let bytes = t.checkpoint_bytes().unwrap();
+    let _ = checkpoint::write_atomic_with(&path, |f| {
+        std::io::Write::write_all(f, &bytes[..bytes.len() / 2])?;
+        f.sync_all()?;
+        std::process::abort()
+    });
+}
+
+#[test]
+fn a_crash_mid_write_leaves_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("epoch-000002.safetensors");
+    let mut t = trained_trainer();
+    t.save_checkpoint(&path).unwrap();
+    let old = std::fs::read(&path).unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_while_writing",
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(CRASH_ENV, &path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child was meant to die mid-write");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        old,
+        "the previous checkpoint is intact"
+    );
+    let stray: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert_eq!(stray.len(), 1, "the dead writer's half file: {stray:?}");
+    assert!(
+        std::fs::metadata(dir.path().join(&stray[0])).unwrap().len() > 0,
+        "it did write"
+    );
+    // The half-written temporary is never mistaken for a checkpoint.
+    assert_eq!(checkpoint::latest(dir.path()).unwrap(), Some(path.clone()));
+    let mut fresh = Trainer::compile(
+        classifier::<MixedFloat16>(8),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    fresh.model_mut().build(&[2]).unwrap();
+    assert_eq!(fresh.resume_latest(dir.path()).unwrap(), Some(path));
+    assert_eq!(snapshot(&mut fresh), snapshot(&mut t));
+}
+
+#[test]
+fn io_errors_name_the_path() {
+    let mut t = trained_trainer();
+    let e = t
+        .resume(Path::new("/nonexistent/dir/c.safetensors"))
+        .unwrap_err();
+    assert!(matches!(e, CkptError::Io { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("reading /nonexistent/dir/c.safetensors"),
+        "{e}"
+    );
+    let e = t
+        .save_checkpoint("/nonexistent/dir/c.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/dir"), "{e}");
+    assert_eq!(checkpoint::latest("/nonexistent/dir").unwrap(), None);
+}
