@@ -191,10 +191,12 @@ fn median(xs: &mut [f64]) -> f64 {
 pub fn train_cmd(args: &[String]) -> Result<()> {
     let o = parse_opts(args)?;
     let weights = (784 * o.units + o.units) + (o.units * o.units + o.units) + (o.units * 10 + 10);
-    eprintln!("measuring peaks...");
-    let fma_peak = mp_kernels::peak::fma_f32_peak_gflops();
-    let bf16_peak = mp_kernels::peak::dpbf16_peak_gflops();
+    // The peaks are measured in every round, between the variants, and their medians used: a
+    // peak taken once can land in a busy moment and make every fraction meaningless.
+    let mut fma_samples = vec![mp_kernels::peak::fma_f32_peak_gflops()];
+    let mut bf16_samples: Vec<f64> = mp_kernels::peak::dpbf16_peak_gflops().into_iter().collect();
     let mut records = vec![];
+    let mut pending = vec![];
     for &batch in &o.batches {
         eprintln!("batch {batch}: building {} variants", 4);
         let mut vs = variants(o.units, batch)?;
@@ -211,17 +213,35 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 v.step()?;
                 times[i].push(t.elapsed().as_secs_f64() * 1e3);
             }
+            fma_samples.push(mp_kernels::peak::fma_f32_peak_gflops());
+            bf16_samples.extend(mp_kernels::peak::dpbf16_peak_gflops());
             eprintln!("batch {batch}: round {}/{} done", round + 1, o.rounds);
         }
+        pending.push((
+            batch,
+            times,
+            mem,
+            vs.iter()
+                .map(|v| (v.name(), v.policy(), v.loss_scaling()))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    let fma_peak = median(&mut fma_samples);
+    let bf16_peak = if bf16_samples.is_empty() {
+        None
+    } else {
+        Some(median(&mut bf16_samples))
+    };
+    for (batch, times, mem, names) in pending {
         let f32_ms = median(&mut times[0].clone());
-        for (i, v) in vs.iter().enumerate() {
+        for (i, (name, policy, scaling)) in names.iter().enumerate() {
             let mut t = times[i].clone();
             let ms = median(&mut t);
             let min = t.iter().copied().fold(f64::INFINITY, f64::min);
             let max = t.iter().copied().fold(0.0, f64::max);
             let flop = 6.0 * batch as f64 * weights as f64;
             let gflops = flop / (ms * 1e-3) / 1e9;
-            let peak = match v.policy() {
+            let peak = match *policy {
                 Policy::MixedBFloat16 => bf16_peak.unwrap_or(fma_peak),
                 _ => fma_peak,
             };
@@ -234,9 +254,9 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 0
             };
             records.push(json!({
-                "policy": v.policy().name(),
-                "variant": v.name(),
-                "loss_scaling": v.loss_scaling(),
+                "policy": policy.name(),
+                "variant": name,
+                "loss_scaling": scaling,
                 "batch": batch,
                 "units": o.units,
                 "ms_per_step": ms,
@@ -252,8 +272,8 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 "other_bytes": held,
                 "saved_for_backward_bytes": kept,
                 "max_batch_in_budget": max_batch,
-                "compat_ok": mp_core::compat::check(v.policy()).ok,
-                "compat_reason": mp_core::compat::check(v.policy()).reason,
+                "compat_ok": mp_core::compat::check(*policy).ok,
+                "compat_reason": mp_core::compat::check(*policy).reason,
             }));
         }
     }
