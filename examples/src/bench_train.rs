@@ -37,6 +37,8 @@ pub struct TrainOpts {
     pub budget: u64,
     /// Where the JSON goes.
     pub out: PathBuf,
+    /// Only these variants (by name, e.g. `float32`), for profiling one policy; empty = all.
+    pub only: Vec<String>,
 }
 
 /// Parses `bench train` options.
@@ -47,6 +49,7 @@ pub fn parse_opts(args: &[String]) -> Result<TrainOpts> {
         units: 4096,
         budget: 16 << 30,
         out: PathBuf::from("target/bench/train.json"),
+        only: vec![],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -70,6 +73,7 @@ pub fn parse_opts(args: &[String]) -> Result<TrainOpts> {
                     (value()?.parse::<f64>().context("--budget-gib")? * (1u64 << 30) as f64) as u64
             }
             "--out" => o.out = PathBuf::from(value()?),
+            "--only" => o.only = value()?.split(',').map(|s| s.trim().to_string()).collect(),
             other => bail!("unknown option {other:?} for bench train"),
         }
     }
@@ -200,6 +204,12 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
     for &batch in &o.batches {
         eprintln!("batch {batch}: building {} variants", 4);
         let mut vs = variants(o.units, batch)?;
+        if !o.only.is_empty() {
+            vs.retain(|v| o.only.contains(&v.name()));
+            if vs.is_empty() {
+                bail!("--only {:?} matches no variant", o.only);
+            }
+        }
         // Memory first, from a clean start per variant (one step each also warms up).
         let mut mem = vec![];
         for v in vs.iter_mut() {
@@ -233,7 +243,11 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
         Some(median(&mut bf16_samples))
     };
     for (batch, times, mem, names) in pending {
-        let f32_ms = median(&mut times[0].clone());
+        // With `--only`, float32 may not have run: then there is no speedup to report.
+        let f32_ms = names
+            .iter()
+            .position(|n| n.1 == Policy::Float32)
+            .map_or(f64::NAN, |i| median(&mut times[i].clone()));
         for (i, (name, policy, scaling)) in names.iter().enumerate() {
             let mut t = times[i].clone();
             let ms = median(&mut t);

@@ -8,6 +8,7 @@
 
 use mp_layers::{Dense, Softmax, model};
 
+pub mod bench_step_gemms;
 pub mod bench_train;
 
 /// The guide's model: `784 -> Dense(units, relu) -> Dense(units, relu) -> Dense(10)` and a

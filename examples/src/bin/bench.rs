@@ -29,6 +29,9 @@ subcommands:
   train [--quick] [--rounds N] [--batches N,N] [--units N] [--budget-gib G] [--out PATH]
       training throughput and memory of the guide's model per policy (default batches 8192,1024,
       4096 units, 5 rounds, JSON to target/bench/train.json; --quick: batches 64,16, 128 units)
+  step-gemms [--batch N] [--units N] [--reps N]
+      every GEMM of one training step of the guide's model, timed alone per dtype (where a
+      step's time goes; default batch 8192, 4096 units, median of 3)
   gemm [--quick] [--rounds N] [--sizes N,N,...] [--out PATH]
       square GEMM throughput for float32, bfloat16 and float16 against the measured peaks
       (default sizes 1024,2048,4096, 5 rounds, JSON to target/bench/gemm.json;
@@ -39,6 +42,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("gemm") => gemm_cmd(&args[1..]),
         Some("train") => examples::bench_train::train_cmd(&args[1..]),
+        Some("step-gemms") => examples::bench_step_gemms::step_gemms_cmd(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

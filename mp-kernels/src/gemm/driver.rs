@@ -80,6 +80,11 @@ pub(crate) struct Tile<O> {
     /// The bias at the tile's first column, or null.
     pub bias: *const f32,
     pub relu: bool,
+    /// The partial sums live in C itself (float32 C, `alpha == 1`; see [`Kernel::ACC_IN_C`]):
+    /// the first depth block starts from `beta * C` (zero when `beta == 0`), later ones from C;
+    /// every block but the last stores its sums to C unrounded, and the last applies the bias and
+    /// ReLU (its tile has `beta == 0`).
+    pub acc_in_c: bool,
 }
 
 /// A microkernel and its packing routines.
@@ -110,6 +115,10 @@ pub(crate) unsafe trait Kernel<T, O>: Sync {
     /// the input is already the packed element (float32, or bfloat16 read as pairs), so full
     /// panels skip packing (row-major layout with the source's row stride).
     const DIRECT_A: bool;
+    /// Whether the microkernel honours [`Tile::acc_in_c`], so a float32 C can hold the partial
+    /// sums between depth blocks (what lets a deep GEMM pack B one depth block at a time and
+    /// pack A once, instead of once per column block).
+    const ACC_IN_C: bool = false;
 
     /// Packs `rows x depth` elements (element (r, p) at `src + r * rs + p * ps`) into `MR` panels;
     /// returns the packed row stride (1: k-major).
@@ -317,13 +326,18 @@ unsafe fn run_block_with<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
     blocking: Blocking,
     bufs: &mut Buffers,
 ) {
+    if uses_acc_in_c::<T, O, K>(p) {
+        // SAFETY: forwarded.
+        unsafe { run_block_acc_in_c(kernel, p, rows, cols, blocking, bufs) };
+        return;
+    }
     let (mr, nr) = (K::MR, K::NR);
     let psize = size_of::<K::P>();
     let kp_total = p.k.div_ceil(K::KPACK);
     let nc = ((blocking.b_bytes / (kp_total * nr * psize)).max(1) * nr)
         .min(cols.len().div_ceil(nr) * nr);
     let mc = K::MC.min(rows.len().div_ceil(mr) * mr);
-    let kc = K::KC.min(kp_total * K::KPACK);
+    let kc = depth_block::<T, O, K>(p.k);
     let multi_block = p.k > kc;
     // Rows whose partial sums the workspace holds across depth blocks: a multiple of mc.
     let m2 = if multi_block {
@@ -420,6 +434,7 @@ unsafe fn run_block_with<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
                                     unsafe { out.bias.add(j) }
                                 },
                                 relu: out.relu,
+                                acc_in_c: false,
                             };
                             let w_tile = if multi_block {
                                 // SAFETY: tile ((i - ic2) / mr, jr / nr) of the m2 x nc
@@ -458,6 +473,151 @@ unsafe fn run_block_with<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
                 pc += kcur;
             }
             ic2 += m2cur;
+        }
+        jc += ncur;
+    }
+}
+
+/// The depth block for depth `k`: all of it up to 1.25 `KC` (a second block of a few steps
+/// would cost more in partial-sum traffic than it saves in cache), else `k` split into the
+/// fewest blocks of at most `KC`, of equal size (a multiple of `KPACK`), so no block is short.
+/// It depends on `k` only, so the blocking is the same on every thread.
+fn depth_block<T, O, K: Kernel<T, O>>(k: usize) -> usize {
+    let whole = k.div_ceil(K::KPACK) * K::KPACK;
+    if k <= K::KC + K::KC / 4 {
+        return whole.max(K::KPACK);
+    }
+    let blocks = k.div_ceil(K::KC);
+    k.div_ceil(blocks).div_ceil(K::KPACK) * K::KPACK
+}
+
+/// Whether op(A) can be read in place by the microkernel (full panels skip packing).
+fn a_is_direct<T, O, K: Kernel<T, O>>(p: &Problem<T, O>) -> bool {
+    K::DIRECT_A && p.a_ps == 1 && (K::KPACK == 1 || p.a_rs.is_multiple_of(K::KPACK))
+}
+
+/// Whether a problem runs with its partial sums in C ([`run_block_acc_in_c`]): a float32 C with
+/// `alpha == 1` (weight gradients), more than one depth block, and an op(A) that must be packed.
+/// It depends on the problem only, never on the thread count or the budgets, so results stay
+/// bit-identical across them.
+fn uses_acc_in_c<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(p: &Problem<T, O>) -> bool {
+    K::ACC_IN_C
+        && O::DTYPE == mp_core::DType::F32
+        && p.out.alpha == 1.0
+        && p.k > depth_block::<T, O, K>(p.k)
+        && !a_is_direct::<T, O, K>(p)
+}
+
+/// Computes C[rows, cols] with the partial sums kept in C (the BLIS order): for each column block
+/// and depth block, B~ holds only that depth block, so the column block can span the thread's
+/// whole share and each block of op(A) is packed once, where the whole-depth B~ of
+/// [`run_block_with`] would limit a deep GEMM (a weight gradient, `k` = the batch) to a few
+/// panels and pack all of A again for each of them.
+///
+/// # Safety
+/// As for [`run_block_with`]; [`uses_acc_in_c`] must hold.
+unsafe fn run_block_acc_in_c<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
+    kernel: &K,
+    p: &Problem<T, O>,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    blocking: Blocking,
+    bufs: &mut Buffers,
+) {
+    let (mr, nr) = (K::MR, K::NR);
+    let psize = size_of::<K::P>();
+    let kc = depth_block::<T, O, K>(p.k);
+    let kcp = kc.div_ceil(K::KPACK);
+    let nc =
+        ((blocking.b_bytes / (kcp * nr * psize)).max(1) * nr).min(cols.len().div_ceil(nr) * nr);
+    let mc = K::MC.min(rows.len().div_ceil(mr) * mr);
+    let b_pack: *mut K::P = grow(&mut bufs.b, nc * kcp * psize).cast();
+    let a_pack: *mut K::P = grow(&mut bufs.a, mc * kcp * psize).cast();
+    let out = &p.out;
+
+    let mut jc = cols.start;
+    while jc < cols.end {
+        let ncur = nc.min(cols.end - jc);
+        let mut pc = 0;
+        while pc < p.k {
+            let kcur = kc.min(p.k - pc);
+            let kp = kcur.div_ceil(K::KPACK);
+            let first = pc == 0;
+            let last = pc + kcur == p.k;
+            let mut ic = rows.start;
+            while ic < rows.end {
+                let mcur = mc.min(rows.end - ic);
+                // SAFETY: op(A)[ic..ic+mcur, pc..pc+kcur] is inside A; a_pack holds mc x kcp.
+                let a_row = unsafe {
+                    kernel.pack_a(
+                        p.a.add(ic * p.a_rs + pc * p.a_ps),
+                        p.a_rs,
+                        p.a_ps,
+                        mcur,
+                        kcur,
+                        a_pack,
+                    )
+                };
+                let mut jr = 0;
+                while jr < ncur {
+                    // SAFETY: panel jr / nr of b_pack holds kcp x nr elements.
+                    let b_panel = unsafe { b_pack.add((jr / nr) * kcp * nr) };
+                    if ic == rows.start {
+                        // B~ for this depth block, one panel at a time on first use.
+                        // SAFETY: op(B)[pc..pc+kcur, jc+jr..jc+jr+nr] is inside B.
+                        unsafe {
+                            kernel.pack_b(
+                                p.b.add((jc + jr) * p.b_cs + pc * p.b_ps),
+                                p.b_cs,
+                                p.b_ps,
+                                nr.min(ncur - jr),
+                                kcur,
+                                b_panel,
+                            )
+                        };
+                    }
+                    let mut ir = 0;
+                    while ir < mcur {
+                        let (i, j) = (ic + ir, jc + jr);
+                        let tile = Tile {
+                            // SAFETY: (i, j) is inside C.
+                            c: unsafe { out.c.add(i * out.ldc + j) },
+                            ldc: out.ldc,
+                            rows: mr.min(mcur - ir),
+                            cols: nr.min(ncur - jr),
+                            alpha: 1.0,
+                            beta: if first { out.beta } else { 0.0 },
+                            bias: if out.bias.is_null() {
+                                out.bias
+                            } else {
+                                // SAFETY: the bias has n elements and j < n.
+                                unsafe { out.bias.add(j) }
+                            },
+                            relu: out.relu,
+                            acc_in_c: true,
+                        };
+                        // SAFETY: panel ir / mr of a_pack; the panels hold kp packed steps; the
+                        // tile is inside C and owned by this thread.
+                        unsafe {
+                            let a_panel = a_pack.add((ir / mr) * mr * kp).cast_const();
+                            kernel.micro(
+                                kp,
+                                a_panel,
+                                a_row,
+                                b_panel,
+                                std::ptr::null_mut(),
+                                first,
+                                last,
+                                &tile,
+                            )
+                        };
+                        ir += mr;
+                    }
+                    jr += nr;
+                }
+                ic += mcur;
+            }
+            pc += kcur;
         }
         jc += ncur;
     }

@@ -206,6 +206,7 @@ pub(super) unsafe fn epilogue_only<O: GemmOutput>(m: usize, n: usize, out: &Outp
                     unsafe { out.bias.add(j) }
                 },
                 relu: out.relu,
+                acc_in_c: false,
             };
             // SAFETY: one row of `cols` elements.
             unsafe { store_tile_scalar(zeros.as_ptr(), 0, &tile) };

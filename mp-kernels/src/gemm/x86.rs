@@ -135,10 +135,30 @@ macro_rules! unroll {
     }};
 }
 
-/// Loads the accumulators from the workspace tile unless this is the first depth block.
+/// Loads the accumulators from the workspace tile unless this is the first depth block; with
+/// [`Tile::acc_in_c`], from C (times beta in the first block, skipped when beta is zero).
 macro_rules! init_acc {
-    ($acc:ident, $mr:expr, $nv:expr, $first:expr, $w:expr) => {
-        if !$first {
+    ($acc:ident, $mr:expr, $nv:expr, $first:expr, $w:expr, $tile:expr) => {
+        let tile = $tile;
+        if tile.acc_in_c {
+            if !$first || tile.beta != 0.0 {
+                let scale = _mm512_set1_ps(if $first { tile.beta } else { 1.0 });
+                unroll!($mr, |I| {
+                    if I < tile.rows {
+                        // SAFETY: row I of the tile is inside C.
+                        let c = unsafe { tile.c.add(I * tile.ldc) };
+                        unroll!($nv, |V| {
+                            let col = V * 16;
+                            if col < tile.cols {
+                                // SAFETY: the unmasked lanes are inside the tile.
+                                let x = unsafe { load16(c.add(col), mask16(tile.cols - col)) };
+                                $acc[I][V] = _mm512_mul_ps(scale, x);
+                            }
+                        })
+                    }
+                })
+            }
+        } else if !$first {
             unroll!($mr, |I| {
                 unroll!($nv, |V| {
                     // SAFETY: the workspace tile is MR x 16 NV floats, 64-byte aligned.
@@ -153,7 +173,22 @@ macro_rules! init_acc {
 macro_rules! store_acc {
     ($acc:ident, $mr:expr, $nv:expr, $w:expr, $last:expr, $tile:expr) => {{
         let tile = $tile;
-        if $last {
+        if tile.acc_in_c && !$last {
+            // Partial sums back to C, unrounded (C is float32 here).
+            unroll!($mr, |I| {
+                if I < tile.rows {
+                    // SAFETY: row I of the tile is inside C.
+                    let c = unsafe { tile.c.add(I * tile.ldc) };
+                    unroll!($nv, |V| {
+                        let col = V * 16;
+                        if col < tile.cols {
+                            // SAFETY: the unmasked lanes are inside the tile.
+                            unsafe { store16(c.add(col), $acc[I][V], mask16(tile.cols - col)) };
+                        }
+                    })
+                }
+            })
+        } else if $last {
             unroll!($mr, |I| {
                 if I < tile.rows {
                     // SAFETY: row I of the tile is inside C.
@@ -205,7 +240,7 @@ fn prefetch_next<O, const MR: usize, const NV: usize>(w: *const f32, last: bool,
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l * 16).cast());
         }
     }
-    if last {
+    if last || tile.acc_in_c {
         for i in 0..MR {
             let row = tile.c.wrapping_add((MR + i) * tile.ldc).cast::<u8>();
             for l in 0..(NV * 16 * size_of::<O>()).div_ceil(64) {
@@ -346,6 +381,28 @@ unsafe fn pack_f32_512<T: GemmInput>(
     }
     let panels = rows.div_ceil(width);
     let nv = width.div_ceil(16);
+    if width < 16 {
+        // Narrow panels (A, transposed): one pass down the depth, each source row split across
+        // all the panels, so the source is read in order (panel by panel it would be read
+        // `panels` times, one short run per row, each a page apart).
+        for p in 0..depth {
+            prefetch(
+                src.wrapping_add((p + PF_B_ROWS) * ps).cast(),
+                rows * size_of::<T>(),
+            );
+            for q in 0..panels {
+                let r0 = q * width;
+                let valid = width.min(rows - r0);
+                // SAFETY: `valid` elements from (r0, p) are in the source; step p of panel q
+                // holds `width` floats.
+                unsafe {
+                    let x = load16(src.add(r0 + p * ps), mask16(valid));
+                    _mm512_mask_storeu_ps(dst.add(q * width * depth + p * width), mask16(width), x);
+                }
+            }
+        }
+        return;
+    }
     for q in 0..panels {
         let r0 = q * width;
         let rn = width.min(rows - r0);
@@ -455,6 +512,40 @@ unsafe fn pack_pairs_512(
         let pf = |r: usize, s0: usize| prefetch(src.wrapping_add(r * rs + 2 * s0).cast(), 64);
         // SAFETY: forwarded.
         unsafe { pack_transposed_512(rows, kp, width, dst.cast(), load, pf) };
+        return;
+    }
+    if rs == 1 && width < 16 {
+        // Narrow panels (A, transposed): one pass down the depth, as in `pack_f32_512`.
+        for s in 0..kp {
+            let has_hi = 2 * s + 1 < depth;
+            let ahead = src.wrapping_add((2 * s + 4 * PREFETCH_ROWS) * ps);
+            prefetch(ahead.cast(), 2 * rows);
+            prefetch(ahead.wrapping_add(ps).cast(), 2 * rows);
+            for q in 0..panels {
+                let r0 = q * width;
+                let m = mask16(width.min(rows - r0));
+                // SAFETY: the unmasked elements (r0.., 2 s) and, if present, (r0.., 2 s + 1) are
+                // in the source; step s of panel q holds `width` values.
+                unsafe {
+                    let lo_row = src.add(r0 + 2 * s * ps);
+                    let lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo_row.cast()));
+                    let x = if has_hi {
+                        let hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                            m,
+                            lo_row.add(ps).cast(),
+                        ));
+                        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
+                    } else {
+                        lo
+                    };
+                    _mm512_mask_storeu_epi32(
+                        dst.add(q * width * kp + s * width).cast(),
+                        mask16(width),
+                        x,
+                    );
+                }
+            }
+        }
         return;
     }
     for q in 0..panels {
@@ -574,7 +665,7 @@ unsafe fn micro_f32_512<O: GemmOutput, const MR: usize, const NV: usize>(
     tile: &Tile<O>,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    init_acc!(acc, MR, NV, first, w);
+    init_acc!(acc, MR, NV, first, w, tile);
     prefetch_next::<O, MR, NV>(w, last, tile);
     let mut b = b;
     // SAFETY: the panels hold kp packed steps (B 64-byte aligned).
@@ -611,6 +702,7 @@ unsafe impl<T: GemmInput, O: GemmOutput, const MR: usize, const NV: usize> Kerne
     const KC: usize = 768;
     const MC: usize = 96;
     const DIRECT_A: bool = matches!(T::DTYPE, DType::F32);
+    const ACC_IN_C: bool = true;
 
     unsafe fn pack_a(
         &self,
@@ -687,7 +779,7 @@ unsafe fn micro_bf16_512<O: GemmOutput, const MR: usize, const NV: usize>(
     tile: &Tile<O>,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    init_acc!(acc, MR, NV, first, w);
+    init_acc!(acc, MR, NV, first, w, tile);
     prefetch_next::<O, MR, NV>(w, last, tile);
     let mut b = b;
     // SAFETY: the panels hold kp packed steps (B 64-byte aligned); __m512i and __m512bh are both
@@ -731,6 +823,7 @@ unsafe impl<O: GemmOutput, const MR: usize, const NV: usize> Kernel<bf16, O>
     const KC: usize = 1536;
     const MC: usize = 96;
     const DIRECT_A: bool = true;
+    const ACC_IN_C: bool = true;
 
     unsafe fn pack_a(
         &self,
