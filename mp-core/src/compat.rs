@@ -9,9 +9,12 @@
 //!   for the math, so it brings no speedup over float32 yet);
 //! - **F16C**: fast float16 ↔ float32 conversion; without it float16 is slow to even load.
 //!
-//! GPU compute capability joins the check with the CUDA backend.
+//! On an NVIDIA GPU the check is Keras' (see [`check_gpu`]): float16 tensor cores need compute
+//! capability 7.0 or higher, bfloat16 ones 8.0. Under a 16-bit policy, tensor cores are used
+//! only when the GEMM dimensions are multiples of 8, which [`tensor_core_shape_warning`] checks.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::policy::Policy;
 
@@ -190,9 +193,204 @@ pub fn recommended_policy_for(cpu: &CpuFeatures) -> Policy {
     }
 }
 
+/// The suffix Keras appends to its GPU compatibility warning.
+const GPU_WARNING_SUFFIX: &str = "If you will use compatible GPU(s) not attached to this host, \
+     e.g. by running a multi-worker model, you can ignore this warning. This message will only \
+     be logged once";
+
+/// The compute capability a policy's tensor cores need: 7.0 for float16 (Volta), 8.0 for
+/// bfloat16 (Ampere); `None` for float32.
+pub fn min_capability(policy: Policy) -> Option<(u32, u32)> {
+    match policy {
+        Policy::Float32 => None,
+        Policy::MixedFloat16 => Some((7, 0)),
+        Policy::MixedBFloat16 => Some((8, 0)),
+    }
+}
+
+/// Checks `policy` against an NVIDIA GPU named `name` with compute capability
+/// `(major, minor)`, with Keras' wording: `OK` and "Your GPU will likely run quickly with dtype
+/// policy mixed_float16 as it has compute capability of at least 7.0. Your GPU: NVIDIA H200,
+/// compute capability 9.0", or `WARNING` and why it may run slowly. A pure function (the device
+/// query is `mp_core::cuda::device_info` with the `cuda` feature), so it is testable anywhere.
+pub fn check_gpu(policy: Policy, name: &str, capability: (u32, u32)) -> CompatReport {
+    let device = format!(
+        "{name}, compute capability {}.{}",
+        capability.0, capability.1
+    );
+    let (ok, reason) = match min_capability(policy) {
+        None => (
+            true,
+            format!("float32 runs everywhere; it is the baseline. Your GPU: {device}"),
+        ),
+        Some(min) if capability >= min => (
+            true,
+            format!(
+                "Your GPU will likely run quickly with dtype policy {} as it has compute \
+                 capability of at least {}.{}. Your GPU: {device}",
+                policy.name(),
+                min.0,
+                min.1
+            ),
+        ),
+        Some(min) => (
+            false,
+            format!(
+                "Your GPU may run slowly with dtype policy {} because it does not have compute \
+                 capability of at least {}.{}. Your GPU:\n  {device}\nSee \
+                 https://developer.nvidia.com/cuda-gpus for a list of GPUs and their compute \
+                 capabilities.\n{GPU_WARNING_SUFFIX}",
+                policy.name(),
+                min.0,
+                min.1
+            ),
+        ),
+    };
+    CompatReport { policy, ok, reason }
+}
+
+/// Under a 16-bit policy on a GPU, the warning to print when tensor cores cannot be fully used:
+/// the hidden Dense layers whose units, and the batch size, are not multiples of 8. `dense` lists
+/// every Dense layer of the model in order as `(name, units)`; the last one is the output layer
+/// and is exempt (its width is the number of classes). `None` when there is nothing to say (or
+/// under float32).
+pub fn tensor_core_shape_warning(
+    policy: Policy,
+    dense: &[(&str, usize)],
+    batch_size: usize,
+) -> Option<String> {
+    if policy == Policy::Float32 {
+        return None;
+    }
+    let hidden = &dense[..dense.len().saturating_sub(1)];
+    let mut offenders: Vec<String> = hidden
+        .iter()
+        .filter(|(_, units)| !units.is_multiple_of(8))
+        .map(|(name, units)| format!("{name} has {units} units"))
+        .collect();
+    if !batch_size.is_multiple_of(8) {
+        offenders.push(format!("the batch size is {batch_size}"));
+    }
+    if offenders.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "WARNING: under dtype policy {}, GPU tensor cores are used only when matrix dimensions \
+         are multiples of 8, but {}. Round them up to multiples of 8 (the output layer is \
+         exempt) for full speed.",
+        policy.name(),
+        offenders.join(", ")
+    ))
+}
+
+/// Prints [`tensor_core_shape_warning`]'s text to stderr, once per process; returns whether it
+/// printed.
+pub fn warn_tensor_core_shapes_once(
+    policy: Policy,
+    dense: &[(&str, usize)],
+    batch_size: usize,
+) -> bool {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match tensor_core_shape_warning(policy, dense, batch_size) {
+        Some(text) if !WARNED.swap(true, Ordering::Relaxed) => {
+            eprintln!("{text}");
+            true
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_verdicts_use_keras_wording() {
+        let h200 = check_gpu(Policy::MixedFloat16, "NVIDIA H200", (9, 0));
+        assert_eq!(
+            h200.to_string(),
+            "Mixed precision compatibility check (mixed_float16): OK\nYour GPU will likely run \
+             quickly with dtype policy mixed_float16 as it has compute capability of at least \
+             7.0. Your GPU: NVIDIA H200, compute capability 9.0"
+        );
+        let t4 = check_gpu(Policy::MixedBFloat16, "Tesla T4", (7, 5));
+        assert!(!t4.ok);
+        let text = t4.to_string();
+        assert!(
+            text.starts_with(
+                "Mixed precision compatibility check (mixed_bfloat16): WARNING\nYour GPU may run \
+                 slowly with dtype policy mixed_bfloat16 because it does not have compute \
+                 capability of at least 8.0. Your GPU:\n  Tesla T4, compute capability 7.5\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("https://developer.nvidia.com/cuda-gpus"),
+            "{text}"
+        );
+        assert!(check_gpu(Policy::MixedFloat16, "Tesla T4", (7, 5)).ok);
+        assert!(check_gpu(Policy::MixedFloat16, "Tesla V100", (7, 0)).ok);
+        assert!(!check_gpu(Policy::MixedFloat16, "Tesla P100", (6, 0)).ok);
+        assert!(check_gpu(Policy::MixedBFloat16, "NVIDIA A100", (8, 0)).ok);
+        assert!(check_gpu(Policy::MixedBFloat16, "NVIDIA H200", (9, 0)).ok);
+        // float32 is fine on any GPU.
+        assert!(check_gpu(Policy::Float32, "Tesla K80", (3, 7)).ok);
+        assert_eq!(min_capability(Policy::Float32), None);
+    }
+
+    #[test]
+    fn shape_warning_lists_hidden_layers_and_batch() {
+        let guide = [("dense_1", 4096), ("dense_2", 4096), ("dense_logits", 10)];
+        // The guide's model: the 10-unit output layer is exempt.
+        assert_eq!(
+            tensor_core_shape_warning(Policy::MixedFloat16, &guide, 8192),
+            None
+        );
+        // float32 never warns.
+        let odd = [
+            ("dense_1", 100),
+            ("dense_2", 4096),
+            ("dense_3", 33),
+            ("out", 10),
+        ];
+        assert_eq!(tensor_core_shape_warning(Policy::Float32, &odd, 30), None);
+        let text = tensor_core_shape_warning(Policy::MixedBFloat16, &odd, 30).unwrap();
+        assert!(text.contains("mixed_bfloat16"), "{text}");
+        assert!(
+            text.contains("dense_1 has 100 units, dense_3 has 33 units, the batch size is 30"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("dense_2") && !text.contains("out has"),
+            "{text}"
+        );
+        let text = tensor_core_shape_warning(Policy::MixedFloat16, &guide, 100).unwrap();
+        assert!(
+            text.contains("the batch size is 100") && !text.contains("units"),
+            "{text}"
+        );
+        // Only an output layer: nothing hidden to check.
+        assert_eq!(
+            tensor_core_shape_warning(Policy::MixedFloat16, &[("out", 10)], 64),
+            None
+        );
+        assert_eq!(
+            tensor_core_shape_warning(Policy::MixedFloat16, &[], 64),
+            None
+        );
+        // Printed once per process.
+        assert!(warn_tensor_core_shapes_once(Policy::MixedFloat16, &odd, 30));
+        assert!(!warn_tensor_core_shapes_once(
+            Policy::MixedFloat16,
+            &odd,
+            30
+        ));
+        assert!(!warn_tensor_core_shapes_once(
+            Policy::MixedFloat16,
+            &guide,
+            64
+        ));
+    }
 
     const ZEN4: CpuFeatures = CpuFeatures {
         avx2: true,

@@ -90,6 +90,19 @@ mod imp {
         context(ordinal).map(|_| ())
     }
 
+    /// The name and compute capability `(major, minor)` of device `ordinal` (what the
+    /// compatibility check, [`crate::compat::check_gpu`], takes).
+    pub fn device_info(ordinal: usize) -> Result<(String, (u32, u32))> {
+        let ctx = context(ordinal)?;
+        let err = |e: cudarc::driver::DriverError| Error::CudaUnavailable {
+            ordinal,
+            reason: e.to_string(),
+        };
+        let name = ctx.name().map_err(err)?;
+        let (major, minor) = ctx.compute_capability().map_err(err)?;
+        Ok((name, (major.max(0) as u32, minor.max(0) as u32)))
+    }
+
     /// Elements on a CUDA device, with the stream they are ordered on.
     pub struct CudaBuf<E: Element> {
         slice: CudaSlice<E>,
@@ -98,6 +111,50 @@ mod imp {
     }
 
     impl<E: Element> CudaBuf<E> {
+        /// `len` zeros on device `ordinal` (allocated on its default stream, no host copy).
+        pub fn zeros(ordinal: usize, len: usize) -> Result<Self> {
+            let stream = context(ordinal)?.default_stream();
+            let slice = stream
+                .alloc_zeros::<E>(len)
+                .map_err(|e| Error::CudaUnavailable {
+                    ordinal,
+                    reason: format!("allocating {len} {} elements: {e}", E::DTYPE),
+                })?;
+            Ok(CudaBuf {
+                slice,
+                stream,
+                ordinal,
+            })
+        }
+
+        /// Copies `data` (of the same length) from the host into this buffer.
+        pub fn copy_from_host(&mut self, data: &[E]) -> Result<()> {
+            if data.len() != self.slice.len() {
+                return Err(Error::LengthMismatch {
+                    op: "CudaBuf::copy_from_host",
+                    shape: vec![self.slice.len()],
+                    expected: self.slice.len(),
+                    got: data.len(),
+                });
+            }
+            self.stream
+                .memcpy_htod(data, &mut self.slice)
+                .map_err(|e| Error::CudaUnavailable {
+                    ordinal: self.ordinal,
+                    reason: e.to_string(),
+                })
+        }
+
+        /// The number of elements.
+        pub fn len(&self) -> usize {
+            self.slice.len()
+        }
+
+        /// Whether there are no elements.
+        pub fn is_empty(&self) -> bool {
+            self.slice.len() == 0
+        }
+
         /// A device copy of `data` on device `ordinal`'s default stream.
         pub fn from_host(ordinal: usize, data: &[E]) -> Result<Self> {
             let stream = context(ordinal)?.default_stream();

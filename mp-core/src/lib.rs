@@ -10,7 +10,7 @@
 //! - [`Tensor<D>`]: the dtype is a type parameter, shape and [`Device`] are runtime values;
 //! - [`Variable`]: a named float32 value with its float32 gradient, what optimizers update;
 //! - [`Rng`], the project's one seeded generator, with shuffling, batching and validation splits;
-//! - [`compat`]: the mixed precision compatibility check for this machine;
+//! - [`compat`]: the mixed precision compatibility check for this machine's CPU and GPU;
 //! - [`Error`], the error type.
 //!
 //! It owns no kernels, layers or I/O.

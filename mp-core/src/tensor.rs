@@ -217,9 +217,65 @@ impl<D: DTypeKind> Tensor<D> {
         Self::full(shape, <D::Elem as Element>::ZERO)
     }
 
-    /// A tensor of zeros on `device`.
+    /// A tensor of zeros on `device` (allocated there directly, no host copy).
     pub fn zeros_on(shape: &[usize], device: Device) -> Result<Self> {
-        Self::zeros(shape)?.to_device(device)
+        match device {
+            Device::Cpu => Self::zeros(shape),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::CudaNotCompiled { ordinal }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let n = numel("zeros_on", shape)?;
+                Ok(Tensor {
+                    shape: shape.to_vec(),
+                    storage: Storage::Cuda(crate::cuda::CudaBuf::zeros(ordinal, n)?),
+                })
+            }
+        }
+    }
+
+    /// A device tensor holding `buf` (its length must match the shape).
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda(shape: &[usize], buf: crate::cuda::CudaBuf<D::Elem>) -> Result<Self> {
+        let n = numel("from_cuda", shape)?;
+        if n != buf.len() {
+            return Err(Error::LengthMismatch {
+                op: "Tensor::from_cuda",
+                shape: shape.to_vec(),
+                expected: n,
+                got: buf.len(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cuda(buf),
+        })
+    }
+
+    /// The device memory of a CUDA tensor (what the CUDA kernels of mp-kernels take).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_buf(&self) -> Result<&crate::cuda::CudaBuf<D::Elem>> {
+        match &self.storage {
+            Storage::Cuda(b) => Ok(b),
+            Storage::Cpu(_) => Err(Error::WrongDevice {
+                op: "cuda_buf",
+                expected: Device::Cuda(0),
+                got: Device::Cpu,
+            }),
+        }
+    }
+
+    /// The device memory of a CUDA tensor, mutably.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_buf_mut(&mut self) -> Result<&mut crate::cuda::CudaBuf<D::Elem>> {
+        match &mut self.storage {
+            Storage::Cuda(b) => Ok(b),
+            Storage::Cpu(_) => Err(Error::WrongDevice {
+                op: "cuda_buf_mut",
+                expected: Device::Cuda(0),
+                got: Device::Cpu,
+            }),
+        }
     }
 
     /// A host tensor with every element `value`.
@@ -597,5 +653,48 @@ mod tests {
             Err(Error::CudaNotCompiled { ordinal: 1 })
         ));
         assert!(Tensor::<F32>::zeros_on(&[3], Device::Cuda(0)).is_err());
+    }
+
+    /// With the feature and no GPU (CI): every way onto the device is a clear error, never a
+    /// panic. With a GPU: the round trip is exact.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_device_or_a_clear_error() {
+        let t = Tensor::<BF16>::from_f32(&[3], &[1.0, -2.5, f32::NAN]).unwrap();
+        if crate::cuda::device_count() == 0 {
+            assert!(
+                std::env::var("MP_REQUIRE_GPU").is_err(),
+                "MP_REQUIRE_GPU is set but no CUDA device is usable"
+            );
+            eprintln!("skipped the device round trip: no CUDA driver or device");
+            let err = Device::cuda(0).unwrap_err();
+            assert!(matches!(err, Error::CudaUnavailable { ordinal: 0, .. }));
+            let text = err.to_string();
+            assert!(
+                text.contains("cuda device 0") && text.contains("no CUDA"),
+                "{text}"
+            );
+            assert!(matches!(
+                t.to_device(Device::Cuda(0)),
+                Err(Error::CudaUnavailable { .. })
+            ));
+            assert!(Tensor::<F32>::zeros_on(&[3], Device::Cuda(1)).is_err());
+            assert!(crate::cuda::device_info(0).is_err());
+            assert!(t.cuda_buf().is_err());
+            return;
+        }
+        let d = t.to_device(Device::cuda(0).unwrap()).unwrap();
+        assert_eq!(d.device(), Device::Cuda(0));
+        assert!(d.as_slice().is_err());
+        let back = d.to_device(Device::Cpu).unwrap().to_f32_vec().unwrap();
+        assert_eq!(&back[..2], &[1.0, -2.5]);
+        assert!(back[2].is_nan());
+        let z = Tensor::<F32>::zeros_on(&[4], Device::Cuda(0)).unwrap();
+        assert_eq!(
+            z.to_device(Device::Cpu).unwrap().to_f32_vec().unwrap(),
+            vec![0.0; 4]
+        );
+        let (name, cc) = crate::cuda::device_info(0).unwrap();
+        eprintln!("cuda:0 is {name}, compute capability {}.{}", cc.0, cc.1);
     }
 }

@@ -41,6 +41,14 @@ pub enum Error {
         /// What is wrong, naming the argument and its value.
         what: String,
     },
+    /// A CUDA driver, cuBLASLt or kernel launch error (only with the `cuda` feature).
+    #[error("cuda error in {op}: {what}")]
+    Cuda {
+        /// The kernel or library call.
+        op: &'static str,
+        /// What the driver or library reported.
+        what: String,
+    },
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

@@ -51,7 +51,12 @@ macro_rules! impl_label {
 impl_label!(u8, u16, u32, u64, usize, i32, i64);
 
 /// Checks `labels` (one per row, each in `0..cols`) before anything is computed or written.
-fn check_labels<L: Label>(op: &'static str, labels: &[L], rows: usize, cols: usize) -> Result<()> {
+pub(crate) fn check_labels<L: Label>(
+    op: &'static str,
+    labels: &[L],
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     check_len(op, "labels", labels.len(), rows)?;
     for (row, &l) in labels.iter().enumerate() {
         if l.index().is_none_or(|i| i >= cols) {

@@ -7,10 +7,25 @@
 //! - `cargo xtask data [--dir DIR]`: fetches and verifies MNIST (through mp-data's
 //!   `fetch_mnist` example) into `$MP_DATA_DIR` or the default cache.
 //!
+//! - `cargo xtask kernels [--check]`: compiles `mp-kernels/cuda/*.cu` to PTX through NVRTC,
+//!   assembles it with ptxas (errors and spills fail), prints the register table, and writes
+//!   (or, with `--check`, verifies) the committed PTX in `mp-kernels/cuda/ptx/`.
+//!
+//! - `cargo xtask gpu-check --build`: builds the GPU check (`examples/src/bin/gpu_check.rs`, with
+//!   the `cuda` feature) and the CUDA test binaries in release mode and copies them into `.gpu/`,
+//!   for `scripts/gpu-check.sh` on a GPU machine without a Rust toolchain.
+//!
 //! xtask stays a thin dispatcher with few dependencies: the measuring code lives in `examples/`.
 
 mod bench;
 mod data;
+mod gpu;
+mod kernels;
+// The library's own NVRTC code and options (standalone: it needs only cudarc), so the committed
+// PTX is compiled exactly as mp-kernels would compile it.
+#[path = "../../mp-kernels/src/cuda/nvrtc.rs"]
+#[allow(dead_code)]
+mod nvrtc;
 mod report;
 
 use std::path::PathBuf;
@@ -21,6 +36,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
         Some("data") => data::run(&args[1..]),
+        Some("kernels") => kernels::run(&args[1..]),
+        Some("gpu-check") => gpu::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE);
             Ok(())
@@ -44,6 +61,10 @@ tasks:
                                         run the benchmarks (release build); writes target/bench/
                                         report.{json,svg} and, without --quick, BENCHMARKS.md
   data [--dir DIR]                      fetch and verify MNIST into $MP_DATA_DIR or ~/.cache/mp/mnist
+  kernels [--check]                     NVRTC + ptxas over mp-kernels/cuda/*.cu: write (or check)
+                                        the committed PTX in mp-kernels/cuda/ptx/
+  gpu-check --build                     build the GPU check and CUDA tests (release) into .gpu/;
+                                        run them on a GPU machine with scripts/gpu-check.sh
 ";
 
 /// The workspace root (xtask lives one level below it).
