@@ -89,8 +89,9 @@ trait Variant {
     fn policy(&self) -> Policy;
     fn loss_scaling(&self) -> bool;
     fn step(&mut self) -> Result<()>;
-    /// (bytes held before a step, peak during it, bytes kept by forward for backward)
-    fn memory(&mut self) -> Result<(usize, usize, usize)>;
+    /// (bytes held before a step, peak during it, bytes kept by forward for backward, bytes of
+    /// freed buffers cached for reuse after the step)
+    fn memory(&mut self) -> Result<(usize, usize, usize, usize)>;
 }
 
 struct Run<P: PolicyKind> {
@@ -156,19 +157,20 @@ impl<P: PolicyKind> Variant for Run<P> {
         self.trainer.fit(self.x.view(), self.y.view(), &options)?;
         Ok(())
     }
-    fn memory(&mut self) -> Result<(usize, usize, usize)> {
+    fn memory(&mut self) -> Result<(usize, usize, usize, usize)> {
         // A whole step from a clean start: what is held before, and the peak during it.
         let before = memory::live_bytes();
         memory::reset_peak();
         self.step()?;
         let peak = memory::peak_bytes();
+        let cached = memory::cached_bytes();
         // What forward keeps for backward (then a step releases it again).
         let xc = mp_layers::convert(mp_core::Tensor::<mp_core::F32>::from_ndarray(&self.x)?)?;
         let _ = self.trainer.model_mut().forward_train_f32(&xc)?;
         let kept = self.trainer.model().saved_bytes();
         drop(xc);
         self.step()?;
-        Ok((before, peak, kept))
+        Ok((before, peak, kept, cached))
     }
 }
 
@@ -259,7 +261,7 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 Policy::MixedBFloat16 => bf16_peak.unwrap_or(fma_peak),
                 _ => fma_peak,
             };
-            let (held, peak_bytes, kept) = mem[i];
+            let (held, peak_bytes, kept, cached) = mem[i];
             let activation = peak_bytes.saturating_sub(held);
             let per_sample = activation as f64 / batch as f64;
             let max_batch = if per_sample > 0.0 {
@@ -285,6 +287,7 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 "activation_bytes": activation,
                 "other_bytes": held,
                 "saved_for_backward_bytes": kept,
+                "cached_buffer_bytes": cached,
                 "max_batch_in_budget": max_batch,
                 "compat_ok": mp_core::compat::check(*policy).ok,
                 "compat_reason": mp_core::compat::check(*policy).reason,

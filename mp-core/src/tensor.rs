@@ -76,36 +76,54 @@ impl<E: Element> AlignedBuf<E> {
 
     /// `len` copies of `value`.
     pub fn filled(len: usize, value: E) -> Result<Self> {
+        let zero = value.to_f32().to_bits() == 0;
+        let (mut buf, fresh) = Self::alloc(len)?;
+        if !(fresh && zero) {
+            buf.as_mut_slice().fill(value);
+        }
+        Ok(buf)
+    }
+
+    /// `len` elements with unspecified values, for outputs that are overwritten in full: a cached
+    /// buffer of the same size when one is free (its old contents are valid numbers of any
+    /// dtype: every bit pattern of f32, f16 and bf16 is one), else fresh zeros.
+    pub fn for_overwrite(len: usize) -> Result<Self> {
+        Ok(Self::alloc(len)?.0)
+    }
+
+    /// Allocates `len` initialised elements: a cached buffer of the same size if one is free
+    /// (returns `false`), else a fresh zeroed one (returns `true`).
+    fn alloc(len: usize) -> Result<(Self, bool)> {
         let layout = Self::layout(len)?;
         if layout.size() == 0 {
-            return Ok(AlignedBuf {
+            let buf = AlignedBuf {
                 ptr: NonNull::dangling(),
                 len,
                 _owns: PhantomData,
-            });
+            };
+            return Ok((buf, true));
         }
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { alloc::alloc(layout) } as *mut E;
-        let Some(ptr) = NonNull::new(raw) else {
+        let (raw, fresh) = match crate::memory::take_cached(layout.size()) {
+            Some(p) => (p, false),
+            // SAFETY: the layout has a non-zero size; zeroed memory is a valid value of every
+            // element type (0.0).
+            None => (unsafe { alloc::alloc_zeroed(layout) }, true),
+        };
+        let Some(ptr) = NonNull::new(raw as *mut E) else {
             alloc::handle_alloc_error(layout)
         };
-        // SAFETY: `ptr` is valid for `len` writes of `E`, properly aligned (64 >= align_of::<E>()).
-        unsafe {
-            for i in 0..len {
-                ptr.as_ptr().add(i).write(value);
-            }
-        }
         crate::memory::on_alloc(layout.size());
-        Ok(AlignedBuf {
+        let buf = AlignedBuf {
             ptr,
             len,
             _owns: PhantomData,
-        })
+        };
+        Ok((buf, fresh))
     }
 
     /// A copy of `data`.
     pub fn from_slice(data: &[E]) -> Result<Self> {
-        let mut buf = Self::filled(data.len(), E::ZERO)?;
+        let mut buf = Self::for_overwrite(data.len())?;
         buf.as_mut_slice().copy_from_slice(data);
         Ok(buf)
     }
@@ -137,9 +155,12 @@ impl<E: Element> Drop for AlignedBuf<E> {
     fn drop(&mut self) {
         let layout = Self::layout(self.len).expect("layout was valid at allocation");
         if layout.size() != 0 {
-            // SAFETY: allocated in `filled` with this very layout; `E` has no drop glue (Copy).
-            unsafe { alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout) };
             crate::memory::on_free(layout.size());
+            if !crate::memory::give_cached(self.ptr.as_ptr() as *mut u8, layout.size()) {
+                // SAFETY: allocated in `alloc` (or taken from the cache, which allocated it) with
+                // this very layout; `E` has no drop glue (Copy).
+                unsafe { alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout) };
+            }
         }
     }
 }
@@ -215,6 +236,28 @@ impl<D: DTypeKind> Tensor<D> {
     /// A host tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Result<Self> {
         Self::full(shape, <D::Elem as Element>::ZERO)
+    }
+
+    /// A host tensor whose values are unspecified, for an output that a kernel overwrites in
+    /// full (a GEMM with `beta = 0`, a cast, an activation). It reuses a freed buffer of the same
+    /// size when one is cached (see [`crate::memory`]), so a training step's activations cost no
+    /// page faults or zeroing after the first step; the values are then whatever that buffer
+    /// held (always valid numbers), else zeros.
+    ///
+    /// ```
+    /// use mp_core::{Tensor, F32};
+    ///
+    /// let mut y = Tensor::<F32>::for_overwrite(&[2, 3])?;
+    /// y.as_mut_slice()?.fill(1.5);
+    /// assert_eq!(y.to_f32_vec()?, vec![1.5; 6]);
+    /// # Ok::<(), mp_core::Error>(())
+    /// ```
+    pub fn for_overwrite(shape: &[usize]) -> Result<Self> {
+        let n = numel("for_overwrite", shape)?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(Arc::new(AlignedBuf::for_overwrite(n)?)),
+        })
     }
 
     /// A tensor of zeros on `device` (allocated there directly, no host copy).
@@ -463,7 +506,7 @@ impl<D: DTypeKind> Tensor<D> {
     /// are kept. (This is the simple reference path; mp-kernels has the vectorised casts the
     /// layers use.)
     pub fn cast<D2: DTypeKind>(&self) -> Result<Tensor<D2>> {
-        let mut out = Tensor::<D2>::zeros(&self.shape)?;
+        let mut out = Tensor::<D2>::for_overwrite(&self.shape)?;
         self.cast_into(&mut out)?;
         Ok(out)
     }

@@ -147,7 +147,7 @@ impl<P: PolicyKind> Activation<P> {
             got: x.shape().to_vec(),
         })?;
         let rows = x.len().checked_div(cols).unwrap_or(0);
-        let mut p = Tensor::<F32>::zeros(x.shape())?;
+        let mut p = Tensor::<F32>::for_overwrite(x.shape())?;
         mp_kernels::softmax::softmax(x.as_slice()?, rows, cols, p.as_mut_slice()?)?;
         Ok(p)
     }
@@ -233,7 +233,7 @@ impl<P: PolicyKind> Layer for Activation<P> {
                 let cols = *p.shape().last().expect("checked at forward");
                 let rows = p.len().checked_div(cols).unwrap_or(0);
                 let dy32 = convert_ref::<P::Compute, F32>(dy)?;
-                let mut dx = Tensor::<F32>::zeros(p.shape())?;
+                let mut dx = Tensor::<F32>::for_overwrite(p.shape())?;
                 mp_kernels::softmax::softmax_backward(
                     p.as_slice()?,
                     dy32.as_slice()?,

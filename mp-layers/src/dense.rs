@@ -147,7 +147,7 @@ impl<P: PolicyKind> Dense<P> {
         let rows = check_features(&self.name, x.shape(), input_dim)?;
         let mut out_shape = x.shape().to_vec();
         *out_shape.last_mut().expect("rank checked") = self.units;
-        let mut y = Tensor::<P::Compute>::zeros(&out_shape)?;
+        let mut y = Tensor::<P::Compute>::for_overwrite(&out_shape)?;
         gemm(
             false,
             false,
@@ -179,7 +179,7 @@ impl<P: PolicyKind> Dense<P> {
         }
         let cast = match &mut self.kernel_cast {
             Some(c) if c.shape() == kernel.shape() => c,
-            slot => slot.insert(Tensor::zeros(kernel.shape())?),
+            slot => slot.insert(Tensor::for_overwrite(kernel.shape())?),
         };
         mp_kernels::cast::cast(kernel.value().as_slice()?, cast.as_mut_slice()?)?;
         Ok(())
@@ -272,7 +272,7 @@ impl<P: PolicyKind> Layer for Dense<P> {
         match (kernel.value() as &dyn Any).downcast_ref::<Tensor<P::Compute>>() {
             Some(k) => self.compute(x, k),
             None => {
-                let mut k = Tensor::<P::Compute>::zeros(kernel.shape())?;
+                let mut k = Tensor::<P::Compute>::for_overwrite(kernel.shape())?;
                 mp_kernels::cast::cast(kernel.value().as_slice()?, k.as_mut_slice()?)?;
                 self.compute(x, &k)
             }
@@ -310,7 +310,7 @@ impl<P: PolicyKind> Layer for Dense<P> {
         let dz_owned;
         let dz = match &y {
             Some(y) => {
-                let mut d = Tensor::<P::Compute>::zeros(dy.shape())?;
+                let mut d = Tensor::<P::Compute>::for_overwrite(dy.shape())?;
                 mp_kernels::activation::relu_backward(
                     dy.as_slice()?,
                     y.as_slice()?,
@@ -324,7 +324,7 @@ impl<P: PolicyKind> Layer for Dense<P> {
         let units = self.units;
         let dx = if need_dx {
             // dx = dz · kernelᵀ, in the compute dtype.
-            let mut dx = Tensor::<P::Compute>::zeros(x.shape())?;
+            let mut dx = Tensor::<P::Compute>::for_overwrite(x.shape())?;
             gemm(
                 false,
                 true,

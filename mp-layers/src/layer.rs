@@ -300,7 +300,7 @@ pub fn convert_ref<A: DTypeKind, B: DTypeKind>(x: &Tensor<A>) -> Result<Converte
     if let Some(same) = (x as &dyn Any).downcast_ref::<Tensor<B>>() {
         return Ok(Converted::Borrowed(same));
     }
-    let mut out = Tensor::<B>::zeros(x.shape())?;
+    let mut out = Tensor::<B>::for_overwrite(x.shape())?;
     mp_kernels::cast::cast(x.as_slice()?, out.as_mut_slice()?)?;
     Ok(Converted::Owned(out))
 }
@@ -314,7 +314,7 @@ pub fn convert<A: DTypeKind, B: DTypeKind>(x: Tensor<A>) -> Result<Tensor<B>> {
             let x = other
                 .downcast::<Tensor<A>>()
                 .expect("the box holds a Tensor<A>");
-            let mut out = Tensor::<B>::zeros(x.shape())?;
+            let mut out = Tensor::<B>::for_overwrite(x.shape())?;
             mp_kernels::cast::cast(x.as_slice()?, out.as_mut_slice()?)?;
             Ok(out)
         }

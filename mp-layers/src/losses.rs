@@ -68,9 +68,9 @@ impl SparseCategoricalCrossentropy {
         scale: f32,
     ) -> Result<Tensor<F32>> {
         let (rows, cols) = Self::dims(y_pred, labels)?;
-        let mut d = Tensor::<F32>::zeros(y_pred.shape())?;
+        let mut d = Tensor::<F32>::for_overwrite(y_pred.shape())?;
         if self.from_logits {
-            let mut p = Tensor::<F32>::zeros(y_pred.shape())?;
+            let mut p = Tensor::<F32>::for_overwrite(y_pred.shape())?;
             mp_kernels::softmax::softmax(y_pred.as_slice()?, rows, cols, p.as_mut_slice()?)?;
             mp_kernels::softmax::softmax_cross_entropy_grad_scaled(
                 p.as_slice()?,
@@ -102,7 +102,7 @@ impl SparseCategoricalCrossentropy {
         scale: f32,
     ) -> Result<Tensor<F32>> {
         let (rows, cols) = Self::dims(probs, labels)?;
-        let mut d = Tensor::<F32>::zeros(probs.shape())?;
+        let mut d = Tensor::<F32>::for_overwrite(probs.shape())?;
         mp_kernels::softmax::softmax_cross_entropy_grad_scaled(
             probs.as_slice()?,
             labels,

@@ -574,7 +574,7 @@ fn check_data<L>(x: &ArrayView2<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
 /// Copies rows `idx` of `x` into a float32 tensor and converts it to the compute dtype.
 fn gather<D: mp_core::DTypeKind>(x: &ArrayView2<'_, f32>, idx: &[usize]) -> Result<Tensor<D>> {
     let cols = x.ncols();
-    let mut t = Tensor::<F32>::zeros(&[idx.len(), cols])?;
+    let mut t = Tensor::<F32>::for_overwrite(&[idx.len(), cols])?;
     let out = t.as_mut_slice()?;
     for (o, &i) in out.chunks_exact_mut(cols.max(1)).zip(idx) {
         let row = x.row(i);
