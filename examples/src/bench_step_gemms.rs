@@ -111,8 +111,8 @@ fn time_one<T: GemmInput>(g: &StepGemm, reps: usize, rng: &mut Rng) -> Result<(f
     let mut times = vec![];
     if g.f32_out {
         let mut c = vec![0f32; g.m * g.n];
-        for _ in 0..reps {
-            times.push(timed(|| {
+        for rep in 0..=reps {
+            let t = timed(|| {
                 gemm(
                     g.trans_a,
                     g.trans_b,
@@ -130,13 +130,18 @@ fn time_one<T: GemmInput>(g: &StepGemm, reps: usize, rng: &mut Rng) -> Result<(f
                     Epilogue::None,
                 )?;
                 Ok(())
-            })?);
+            })?;
+            // The first run is a warm-up: it faults in C's pages (a fresh, lazily zeroed
+            // allocation), which a training step's reused buffers never pay.
+            if rep > 0 {
+                times.push(t);
+            }
         }
         std::hint::black_box(&c);
     } else {
         let mut c = vec![T::ZERO; g.m * g.n];
-        for _ in 0..reps {
-            times.push(timed(|| {
+        for rep in 0..=reps {
+            let t = timed(|| {
                 gemm(
                     g.trans_a,
                     g.trans_b,
@@ -154,7 +159,12 @@ fn time_one<T: GemmInput>(g: &StepGemm, reps: usize, rng: &mut Rng) -> Result<(f
                     Epilogue::None,
                 )?;
                 Ok(())
-            })?);
+            })?;
+            // The first run is a warm-up: it faults in C's pages (a fresh, lazily zeroed
+            // allocation), which a training step's reused buffers never pay.
+            if rep > 0 {
+                times.push(t);
+            }
         }
         std::hint::black_box(&c);
     }

@@ -318,6 +318,58 @@ fn f16_large_shapes() {
     sweep_large::<f16, f32>("f16_large_shapes_f32_out");
 }
 
+/// Large GEMMs with a transposed A (every dimension >= 1024: hidden-layer weight gradients):
+/// float32 first copies A into depth-contiguous rows, bfloat16 packs it with the partial sums in
+/// C. Checked against float64 like every other path, with the weight-gradient accumulation
+/// (alpha 1, beta 1 into float32) and a forward-style store, at an odd depth.
+#[test]
+fn large_transposed_a() {
+    let mut rng = Rng::new(test_seed("large_transposed_a"));
+    let isa = Isa::detect();
+    let (m, n, k) = (1030, 1024, 1025);
+    let acc = Case {
+        ta: true,
+        beta: 1.0,
+        pad: 3,
+        ..Case::new(m, n, k)
+    };
+    let fwd = Case {
+        ta: true,
+        tb: true,
+        alpha: 0.5,
+        epi: Epi::BiasRelu,
+        ..Case::new(m, n, k)
+    };
+    check::<f32, f32>(isa, acc, &mut rng);
+    check::<bf16, f32>(isa, acc, &mut rng);
+    check::<bf16, bf16>(isa, fwd, &mut rng);
+}
+
+/// Depth beyond 4096 into float32 runs in super-blocks added into C: alpha, beta, the bias and
+/// ReLU must still apply once, on every transpose and input dtype, odd depth included.
+#[test]
+fn deep_float32_outputs_run_in_super_blocks() {
+    let mut rng = Rng::new(test_seed("deep_float32_outputs_run_in_super_blocks"));
+    for isa in isas(false) {
+        for (t, &(m, n, k)) in [(37, 70, 5001), (13, 129, 9000)].iter().enumerate() {
+            for tr in 0..4 {
+                let case = Case {
+                    ta: tr & 1 == 1,
+                    tb: tr & 2 == 2,
+                    alpha: [1.0, 0.75][(t + tr) % 2],
+                    beta: [1.0, 0.0, 0.5][tr % 3],
+                    epi: EPIS[(t + tr) % 4],
+                    pad: 2,
+                    ..Case::new(m, n, k)
+                };
+                check::<f32, f32>(isa, case, &mut rng);
+                check::<bf16, f32>(isa, case, &mut rng);
+                check::<f16, f32>(isa, case, &mut rng);
+            }
+        }
+    }
+}
+
 /// A backward-shaped weight gradient `Xt dY` with beta = 1 into float32 (accumulation), and the
 /// forward `X W + b`: the relative Frobenius error of float32 is far under 1e-4.
 #[test]

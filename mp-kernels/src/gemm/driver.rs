@@ -34,7 +34,7 @@ use super::{GemmInput, GemmOutput};
 use crate::threads;
 
 /// Where and how results are stored.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Output<O> {
     pub c: *mut O,
     pub ldc: usize,
@@ -209,6 +209,207 @@ const PARALLEL_MIN_MACS: usize = 1 << 19;
 /// # Safety
 /// `p` must describe checked matrices, and the CPU must support the kernel.
 pub(crate) unsafe fn run<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
+    kernel: &K,
+    p: &Problem<T, O>,
+    blocking: Blocking,
+) {
+    let ks = depth_super_block::<T, O, K>(p);
+    if ks < p.k {
+        // Deep GEMM into float32: one depth super-block at a time, each accumulated into C.
+        let mut pc = 0;
+        while pc < p.k {
+            let kcur = ks.min(p.k - pc);
+            let last = pc + kcur == p.k;
+            let q = Problem {
+                m: p.m,
+                n: p.n,
+                k: kcur,
+                // SAFETY: depth pc.. of op(A) and op(B) is inside them.
+                a: unsafe { p.a.add(pc * p.a_ps) },
+                a_rs: p.a_rs,
+                a_ps: p.a_ps,
+                // SAFETY: as above.
+                b: unsafe { p.b.add(pc * p.b_ps) },
+                b_cs: p.b_cs,
+                b_ps: p.b_ps,
+                out: Output {
+                    beta: if pc == 0 { p.out.beta } else { 1.0 },
+                    bias: if last { p.out.bias } else { std::ptr::null() },
+                    relu: last && p.out.relu,
+                    ..p.out
+                },
+            };
+            // SAFETY: q is a checked sub-problem of p (C unchanged in shape).
+            unsafe { run_one(kernel, &q, blocking) };
+            pc += kcur;
+        }
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe { run_one(kernel, p, blocking) }
+}
+
+/// The depth above which a GEMM into float32 runs in super-blocks.
+const SUPER_BLOCK_DEPTH: usize = 4096;
+
+/// The depth of one super-block: `k` itself unless C is float32 and `k` exceeds
+/// [`SUPER_BLOCK_DEPTH`], then `k` split into equal super-blocks of at most that (a multiple of
+/// `KPACK`). The whole-depth packed B of [`run_block_with`] limits a column block to
+/// `B_BUDGET / depth` columns, and all of A is read again for each, from memory once A passes
+/// the cache: at k = 8192 (a weight gradient over a batch of 8192) that was 8 reads of A per
+/// thread and ~78% of peak, where k = 4096 runs at ~90%. Each super-block's float32 result is
+/// added to C (`beta` in the first, 1 after, the bias and ReLU in the last), so an element of C
+/// is a chain of float32 sums in depth order; the split depends on `k` only, never on threads.
+fn depth_super_block<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(p: &Problem<T, O>) -> usize {
+    if O::DTYPE != mp_core::DType::F32 || p.k <= SUPER_BLOCK_DEPTH {
+        return p.k;
+    }
+    let blocks = p.k.div_ceil(SUPER_BLOCK_DEPTH);
+    p.k.div_ceil(blocks).div_ceil(K::KPACK) * K::KPACK
+}
+
+/// Runs a problem whose depth is one super-block.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn run_one<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
+    kernel: &K,
+    p: &Problem<T, O>,
+    blocking: Blocking,
+) {
+    if transposes_a::<T, O, K>(p) {
+        // SAFETY: forwarded.
+        if unsafe { run_with_a_transposed(kernel, p, blocking) } {
+            return;
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { run_split(kernel, p, blocking) }
+}
+
+/// Below this many elements in each dimension, a transposed op(A) is packed as it is.
+const TRANSPOSE_A_MIN_DIM: usize = 1024;
+
+/// Whether op(A) is first copied into depth-contiguous rows: a large float32 GEMM (every
+/// dimension at least [`TRANSPOSE_A_MIN_DIM`], a hidden layer's weight gradient `Xt dY`) whose
+/// op(A) is stored transposed. Reading the copy in place ran the 4096 x 4096 x 8192 weight
+/// gradient at ~87% of the FMA peak here, against ~82% packing it from the transposed layout
+/// with the partial sums in C; for bfloat16 the two measured the same, so it keeps the packing.
+/// It depends on the problem only, so results stay bit-identical across thread counts.
+fn transposes_a<T, O, K: Kernel<T, O>>(p: &Problem<T, O>) -> bool {
+    K::DIRECT_A
+        && K::KPACK == 1
+        && p.a_rs == 1
+        && p.a_ps != 1
+        && p.m >= TRANSPOSE_A_MIN_DIM
+        && p.n >= TRANSPOSE_A_MIN_DIM
+        && p.k >= TRANSPOSE_A_MIN_DIM
+}
+
+/// Copies op(A) into a buffer of depth-contiguous rows (row stride `k`, rounded up to `KPACK`
+/// with a zero pad) on all threads, then runs the problem reading it in place. The buffer comes
+/// from mp-core's tensor allocator, so it is counted like a tensor and reused across steps.
+/// Returns `false` (nothing done) if the buffer cannot be allocated.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn run_with_a_transposed<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
+    kernel: &K,
+    p: &Problem<T, O>,
+    blocking: Blocking,
+) -> bool {
+    let ld = p.k.div_ceil(K::KPACK) * K::KPACK;
+    let Some(len) = p.m.checked_mul(ld) else {
+        return false;
+    };
+    let Ok(mut buf) = mp_core::tensor::AlignedBuf::<T>::for_overwrite(len) else {
+        return false;
+    };
+    let dst = SendPtr(buf.as_mut_slice().as_mut_ptr());
+    let threads = threads::num_threads();
+    let parts = threads::static_ranges(p.m, threads, 16);
+    let copy = |rows: &Range<usize>| {
+        let dst = &dst;
+        // SAFETY: the ranges are disjoint rows of the buffer; op(A)[i, q] is at a + i + q * a_ps.
+        unsafe { transpose_rows(p.a, p.a_ps, rows.clone(), p.k, dst.0, ld) }
+    };
+    if parts.len() <= 1 {
+        copy(&(0..p.m));
+    } else {
+        threads::pool().scope(|s| {
+            for part in &parts[1..] {
+                s.spawn(|_| copy(part));
+            }
+            copy(&parts[0]);
+        });
+    }
+    let q = Problem {
+        m: p.m,
+        n: p.n,
+        k: p.k,
+        a: buf.as_slice().as_ptr(),
+        a_rs: ld,
+        a_ps: 1,
+        b: p.b,
+        b_cs: p.b_cs,
+        b_ps: p.b_ps,
+        out: p.out,
+    };
+    // SAFETY: q reads the buffer (m rows of ld >= k elements) instead of A; the rest is p's.
+    unsafe { run_split(kernel, &q, blocking) };
+    true
+}
+
+/// A pointer the copy threads share (each writes its own rows).
+struct SendPtr<T>(*mut T);
+// SAFETY: the threads write disjoint rows.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// `dst[i * ld + q] = src[i + q * ps]` for rows `rows`, depth `k` (and zero in the pad up to
+/// `ld`), in 16 x 64 blocks so both sides stay in cache.
+///
+/// # Safety
+/// The source elements and the destination rows must be valid.
+unsafe fn transpose_rows<T: Copy>(
+    src: *const T,
+    ps: usize,
+    rows: Range<usize>,
+    k: usize,
+    dst: *mut T,
+    ld: usize,
+) {
+    const BI: usize = 16;
+    const BQ: usize = 64;
+    let mut i0 = rows.start;
+    while i0 < rows.end {
+        let i1 = (i0 + BI).min(rows.end);
+        let mut q0 = 0;
+        while q0 < k {
+            let q1 = (q0 + BQ).min(k);
+            for i in i0..i1 {
+                for q in q0..q1 {
+                    // SAFETY: i < m and q < k are inside both matrices.
+                    unsafe { *dst.add(i * ld + q) = *src.add(i + q * ps) };
+                }
+            }
+            q0 = q1;
+        }
+        for i in i0..i1 {
+            for q in k..ld {
+                // SAFETY: the pad of row i is inside the buffer; zero bits are 0.0 in every
+                // element type, so the pad adds nothing (and no stale NaN) to a pair.
+                unsafe { std::ptr::write_bytes(dst.add(i * ld + q), 0, 1) };
+            }
+        }
+        i0 = i1;
+    }
+}
+
+/// Splits the problem over the pool and runs each part.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn run_split<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
     kernel: &K,
     p: &Problem<T, O>,
     blocking: Blocking,
