@@ -10,8 +10,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use mp_core::{Rng, bf16, f16};
+use mp_kernels::gemm::GemmOutput;
 use mp_kernels::gemm::{Epilogue, GemmInput, gemm};
 use mp_kernels::peak;
+
+use crate::cpu_time::process_cpu_secs;
 
 /// One GEMM of the step: `C (m x n) = op(A) op(B)`.
 #[derive(Clone, Copy, Debug)]
@@ -72,30 +75,16 @@ pub fn step_gemms(batch: usize, units: usize) -> Vec<StepGemm> {
     ]
 }
 
-/// CPU seconds of all this process's threads (Linux `schedstat`; 0 elsewhere).
-fn cpu_secs() -> f64 {
-    let mut ns = 0u64;
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for e in dir.flatten() {
-            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-                ns += s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|x| x.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    ns as f64 * 1e-9
-}
-
 /// Runs `f`, returning its wall seconds and the seconds it would have taken had its threads had
 /// their cores (CPU seconds / threads): on a shared machine the second is the fairer figure.
 fn timed(f: impl FnOnce() -> Result<()>) -> Result<(f64, f64)> {
-    let (t, c) = (Instant::now(), cpu_secs());
+    let (t, c) = (Instant::now(), process_cpu_secs());
     f()?;
     let wall = t.elapsed().as_secs_f64();
-    let cpu = (cpu_secs() - c) / mp_kernels::threads::num_threads() as f64;
+    let cpu = match (c, process_cpu_secs()) {
+        (Some(c0), Some(c1)) => (c1 - c0) / mp_kernels::threads::num_threads() as f64,
+        _ => wall,
+    };
     Ok((wall, if cpu > 0.0 { cpu.min(wall) } else { wall }))
 }
 
@@ -106,68 +95,53 @@ fn time_one<T: GemmInput>(g: &StepGemm, reps: usize, rng: &mut Rng) -> Result<(f
     let b: Vec<T> = (0..g.k * g.n)
         .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
         .collect();
+    if g.f32_out {
+        // A weight gradient: accumulated into float32.
+        time_into::<T, f32>(g, &a, &b, 1.0, reps)
+    } else {
+        time_into::<T, T>(g, &a, &b, 0.0, reps)
+    }
+}
+
+/// The median (by CPU time) of `reps` timed runs of `g` into a C of `O`, after a warm-up run.
+fn time_into<T: GemmInput, O: GemmOutput>(
+    g: &StepGemm,
+    a: &[T],
+    b: &[T],
+    beta: f32,
+    reps: usize,
+) -> Result<(f64, f64)> {
     let lda = if g.trans_a { g.m } else { g.k };
     let ldb = if g.trans_b { g.k } else { g.n };
+    let mut c = vec![O::ZERO; g.m * g.n];
     let mut times = vec![];
-    if g.f32_out {
-        let mut c = vec![0f32; g.m * g.n];
-        for rep in 0..=reps {
-            let t = timed(|| {
-                gemm(
-                    g.trans_a,
-                    g.trans_b,
-                    g.m,
-                    g.n,
-                    g.k,
-                    1.0,
-                    &a,
-                    lda,
-                    &b,
-                    ldb,
-                    1.0,
-                    &mut c,
-                    g.n,
-                    Epilogue::None,
-                )?;
-                Ok(())
-            })?;
-            // The first run is a warm-up: it faults in C's pages (a fresh, lazily zeroed
-            // allocation), which a training step's reused buffers never pay.
-            if rep > 0 {
-                times.push(t);
-            }
+    for rep in 0..=reps {
+        let t = timed(|| {
+            gemm(
+                g.trans_a,
+                g.trans_b,
+                g.m,
+                g.n,
+                g.k,
+                1.0,
+                a,
+                lda,
+                b,
+                ldb,
+                beta,
+                &mut c,
+                g.n,
+                Epilogue::None,
+            )?;
+            Ok(())
+        })?;
+        // The first run is a warm-up: it faults in C's pages (a fresh, lazily zeroed
+        // allocation), which a training step's reused buffers never pay.
+        if rep > 0 {
+            times.push(t);
         }
-        std::hint::black_box(&c);
-    } else {
-        let mut c = vec![T::ZERO; g.m * g.n];
-        for rep in 0..=reps {
-            let t = timed(|| {
-                gemm(
-                    g.trans_a,
-                    g.trans_b,
-                    g.m,
-                    g.n,
-                    g.k,
-                    1.0,
-                    &a,
-                    lda,
-                    &b,
-                    ldb,
-                    0.0,
-                    &mut c,
-                    g.n,
-                    Epilogue::None,
-                )?;
-                Ok(())
-            })?;
-            // The first run is a warm-up: it faults in C's pages (a fresh, lazily zeroed
-            // allocation), which a training step's reused buffers never pay.
-            if rep > 0 {
-                times.push(t);
-            }
-        }
-        std::hint::black_box(&c);
     }
+    std::hint::black_box(&c);
     times.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(times[times.len() / 2])
 }

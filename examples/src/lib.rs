@@ -10,6 +10,7 @@ use mp_layers::{Dense, Softmax, model};
 
 pub mod bench_step_gemms;
 pub mod bench_train;
+pub mod cpu_time;
 
 /// The guide's model: `784 -> Dense(units, relu) -> Dense(units, relu) -> Dense(10)` and a
 /// softmax kept in float32, so the model's output is float32 under every policy.

@@ -268,7 +268,8 @@ fn f16_small_shapes_every_path() {
 
 /// Larger shapes on the SIMD paths: several depth blocks (K up to 4096, odd K), several row
 /// blocks, both thread splits (rows for tall-thin C, columns for wide C), several column blocks
-/// of packed B per thread (n = 2200 with K = 2100), every transpose.
+/// of packed B per thread (n = 2200 with K = 2100), depth super-blocks added into a float32 C
+/// (K = 5001 > 4096), every transpose.
 fn sweep_large<T: GemmInput, O: GemmOutput>(name: &str) {
     let mut rng = Rng::new(test_seed(name));
     let shapes = [
@@ -279,6 +280,7 @@ fn sweep_large<T: GemmInput, O: GemmOutput>(name: &str) {
         (600, 20, 300),
         (20, 600, 300),
         (5, 2200, 2100),
+        (37, 70, 5001),
     ];
     for isa in isas(false) {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
@@ -343,31 +345,6 @@ fn large_transposed_a() {
     check::<f32, f32>(isa, acc, &mut rng);
     check::<bf16, f32>(isa, acc, &mut rng);
     check::<bf16, bf16>(isa, fwd, &mut rng);
-}
-
-/// Depth beyond 4096 into float32 runs in super-blocks added into C: alpha, beta, the bias and
-/// ReLU must still apply once, on every transpose and input dtype, odd depth included.
-#[test]
-fn deep_float32_outputs_run_in_super_blocks() {
-    let mut rng = Rng::new(test_seed("deep_float32_outputs_run_in_super_blocks"));
-    for isa in isas(false) {
-        for (t, &(m, n, k)) in [(37, 70, 5001), (13, 129, 9000)].iter().enumerate() {
-            for tr in 0..4 {
-                let case = Case {
-                    ta: tr & 1 == 1,
-                    tb: tr & 2 == 2,
-                    alpha: [1.0, 0.75][(t + tr) % 2],
-                    beta: [1.0, 0.0, 0.5][tr % 3],
-                    epi: EPIS[(t + tr) % 4],
-                    pad: 2,
-                    ..Case::new(m, n, k)
-                };
-                check::<f32, f32>(isa, case, &mut rng);
-                check::<bf16, f32>(isa, case, &mut rng);
-                check::<f16, f32>(isa, case, &mut rng);
-            }
-        }
-    }
 }
 
 /// A backward-shaped weight gradient `Xt dY` with beta = 1 into float32 (accumulation), and the

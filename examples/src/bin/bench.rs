@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use examples::cpu_time::process_cpu_secs;
 use mp_core::{DType, Rng, bf16, f16};
 use mp_kernels::gemm::{Epilogue, GemmInput, gemm};
 use mp_kernels::{Isa, peak, threads};
@@ -186,17 +187,6 @@ fn stats(xs: &[f64]) -> (f64, f64, f64) {
         0.5 * (v[mid - 1] + v[mid])
     };
     (median, v[0], v[v.len() - 1])
-}
-
-/// CPU time of all this process's threads, in seconds (Linux: `/proc/self/task/*/schedstat`);
-/// `None` elsewhere. Compared with wall time it shows whether the threads got their cores.
-fn process_cpu_secs() -> Option<f64> {
-    let mut total_ns = 0u64;
-    for entry in std::fs::read_dir("/proc/self/task").ok()? {
-        let stat = std::fs::read_to_string(entry.ok()?.path().join("schedstat")).ok()?;
-        total_ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(total_ns as f64 * 1e-9)
 }
 
 /// One timing: GFLOP/s and the share of the kernel threads' cores the process got meanwhile.

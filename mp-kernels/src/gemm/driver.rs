@@ -61,6 +61,32 @@ pub(crate) struct Problem<T, O> {
     pub out: Output<O>,
 }
 
+impl<O> Output<O> {
+    /// The `rows x cols` tile of C at (i, j), storing with this output's epilogue.
+    ///
+    /// # Safety
+    /// (i, j) must be inside C (and j inside the bias, if any).
+    pub(crate) unsafe fn tile(&self, i: usize, j: usize, rows: usize, cols: usize) -> Tile<O> {
+        Tile {
+            // SAFETY: (i, j) is inside C (the caller's promise).
+            c: unsafe { self.c.add(i * self.ldc + j) },
+            ldc: self.ldc,
+            rows,
+            cols,
+            alpha: self.alpha,
+            beta: self.beta,
+            bias: if self.bias.is_null() {
+                self.bias
+            } else {
+                // SAFETY: the bias has n elements and j < n.
+                unsafe { self.bias.add(j) }
+            },
+            relu: self.relu,
+            acc_in_c: false,
+        }
+    }
+}
+
 // SAFETY: the pointers come from slices borrowed for the whole call (A and B shared, C exclusive),
 // and threads write disjoint parts of C.
 unsafe impl<T: Sync, O: Send> Sync for Problem<T, O> {}
@@ -620,23 +646,9 @@ unsafe fn run_block_with<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
                         let mut ir = 0;
                         while ir < mcur {
                             let (i, j) = (ic + ir, jc + jr);
-                            let tile = Tile {
-                                // SAFETY: (i, j) is inside C.
-                                c: unsafe { out.c.add(i * out.ldc + j) },
-                                ldc: out.ldc,
-                                rows: mr.min(mcur - ir),
-                                cols: nr.min(ncur - jr),
-                                alpha: out.alpha,
-                                beta: out.beta,
-                                bias: if out.bias.is_null() {
-                                    out.bias
-                                } else {
-                                    // SAFETY: the bias has n elements and j < n.
-                                    unsafe { out.bias.add(j) }
-                                },
-                                relu: out.relu,
-                                acc_in_c: false,
-                            };
+                            // SAFETY: (i, j) is inside C.
+                            let tile =
+                                unsafe { out.tile(i, j, mr.min(mcur - ir), nr.min(ncur - jr)) };
                             let w_tile = if multi_block {
                                 // SAFETY: tile ((i - ic2) / mr, jr / nr) of the m2 x nc
                                 // workspace, stored in the order the ir loop visits them.
@@ -781,21 +793,11 @@ unsafe fn run_block_acc_in_c<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
                     while ir < mcur {
                         let (i, j) = (ic + ir, jc + jr);
                         let tile = Tile {
-                            // SAFETY: (i, j) is inside C.
-                            c: unsafe { out.c.add(i * out.ldc + j) },
-                            ldc: out.ldc,
-                            rows: mr.min(mcur - ir),
-                            cols: nr.min(ncur - jr),
-                            alpha: 1.0,
+                            // alpha is 1 here; beta applies once, to the first block's load.
                             beta: if first { out.beta } else { 0.0 },
-                            bias: if out.bias.is_null() {
-                                out.bias
-                            } else {
-                                // SAFETY: the bias has n elements and j < n.
-                                unsafe { out.bias.add(j) }
-                            },
-                            relu: out.relu,
                             acc_in_c: true,
+                            // SAFETY: (i, j) is inside C.
+                            ..unsafe { out.tile(i, j, mr.min(mcur - ir), nr.min(ncur - jr)) }
                         };
                         // SAFETY: panel ir / mr of a_pack; the panels hold kp packed steps; the
                         // tile is inside C and owned by this thread.

@@ -191,23 +191,8 @@ pub(super) unsafe fn epilogue_only<O: GemmOutput>(m: usize, n: usize, out: &Outp
         let mut j = 0;
         while j < n {
             let cols = 64.min(n - j);
-            let tile = Tile {
-                // SAFETY: (i, j) is inside C.
-                c: unsafe { out.c.add(i * out.ldc + j) },
-                ldc: out.ldc,
-                rows: 1,
-                cols,
-                alpha: out.alpha,
-                beta: out.beta,
-                // SAFETY: j < n.
-                bias: if out.bias.is_null() {
-                    out.bias
-                } else {
-                    unsafe { out.bias.add(j) }
-                },
-                relu: out.relu,
-                acc_in_c: false,
-            };
+            // SAFETY: (i, j) is inside C.
+            let tile = unsafe { out.tile(i, j, 1, cols) };
             // SAFETY: one row of `cols` elements.
             unsafe { store_tile_scalar(zeros.as_ptr(), 0, &tile) };
             j += cols;
