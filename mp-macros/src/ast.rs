@@ -4,7 +4,7 @@ use syn::ext::IdentExt;
 use syn::{Attribute, Data, DeriveInput, Fields, Ident, Type, Visibility};
 
 use crate::attr::{self, FieldPolicy};
-use crate::valid::Ctxt;
+use crate::ctxt::Ctxt;
 
 /// A struct with named fields, one layer each.
 pub(crate) struct Model<'a> {

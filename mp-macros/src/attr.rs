@@ -2,7 +2,7 @@
 
 use syn::{Attribute, Expr, ExprLit, Lit, LitStr, Meta};
 
-use crate::valid::Ctxt;
+use crate::ctxt::Ctxt;
 
 /// The policy markers a field can be fixed to (mp-core's `Float32`, `MixedFloat16`,
 /// `MixedBFloat16`).

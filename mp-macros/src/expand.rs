@@ -8,13 +8,15 @@ use syn::{DeriveInput, GenericArgument, PathArguments, Type, parse_quote_spanned
 
 use crate::ast::{Field, Model};
 use crate::attr::{self, FieldPolicy};
-use crate::valid::{self, Ctxt};
+use crate::ctxt::Ctxt;
+use crate::stub::stub;
+use crate::valid;
 
 /// The whole expansion of `#[model]` with arguments `args` on `input`: the code, followed by
 /// every error found. When an error leaves the struct unusable, the code is a stub that keeps
 /// the struct's name and implements the traits, so the error is the only one users see.
 pub(crate) fn model(args: TokenStream, input: &DeriveInput) -> TokenStream {
-    let cx = Ctxt::default();
+    let cx = Ctxt::new();
     valid::check_args(&args, &cx);
     let model = Model::from_syn(input, &cx);
     if let Some(model) = &model {
@@ -59,7 +61,7 @@ impl<'a> Layer<'a> {
 }
 
 /// `::mp_layers`, its hidden helpers, and mp-core through them.
-fn paths() -> (TokenStream, TokenStream, TokenStream) {
+pub(crate) fn paths() -> (TokenStream, TokenStream, TokenStream) {
     (
         quote!(::mp_layers),
         quote!(::mp_layers::__private),
@@ -389,80 +391,6 @@ fn backward_chain(layers: &[Layer<'_>], start: impl Fn(TokenStream) -> TokenStre
         #private::convert_opt::<#first_compute, <P as #core::PolicyKind>::Compute>(g)
     });
     out
-}
-
-/// The expansion when the struct cannot be a model: the struct's name with the policy
-/// parameter, and `Layer` and `Model` implementations that are never run (the crate does not
-/// compile), so code using the model reports nothing more.
-fn stub(input: &DeriveInput) -> TokenStream {
-    let (mp, _, core) = paths();
-    let (ident, vis) = (&input.ident, &input.vis);
-    let docs = input.attrs.iter().filter(|a| a.path().is_ident("doc"));
-    let unreachable = quote!(::core::unreachable!("`#[model]` reported an error"));
-    quote! {
-        #(#docs)*
-        #vis struct #ident<P: #core::PolicyKind> {
-            __mp_policy: ::core::marker::PhantomData<P>,
-        }
-
-        #[automatically_derived]
-        impl<P: #core::PolicyKind> #mp::Layer for #ident<P> {
-            type Policy = P;
-            type Output = #core::F32;
-            fn type_name(&self) -> &'static str { #unreachable }
-            fn name(&self) -> &str { #unreachable }
-            fn set_name(&mut self, _: &str) { #unreachable }
-            fn build(&mut self, _: &[usize]) -> #mp::Result<::std::vec::Vec<usize>> { #unreachable }
-            fn output_shape(&self) -> ::core::option::Option<&[usize]> { #unreachable }
-            fn forward(
-                &self,
-                _: &#core::Tensor<#mp::Compute<Self>>,
-            ) -> #mp::Result<#core::Tensor<#core::F32>> {
-                #unreachable
-            }
-            fn forward_train(
-                &mut self,
-                _: &#core::Tensor<#mp::Compute<Self>>,
-            ) -> #mp::Result<#core::Tensor<#core::F32>> {
-                #unreachable
-            }
-            fn backward(
-                &mut self,
-                _: &#core::Tensor<#core::F32>,
-                _: bool,
-            ) -> #mp::Result<::core::option::Option<#core::Tensor<#mp::Compute<Self>>>> {
-                #unreachable
-            }
-            fn visit_variables(
-                &mut self,
-                _: &str,
-                _: &mut dyn ::core::ops::FnMut(&str, &mut #core::Variable) -> #mp::Result<()>,
-            ) -> #mp::Result<()> {
-                #unreachable
-            }
-            fn saved_bytes(&self) -> usize { #unreachable }
-            fn param_count(&self) -> usize { #unreachable }
-        }
-
-        #[automatically_derived]
-        impl<P: #core::PolicyKind> #mp::Model for #ident<P> {
-            fn forward_f32(
-                &self,
-                _: &#core::Tensor<#mp::Compute<Self>>,
-            ) -> #mp::Result<#core::Tensor<#core::F32>> {
-                #unreachable
-            }
-            fn forward_train_f32(
-                &mut self,
-                _: &#core::Tensor<#mp::Compute<Self>>,
-            ) -> #mp::Result<#core::Tensor<#core::F32>> {
-                #unreachable
-            }
-            fn backward_f32(&mut self, _: &#core::Tensor<#core::F32>) -> #mp::Result<()> {
-                #unreachable
-            }
-        }
-    }
 }
 
 #[cfg(test)]

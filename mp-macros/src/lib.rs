@@ -6,11 +6,15 @@
 //!
 //! The crate follows thiserror-impl and serde_derive: `ast.rs` builds a small model of the struct
 //! that borrows the `syn` tree (and so keeps every span), `attr.rs` parses `#[dtype = "..."]`,
-//! `valid.rs` holds the rules and collects every error, `expand.rs` writes the code.
+//! `valid.rs` holds the rules, `ctxt.rs` collects every error (with a drop guard for a forgotten
+//! check), `expand.rs` writes the code and `stub.rs` the stand-in emitted when the struct cannot
+//! be expanded.
 
 mod ast;
 mod attr;
+mod ctxt;
 mod expand;
+mod stub;
 mod valid;
 
 use proc_macro::TokenStream;

@@ -1,54 +1,11 @@
-//! The rules a `#[model]` struct must follow, and the error collector.
-
-use std::cell::{Cell, RefCell};
-use std::fmt::Display;
+//! The rules a `#[model]` struct must follow.
 
 use proc_macro2::TokenStream;
-use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{GenericArgument, PathArguments, Type};
 
 use crate::ast::{Field, Model};
-
-/// Collects every error (serde's `Ctxt`), so one expansion reports all of them.
-///
-/// Errors are *recoverable* when the full expansion can still be generated around them (a bad
-/// `#[dtype]` falls back to float32; arguments to `#[model(...)]` are ignored), so users see only
-/// the error itself; otherwise *fatal*, and the expansion is a stub.
-#[derive(Default)]
-pub(crate) struct Ctxt {
-    errors: RefCell<Vec<syn::Error>>,
-    fatal: Cell<bool>,
-}
-
-impl Ctxt {
-    /// A recoverable error at `tokens`.
-    pub(crate) fn error_spanned(&self, tokens: impl ToTokens, msg: impl Display) {
-        self.errors
-            .borrow_mut()
-            .push(syn::Error::new_spanned(tokens, msg));
-    }
-
-    /// An error after which the struct cannot be expanded.
-    pub(crate) fn fatal(&self, error: syn::Error) {
-        self.fatal.set(true);
-        self.errors.borrow_mut().push(error);
-    }
-
-    /// A fatal error at `tokens`.
-    pub(crate) fn fatal_spanned(&self, tokens: impl ToTokens, msg: impl Display) {
-        self.fatal(syn::Error::new_spanned(tokens, msg));
-    }
-
-    /// Every error combined (in the order found), and whether any was fatal.
-    pub(crate) fn finish(self) -> (Option<syn::Error>, bool) {
-        let combined = self.errors.into_inner().into_iter().reduce(|mut all, e| {
-            all.combine(e);
-            all
-        });
-        (combined, self.fatal.into_inner())
-    }
-}
+use crate::ctxt::Ctxt;
 
 /// `#[model]` takes no arguments.
 pub(crate) fn check_args(args: &TokenStream, cx: &Ctxt) {
