@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use mp_core::{Rng, bf16, f16};
-use mp_kernels::gemm::GemmOutput;
-use mp_kernels::gemm::{Epilogue, GemmInput, gemm};
+use mp_kernels::Cpu;
+use mp_kernels::gemm::{Gemm, GemmInput, GemmOutput, MatMut, MatRef};
 use mp_kernels::peak;
 
-use crate::cpu_time::process_cpu_secs;
+use mp_kernels::cpu_time::process_cpu_secs;
 
 /// One GEMM of the step: `C (m x n) = op(A) op(B)`.
 #[derive(Clone, Copy, Debug)]
@@ -111,27 +111,27 @@ fn time_into<T: GemmInput, O: GemmOutput>(
     beta: f32,
     reps: usize,
 ) -> Result<(f64, f64)> {
-    let lda = if g.trans_a { g.m } else { g.k };
-    let ldb = if g.trans_b { g.k } else { g.n };
+    // The stored shapes: op(A) is m x k, op(B) k x n.
+    let av = if g.trans_a {
+        MatRef::new(a, g.k, g.m).t()
+    } else {
+        MatRef::new(a, g.m, g.k)
+    };
+    let bv = if g.trans_b {
+        MatRef::new(b, g.n, g.k).t()
+    } else {
+        MatRef::new(b, g.k, g.n)
+    };
+    let cpu = Cpu::global()?;
     let mut c = vec![O::ZERO; g.m * g.n];
     let mut times = vec![];
     for rep in 0..=reps {
         let t = timed(|| {
-            gemm(
-                g.trans_a,
-                g.trans_b,
-                g.m,
-                g.n,
-                g.k,
-                1.0,
-                a,
-                lda,
-                b,
-                ldb,
-                beta,
-                &mut c,
-                g.n,
-                Epilogue::None,
+            cpu.gemm(
+                av,
+                bv,
+                MatMut::new(&mut c, g.m, g.n),
+                Gemm::new().scaled(1.0, beta),
             )?;
             Ok(())
         })?;

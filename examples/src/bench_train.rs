@@ -239,6 +239,8 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
         ));
     }
     let fma_peak = median(&mut fma_samples);
+    let paths = mp_kernels::Cpu::global()?.gemm_paths();
+    let bf16_dot = paths.bf16 == mp_kernels::gemm::GemmPath::Avx512Bf16Dot;
     let bf16_peak = if bf16_samples.is_empty() {
         None
     } else {
@@ -257,8 +259,9 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
             let max = t.iter().copied().fold(0.0, f64::max);
             let flop = 6.0 * batch as f64 * weights as f64;
             let gflops = flop / (ms * 1e-3) / 1e9;
+            // The chosen path's peak: vdpbf16ps for bfloat16 on the dot-product path, else FMA.
             let peak = match *policy {
-                Policy::MixedBFloat16 => bf16_peak.unwrap_or(fma_peak),
+                Policy::MixedBFloat16 if bf16_dot => bf16_peak.unwrap_or(fma_peak),
                 _ => fma_peak,
             };
             let (held, peak_bytes, kept, cached) = mem[i];
@@ -289,12 +292,15 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 "saved_for_backward_bytes": kept,
                 "cached_buffer_bytes": cached,
                 "max_batch_in_budget": max_batch,
-                "compat_ok": mp_core::compat::check(*policy).ok,
-                "compat_reason": mp_core::compat::check(*policy).reason,
+                "compat_ok": mp_kernels::calibrate::check(*policy)?.ok,
+                "compat_reason": mp_kernels::calibrate::check(*policy)?.reason,
+                "gemm_path": paths.get(policy.compute_dtype()).name(),
             }));
         }
     }
     let report = json!({
+        "calibration": crate::calibration_json(mp_kernels::calibrate::calibration()?),
+        "recommended_policy": mp_kernels::calibrate::recommended_policy()?.name(),
         "machine": {
             "cpu": mp_kernels::peak::describe_cpu(),
             "threads": mp_kernels::threads::num_threads(),

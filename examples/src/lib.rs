@@ -10,7 +10,6 @@ use mp_layers::{Dense, Softmax, model};
 
 pub mod bench_step_gemms;
 pub mod bench_train;
-pub mod cpu_time;
 
 /// The guide's model: `784 -> Dense(units, relu) -> Dense(units, relu) -> Dense(10)` and a
 /// softmax kept in float32, so the model's output is float32 under every policy.
@@ -118,4 +117,38 @@ impl Args {
         }
         Ok(())
     }
+}
+
+/// The calibration as the report reads it: the chosen path per dtype and every measured rate.
+pub fn calibration_json(cal: &mp_kernels::calibrate::Calibration) -> serde_json::Value {
+    let rates: Vec<_> = cal
+        .measured
+        .rates
+        .iter()
+        .map(|r| serde_json::json!({ "dtype": r.dtype.name(), "path": r.path, "gflops": r.gflops }))
+        .collect();
+    let chosen: serde_json::Map<String, serde_json::Value> = [
+        mp_core::DType::F32,
+        mp_core::DType::BF16,
+        mp_core::DType::F16,
+    ]
+    .iter()
+    .map(|&d| (d.name().to_string(), cal.chosen.get(d).name().into()))
+    .collect();
+    serde_json::json!({
+        "chosen": chosen,
+        "forced": cal.forced.iter().map(|d| d.name()).collect::<Vec<_>>(),
+        "rates": rates,
+        "fma_f32_gflops": cal.measured.fma_f32_gflops,
+        "dpbf16_gflops": cal.measured.dpbf16_gflops,
+        "measured_seconds": match cal.origin {
+            mp_kernels::calibrate::Origin::Measured { seconds, .. } => Some(seconds),
+            mp_kernels::calibrate::Origin::Cached(_) => None,
+        },
+        "quiet": match cal.origin {
+            mp_kernels::calibrate::Origin::Measured { quiet, .. } => Some(quiet),
+            mp_kernels::calibrate::Origin::Cached(_) => None,
+        },
+        "paths_available": mp_kernels::gemm::GemmPath::ALL.iter().filter(|p| p.isa().is_supported()).map(|p| p.name()).collect::<Vec<_>>(),
+    })
 }

@@ -1,13 +1,13 @@
 //! The mixed precision compatibility check for this machine.
 //!
 //! Keras prints `Mixed precision compatibility check (mixed_float16): OK` when the GPU has
-//! float16 tensor cores. mp does the same for the CPU it runs on, detected at run time:
-//!
-//! - **AVX512_BF16** (`vdpbf16ps`) or **AMX-BF16**: bfloat16 dot products at twice the float32
-//!   rate, so `mixed_bfloat16` is the fast policy;
-//! - **AVX512_FP16**: native float16 arithmetic (mp's kernels still convert float16 to float32
-//!   for the math, so it brings no speedup over float32 yet);
-//! - **F16C**: fast float16 ↔ float32 conversion; without it float16 is slow to even load.
+//! float16 tensor cores. mp does the same for the CPU it runs on, from what was **measured**
+//! there ([`Measured`], filled by mp-kernels' calibration), not from its flags alone: a flag says
+//! what an instruction can run, not how fast. `vdpbf16ps` (AVX512_BF16) runs at twice the
+//! float32 FMA rate on AMD Zen 4 and at half of it on recent Intel Xeons, where mixed_bfloat16
+//! then widens to float32 FMA and still halves activation memory. [`CpuFeatures`] detects the
+//! flags (F16C, AVX-512, AVX512_BF16, AVX512_FP16, AMX-BF16) for the messages; without F16C,
+//! float16 is slow to even load.
 //!
 //! On an NVIDIA GPU the check is Keras' (see [`check_gpu`]): float16 tensor cores need compute
 //! capability 7.0 or higher, bfloat16 ones 8.0. Under a 16-bit policy, tensor cores are used
@@ -16,6 +16,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::dtype::DType;
 use crate::policy::Policy;
 
 /// What the CPU offers for 16-bit floating point, detected at run time.
@@ -125,69 +126,148 @@ impl fmt::Display for CompatReport {
     }
 }
 
-/// Checks `policy` against this machine's CPU.
-pub fn check(policy: Policy) -> CompatReport {
-    check_with(policy, &CpuFeatures::detect())
+/// What was measured on this CPU: the arithmetic peaks and the GEMM rate of every path timed
+/// per input dtype, with the path chosen for each (mp-kernels' `calibrate` module measures it;
+/// this crate only reads it, so the verdicts are testable from fixed figures).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    /// The float32 FMA peak of all kernel threads, GFLOP/s.
+    pub fma_f32_gflops: f64,
+    /// The `vdpbf16ps` peak, GFLOP/s (`None` without AVX512_BF16).
+    pub dpbf16_gflops: Option<f64>,
+    /// Every timed GEMM path's rate.
+    pub rates: Vec<PathRate>,
+    /// The path chosen per input dtype (float32, bfloat16, float16), by name.
+    pub chosen: [(DType, &'static str); 3],
 }
 
-/// Checks `policy` against the given CPU features (what [`check`] does, testable).
-pub fn check_with(policy: Policy, cpu: &CpuFeatures) -> CompatReport {
+/// One GEMM path's measured rate for one input dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PathRate {
+    /// The input dtype.
+    pub dtype: DType,
+    /// The path's name (`avx512-6x64`, `avx512bf16-dot`, ...).
+    pub path: &'static str,
+    /// GFLOP/s on the calibration GEMM.
+    pub gflops: f64,
+}
+
+/// The name of the bfloat16 dot-product GEMM path.
+const DOT_PATH: &str = "avx512bf16-dot";
+/// A mixed policy at least this fraction of float32's GEMM rate counts as no slower (it still
+/// halves activation memory, which the rest of a step gains from).
+const NO_SLOWER: f64 = 0.97;
+
+impl Measured {
+    /// The chosen path for `dtype`.
+    pub fn chosen(&self, dtype: DType) -> &'static str {
+        self.chosen
+            .iter()
+            .find(|(d, _)| *d == dtype)
+            .map_or("none", |(_, p)| *p)
+    }
+
+    /// The measured rate of the chosen path for `dtype`, if it was timed.
+    pub fn chosen_rate(&self, dtype: DType) -> Option<f64> {
+        let path = self.chosen(dtype);
+        self.rates
+            .iter()
+            .find(|r| r.dtype == dtype && r.path == path)
+            .map(|r| r.gflops)
+            .filter(|g| g.is_finite() && *g > 0.0)
+    }
+
+    /// The chosen path's GEMM rate for `dtype` over float32's, if both were timed.
+    pub fn speedup(&self, dtype: DType) -> Option<f64> {
+        Some(self.chosen_rate(dtype)? / self.chosen_rate(DType::F32)?)
+    }
+
+    /// `vdpbf16ps`'s peak over the float32 FMA peak.
+    pub fn dot_ratio(&self) -> Option<f64> {
+        self.dpbf16_gflops.map(|d| d / self.fma_f32_gflops)
+    }
+}
+
+/// Checks `policy` against a CPU's features and what was measured on it (mp-kernels'
+/// `calibrate::check` calls this with this machine's figures).
+pub fn check_with(policy: Policy, cpu: &CpuFeatures, m: &Measured) -> CompatReport {
+    let ratio = |d| {
+        m.speedup(d)
+            .map_or("an unmeasured".to_string(), |r| format!("{r:.2}x"))
+    };
     let (ok, reason) = match policy {
         Policy::Float32 => (
             true,
             "float32 runs everywhere; it is the baseline.".to_string(),
         ),
-        Policy::MixedBFloat16 if cpu.fast_bf16() => (
-            true,
-            format!(
-                "Your CPU will likely run quickly with dtype policy mixed_bfloat16: it has {} \
-                 (bfloat16 dot products at twice the float32 rate).",
-                if cpu.avx512_bf16 {
-                    "AVX512_BF16"
-                } else {
-                    "AMX-BF16"
-                }
-            ),
-        ),
-        Policy::MixedBFloat16 => (
-            false,
-            "The dtype policy mixed_bfloat16 may run slowly because this CPU has no AVX512_BF16 \
-             or AMX-BF16: bfloat16 is converted to float32 for the math, which halves activation \
-             memory but brings no speedup."
-                .to_string(),
-        ),
+        Policy::MixedBFloat16 => {
+            let fast = m.speedup(DType::BF16).is_some_and(|r| r >= NO_SLOWER);
+            let dots = match m.dot_ratio() {
+                Some(r) => format!(
+                    "bfloat16 dot products (vdpbf16ps) run at {r:.2}x the float32 rate here"
+                ),
+                None => "this CPU has no bfloat16 dot product (AVX512_BF16)".to_string(),
+            };
+            let path = m.chosen(DType::BF16);
+            let reason = if fast && path == DOT_PATH {
+                format!(
+                    "Your CPU will likely run quickly with dtype policy mixed_bfloat16: {dots}, and \
+                     bfloat16 GEMMs measured {} float32's.",
+                    ratio(DType::BF16)
+                )
+            } else if fast {
+                format!(
+                    "{dots}; mixed_bfloat16 uses float32 FMA ({path}, bfloat16 widened while \
+                     packing; GEMMs measured {} float32's) and still halves activation memory.",
+                    ratio(DType::BF16)
+                )
+            } else {
+                format!(
+                    "The dtype policy mixed_bfloat16 may run slowly here: {dots}, and bfloat16 \
+                     GEMMs ({path}) measured {} float32's. It still halves activation memory.",
+                    ratio(DType::BF16)
+                )
+            };
+            (fast, reason)
+        }
         Policy::MixedFloat16 if !cpu.f16c => (
             false,
             "The dtype policy mixed_float16 will run slowly: this CPU has no F16C, so every \
              float16 value is converted in software. Use float32."
                 .to_string(),
         ),
-        Policy::MixedFloat16 => (
-            false,
-            format!(
-                "float16 is emulated on this CPU (float16 is converted to float32 for the math): \
-                 no speedup expected, use {}.",
-                if cpu.fast_bf16() {
-                    "mixed_bfloat16"
-                } else {
-                    "float32"
-                }
-            ),
-        ),
+        Policy::MixedFloat16 => {
+            let fast = m.speedup(DType::F16).is_some_and(|r| r >= NO_SLOWER);
+            let path = m.chosen(DType::F16);
+            let reason = if fast {
+                format!(
+                    "mixed_float16 runs at float32 speed here (float16 widened to float32 while \
+                     packing, {path}; GEMMs measured {} float32's) and halves activation \
+                     memory; it needs loss scaling, which fit applies.",
+                    ratio(DType::F16)
+                )
+            } else {
+                format!(
+                    "The dtype policy mixed_float16 may run slowly here: float16 GEMMs ({path}, \
+                     widened to float32 while packing) measured {} float32's.",
+                    ratio(DType::F16)
+                )
+            };
+            (fast, reason)
+        }
     };
     CompatReport { policy, ok, reason }
 }
 
-/// The policy the check recommends on this machine: `mixed_bfloat16` where bfloat16 is native,
-/// else `float32`.
-pub fn recommended_policy() -> Policy {
-    recommended_policy_for(&CpuFeatures::detect())
-}
-
-/// The policy the check recommends for the given CPU features.
-pub fn recommended_policy_for(cpu: &CpuFeatures) -> Policy {
-    if cpu.fast_bf16() {
+/// The policy the measurement recommends: `mixed_bfloat16` when its GEMMs run at least 0.97x
+/// float32's here (it needs no loss scaling and halves activation memory), else
+/// `mixed_float16` under the same rule, else `float32` (also when nothing was timed).
+pub fn recommended_policy_for(m: &Measured) -> Policy {
+    let no_slower = |d| m.speedup(d).is_some_and(|r| r >= NO_SLOWER);
+    if no_slower(DType::BF16) {
         Policy::MixedBFloat16
+    } else if no_slower(DType::F16) {
+        Policy::MixedFloat16
     } else {
         Policy::Float32
     }
@@ -402,52 +482,136 @@ mod tests {
         amx_bf16: false,
     };
 
-    #[test]
-    fn verdicts() {
-        let r = check_with(Policy::MixedBFloat16, &ZEN4);
-        assert!(r.ok);
-        assert!(
-            r.to_string()
-                .starts_with("Mixed precision compatibility check (mixed_bfloat16): OK\n")
-        );
-        let r = check_with(Policy::MixedFloat16, &ZEN4);
-        assert!(!r.ok);
-        let text = r.to_string();
-        assert!(
-            text.contains("WARNING") && text.contains("use mixed_bfloat16"),
-            "{text}"
-        );
-        let old = CpuFeatures {
-            avx512_bf16: false,
-            ..ZEN4
-        };
-        assert!(!check_with(Policy::MixedBFloat16, &old).ok);
-        assert!(
-            check_with(Policy::MixedFloat16, &old)
-                .reason
-                .contains("use float32")
-        );
-        let ancient = CpuFeatures::default();
-        assert!(
-            check_with(Policy::MixedFloat16, &ancient)
-                .reason
-                .contains("no F16C")
-        );
-        assert!(check_with(Policy::Float32, &ancient).ok);
-        assert_eq!(recommended_policy_for(&ZEN4), Policy::MixedBFloat16);
-        assert_eq!(recommended_policy_for(&old), Policy::Float32);
+    fn measured(
+        fma: f64,
+        dp: Option<f64>,
+        rates: &[(DType, &'static str, f64)],
+        chosen: [&'static str; 3],
+    ) -> Measured {
+        Measured {
+            fma_f32_gflops: fma,
+            dpbf16_gflops: dp,
+            rates: rates
+                .iter()
+                .map(|&(dtype, path, gflops)| PathRate {
+                    dtype,
+                    path,
+                    gflops,
+                })
+                .collect(),
+            chosen: [
+                (DType::F32, chosen[0]),
+                (DType::BF16, chosen[1]),
+                (DType::F16, chosen[2]),
+            ],
+        }
+    }
+
+    /// AMD Zen 4, as measured here: `vdpbf16ps` at 2x the FMA rate.
+    fn zen4() -> Measured {
+        measured(
+            232.0,
+            Some(463.6),
+            &[
+                (DType::F32, "avx512-6x64", 215.0),
+                (DType::F32, "avx512-8x48", 205.0),
+                (DType::BF16, "avx512-6x64", 212.0),
+                (DType::BF16, "avx512bf16-dot", 430.0),
+                (DType::F16, "avx512-6x64", 214.0),
+            ],
+            ["avx512-6x64", "avx512bf16-dot", "avx512-6x64"],
+        )
+    }
+
+    /// The Intel Xeon of the issue's report: two FMA ports, `vdpbf16ps` at half the FMA rate.
+    fn xeon() -> Measured {
+        measured(
+            344.0,
+            Some(167.0),
+            &[
+                (DType::F32, "avx512-6x64", 297.0),
+                (DType::BF16, "avx512-6x64", 292.0),
+                (DType::BF16, "avx512bf16-dot", 165.0),
+                (DType::F16, "avx512-6x64", 296.0),
+            ],
+            ["avx512-6x64", "avx512-6x64", "avx512-6x64"],
+        )
+    }
+
+    /// A CPU without AVX-512, where widening costs a little.
+    fn avx2_only() -> Measured {
+        measured(
+            110.0,
+            None,
+            &[
+                (DType::F32, "avx2", 95.0),
+                (DType::BF16, "avx2", 86.0),
+                (DType::F16, "avx2", 88.0),
+            ],
+            ["avx2", "avx2", "avx2"],
+        )
     }
 
     #[test]
-    fn detection_runs() {
-        let cpu = CpuFeatures::detect();
-        // Whatever the CPU, the check gives a verdict for every policy without panicking.
-        for p in Policy::ALL {
-            assert!(!check(p).reason.is_empty());
-        }
-        assert!(!cpu.summary().is_empty());
-        if cpu.avx512_bf16 {
-            assert_eq!(recommended_policy(), Policy::MixedBFloat16);
-        }
+    fn verdicts_follow_the_measurement() {
+        let r = check_with(Policy::MixedBFloat16, &ZEN4, &zen4());
+        assert!(r.ok);
+        assert_eq!(
+            r.to_string(),
+            "Mixed precision compatibility check (mixed_bfloat16): OK\nYour CPU will likely run \
+             quickly with dtype policy mixed_bfloat16: bfloat16 dot products (vdpbf16ps) run at \
+             2.00x the float32 rate here, and bfloat16 GEMMs measured 2.00x float32's."
+        );
+        assert_eq!(recommended_policy_for(&zen4()), Policy::MixedBFloat16);
+        let f16 = check_with(Policy::MixedFloat16, &ZEN4, &zen4());
+        assert!(f16.ok, "{f16}");
+        assert!(f16.reason.contains("1.00x float32's"), "{f16}");
+
+        let xeon_cpu = CpuFeatures {
+            avx512_fp16: true,
+            ..ZEN4
+        };
+        let r = check_with(Policy::MixedBFloat16, &xeon_cpu, &xeon());
+        assert!(r.ok);
+        assert_eq!(
+            r.reason,
+            "bfloat16 dot products (vdpbf16ps) run at 0.49x the float32 rate here; \
+             mixed_bfloat16 uses float32 FMA (avx512-6x64, bfloat16 widened while packing; \
+             GEMMs measured 0.98x float32's) and still halves activation memory."
+        );
+        assert_eq!(recommended_policy_for(&xeon()), Policy::MixedBFloat16);
+        let f16 = check_with(Policy::MixedFloat16, &xeon_cpu, &xeon());
+        assert!(f16.ok && !f16.reason.contains("emulated"), "{f16}");
+
+        let old = CpuFeatures {
+            avx512f: false,
+            avx512_bf16: false,
+            ..ZEN4
+        };
+        let r = check_with(Policy::MixedBFloat16, &old, &avx2_only());
+        assert!(!r.ok);
+        assert_eq!(
+            r.to_string(),
+            "Mixed precision compatibility check (mixed_bfloat16): WARNING\nThe dtype policy \
+             mixed_bfloat16 may run slowly here: this CPU has no bfloat16 dot product \
+             (AVX512_BF16), and bfloat16 GEMMs (avx2) measured 0.91x float32's. It still halves \
+             activation memory."
+        );
+        let f16 = check_with(Policy::MixedFloat16, &old, &avx2_only());
+        assert!(!f16.ok && f16.reason.contains("0.93x float32's"), "{f16}");
+        assert_eq!(recommended_policy_for(&avx2_only()), Policy::Float32);
+
+        let ancient = CpuFeatures::default();
+        assert!(
+            check_with(Policy::MixedFloat16, &ancient, &avx2_only())
+                .reason
+                .contains("no F16C")
+        );
+        assert!(check_with(Policy::Float32, &ancient, &avx2_only()).ok);
+        // Nothing timed: no speedup is claimed.
+        let none = measured(1.0, None, &[], ["scalar", "scalar", "scalar"]);
+        assert_eq!(recommended_policy_for(&none), Policy::Float32);
+        let r = check_with(Policy::MixedBFloat16, &ancient, &none);
+        assert!(!r.ok && r.reason.contains("an unmeasured"), "{r}");
     }
 }

@@ -145,6 +145,19 @@ mod imp {
                 })
         }
 
+        /// Sets every element to `value` (a device memset for zero, else one host upload).
+        pub fn fill(&mut self, value: E) -> Result<()> {
+            let err = |e: cudarc::driver::DriverError| Error::CudaUnavailable {
+                ordinal: self.ordinal,
+                reason: e.to_string(),
+            };
+            if value.to_f32().to_bits() == 0 {
+                return self.stream.memset_zeros(&mut self.slice).map_err(err);
+            }
+            let host = vec![value; self.slice.len()];
+            self.stream.memcpy_htod(&host, &mut self.slice).map_err(err)
+        }
+
         /// The number of elements.
         pub fn len(&self) -> usize {
             self.slice.len()

@@ -36,7 +36,7 @@ pub mod rng;
 pub mod tensor;
 pub mod variable;
 
-pub use compat::{CompatReport, CpuFeatures};
+pub use compat::{CompatReport, CpuFeatures, Measured};
 pub use dtype::{BF16, DType, DTypeKind, Element, F16, F32, FloatInfo};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

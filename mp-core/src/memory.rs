@@ -65,15 +65,39 @@ fn cache() -> &'static Mutex<Cache> {
     })
 }
 
+/// The knob that caps the cache.
+pub const KNOB: &str = "MP_BUFFER_CACHE_MIB";
+
+/// The cap `MP_BUFFER_CACHE_MIB` asks for, in bytes (default 1024 MiB; at most 1 TiB).
+fn parse_cap(value: Option<&str>) -> std::result::Result<usize, String> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(1024 << 20);
+    };
+    match v.parse::<usize>() {
+        Ok(mib) if mib <= 1 << 20 => Ok(mib << 20),
+        _ => Err(format!(
+            "{KNOB}={v:?} is not a whole number of MiB from 0 to 1048576"
+        )),
+    }
+}
+
+/// The cap, or the knob's error (the cache is then off).
+fn cap_or_error() -> &'static std::result::Result<usize, String> {
+    static CAP: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+    CAP.get_or_init(|| parse_cap(std::env::var(KNOB).ok().as_deref()))
+}
+
 fn cache_cap() -> usize {
-    static CAP: OnceLock<usize> = OnceLock::new();
-    *CAP.get_or_init(|| {
-        std::env::var("MP_BUFFER_CACHE_MIB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(1024)
-            .saturating_mul(1 << 20)
-    })
+    cap_or_error().as_ref().map_or(0, |c| *c)
+}
+
+/// An error naming `MP_BUFFER_CACHE_MIB` when its value is malformed (mp-kernels refuses to run
+/// then, instead of ignoring it).
+pub fn check_knob() -> crate::Result<()> {
+    cap_or_error()
+        .as_ref()
+        .map(|_| ())
+        .map_err(|what| crate::Error::InvalidArgument { what: what.clone() })
 }
 
 /// Bytes of freed tensor buffers kept for reuse (not held by any tensor).
@@ -141,6 +165,17 @@ pub(crate) fn give_cached(ptr: *mut u8, size: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::{F32, Tensor};
+
+    #[test]
+    fn the_cache_knob_is_validated() {
+        assert_eq!(super::parse_cap(None), Ok(1024 << 20));
+        assert_eq!(super::parse_cap(Some("0")), Ok(0));
+        assert_eq!(super::parse_cap(Some(" 64 ")), Ok(64 << 20));
+        for bad in ["abc", "-5", "1e20", "99999999999"] {
+            let e = super::parse_cap(Some(bad)).unwrap_err();
+            assert!(e.contains("MP_BUFFER_CACHE_MIB") && e.contains(bad), "{e}");
+        }
+    }
 
     /// A dropped large buffer is reused by the next allocation of its size: `for_overwrite` sees
     /// the old values, `zeros` still gives zeros, and the bytes move between the tensor count

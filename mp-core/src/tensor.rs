@@ -110,7 +110,13 @@ impl<E: Element> AlignedBuf<E> {
             None => (unsafe { alloc::alloc_zeroed(layout) }, true),
         };
         let Some(ptr) = NonNull::new(raw as *mut E) else {
-            alloc::handle_alloc_error(layout)
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "out of memory: a tensor of {len} {} elements ({:.2} GiB) cannot be allocated",
+                    E::DTYPE,
+                    layout.size() as f64 / (1u64 << 30) as f64
+                ),
+            });
         };
         crate::memory::on_alloc(layout.size());
         let buf = AlignedBuf {
@@ -467,10 +473,14 @@ impl<D: DTypeKind> Tensor<D> {
         }
     }
 
-    /// Sets every element to `value` (given as float32, rounded to `D`).
+    /// Sets every element to `value` (given as float32, rounded to `D`), on the tensor's device.
     pub fn fill(&mut self, value: f32) -> Result<()> {
         let v = <D::Elem as Element>::from_f32(value);
-        self.as_mut_slice()?.fill(v);
+        match &mut self.storage {
+            Storage::Cpu(_) => self.as_mut_slice()?.fill(v),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.fill(v)?,
+        }
         Ok(())
     }
 

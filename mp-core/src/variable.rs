@@ -72,6 +72,17 @@ impl Variable {
         (&mut self.value, &mut self.grad)
     }
 
+    /// Moves the value and the gradient to `device` (nothing to do when they are there).
+    pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        if self.value.device() != device {
+            let value = self.value.to_device(device)?;
+            let grad = self.grad.to_device(device)?;
+            self.value = value;
+            self.grad = grad;
+        }
+        Ok(())
+    }
+
     /// Sets the gradient to zero.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.grad.fill(0.0)

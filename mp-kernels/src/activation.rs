@@ -24,15 +24,17 @@
 //! bit-identical gradients.
 //!
 //! ```
-//! use mp_kernels::activation::{relu_forward, relu_backward};
+//! use mp_kernels::Cpu;
+//! use mp_kernels::activation::Activation;
 //!
+//! let cpu = Cpu::global()?;
 //! let x = [-1.0f32, 0.0, 2.0, f32::NAN];
 //! let mut y = [0.0f32; 4];
-//! relu_forward(&x, &mut y)?;
+//! cpu.activation(Activation::Relu, &x, &mut y)?;
 //! assert_eq!(&y[..3], &[0.0, 0.0, 2.0]);
 //! assert!(y[3].is_nan());
 //! let mut dx = [0.0f32; 4];
-//! relu_backward(&[5.0; 4], &y, &mut dx)?;
+//! cpu.activation_backward(Activation::Relu, &[5.0; 4], &y, &mut dx)?;
 //! assert_eq!(&dx[..3], &[0.0, 0.0, 5.0]);
 //! assert!(dx[3].is_nan());
 //! # Ok::<(), mp_kernels::Error>(())
@@ -69,19 +71,8 @@ impl Activation {
     }
 }
 
-/// `y = act(x)` (equal lengths), choosing the instruction set at run time.
-///
-/// # Errors
-/// [`crate::Error::LengthMismatch`] naming `y` when the lengths differ (nothing is written).
-pub fn forward<T: Element>(act: Activation, x: &[T], y: &mut [T]) -> Result<()> {
-    forward_with_isa(Isa::detect(), act, x, y)
-}
-
-/// [`forward`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`forward`], and [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn forward_with_isa<T: Element>(isa: Isa, act: Activation, x: &[T], y: &mut [T]) -> Result<()> {
+/// See [`crate::Cpu::activation`].
+pub(crate) fn forward<T: Element>(isa: Isa, act: Activation, x: &[T], y: &mut [T]) -> Result<()> {
     check_len("activation forward", "y", y.len(), x.len())?;
     check_isa("activation forward", isa)?;
     par_zip(x, 1, y, 1, |x, y| {
@@ -91,16 +82,8 @@ pub fn forward_with_isa<T: Element>(isa: Isa, act: Activation, x: &[T], y: &mut 
     Ok(())
 }
 
-/// `x = act(x)` in place.
-pub fn forward_inplace<T: Element>(act: Activation, x: &mut [T]) -> Result<()> {
-    forward_inplace_with_isa(Isa::detect(), act, x)
-}
-
-/// [`forward_inplace`] on an explicit instruction set.
-///
-/// # Errors
-/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn forward_inplace_with_isa<T: Element>(isa: Isa, act: Activation, x: &mut [T]) -> Result<()> {
+/// See [`crate::Cpu::activation_inplace`].
+pub(crate) fn forward_inplace<T: Element>(isa: Isa, act: Activation, x: &mut [T]) -> Result<()> {
     check_isa("activation forward", isa)?;
     par_each(x, |x| {
         let p = x.as_mut_ptr();
@@ -111,19 +94,8 @@ pub fn forward_inplace_with_isa<T: Element>(isa: Isa, act: Activation, x: &mut [
     Ok(())
 }
 
-/// `dx = dy * act'(x)`, from the forward output `y` (all three of equal length).
-///
-/// # Errors
-/// [`crate::Error::LengthMismatch`] naming `y` or `dx` when a length differs from `dy`'s.
-pub fn backward<T: Element>(act: Activation, dy: &[T], y: &[T], dx: &mut [T]) -> Result<()> {
-    backward_with_isa(Isa::detect(), act, dy, y, dx)
-}
-
-/// [`backward`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`backward`], and [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn backward_with_isa<T: Element>(
+/// See [`crate::Cpu::activation_backward`].
+pub(crate) fn backward<T: Element>(
     isa: Isa,
     act: Activation,
     dy: &[T],
@@ -140,20 +112,8 @@ pub fn backward_with_isa<T: Element>(
     Ok(())
 }
 
-/// `g = g * act'(x)` in place: `g` holds `dy` on entry and `dx` on return.
-///
-/// # Errors
-/// [`crate::Error::LengthMismatch`] naming `y` when `y.len() != g.len()`.
-pub fn backward_inplace<T: Element>(act: Activation, g: &mut [T], y: &[T]) -> Result<()> {
-    backward_inplace_with_isa(Isa::detect(), act, g, y)
-}
-
-/// [`backward_inplace`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`backward_inplace`], and [`crate::Error::InvalidArgument`] when this CPU does not support
-/// `isa`.
-pub fn backward_inplace_with_isa<T: Element>(
+/// See [`crate::Cpu::activation_backward_inplace`].
+pub(crate) fn backward_inplace<T: Element>(
     isa: Isa,
     act: Activation,
     g: &mut [T],
@@ -167,59 +127,6 @@ pub fn backward_inplace_with_isa<T: Element>(
         unsafe { backward_chunk(isa, act, g.len(), p.cast_const(), y.as_ptr(), p) }
     });
     Ok(())
-}
-
-/// `y = max(x, 0)` ([`Activation::Relu`]; NaN stays NaN).
-///
-/// # Errors
-/// As [`forward`].
-pub fn relu_forward<T: Element>(x: &[T], y: &mut [T]) -> Result<()> {
-    forward(Activation::Relu, x, y)
-}
-
-/// `x = max(x, 0)` in place.
-pub fn relu_forward_inplace<T: Element>(x: &mut [T]) -> Result<()> {
-    forward_inplace(Activation::Relu, x)
-}
-
-/// `dx = dy * (y > 0)`, from the forward input or output (NaN there gives a NaN gradient).
-///
-/// # Errors
-/// As [`backward`].
-pub fn relu_backward<T: Element>(dy: &[T], y_or_x: &[T], dx: &mut [T]) -> Result<()> {
-    backward(Activation::Relu, dy, y_or_x, dx)
-}
-
-/// `y = 1 / (1 + e^-x)`.
-///
-/// # Errors
-/// As [`forward`].
-pub fn sigmoid_forward<T: Element>(x: &[T], y: &mut [T]) -> Result<()> {
-    forward(Activation::Sigmoid, x, y)
-}
-
-/// `dx = dy * y * (1 - y)`, from the forward output `y`.
-///
-/// # Errors
-/// As [`backward`].
-pub fn sigmoid_backward<T: Element>(dy: &[T], y: &[T], dx: &mut [T]) -> Result<()> {
-    backward(Activation::Sigmoid, dy, y, dx)
-}
-
-/// `y = tanh x`.
-///
-/// # Errors
-/// As [`forward`].
-pub fn tanh_forward<T: Element>(x: &[T], y: &mut [T]) -> Result<()> {
-    forward(Activation::Tanh, x, y)
-}
-
-/// `dx = dy * (1 - y^2)`, from the forward output `y`.
-///
-/// # Errors
-/// As [`backward`].
-pub fn tanh_backward<T: Element>(dy: &[T], y: &[T], dx: &mut [T]) -> Result<()> {
-    backward(Activation::Tanh, dy, y, dx)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@
 //! split over the thread pool.
 //!
 //! ```
-//! use mp_kernels::cast::cast;
 //! use half::bf16;
+//! use mp_kernels::Cpu;
 //!
 //! let x = [1.0f32, 1.0 + 1.0 / 256.0, f32::NAN];
 //! let mut y = [bf16::ZERO; 3];
-//! cast(&x, &mut y)?;
+//! Cpu::global()?.cast(&x, &mut y)?;
 //! assert_eq!(y[1], bf16::from_f32(1.0)); // a tie rounds to even
 //! assert!(y[2].is_nan());
 //! # Ok::<(), mp_kernels::Error>(())
@@ -34,19 +34,8 @@ pub(crate) mod x86;
 
 use exec::{check_isa, par_zip};
 
-/// Casts `src` into `dst` (equal lengths), choosing the instruction set at run time.
-///
-/// # Errors
-/// [`crate::Error::LengthMismatch`] when `dst.len() != src.len()` (nothing is written).
-pub fn cast<S: Element, D: Element>(src: &[S], dst: &mut [D]) -> Result<()> {
-    cast_with_isa(Isa::detect(), src, dst)
-}
-
-/// [`cast`] on an explicit instruction set (tests force every path with it).
-///
-/// # Errors
-/// As [`cast`], and [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn cast_with_isa<S: Element, D: Element>(isa: Isa, src: &[S], dst: &mut [D]) -> Result<()> {
+/// See [`crate::Cpu::cast`].
+pub(crate) fn cast<S: Element, D: Element>(isa: Isa, src: &[S], dst: &mut [D]) -> Result<()> {
     check_len("cast", "dst", dst.len(), src.len())?;
     check_isa("cast", isa)?;
     par_zip(src, 1, dst, 1, |s, d| cast_chunk(isa, s, d));

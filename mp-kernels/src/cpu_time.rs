@@ -1,4 +1,4 @@
-//! CPU time of this process, for benchmarks on a shared machine.
+//! CPU time of this process, for benchmarks and the calibration on a shared machine.
 
 /// CPU time of all this process's threads, in seconds (Linux: `/proc/self/task/*/schedstat`);
 /// `None` elsewhere. Compared with wall time it shows whether the threads got their cores.

@@ -2,8 +2,8 @@
 //!
 //! Every kernel has a portable fallback ([`Isa::Scalar`]: plain Rust the compiler may
 //! auto-vectorise for the baseline target) and faster paths picked with
-//! `is_x86_feature_detected!`. Public kernels use [`Isa::detect`]; the `*_with_isa` variants take
-//! an explicit instruction set so tests can force every path on one machine.
+//! `is_x86_feature_detected!`. A [`crate::Cpu`] holds one (checked when it is made): the best one
+//! for [`crate::Cpu::global`], a forced one in tests ([`crate::Cpu::with`]).
 
 use std::sync::OnceLock;
 
@@ -59,6 +59,15 @@ impl Isa {
             Isa::Avx512Bf16 => Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512bf16"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
+        }
+    }
+
+    /// `self` when this CPU supports it, else [`Isa::Scalar`] (for kernels that cannot fail).
+    pub(crate) fn or_scalar(self) -> Isa {
+        if self.is_supported() {
+            self
+        } else {
+            Isa::Scalar
         }
     }
 

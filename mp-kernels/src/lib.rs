@@ -3,27 +3,36 @@
 //! Every numeric kernel of mp, per device. Layers and optimizers compose these; they never loop
 //! over elements themselves.
 //!
-//! - [`gemm`]: `C = alpha * op(A) * op(B) + beta * C` for float32, bfloat16 and float16 inputs,
-//!   always accumulating in float32, with a fused bias + ReLU epilogue;
-//! - elementwise and reductions: [`cast`], [`activation`] (ReLU, sigmoid, tanh), [`softmax`] (softmax and
-//!   softmax cross-entropy, float32 math), [`reduce`] (bias gradient, argmax), [`scale`] (scale by
-//!   a scalar, fused unscale + all-finite check), [`optim`] (fused SGD, RMSprop and Adam updates);
+//! - [`ops`]: the op surface layers and optimizers call, on tensors, on whatever device they
+//!   live on (the CPU kernels of [`Cpu::global`], or CUDA with the `cuda` feature);
+//! - [`Cpu`]: the CPU backend, whose methods are every CPU kernel: [`gemm`]
+//!   (`C = alpha * op(A) * op(B) + beta * C` for float32, bfloat16 and float16 inputs, always
+//!   accumulating in float32, with a fused bias + ReLU epilogue), [`cast`], [`activation`] (ReLU,
+//!   sigmoid, tanh), [`softmax`] (softmax and softmax cross-entropy, float32 math), [`reduce`]
+//!   (bias gradient, argmax, sums), [`scale`] (scale by a scalar, fused unscale + all-finite
+//!   check), [`optim`] (fused SGD, RMSprop and Adam updates);
+//! - [`calibrate`]: the GEMM path per input dtype, chosen by measurement once per machine;
 //! - [`peak`]: the machine's measured float32 FMA and `vdpbf16ps` peaks;
 //! - `cuda` (behind the `cuda` feature): the same kernels on NVIDIA GPUs, from PTX committed
 //!   under `mp-kernels/cuda/ptx/`, and cuBLASLt GEMMs with float32 accumulation.
 //!
-//! CPU kernels pick their instruction set at run time ([`Isa::detect`]) and always keep a portable
-//! fallback; they run on one thread pool ([`threads`], sized by `MP_NUM_THREADS`) with static
-//! partitioning, so results are bit-identical run to run for a fixed thread count.
+//! CPU kernels pick their instruction set at run time ([`Isa::detect`], held by [`Cpu::global`];
+//! [`Cpu::with`] forces one) and always keep a portable fallback; they run on one thread pool
+//! ([`threads`], sized by `MP_NUM_THREADS`) with static partitioning, so results are
+//! bit-identical run to run for a fixed thread count.
 
 pub mod activation;
+pub mod calibrate;
 pub mod cast;
 pub mod counters;
+pub mod cpu;
+pub mod cpu_time;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
 pub mod gemm;
 pub mod isa;
+pub mod ops;
 pub mod optim;
 pub mod peak;
 pub mod reduce;
@@ -31,5 +40,6 @@ pub mod scale;
 pub mod softmax;
 pub mod threads;
 
+pub use cpu::Cpu;
 pub use error::{Error, Result};
 pub use isa::Isa;

@@ -94,26 +94,8 @@ impl AdamParams {
     }
 }
 
-/// One SGD step. `momentum` is the momentum buffer, required when `p.momentum != 0` (and
-/// ignored otherwise).
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `grad` or `momentum` (each must match `var`);
-/// [`Error::InvalidArgument`] when `p.momentum != 0` and no buffer is given. Nothing is written.
-pub fn sgd_update(
-    var: &mut [f32],
-    grad: &[f32],
-    momentum: Option<&mut [f32]>,
-    p: SgdParams,
-) -> Result<()> {
-    sgd_update_with_isa(Isa::detect(), var, grad, momentum, p)
-}
-
-/// [`sgd_update`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`sgd_update`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn sgd_update_with_isa(
+/// See [`crate::Cpu::sgd_update`].
+pub(crate) fn sgd_update(
     isa: Isa,
     var: &mut [f32],
     grad: &[f32],
@@ -137,27 +119,8 @@ pub fn sgd_update_with_isa(
     Ok(())
 }
 
-/// One RMSprop step. `velocity` is the squared-gradient average; `momentum` the momentum
-/// buffer, required when `p.momentum > 0` (and ignored otherwise).
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `grad`, `velocity` or `momentum`; [`Error::InvalidArgument`]
-/// when `p.momentum > 0` and no buffer is given. Nothing is written.
-pub fn rmsprop_update(
-    var: &mut [f32],
-    grad: &[f32],
-    velocity: &mut [f32],
-    momentum: Option<&mut [f32]>,
-    p: RmspropParams,
-) -> Result<()> {
-    rmsprop_update_with_isa(Isa::detect(), var, grad, velocity, momentum, p)
-}
-
-/// [`rmsprop_update`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`rmsprop_update`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn rmsprop_update_with_isa(
+/// See [`crate::Cpu::rmsprop_update`].
+pub(crate) fn rmsprop_update(
     isa: Isa,
     var: &mut [f32],
     grad: &[f32],
@@ -183,25 +146,8 @@ pub fn rmsprop_update_with_isa(
     Ok(())
 }
 
-/// One Adam step, with first and second moments `m` and `v`.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `grad`, `m` or `v`. Nothing is written.
-pub fn adam_update(
-    var: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    p: AdamParams,
-) -> Result<()> {
-    adam_update_with_isa(Isa::detect(), var, grad, m, v, p)
-}
-
-/// [`adam_update`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`adam_update`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn adam_update_with_isa(
+/// See [`crate::Cpu::adam_update`].
+pub(crate) fn adam_update(
     isa: Isa,
     var: &mut [f32],
     grad: &[f32],

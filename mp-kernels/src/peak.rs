@@ -30,31 +30,41 @@ fn measure(flop_per_iter: f64, iters: usize, f: fn(usize) -> f32) -> f64 {
 /// The measured float32 multiply-add peak of the whole pool, GFLOP/s (one FMA = 2 FLOP): 512-bit
 /// `vfmadd231ps` with AVX-512, 256-bit with AVX2, else plain multiply-adds.
 pub fn fma_f32_peak_gflops() -> f64 {
+    fma_f32_peak_gflops_with(ITERS)
+}
+
+/// [`fma_f32_peak_gflops`] with `iters` iterations per thread (the calibration's short loop).
+pub fn fma_f32_peak_gflops_with(iters: usize) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if Isa::Avx512.is_supported() {
-            return measure(12.0 * 32.0, ITERS, |n| {
+            return measure(12.0 * 32.0, iters, |n| {
                 // SAFETY: AVX-512 F is supported (checked above).
                 unsafe { x86::fma512(n) }
             });
         }
         if Isa::Avx2.is_supported() {
-            return measure(12.0 * 16.0, ITERS, |n| {
+            return measure(12.0 * 16.0, iters, |n| {
                 // SAFETY: AVX2 and FMA are supported (checked above).
                 unsafe { x86::fma256(n) }
             });
         }
     }
-    measure(8.0 * 2.0, ITERS / 4, scalar_fma)
+    measure(8.0 * 2.0, iters / 4, scalar_fma)
 }
 
 /// The measured `vdpbf16ps` peak of the whole pool, GFLOP/s (one 512-bit instruction = 32 lanes
 /// x 2 products = 64 FLOP), or `None` without AVX512_BF16.
 pub fn dpbf16_peak_gflops() -> Option<f64> {
+    dpbf16_peak_gflops_with(ITERS)
+}
+
+/// [`dpbf16_peak_gflops`] with `iters` iterations per thread.
+pub fn dpbf16_peak_gflops_with(iters: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         if Isa::Avx512Bf16.is_supported() {
-            return Some(measure(12.0 * 64.0, ITERS, |n| {
+            return Some(measure(12.0 * 64.0, iters, |n| {
                 // SAFETY: AVX512_BF16 is supported (checked above).
                 unsafe { x86::dpbf16(n) }
             }));
@@ -66,15 +76,7 @@ pub fn dpbf16_peak_gflops() -> Option<f64> {
 /// One line about this machine: the CPU model (from `/proc/cpuinfo` when readable), the kernel
 /// thread count and the instruction set GEMM uses.
 pub fn describe_cpu() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let model = crate::calibrate::cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!(
         "{model}, {cores} cores, {} kernel threads, isa {:?}",

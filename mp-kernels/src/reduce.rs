@@ -2,18 +2,19 @@
 //!
 //! All of them accumulate in float32 (sums of blocks are added in float64) in an order fixed by
 //! the shape alone, never by the thread count or the timing, so results are bit-identical from
-//! run to run; [`bias_grad`] is also bit-identical across instruction sets (each column is summed
-//! row after row, whatever the vector width).
+//! run to run; [`Cpu::bias_grad`](crate::Cpu::bias_grad) is also bit-identical across
+//! instruction sets (each column is summed row after row, whatever the vector width).
 //!
 //! ```
-//! use mp_kernels::reduce::{argmax_rows, bias_grad};
+//! use mp_kernels::Cpu;
 //!
+//! let cpu = Cpu::global()?;
 //! let dy = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2 rows, 3 columns
 //! let mut db = [0.0f32; 3];
-//! bias_grad(&dy, 2, 3, &mut db, false)?;
+//! cpu.bias_grad(&dy, 2, 3, &mut db, false)?;
 //! assert_eq!(db, [5.0, 7.0, 9.0]);
 //! let mut idx = [0u32; 2];
-//! argmax_rows(&[0.1f32, 0.7, 0.7, 0.2, f32::NAN, 9.0], 2, 3, &mut idx)?;
+//! cpu.argmax_rows(&[0.1f32, 0.7, 0.7, 0.2, f32::NAN, 9.0], 2, 3, &mut idx)?;
 //! assert_eq!(idx, [1, 1]); // ties give the first, NaN wins
 //! # Ok::<(), mp_kernels::Error>(())
 //! ```
@@ -42,30 +43,8 @@ pub(crate) fn matrix_len(op: &'static str, rows: usize, cols: usize) -> Result<u
         })
 }
 
-/// The bias gradient of a `[rows, cols]` row-major `dy`: `out[c] = sum over r of dy[r, c]`, in
-/// float32, or `out[c] += ...` when `accumulate`.
-///
-/// Each column is summed in row order within blocks of 2048 rows; the block sums are added in
-/// order, and then to `out` when accumulating.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `dy` (not `rows * cols` long) or `out` (not `cols` long);
-/// nothing is written.
-pub fn bias_grad<T: Element>(
-    dy: &[T],
-    rows: usize,
-    cols: usize,
-    out: &mut [f32],
-    accumulate: bool,
-) -> Result<()> {
-    bias_grad_with_isa(Isa::detect(), dy, rows, cols, out, accumulate)
-}
-
-/// [`bias_grad`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`bias_grad`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn bias_grad_with_isa<T: Element>(
+/// See [`crate::Cpu::bias_grad`].
+pub(crate) fn bias_grad<T: Element>(
     isa: Isa,
     dy: &[T],
     rows: usize,
@@ -156,25 +135,8 @@ fn col_sums<T: Element>(
     }
 }
 
-/// The index of the largest element of each row of a `[rows, cols]` row-major `x`.
-///
-/// Ties give the first index. NaN counts as larger than everything (NumPy's `argmax` rule): a row
-/// holding NaN gives the index of its first NaN, so a NaN prediction is never silently scored as
-/// a class. `-0.0` and `+0.0` are equal.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `x` or `out` (which must hold `rows` indices);
-/// [`Error::InvalidArgument`] when `cols` is 0 and `rows` is not (no argmax exists), or when
-/// `cols` does not fit in `u32`. Nothing is written on error.
-pub fn argmax_rows<T: Element>(x: &[T], rows: usize, cols: usize, out: &mut [u32]) -> Result<()> {
-    argmax_rows_with_isa(Isa::detect(), x, rows, cols, out)
-}
-
-/// [`argmax_rows`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`argmax_rows`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn argmax_rows_with_isa<T: Element>(
+/// See [`crate::Cpu::argmax_rows`].
+pub(crate) fn argmax_rows<T: Element>(
     isa: Isa,
     x: &[T],
     rows: usize,
@@ -237,25 +199,14 @@ fn argmax_row<T: Element>(isa: Isa, row: &[T]) -> usize {
     }
 }
 
-/// The sum of `x`, accumulated in float32 within blocks of 4096 elements and in float64 across
-/// blocks (in order), rounded to float32 once. `0.0` for an empty slice; NaN and infinities
-/// propagate.
-pub fn sum<T: Element>(x: &[T]) -> f32 {
-    sum_f64(Isa::detect(), x) as f32
+/// See [`crate::Cpu::sum`].
+pub(crate) fn sum<T: Element>(isa: Isa, x: &[T]) -> f32 {
+    sum_f64(isa.or_scalar(), x) as f32
 }
 
-/// [`sum`] on an explicit instruction set.
-///
-/// # Errors
-/// [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn sum_with_isa<T: Element>(isa: Isa, x: &[T]) -> Result<f32> {
-    check_isa("sum", isa)?;
-    Ok(sum_f64(isa, x) as f32)
-}
-
-/// The mean of `x` as [`sum`] computes it, divided in float64. NaN for an empty slice (0 / 0).
-pub fn mean<T: Element>(x: &[T]) -> f32 {
-    (sum_f64(Isa::detect(), x) / x.len() as f64) as f32
+/// See [`crate::Cpu::mean`].
+pub(crate) fn mean<T: Element>(isa: Isa, x: &[T]) -> f32 {
+    (sum_f64(isa.or_scalar(), x) / x.len() as f64) as f32
 }
 
 fn sum_f64<T: Element>(isa: Isa, x: &[T]) -> f64 {

@@ -1,82 +1,48 @@
 //! Scaling by a scalar, the fused unscale + all-finite check of loss scaling, and the finiteness
 //! test.
 //!
-//! [`unscale_and_check`] is what `LossScaleOptimizer::get_unscaled_gradients` runs on each float32
-//! gradient: one pass that multiplies by `inv_scale` and reports whether every result is finite.
+//! [`Cpu::unscale_and_check`](crate::Cpu::unscale_and_check) is what
+//! `LossScaleOptimizer::get_unscaled_gradients` runs on each float32 gradient: one pass that
+//! multiplies by `inv_scale` and reports whether every result is finite.
 //! The caller computes `inv_scale = (1.0 / scale as f64) as f32`: exact for the power-of-two
 //! scales dynamic loss scaling uses, so unscaling a gradient is then exact too (unless the
 //! result underflows into float32's subnormal range).
 //!
 //! ```
-//! use mp_kernels::scale::unscale_and_check;
+//! use mp_kernels::Cpu;
 //!
+//! let cpu = Cpu::global()?;
 //! let scale = 32768.0f32;
 //! let inv_scale = (1.0 / scale as f64) as f32;
 //! let mut g = [3.0 * 32768.0, -0.5 * 32768.0];
-//! assert!(unscale_and_check(&mut g, inv_scale));
+//! assert!(cpu.unscale_and_check(&mut g, inv_scale));
 //! assert_eq!(g, [3.0, -0.5]);
 //! let mut g = [1.0, f32::INFINITY];
-//! assert!(!unscale_and_check(&mut g, inv_scale));
+//! assert!(!cpu.unscale_and_check(&mut g, inv_scale));
+//! # Ok::<(), mp_kernels::Error>(())
 //! ```
 
 use mp_core::{DType, Element};
 
-use crate::cast::exec::{check_isa, par_all, par_each, par_each_all};
-use crate::error::Result;
+use crate::cast::exec::{par_all, par_each, par_each_all};
 use crate::isa::Isa;
 
-/// `x = x * s` in float32, rounded back to the element type (overflow gives infinity, NaN stays
-/// NaN).
-pub fn scale<T: Element>(x: &mut [T], s: f32) -> Result<()> {
-    scale_with_isa(Isa::detect(), x, s)
-}
-
-/// [`scale`] on an explicit instruction set.
-///
-/// # Errors
-/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn scale_with_isa<T: Element>(isa: Isa, x: &mut [T], s: f32) -> Result<()> {
-    check_isa("scale", isa)?;
+/// See [`crate::Cpu::scale`].
+pub(crate) fn scale<T: Element>(isa: Isa, x: &mut [T], s: f32) {
+    let isa = isa.or_scalar();
     par_each(x, |x| scale_chunk(isa, x, s));
-    Ok(())
 }
 
-/// Multiplies every gradient by `inv_scale` in place and returns whether every value is finite,
-/// in one pass.
-///
-/// `false` means at least one value was NaN or infinite before or after the multiply: checking
-/// after suffices, since a non-finite value times any float32 is non-finite (`inf * 0` is NaN),
-/// and it also catches a finite value that overflows (`inv_scale > 1`) and a non-finite
-/// `inv_scale`. The whole slice is always processed. On `false` the caller skips the step.
-///
-/// `inv_scale` should be `(1.0 / scale as f64) as f32` (exact for power-of-two scales).
-pub fn unscale_and_check(grads: &mut [f32], inv_scale: f32) -> bool {
-    let isa = Isa::detect();
+/// See [`crate::Cpu::unscale_and_check`].
+pub(crate) fn unscale_and_check(isa: Isa, grads: &mut [f32], inv_scale: f32) -> bool {
+    let isa = isa.or_scalar();
     par_each_all(grads, |g| unscale_chunk(isa, g, inv_scale))
 }
 
-/// [`unscale_and_check`] on an explicit instruction set.
-///
-/// # Errors
-/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn unscale_and_check_with_isa(isa: Isa, grads: &mut [f32], inv_scale: f32) -> Result<bool> {
-    check_isa("unscale_and_check", isa)?;
-    Ok(par_each_all(grads, |g| unscale_chunk(isa, g, inv_scale)))
-}
-
-/// Whether every element is finite (neither infinite nor NaN). `true` for an empty slice.
-pub fn all_finite<T: Element>(x: &[T]) -> bool {
-    let isa = Isa::detect();
+/// See [`crate::Cpu::all_finite`].
+pub(crate) fn all_finite<T: Element>(isa: Isa, x: &[T]) -> bool {
+    let isa = isa.or_scalar();
     par_all(x, |x| finite_chunk(isa, x))
-}
-
-/// [`all_finite`] on an explicit instruction set.
-///
-/// # Errors
-/// [`crate::Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn all_finite_with_isa<T: Element>(isa: Isa, x: &[T]) -> Result<bool> {
-    check_isa("all_finite", isa)?;
-    Ok(par_all(x, |x| finite_chunk(isa, x)))
 }
 
 fn scale_chunk<T: Element>(isa: Isa, x: &mut [T], s: f32) {

@@ -1,16 +1,22 @@
 //! Row softmax, its gradient, and sparse categorical cross-entropy with its fused gradients, all
-//! in float32 math whatever the input dtype (the mixed precision guide's float32 softmax).
+//! in float32 math whatever the input dtype (the mixed precision guide's float32 softmax). The
+//! kernels are methods of [`Cpu`](crate::Cpu):
 //!
-//! - [`softmax`]: `y = e^(x - max) / sum e^(x - max)` per row of a `[rows, cols]` matrix;
-//! - [`softmax_backward`]: `dx = (dy - sum(dy * y)) * y` per row;
-//! - [`softmax_cross_entropy`]: the mean sparse categorical cross-entropy, from logits (exact
-//!   log-softmax) or from probabilities (Keras' rule: each row divided by its sum, clipped to
-//!   `[1e-7, 1 - 1e-7]`, then `-ln`), with [`softmax_cross_entropy_rows`] for per-row losses;
-//! - [`softmax_cross_entropy_grad`] and [`softmax_cross_entropy_grad_scaled`]: the fused
+//! - [`Cpu::softmax`](crate::Cpu::softmax): `y = e^(x - max) / sum e^(x - max)` per row of a
+//!   `[rows, cols]` matrix;
+//! - [`Cpu::softmax_backward`](crate::Cpu::softmax_backward): `dx = (dy - sum(dy * y)) * y` per
+//!   row;
+//! - [`Cpu::softmax_cross_entropy`](crate::Cpu::softmax_cross_entropy): the mean sparse
+//!   categorical cross-entropy, from logits (exact log-softmax) or from probabilities (Keras'
+//!   rule: each row divided by its sum, clipped to `[1e-7, 1 - 1e-7]`, then `-ln`), with
+//!   [`Cpu::softmax_cross_entropy_rows`](crate::Cpu::softmax_cross_entropy_rows) for per-row
+//!   losses;
+//! - [`Cpu::softmax_cross_entropy_grad`](crate::Cpu::softmax_cross_entropy_grad): the fused
 //!   gradient with respect to the logits of a model ending in a float32 softmax,
-//!   `scale * (p - onehot(label)) / rows`, with the loss scale folded in;
-//! - [`crossentropy_grad_probs`]: the gradient of the from-probabilities loss with respect to
-//!   the probabilities.
+//!   `scale * (p - onehot(label)) / rows`, with the loss scale folded in (`scale = 1` for the
+//!   plain gradient);
+//! - [`Cpu::crossentropy_grad_probs`](crate::Cpu::crossentropy_grad_probs): the gradient of the
+//!   from-probabilities loss with respect to the probabilities.
 //!
 //! Non-finite data propagates: a NaN in a row makes that row's softmax all NaN, and so does
 //! `+inf` (`inf - inf` is NaN), as in TensorFlow. A row of `-inf` is NaN too. Labels are checked
@@ -69,19 +75,8 @@ pub(crate) fn check_labels<L: Label>(
     Ok(())
 }
 
-/// Row softmax of a `[rows, cols]` row-major `x` of any dtype into float32 `out`.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `x` or `out` (both `rows * cols`); nothing is written.
-pub fn softmax<T: Element>(x: &[T], rows: usize, cols: usize, out: &mut [f32]) -> Result<()> {
-    softmax_with_isa(Isa::detect(), x, rows, cols, out)
-}
-
-/// [`softmax`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`softmax`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn softmax_with_isa<T: Element>(
+/// See [`crate::Cpu::softmax`].
+pub(crate) fn softmax<T: Element>(
     isa: Isa,
     x: &[T],
     rows: usize,
@@ -104,25 +99,8 @@ pub fn softmax_with_isa<T: Element>(
     Ok(())
 }
 
-/// The softmax gradient: `dx = (dy - sum(dy * y)) * y` per row, from the forward output `y`.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `y`, `dy` or `dx` (all `rows * cols`); nothing is written.
-pub fn softmax_backward(
-    y: &[f32],
-    dy: &[f32],
-    rows: usize,
-    cols: usize,
-    dx: &mut [f32],
-) -> Result<()> {
-    softmax_backward_with_isa(Isa::detect(), y, dy, rows, cols, dx)
-}
-
-/// [`softmax_backward`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`softmax_backward`], and [`Error::InvalidArgument`] when this CPU does not support `isa`.
-pub fn softmax_backward_with_isa(
+/// See [`crate::Cpu::softmax_backward`].
+pub(crate) fn softmax_backward(
     isa: Isa,
     y: &[f32],
     dy: &[f32],
@@ -152,32 +130,8 @@ pub fn softmax_backward_with_isa(
     Ok(())
 }
 
-/// The mean sparse categorical cross-entropy of a `[rows, cols]` float32 `input` (logits when
-/// `from_logits`, else probabilities) against one label per row.
-///
-/// From logits: `ln(sum e^z) - z[label]` per row, with the maximum subtracted first. From
-/// probabilities, as Keras: `-ln(clip(p[label] / sum(p), 1e-7, 1 - 1e-7))`. Row losses are
-/// float32; their mean is taken in float64 (in row order) and rounded once.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `input` or `labels`; [`Error::InvalidArgument`] for a label
-/// out of range (naming its row and value) or `rows == 0` (the mean of nothing).
-pub fn softmax_cross_entropy<L: Label>(
-    input: &[f32],
-    labels: &[L],
-    rows: usize,
-    cols: usize,
-    from_logits: bool,
-) -> Result<f32> {
-    softmax_cross_entropy_with_isa(Isa::detect(), input, labels, rows, cols, from_logits)
-}
-
-/// [`softmax_cross_entropy`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`softmax_cross_entropy`], and [`Error::InvalidArgument`] when this CPU does not support
-/// `isa`.
-pub fn softmax_cross_entropy_with_isa<L: Label>(
+/// See [`crate::Cpu::softmax_cross_entropy`].
+pub(crate) fn softmax_cross_entropy<L: Label>(
     isa: Isa,
     input: &[f32],
     labels: &[L],
@@ -208,27 +162,8 @@ pub fn softmax_cross_entropy_with_isa<L: Label>(
     Ok((total / rows as f64) as f32)
 }
 
-/// Per-row losses of [`softmax_cross_entropy`] written to `out` (`rows` long).
-///
-/// # Errors
-/// As [`softmax_cross_entropy`] (with `out` checked too), except that `rows == 0` is allowed.
-pub fn softmax_cross_entropy_rows<L: Label>(
-    input: &[f32],
-    labels: &[L],
-    rows: usize,
-    cols: usize,
-    from_logits: bool,
-    out: &mut [f32],
-) -> Result<()> {
-    softmax_cross_entropy_rows_with_isa(Isa::detect(), input, labels, rows, cols, from_logits, out)
-}
-
-/// [`softmax_cross_entropy_rows`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`softmax_cross_entropy_rows`], and [`Error::InvalidArgument`] when this CPU does not
-/// support `isa`.
-pub fn softmax_cross_entropy_rows_with_isa<L: Label>(
+/// See [`crate::Cpu::softmax_cross_entropy_rows`].
+pub(crate) fn softmax_cross_entropy_rows<L: Label>(
     isa: Isa,
     input: &[f32],
     labels: &[L],
@@ -253,45 +188,8 @@ pub fn softmax_cross_entropy_rows_with_isa<L: Label>(
     Ok(())
 }
 
-/// The fused gradient of the mean cross-entropy with respect to the logits of a float32 softmax:
-/// `dlogits = (p - onehot(label)) / rows`, from the softmax output `probs`.
-///
-/// # Errors
-/// As [`softmax_cross_entropy_grad_scaled`].
-pub fn softmax_cross_entropy_grad<L: Label>(
-    probs: &[f32],
-    labels: &[L],
-    rows: usize,
-    cols: usize,
-    dlogits: &mut [f32],
-) -> Result<()> {
-    softmax_cross_entropy_grad_scaled(probs, labels, rows, cols, 1.0, dlogits)
-}
-
-/// `dlogits = scale * (p - onehot(label)) / rows`: [`softmax_cross_entropy_grad`] with the loss
-/// scale folded in (the gradient of `scale * loss`). The factor `scale / rows` is computed in
-/// float64 and rounded once.
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `probs`, `labels` or `dlogits`; [`Error::InvalidArgument`]
-/// for a label out of range. Nothing is written on error.
-pub fn softmax_cross_entropy_grad_scaled<L: Label>(
-    probs: &[f32],
-    labels: &[L],
-    rows: usize,
-    cols: usize,
-    scale: f32,
-    dlogits: &mut [f32],
-) -> Result<()> {
-    softmax_cross_entropy_grad_with_isa(Isa::detect(), probs, labels, rows, cols, scale, dlogits)
-}
-
-/// [`softmax_cross_entropy_grad_scaled`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`softmax_cross_entropy_grad_scaled`], and [`Error::InvalidArgument`] when this CPU does
-/// not support `isa`.
-pub fn softmax_cross_entropy_grad_with_isa<L: Label>(
+/// See [`crate::Cpu::softmax_cross_entropy_grad`].
+pub(crate) fn softmax_cross_entropy_grad<L: Label>(
     isa: Isa,
     probs: &[f32],
     labels: &[L],
@@ -321,32 +219,8 @@ pub fn softmax_cross_entropy_grad_with_isa<L: Label>(
     Ok(())
 }
 
-/// The gradient of the from-probabilities loss ([`softmax_cross_entropy`] with `from_logits =
-/// false`, times `scale`) with respect to the probabilities, as Keras differentiates it:
-/// with `S = sum(p)` and `q = p[label] / S`, `dprobs[j] = scale * (1/S - [j == label] / p[label])
-/// / rows` when `1e-7 <= q <= 1 - 1e-7`, and 0 for the whole row when the clip is active
-/// (`q` outside that range).
-///
-/// # Errors
-/// [`Error::LengthMismatch`] naming `probs`, `labels` or `dprobs`; [`Error::InvalidArgument`] for
-/// a label out of range. Nothing is written on error.
-pub fn crossentropy_grad_probs<L: Label>(
-    probs: &[f32],
-    labels: &[L],
-    rows: usize,
-    cols: usize,
-    scale: f32,
-    dprobs: &mut [f32],
-) -> Result<()> {
-    crossentropy_grad_probs_with_isa(Isa::detect(), probs, labels, rows, cols, scale, dprobs)
-}
-
-/// [`crossentropy_grad_probs`] on an explicit instruction set.
-///
-/// # Errors
-/// As [`crossentropy_grad_probs`], and [`Error::InvalidArgument`] when this CPU does not support
-/// `isa`.
-pub fn crossentropy_grad_probs_with_isa<L: Label>(
+/// See [`crate::Cpu::crossentropy_grad_probs`].
+pub(crate) fn crossentropy_grad_probs<L: Label>(
     isa: Isa,
     probs: &[f32],
     labels: &[L],

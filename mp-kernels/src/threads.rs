@@ -7,26 +7,79 @@
 
 use std::sync::OnceLock;
 
-/// The number of threads CPU kernels use: `MP_NUM_THREADS` if set to a positive integer, else the
-/// number of available cores.
+use crate::error::{Error, Result};
+
+/// The knob that sets the thread count.
+pub const KNOB: &str = "MP_NUM_THREADS";
+
+/// The most threads the pool takes: four per core (more only adds contention, and a huge value
+/// would spawn thousands of threads).
+fn cap() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The thread count `MP_NUM_THREADS` asks for (`None`: unset, use every core), capped at four per
+/// core with a message on stderr.
+///
+/// # Errors
+/// A value that is not a positive whole number, naming the knob and the value.
+fn requested(value: Option<&str>, cap: usize) -> std::result::Result<Option<usize>, String> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!(
+            "{KNOB}={v:?} is not a positive whole number of threads"
+        )),
+        Ok(n) if n > cap => {
+            eprintln!("mp: {KNOB}={n} is more than 4 threads per core; using {cap}");
+            Ok(Some(cap))
+        }
+        Ok(n) => Ok(Some(n)),
+    }
+}
+
+/// The number of threads CPU kernels use: `MP_NUM_THREADS` if set (at most four per core), else
+/// the number of available cores.
 pub fn num_threads() -> usize {
     pool().current_num_threads()
 }
 
-/// The shared pool (built on first use).
-pub fn pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+/// The shared pool, built on first use.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `MP_NUM_THREADS` when its value is not a positive whole
+/// number, or when the threads cannot be started (a process thread limit, say).
+pub fn try_pool() -> Result<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<std::result::Result<rayon::ThreadPool, String>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let n = std::env::var("MP_NUM_THREADS")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
+        let n = requested(std::env::var(KNOB).ok().as_deref(), cap())?
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .thread_name(|i| format!("mp-kernels-{i}"))
             .build()
-            .expect("building a thread pool with a positive thread count")
+            .map_err(|e| format!("starting {n} kernel threads ({KNOB}) failed: {e}"))
+    })
+    .as_ref()
+    .map_err(|what| Error::InvalidArgument {
+        op: KNOB,
+        what: what.clone(),
+    })
+}
+
+/// The shared pool. Every [`crate::Cpu`] checks [`try_pool`] when it is made, so kernels reach
+/// this only after the pool was built; should it have failed anyway, they run on a one-thread
+/// pool.
+pub fn pool() -> &'static rayon::ThreadPool {
+    static FALLBACK: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    try_pool().unwrap_or_else(|_| {
+        FALLBACK.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap_or_else(|e| panic!("mp-kernels: no thread can be started: {e}"))
+        })
     })
 }
 
@@ -55,6 +108,19 @@ pub fn static_ranges(n: usize, parts: usize, align: usize) -> Vec<std::ops::Rang
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_thread_knob_is_validated_and_capped() {
+        assert_eq!(requested(None, 8), Ok(None));
+        assert_eq!(requested(Some(" "), 8), Ok(None));
+        assert_eq!(requested(Some("3"), 8), Ok(Some(3)));
+        // MP_NUM_THREADS=100000 used to start 100000 threads and hang.
+        assert_eq!(requested(Some("100000"), 8), Ok(Some(8)));
+        for bad in ["abc", "-1", "0", "1.5", "1e3"] {
+            let e = requested(Some(bad), 8).unwrap_err();
+            assert!(e.contains("MP_NUM_THREADS") && e.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn static_ranges_cover_exactly_once() {

@@ -8,8 +8,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use half::{bf16, f16};
+use mp_kernels::Cpu;
 use mp_kernels::cuda::{self, CudaEpilogue, FiniteFlag, Gpu};
+use mp_kernels::gemm::{Epilogue, Gemm, MatMut, MatRef};
 use mp_kernels::optim::{AdamParams, RmspropParams, SgdParams};
+
+/// The CPU backend the GPU is compared against (this machine's default paths).
+fn cpu() -> &'static Cpu {
+    Cpu::global().unwrap()
+}
 
 /// The device, or `None` (with the reason printed) when there is none and none is required.
 fn gpu(test: &str) -> Option<Arc<Gpu>> {
@@ -106,8 +113,8 @@ fn casts_match_the_cpu_bit_for_bit() {
     cuda::cast(&gpu, &dx, &mut dh).unwrap();
     let mut cb = vec![bf16::ZERO; x.len()];
     let mut ch = vec![f16::ZERO; x.len()];
-    mp_kernels::cast::cast(&x, &mut cb).unwrap();
-    mp_kernels::cast::cast(&x, &mut ch).unwrap();
+    cpu().cast(&x, &mut cb).unwrap();
+    cpu().cast(&x, &mut ch).unwrap();
     let bits = |v: &[u16]| v.to_vec();
     assert_eq!(
         bits(
@@ -149,7 +156,9 @@ fn optimizer_updates_match_the_cpu_and_skip_on_the_flag() {
     let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 1e-2).collect();
     let rp = RmspropParams::new(1e-3, 0.9, 0.0, 1e-7);
     let (mut cv, mut cvel) = (var.clone(), vec![0.0f32; n]);
-    mp_kernels::optim::rmsprop_update(&mut cv, &g, &mut cvel, None, rp).unwrap();
+    cpu()
+        .rmsprop_update(&mut cv, &g, &mut cvel, None, rp)
+        .unwrap();
     let mut dv = gpu.upload(&var).unwrap();
     let dg = gpu.upload(&g).unwrap();
     let mut dvel = gpu.zeros::<f32>(n).unwrap();
@@ -160,7 +169,9 @@ fn optimizer_updates_match_the_cpu_and_skip_on_the_flag() {
     // Adam and SGD with Nesterov momentum.
     let ap = AdamParams::new(1e-3, 0.9, 0.999, 1e-7, 3);
     let (mut cv, mut cm, mut cs) = (var.clone(), vec![0.1f32; n], vec![0.2f32; n]);
-    mp_kernels::optim::adam_update(&mut cv, &g, &mut cm, &mut cs, ap).unwrap();
+    cpu()
+        .adam_update(&mut cv, &g, &mut cm, &mut cs, ap)
+        .unwrap();
     let mut dv = gpu.upload(&var).unwrap();
     let (mut dm, mut ds) = (
         gpu.upload(&vec![0.1f32; n]).unwrap(),
@@ -174,7 +185,7 @@ fn optimizer_updates_match_the_cpu_and_skip_on_the_flag() {
         nesterov: true,
     };
     let (mut cv, mut cm) = (var.clone(), vec![0.05f32; n]);
-    mp_kernels::optim::sgd_update(&mut cv, &g, Some(&mut cm), sp).unwrap();
+    cpu().sgd_update(&mut cv, &g, Some(&mut cm), sp).unwrap();
     let mut dv = gpu.upload(&var).unwrap();
     let mut dm = gpu.upload(&vec![0.05f32; n]).unwrap();
     cuda::sgd_update(&gpu, &mut dv, &dg, Some(&mut dm), sp, None).unwrap();
@@ -216,23 +227,26 @@ fn gemm_matches_the_cpu_for_every_dtype_and_transpose() {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.1).collect();
             let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
             let mut want = vec![0.5f32; m * n];
-            mp_kernels::gemm::gemm(
-                ta,
-                tb,
-                m,
-                n,
-                k,
-                1.5,
-                &a,
-                lda,
-                &b,
-                ldb,
-                0.25,
-                &mut want,
-                n,
-                mp_kernels::gemm::Epilogue::BiasRelu(&bias),
-            )
-            .unwrap();
+            let av = if ta {
+                MatRef::new(&a, k, m).t()
+            } else {
+                MatRef::new(&a, m, k)
+            };
+            let bv = if tb {
+                MatRef::new(&b, n, k).t()
+            } else {
+                MatRef::new(&b, k, n)
+            };
+            cpu()
+                .gemm(
+                    av,
+                    bv,
+                    MatMut::new(&mut want, m, n),
+                    Gemm::new()
+                        .scaled(1.5, 0.25)
+                        .epilogue(Epilogue::BiasRelu(&bias)),
+                )
+                .unwrap();
             let (da, db, dbias) = (
                 gpu.upload(&a).unwrap(),
                 gpu.upload(&b).unwrap(),

@@ -1,4 +1,5 @@
-//! GEMM against a float64 reference, on every instruction set this CPU supports.
+//! GEMM against a float64 reference, on every GEMM path this CPU can run for each input dtype
+//! ([`GemmPath::candidates`], each forced through [`Cpu::with_gemm_paths`]).
 //!
 //! # Error bounds
 //! The reference is the float64 product of the inputs *as stored* (already rounded to their
@@ -25,10 +26,70 @@
 
 use half::{bf16, f16};
 use mp_core::{DType, Element, Rng, rng::test_seed};
-use mp_kernels::gemm::{Epilogue, GemmInput, GemmOutput, gemm, gemm_with_isa};
-use mp_kernels::{Error, Isa, counters};
+use mp_kernels::gemm::{
+    Epilogue, Gemm, GemmInput, GemmOutput, GemmPath, GemmPaths, MatMut, MatRef,
+};
+use mp_kernels::{Cpu, Error, Isa, counters};
 
 const U32: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// The BLAS-style positional form on the views of [`Cpu::gemm`]: `op(A)` is `m x k` (A stored
+/// `k x m` when `trans_a`), `op(B)` `k x n` (B stored `n x k` when `trans_b`), C `m x n`, each
+/// with its row stride.
+#[allow(clippy::too_many_arguments)]
+fn gemm_on<T: GemmInput, O: GemmOutput>(
+    cpu: &Cpu,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    beta: f32,
+    c: &mut [O],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+) -> Result<(), Error> {
+    let av = if trans_a {
+        MatRef::new(a, k, m).with_ld(lda).t()
+    } else {
+        MatRef::new(a, m, k).with_ld(lda)
+    };
+    let bv = if trans_b {
+        MatRef::new(b, n, k).with_ld(ldb).t()
+    } else {
+        MatRef::new(b, k, n).with_ld(ldb)
+    };
+    cpu.gemm(
+        av,
+        bv,
+        MatMut::new(c, m, n).with_ld(ldc),
+        Gemm {
+            alpha,
+            beta,
+            epilogue,
+        },
+    )
+}
+
+/// A backend whose GEMMs of `dtype` inputs run on `path` (the other dtypes on the defaults of its
+/// instruction set).
+fn cpu_for(path: GemmPath, dtype: DType) -> Cpu {
+    let mut paths = GemmPaths::default_for(path.isa());
+    paths.set(dtype, path);
+    Cpu::with(path.isa())
+        .and_then(|c| c.with_gemm_paths(paths))
+        .unwrap_or_else(|e| panic!("{path} for {dtype}: {e}"))
+}
+
+/// The machine's default backend (the calibrated paths).
+fn global() -> &'static Cpu {
+    Cpu::global().unwrap()
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Epi {
@@ -86,8 +147,8 @@ fn rand_mat<T: Element>(rng: &mut Rng, rows: usize, cols: usize, pad: usize) -> 
     (v, ld)
 }
 
-/// Runs one case for input `T`, output `O` on `isa` and checks it against float64.
-fn check<T: GemmInput, O: GemmOutput>(isa: Isa, case: Case, rng: &mut Rng) {
+/// Runs one case for input `T`, output `O` on `path` and checks it against float64.
+fn check<T: GemmInput, O: GemmOutput>(path: GemmPath, case: Case, rng: &mut Rng) {
     let Case {
         m,
         n,
@@ -120,13 +181,27 @@ fn check<T: GemmInput, O: GemmOutput>(isa: Isa, case: Case, rng: &mut Rng) {
     let epilogue = match epi {
         Epi::None => Epilogue::None,
         Epi::Relu => Epilogue::Relu,
-        Epi::Bias => Epilogue::Bias(&bias),
-        Epi::BiasRelu => Epilogue::BiasRelu(&bias),
+        Epi::Bias => Epilogue::Bias(&bias[..]),
+        Epi::BiasRelu => Epilogue::BiasRelu(&bias[..]),
     };
-    gemm_with_isa(
-        isa, ta, tb, m, n, k, alpha, &a, lda, &b, ldb, beta, &mut c, ldc, epilogue,
+    gemm_on(
+        &cpu_for(path, T::DTYPE),
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha,
+        &a,
+        lda,
+        &b,
+        ldb,
+        beta,
+        &mut c,
+        ldc,
+        epilogue,
     )
-    .unwrap_or_else(|e| panic!("{isa:?} {case:?}: {e}"));
+    .unwrap_or_else(|e| panic!("{path} {case:?}: {e}"));
 
     let at = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] }.to_f64();
     let bt = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] }.to_f64();
@@ -170,7 +245,7 @@ fn check<T: GemmInput, O: GemmOutput>(isa: Isa, case: Case, rng: &mut Rng) {
             let bound = gamma * s + u_out * (r.abs() + gamma * s) + abs_floor + f64::MIN_POSITIVE;
             assert!(
                 err <= bound,
-                "{isa:?} {} -> {} {case:?}: c[{i}, {j}] = {got}, reference {r}, error {err:e} > bound {bound:e}",
+                "{path} {} -> {} {case:?}: c[{i}, {j}] = {got}, reference {r}, error {err:e} > bound {bound:e}",
                 T::DTYPE,
                 O::DTYPE
             );
@@ -182,7 +257,7 @@ fn check<T: GemmInput, O: GemmOutput>(isa: Isa, case: Case, rng: &mut Rng) {
             assert_eq!(
                 c[i * ldc + j],
                 O::from_f32(SENTINEL),
-                "{isa:?} {case:?}: padding c[{i}, {j}] written"
+                "{path} {case:?}: padding c[{i}, {j}] written"
             );
         }
     }
@@ -192,18 +267,20 @@ fn check<T: GemmInput, O: GemmOutput>(isa: Isa, case: Case, rng: &mut Rng) {
             2.0 * kk.sqrt() * 2.0 * U32 * (s2 / ref2).sqrt() + u_out + (abs_floor / ref2.sqrt());
         assert!(
             rel <= bound,
-            "{isa:?} {} -> {} {case:?}: relative Frobenius error {rel:e} > {bound:e}",
+            "{path} {} -> {} {case:?}: relative Frobenius error {rel:e} > {bound:e}",
             T::DTYPE,
             O::DTYPE
         );
     }
 }
 
-/// Every instruction set this CPU supports; the portable one only when `with_scalar`.
-fn isas(with_scalar: bool) -> Vec<Isa> {
-    Isa::supported()
-        .into_iter()
-        .filter(|&i| with_scalar || i != Isa::Scalar)
+/// Every GEMM path this CPU can run for `dtype` inputs; the portable one only when
+/// `with_scalar`.
+fn paths(dtype: DType, with_scalar: bool) -> Vec<GemmPath> {
+    let v = GemmPath::candidates(dtype);
+    assert!(v.contains(&GemmPath::Scalar), "{dtype}: {v:?}");
+    v.into_iter()
+        .filter(|&p| with_scalar || p != GemmPath::Scalar)
         .collect()
 }
 
@@ -220,7 +297,7 @@ fn sweep_small<T: GemmInput, O: GemmOutput>(name: &str) {
         (33, 7, 257),
         (70, 129, 19),
     ];
-    for isa in isas(true) {
+    for path in paths(T::DTYPE, true) {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             for t in 0..4 {
                 let epi = EPIS[(s + t) % 4];
@@ -235,7 +312,7 @@ fn sweep_small<T: GemmInput, O: GemmOutput>(name: &str) {
                     pad: (s + t) % 3 * 5,
                     ..Case::new(m, n, k)
                 };
-                check::<T, O>(isa, case, &mut rng);
+                check::<T, O>(path, case, &mut rng);
             }
         }
     }
@@ -282,7 +359,7 @@ fn sweep_large<T: GemmInput, O: GemmOutput>(name: &str) {
         (5, 2200, 2100),
         (37, 70, 5001),
     ];
-    for isa in isas(false) {
+    for path in paths(T::DTYPE, false) {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             for t in 0..4 {
                 // alpha = 1 into float32 with beta = 1 is how weight gradients accumulate (the
@@ -297,7 +374,7 @@ fn sweep_large<T: GemmInput, O: GemmOutput>(name: &str) {
                     pad: 3,
                     ..Case::new(m, n, k)
                 };
-                check::<T, O>(isa, case, &mut rng);
+                check::<T, O>(path, case, &mut rng);
             }
         }
     }
@@ -323,11 +400,19 @@ fn f16_large_shapes() {
 /// Large GEMMs with a transposed A (every dimension >= 1024: hidden-layer weight gradients):
 /// float32 first copies A into depth-contiguous rows, bfloat16 packs it with the partial sums in
 /// C. Checked against float64 like every other path, with the weight-gradient accumulation
-/// (alpha 1, beta 1 into float32) and a forward-style store, at an odd depth.
+/// (alpha 1, beta 1 into float32) and a forward-style store, at an odd depth, on every SIMD path
+/// (the portable one where there is none).
 #[test]
 fn large_transposed_a() {
     let mut rng = Rng::new(test_seed("large_transposed_a"));
-    let isa = Isa::detect();
+    let simd = |d: DType| {
+        let v = paths(d, false);
+        if v.is_empty() {
+            vec![GemmPath::Scalar]
+        } else {
+            v
+        }
+    };
     let (m, n, k) = (1030, 1024, 1025);
     let acc = Case {
         ta: true,
@@ -342,9 +427,13 @@ fn large_transposed_a() {
         epi: Epi::BiasRelu,
         ..Case::new(m, n, k)
     };
-    check::<f32, f32>(isa, acc, &mut rng);
-    check::<bf16, f32>(isa, acc, &mut rng);
-    check::<bf16, bf16>(isa, fwd, &mut rng);
+    for path in simd(DType::F32) {
+        check::<f32, f32>(path, acc, &mut rng);
+    }
+    for path in simd(DType::BF16) {
+        check::<bf16, f32>(path, acc, &mut rng);
+        check::<bf16, bf16>(path, fwd, &mut rng);
+    }
 }
 
 /// A backward-shaped weight gradient `Xt dY` with beta = 1 into float32 (accumulation), and the
@@ -352,13 +441,14 @@ fn large_transposed_a() {
 #[test]
 fn f32_relative_error_far_under_1e_4() {
     let mut rng = Rng::new(test_seed("f32_relative_error_far_under_1e_4"));
-    for isa in isas(false) {
+    for path in paths(DType::F32, false) {
+        let cpu = cpu_for(path, DType::F32);
         let (m, n, k) = (64, 96, 4096);
         let (a, _) = rand_mat::<f32>(&mut rng, k, m, 0);
         let (b, _) = rand_mat::<f32>(&mut rng, k, n, 0);
         let mut c = vec![0.0f32; m * n];
-        gemm_with_isa(
-            isa,
+        gemm_on(
+            &cpu,
             true,
             false,
             m,
@@ -387,14 +477,15 @@ fn f32_relative_error_far_under_1e_4() {
             }
         }
         let rel = (num / den).sqrt();
-        eprintln!("{isa:?}: float32 relative Frobenius error at K = {k}: {rel:e}");
-        assert!(rel < 1e-5, "{isa:?}: relative error {rel:e}");
+        eprintln!("{path}: float32 relative Frobenius error at K = {k}: {rel:e}");
+        assert!(rel < 1e-5, "{path}: relative error {rel:e}");
     }
 }
 
 #[test]
 fn nan_and_inf_propagate() {
-    fn run<T: GemmInput, O: GemmOutput>(isa: Isa) {
+    fn run<T: GemmInput, O: GemmOutput>(path: GemmPath) {
+        let cpu = cpu_for(path, T::DTYPE);
         let (m, n, k) = (9, 20, 11);
         let mut a = vec![T::from_f32(0.5); m * k];
         let mut b = vec![T::from_f32(0.25); k * n];
@@ -402,27 +493,27 @@ fn nan_and_inf_propagate() {
         b[4 * n + 5] = T::from_f32(f32::INFINITY); // column 5 of C is +inf (NaN in row 2)
         let mut c = vec![O::from_f32(f32::NAN); m * n];
         for epi in [Epilogue::None, Epilogue::Relu] {
-            gemm_with_isa(
-                isa, false, false, m, n, k, 1.0, &a, k, &b, n, 0.0, &mut c, n, epi,
+            gemm_on(
+                &cpu, false, false, m, n, k, 1.0, &a, k, &b, n, 0.0, &mut c, n, epi,
             )
             .unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let x = c[i * n + j].to_f32();
                     if i == 2 {
-                        assert!(x.is_nan(), "{isa:?} {epi:?}: c[{i},{j}] = {x}, want NaN");
+                        assert!(x.is_nan(), "{path} {epi:?}: c[{i},{j}] = {x}, want NaN");
                     } else if j == 5 {
-                        assert_eq!(x, f32::INFINITY, "{isa:?} {epi:?}: c[{i},{j}]");
+                        assert_eq!(x, f32::INFINITY, "{path} {epi:?}: c[{i},{j}]");
                     } else {
-                        assert_eq!(x, 0.125 * k as f32, "{isa:?} {epi:?}: c[{i},{j}]");
+                        assert_eq!(x, 0.125 * k as f32, "{path} {epi:?}: c[{i},{j}]");
                     }
                 }
             }
         }
         // -inf through ReLU gives 0; NaN through ReLU stays NaN.
         b[4 * n + 5] = T::from_f32(f32::NEG_INFINITY);
-        gemm_with_isa(
-            isa,
+        gemm_on(
+            &cpu,
             false,
             false,
             m,
@@ -439,13 +530,13 @@ fn nan_and_inf_propagate() {
             Epilogue::Relu,
         )
         .unwrap();
-        assert_eq!(c[5].to_f32(), 0.0, "{isa:?}: relu(-inf)");
-        assert!(c[2 * n + 5].to_f32().is_nan(), "{isa:?}: relu(NaN)");
+        assert_eq!(c[5].to_f32(), 0.0, "{path}: relu(-inf)");
+        assert!(c[2 * n + 5].to_f32().is_nan(), "{path}: relu(NaN)");
         // beta != 0 reads C: NaN in C propagates.
         let mut c = vec![O::from_f32(1.0); m * n];
         c[n + 1] = O::from_f32(f32::NAN);
-        gemm_with_isa(
-            isa,
+        gemm_on(
+            &cpu,
             false,
             false,
             m,
@@ -462,18 +553,19 @@ fn nan_and_inf_propagate() {
             Epilogue::None,
         )
         .unwrap();
-        assert!(
-            c[n + 1].to_f32().is_nan(),
-            "{isa:?}: NaN in C with beta = 1"
-        );
+        assert!(c[n + 1].to_f32().is_nan(), "{path}: NaN in C with beta = 1");
         assert!(!c[n + 2].to_f32().is_nan());
     }
-    for isa in isas(true) {
-        run::<f32, f32>(isa);
-        run::<bf16, bf16>(isa);
-        run::<bf16, f32>(isa);
-        run::<f16, f16>(isa);
-        run::<f16, f32>(isa);
+    for path in paths(DType::F32, true) {
+        run::<f32, f32>(path);
+    }
+    for path in paths(DType::BF16, true) {
+        run::<bf16, bf16>(path);
+        run::<bf16, f32>(path);
+    }
+    for path in paths(DType::F16, true) {
+        run::<f16, f16>(path);
+        run::<f16, f32>(path);
     }
 }
 
@@ -486,7 +578,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
     let msg = |e: Error| e.to_string();
 
     // A too short for [4, 3]: 11 elements.
-    let e = gemm(
+    let e = gemm_on(
+        global(),
         false,
         false,
         4,
@@ -509,7 +602,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
         "{s}"
     );
     // B (stored [3, 4]) too short.
-    let e = gemm(
+    let e = gemm_on(
+        global(),
         false,
         false,
         4,
@@ -532,7 +626,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
         "{s}"
     );
     // Transposed B is stored [n, k] = [4, 3]: ldb 2 < 3.
-    let e = gemm(
+    let e = gemm_on(
+        global(),
         false,
         true,
         4,
@@ -555,7 +650,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
         "{s}"
     );
     // C too short.
-    let e = gemm(
+    let e = gemm_on(
+        global(),
         false,
         false,
         4,
@@ -578,7 +674,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
         "{s}"
     );
     // Bias of the wrong length.
-    let e = gemm(
+    let e = gemm_on(
+        global(),
         false,
         false,
         4,
@@ -598,7 +695,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
     let s = msg(e);
     assert!(s.contains("[4, 4]") && s.contains("bias [3]"), "{s}");
     assert!(matches!(
-        gemm(
+        gemm_on(
+            global(),
             false,
             false,
             4,
@@ -618,7 +716,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
     ));
     // lda smaller than the row width.
     assert!(
-        gemm(
+        gemm_on(
+            global(),
             false,
             false,
             4,
@@ -638,7 +737,8 @@ fn bad_shapes_are_errors_naming_both_shapes() {
     );
     // Overflowing strides are errors, not panics.
     assert!(
-        gemm(
+        gemm_on(
+            global(),
             false,
             false,
             4,
@@ -656,16 +756,127 @@ fn bad_shapes_are_errors_naming_both_shapes() {
         )
         .is_err()
     );
+    // Views whose shapes do not fit: op(A) [4, 3] times op(B) [4, 3], and a C of another shape
+    // than op(A) * op(B) [4, 4].
+    let e = global()
+        .gemm(
+            MatRef::new(&a, 4, 3),
+            MatRef::new(&b, 4, 3),
+            MatMut::new(&mut c, 4, 4),
+            Gemm::new(),
+        )
+        .unwrap_err();
+    let s = msg(e);
+    assert!(
+        s.contains("gemm")
+            && s.contains("op(a) [m, k] [4, 3]")
+            && s.contains("op(b) [k, n] [4, 3]"),
+        "{s}"
+    );
+    let e = global()
+        .gemm(
+            MatRef::new(&a, 4, 3),
+            MatRef::new(&b, 3, 4),
+            MatMut::new(&mut c, 2, 8),
+            Gemm::new(),
+        )
+        .unwrap_err();
+    let s = msg(e);
+    assert!(
+        s.contains("gemm") && s.contains("[4, 4]") && s.contains("c [rows, cols] [2, 8]"),
+        "{s}"
+    );
     assert_eq!(c, untouched, "an error must leave C untouched");
+    // The same B used transposed fits.
+    let mut c2 = vec![0.0f32; 16];
+    global()
+        .gemm(
+            MatRef::new(&a, 4, 3),
+            MatRef::new(&b, 4, 3).t(),
+            MatMut::new(&mut c2, 4, 4),
+            Gemm::new(),
+        )
+        .unwrap();
+    assert_eq!(c2, [3.0; 16]);
+}
+
+/// Forcing what this CPU cannot run fails when the backend is made, naming what was forced: an
+/// instruction set it lacks at [`Cpu::with`], a path that cannot run a dtype (the dot-product path
+/// for float32 or float16, or a path whose instruction set is missing) at
+/// [`Cpu::with_gemm_paths`]. What runs here is accepted and kept.
+#[test]
+fn paths_that_cannot_run_are_refused_when_the_backend_is_made() {
+    for isa in Isa::ALL {
+        match Cpu::with(isa) {
+            Ok(cpu) => {
+                assert!(isa.is_supported(), "{isa:?}");
+                assert_eq!(cpu.isa(), isa);
+                assert_eq!(cpu.gemm_paths(), GemmPaths::default_for(isa), "{isa:?}");
+            }
+            Err(e) => {
+                let s = e.to_string();
+                assert!(!isa.is_supported(), "{isa:?}: {s}");
+                assert!(
+                    matches!(e, Error::InvalidArgument { .. })
+                        && s.contains("not supported")
+                        && s.contains(&format!("{isa:?}")),
+                    "{s}"
+                );
+            }
+        }
+    }
+    let base = Cpu::with(Isa::Scalar).unwrap();
+    for dtype in DType::ALL {
+        for path in GemmPath::ALL {
+            let mut p = GemmPaths::default_for(Isa::Scalar);
+            p.set(dtype, path);
+            assert_eq!(p.get(dtype), path);
+            match base.with_gemm_paths(p) {
+                Ok(cpu) => {
+                    assert!(path.runs_here(dtype), "{path} {dtype}");
+                    assert_eq!(cpu.gemm_paths(), p);
+                    assert_eq!(cpu.isa(), Isa::Scalar);
+                }
+                Err(e) => {
+                    let s = e.to_string();
+                    assert!(!path.runs_here(dtype), "{path} {dtype}: {s}");
+                    assert!(
+                        matches!(e, Error::InvalidArgument { .. }) && s.contains(path.name()),
+                        "{s}"
+                    );
+                }
+            }
+        }
+        let candidates = GemmPath::candidates(dtype);
+        assert!(candidates.iter().all(|p| p.runs_here(dtype)), "{dtype}");
+        assert_eq!(
+            candidates.contains(&GemmPath::Avx512Wide),
+            Isa::Avx512.is_supported(),
+            "{dtype}"
+        );
+        assert_eq!(
+            candidates.contains(&GemmPath::Avx512Bf16Dot),
+            dtype == DType::BF16 && Isa::Avx512Bf16.is_supported(),
+            "{dtype}"
+        );
+    }
+    let mut p = GemmPaths::default_for(Isa::Scalar);
+    p.set(DType::F32, GemmPath::Avx512Bf16Dot);
+    let s = base.with_gemm_paths(p).unwrap_err().to_string();
+    assert!(s.contains("avx512bf16-dot") && s.contains("float32"), "{s}");
+    for path in GemmPath::ALL {
+        assert_eq!(GemmPath::from_name(path.name()), Some(path));
+    }
 }
 
 #[test]
 fn zero_sized_dims_are_valid() {
-    for isa in isas(true) {
+    for path in paths(DType::F32, true) {
+        let cpu = cpu_for(path, DType::F32);
         let mut c = vec![2.0f32; 6];
         // m = 0, n = 0: nothing to do, empty slices fine.
-        gemm_with_isa::<f32, f32>(
-            isa,
+        gemm_on::<f32, f32>(
+            &cpu,
             false,
             false,
             0,
@@ -682,8 +893,8 @@ fn zero_sized_dims_are_valid() {
             Epilogue::None,
         )
         .unwrap();
-        gemm_with_isa::<f32, f32>(
-            isa,
+        gemm_on::<f32, f32>(
+            &cpu,
             false,
             false,
             2,
@@ -702,8 +913,8 @@ fn zero_sized_dims_are_valid() {
         .unwrap();
         // k = 0: C = epilogue(beta * C).
         let bias = [1.0f32, -10.0, 0.5];
-        gemm_with_isa::<f32, f32>(
-            isa,
+        gemm_on::<f32, f32>(
+            &cpu,
             false,
             false,
             2,
@@ -720,10 +931,13 @@ fn zero_sized_dims_are_valid() {
             Epilogue::BiasRelu(&bias),
         )
         .unwrap();
-        assert_eq!(c, [2.0, 0.0, 1.5, 2.0, 0.0, 1.5], "{isa:?}");
+        assert_eq!(c, [2.0, 0.0, 1.5, 2.0, 0.0, 1.5], "{path}");
+    }
+    for path in paths(DType::BF16, true) {
+        let cpu = cpu_for(path, DType::BF16);
         let mut c = vec![f16::NAN; 6];
-        gemm_with_isa::<bf16, f16>(
-            isa,
+        gemm_on::<bf16, f16>(
+            &cpu,
             true,
             true,
             2,
@@ -742,7 +956,7 @@ fn zero_sized_dims_are_valid() {
         .unwrap();
         assert!(
             c.iter().all(|x| x.to_f32() == 0.0),
-            "{isa:?}: beta = 0 with k = 0 gives zeros"
+            "{path}: beta = 0 with k = 0 gives zeros"
         );
     }
 }
@@ -754,12 +968,13 @@ fn results_are_bit_identical_across_calls() {
         let (a, _) = rand_mat::<T>(rng, m, k, 0);
         let (b, _) = rand_mat::<T>(rng, n, k, 0);
         let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        for isa in isas(false) {
+        for path in paths(T::DTYPE, false) {
+            let cpu = cpu_for(path, T::DTYPE);
             let mut c1 = vec![O::ZERO; m * n];
             let mut c2 = vec![O::ZERO; m * n];
             for c in [&mut c1, &mut c2] {
-                gemm_with_isa(
-                    isa,
+                gemm_on(
+                    &cpu,
                     false,
                     true,
                     m,
@@ -778,7 +993,7 @@ fn results_are_bit_identical_across_calls() {
                 .unwrap();
             }
             let bits = |c: &[O]| c.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&c1), bits(&c2), "{isa:?} {}", T::DTYPE);
+            assert_eq!(bits(&c1), bits(&c2), "{path} {}", T::DTYPE);
         }
     }
     let mut rng = Rng::new(test_seed("results_are_bit_identical_across_calls"));
@@ -791,7 +1006,8 @@ fn results_are_bit_identical_across_calls() {
 fn counts_calls_per_input_dtype() {
     let before = counters::gemm_calls(DType::BF16);
     let mut c = [0.0f32; 1];
-    gemm::<bf16, f32>(
+    gemm_on::<bf16, f32>(
+        global(),
         false,
         false,
         1,

@@ -1,11 +1,11 @@
 //! Activation layers (`Activation`, `Softmax`) and `Flatten`.
 
-use std::any::Any;
 use std::marker::PhantomData;
 use std::str::FromStr;
 
 use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::activation::Activation as Act;
+use mp_kernels::ops;
 
 use crate::error::{Error, Result};
 use crate::layer::{Layer, convert_ref};
@@ -141,15 +141,14 @@ impl<P: PolicyKind> Activation<P> {
     }
 
     fn softmax_f32(&self, x: &Tensor<P::Compute>) -> Result<Tensor<F32>> {
-        let cols = *x.shape().last().ok_or_else(|| Error::ShapeMismatch {
-            layer: self.name.clone(),
-            expected: "(batch, classes)".into(),
-            got: x.shape().to_vec(),
-        })?;
-        let rows = x.len().checked_div(cols).unwrap_or(0);
-        let mut p = Tensor::<F32>::for_overwrite(x.shape())?;
-        mp_kernels::softmax::softmax(x.as_slice()?, rows, cols, p.as_mut_slice()?)?;
-        Ok(p)
+        if x.rank() == 0 {
+            return Err(Error::ShapeMismatch {
+                layer: self.name.clone(),
+                expected: "(batch, classes)".into(),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(ops::softmax(x)?)
     }
 
     /// The activation's output and, for softmax, the float32 probabilities kept for backward.
@@ -157,7 +156,7 @@ impl<P: PolicyKind> Activation<P> {
         match self.kind.elementwise() {
             Some(act) => {
                 let mut y = x.clone();
-                mp_kernels::activation::forward_inplace(act, y.as_mut_slice()?)?;
+                ops::activation_inplace(act, &mut y)?;
                 Ok((y, None))
             }
             None => {
@@ -222,7 +221,7 @@ impl<P: PolicyKind> Layer for Activation<P> {
                     .take()
                     .ok_or_else(|| missing_forward(&self.name))?;
                 let mut dx = dy.clone();
-                mp_kernels::activation::backward_inplace(act, dx.as_mut_slice()?, y.as_slice()?)?;
+                ops::activation_backward_inplace(act, &mut dx, &y)?;
                 Ok(Some(dx))
             }
             None => {
@@ -230,24 +229,14 @@ impl<P: PolicyKind> Layer for Activation<P> {
                     .saved_p
                     .take()
                     .ok_or_else(|| missing_forward(&self.name))?;
-                let cols = *p.shape().last().expect("checked at forward");
-                let rows = p.len().checked_div(cols).unwrap_or(0);
                 let dy32 = convert_ref::<P::Compute, F32>(dy)?;
-                let mut dx = Tensor::<F32>::for_overwrite(p.shape())?;
-                mp_kernels::softmax::softmax_backward(
-                    p.as_slice()?,
-                    dy32.as_slice()?,
-                    rows,
-                    cols,
-                    dx.as_mut_slice()?,
-                )?;
+                let dx = ops::softmax_backward(&p, &dy32)?;
                 Ok(Some(crate::layer::convert::<F32, P::Compute>(dx)?))
             }
         }
     }
     fn ends_in_softmax(&self) -> bool {
-        self.kind == ActivationKind::Softmax
-            && (self as &dyn Any).is::<Activation<mp_core::Float32>>()
+        self.kind == ActivationKind::Softmax && P::POLICY == mp_core::Policy::Float32
     }
     fn backward_from_softmax_input(
         &mut self,
@@ -347,7 +336,7 @@ impl<P: PolicyKind> Layer for Softmax<P> {
         self.0.backward(dy, need_dx)
     }
     fn ends_in_softmax(&self) -> bool {
-        (self as &dyn Any).is::<Softmax<mp_core::Float32>>()
+        P::POLICY == mp_core::Policy::Float32
     }
     fn backward_from_softmax_input(
         &mut self,

@@ -547,7 +547,11 @@ fn seal(
                 what: format!("two tensors are named {name:?}"),
             });
         }
-        let values = t.as_slice().map_err(crate::Error::from)?;
+        // A host copy (a shared O(1) clone for host tensors).
+        let values = t
+            .to_device(mp_core::Device::Cpu)
+            .and_then(|h| h.to_f32_vec())
+            .map_err(crate::Error::from)?;
         bytes.push(
             values
                 .iter()

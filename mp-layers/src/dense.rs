@@ -1,14 +1,15 @@
 //! `Dense`: `y = activation(x · kernel + bias)`, computed in the policy's compute dtype with
 //! float32 accumulation and float32 variables.
 
-use std::any::Any;
 use std::marker::PhantomData;
 
-use mp_core::{F32, PolicyKind, Rng, Tensor, Variable};
-use mp_kernels::gemm::{Epilogue, gemm};
+use mp_core::{DType, DTypeKind, F32, PolicyKind, Rng, Tensor, Variable};
+use mp_kernels::activation::Activation;
+use mp_kernels::gemm::{Epilogue, Gemm};
+use mp_kernels::ops::{self, Mat};
 
 use crate::error::{Error, Result};
-use crate::layer::Layer;
+use crate::layer::{Layer, convert_ref, same_dtype};
 use crate::util::{check_features, name_seed};
 
 /// A densely connected layer, like Keras's `Dense`.
@@ -124,17 +125,8 @@ impl<P: PolicyKind> Dense<P> {
         }
     }
 
-    fn epilogue(&self) -> Result<Epilogue<'_>> {
-        let bias = match &self.bias {
-            Some(b) => Some(b.value().as_slice()?),
-            None => None,
-        };
-        Ok(match (bias, self.relu) {
-            (Some(b), true) => Epilogue::BiasRelu(b),
-            (Some(b), false) => Epilogue::Bias(b),
-            (None, true) => Epilogue::Relu,
-            (None, false) => Epilogue::None,
-        })
+    fn epilogue(&self) -> Epilogue<'_, Tensor<F32>> {
+        Epilogue::from_parts(self.bias.as_ref().map(Variable::value), self.relu)
     }
 
     /// `x · kernel (+ bias, relu)` with `kernel` already in the compute dtype.
@@ -144,25 +136,15 @@ impl<P: PolicyKind> Dense<P> {
         kernel: &Tensor<P::Compute>,
     ) -> Result<Tensor<P::Compute>> {
         let (input_dim, _) = self.built()?;
-        let rows = check_features(&self.name, x.shape(), input_dim)?;
+        check_features(&self.name, x.shape(), input_dim)?;
         let mut out_shape = x.shape().to_vec();
         *out_shape.last_mut().expect("rank checked") = self.units;
-        let mut y = Tensor::<P::Compute>::for_overwrite(&out_shape)?;
-        gemm(
-            false,
-            false,
-            rows,
-            self.units,
-            input_dim,
-            1.0,
-            x.as_slice()?,
-            input_dim,
-            kernel.as_slice()?,
-            self.units,
-            0.0,
-            y.as_mut_slice()?,
-            self.units,
-            self.epilogue()?,
+        let mut y = ops::for_overwrite(&out_shape, x.device())?;
+        ops::gemm(
+            Mat::of(x),
+            Mat::of(kernel),
+            &mut y,
+            Gemm::new().epilogue(self.epilogue()),
         )?;
         Ok(y)
     }
@@ -174,21 +156,21 @@ impl<P: PolicyKind> Dense<P> {
                 layer: self.name.clone(),
             });
         };
-        if (kernel.value() as &dyn Any).is::<Tensor<P::Compute>>() {
+        if P::Compute::DTYPE == DType::F32 {
             return Ok(()); // float32 compute: the variable is used directly
         }
         let cast = match &mut self.kernel_cast {
-            Some(c) if c.shape() == kernel.shape() => c,
-            slot => slot.insert(Tensor::for_overwrite(kernel.shape())?),
+            Some(c) if c.shape() == kernel.shape() && c.device() == kernel.value().device() => c,
+            slot => slot.insert(ops::for_overwrite(kernel.shape(), kernel.value().device())?),
         };
-        mp_kernels::cast::cast(kernel.value().as_slice()?, cast.as_mut_slice()?)?;
+        ops::cast_into(kernel.value(), cast)?;
         Ok(())
     }
 
     /// The kernel in the compute dtype: the variable itself under float32, else the cast copy.
     fn kernel_compute(&self) -> Result<&Tensor<P::Compute>> {
         let (_, kernel) = self.built()?;
-        if let Some(k) = (kernel.value() as &dyn Any).downcast_ref::<Tensor<P::Compute>>() {
+        if let Some(k) = same_dtype::<F32, P::Compute>(kernel.value()) {
             return Ok(k);
         }
         self.kernel_cast
@@ -252,7 +234,21 @@ impl<P: PolicyKind> Layer for Dense<P> {
         // glorot_uniform: U(-limit, limit), limit = sqrt(6 / (fan_in + fan_out)).
         let limit = (6.0 / (input_dim + self.units) as f64).sqrt() as f32;
         let mut rng = Rng::new(self.seed.unwrap_or_else(|| name_seed(&self.name)));
-        let values = rng.uniform_vec(input_dim * self.units, -limit, limit);
+        let too_large = || Error::InvalidArgument {
+            what: format!(
+                "{}: a {input_dim} x {} float32 kernel ({:.1} GiB) cannot be allocated",
+                self.name,
+                self.units,
+                input_dim as f64 * self.units as f64 * 4.0 / (1u64 << 30) as f64
+            ),
+        };
+        let n = input_dim
+            .checked_mul(self.units)
+            .filter(|n| n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
+            .ok_or_else(too_large)?;
+        let mut values = Vec::new();
+        values.try_reserve_exact(n).map_err(|_| too_large())?;
+        values.extend((0..n).map(|_| rng.uniform(-limit, limit)));
         let kernel = Tensor::<F32>::from_vec(&[input_dim, self.units], values)?;
         self.kernel = Some(Variable::new("kernel", kernel)?);
         if self.use_bias {
@@ -269,14 +265,8 @@ impl<P: PolicyKind> Layer for Dense<P> {
 
     fn forward(&self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
         let (_, kernel) = self.built()?;
-        match (kernel.value() as &dyn Any).downcast_ref::<Tensor<P::Compute>>() {
-            Some(k) => self.compute(x, k),
-            None => {
-                let mut k = Tensor::<P::Compute>::for_overwrite(kernel.shape())?;
-                mp_kernels::cast::cast(kernel.value().as_slice()?, k.as_mut_slice()?)?;
-                self.compute(x, &k)
-            }
-        }
+        let k = convert_ref::<F32, P::Compute>(kernel.value())?;
+        self.compute(x, &k)
     }
 
     fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
@@ -310,67 +300,38 @@ impl<P: PolicyKind> Layer for Dense<P> {
         let dz_owned;
         let dz = match &y {
             Some(y) => {
-                let mut d = Tensor::<P::Compute>::for_overwrite(dy.shape())?;
-                mp_kernels::activation::relu_backward(
-                    dy.as_slice()?,
-                    y.as_slice()?,
-                    d.as_mut_slice()?,
-                )?;
-                dz_owned = d;
+                dz_owned = ops::activation_backward(Activation::Relu, dy, y)?;
                 &dz_owned
             }
             None => dy,
         };
-        let units = self.units;
         let dx = if need_dx {
             // dx = dz · kernelᵀ, in the compute dtype.
-            let mut dx = Tensor::<P::Compute>::for_overwrite(x.shape())?;
-            gemm(
-                false,
-                true,
-                rows,
-                input_dim,
-                units,
-                1.0,
-                dz.as_slice()?,
-                units,
-                self.kernel_compute()?.as_slice()?,
-                units,
-                0.0,
-                dx.as_mut_slice()?,
-                input_dim,
-                Epilogue::None,
+            let mut dx = ops::for_overwrite(x.shape(), x.device())?;
+            ops::gemm(
+                Mat::of(dz),
+                Mat::of(self.kernel_compute()?).t(),
+                &mut dx,
+                Gemm::new(),
             )?;
             Some(dx)
         } else {
             None
         };
         // d kernel += xᵀ · dz, accumulated in float32 straight into the gradient.
-        let kernel = self.kernel.as_mut().expect("built");
-        gemm(
-            true,
-            false,
-            input_dim,
-            units,
-            rows,
-            1.0,
-            x.as_slice()?,
-            input_dim,
-            dz.as_slice()?,
-            units,
-            1.0,
-            kernel.grad_mut().as_mut_slice()?,
-            units,
-            Epilogue::None,
+        let Some(kernel) = self.kernel.as_mut() else {
+            return Err(Error::NotBuilt {
+                layer: self.name.clone(),
+            });
+        };
+        ops::gemm(
+            Mat::of(&x).t(),
+            Mat::of(dz),
+            kernel.grad_mut(),
+            Gemm::new().accumulate(),
         )?;
         if let Some(bias) = self.bias.as_mut() {
-            mp_kernels::reduce::bias_grad(
-                dz.as_slice()?,
-                rows,
-                units,
-                bias.grad_mut().as_mut_slice()?,
-                true,
-            )?;
+            ops::bias_grad_accumulate(dz, bias.grad_mut())?;
         }
         Ok(dx)
     }

@@ -54,6 +54,20 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// A run of training steps whose gradients were all non-finite (each was skipped, so the
+    /// weights stayed finite): training cannot progress.
+    #[error(
+        "training stopped: {steps} consecutive steps had non-finite gradients and were skipped \
+         (the weights are unchanged); the first non-finite value of the first such step was in \
+         {origin}. Check the data for NaN or infinity, and lower the learning rate"
+    )]
+    NonFiniteSteps {
+        /// Consecutive skipped steps.
+        steps: u64,
+        /// Where the first non-finite value appeared: `the input batch (row R of the data)`,
+        /// `the model output`, or `the gradient of dense_1/kernel`.
+        origin: String,
+    },
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

@@ -1,10 +1,11 @@
 //! The `Layer` and `Model` traits, and the dtype conversions between layers.
 
-use std::any::Any;
 use std::fmt::Write as _;
 use std::ops::Deref;
 
 use mp_core::{DTypeKind, F32, Policy, PolicyKind, Tensor, Variable};
+
+use mp_kernels::ops;
 
 use crate::error::{Error, Result};
 
@@ -209,7 +210,7 @@ pub trait Model: Layer {
         let mut it = weights.iter();
         self.visit_variables("", &mut |_, v| {
             let (_, w) = it.next().expect("counts checked above");
-            v.value_mut().copy_from_slice(w.as_slice()?)?;
+            *v.value_mut() = w.to_device(v.value().device())?;
             Ok(())
         })
     }
@@ -294,31 +295,36 @@ impl<D: DTypeKind> Deref for Converted<'_, D> {
     }
 }
 
-/// `x` as dtype `B`: the same tensor when `A` is `B`, else a converted copy (round to nearest
-/// even, NaN and infinities kept). This is the cast a layer applies to its input.
-pub fn convert_ref<A: DTypeKind, B: DTypeKind>(x: &Tensor<A>) -> Result<Converted<'_, B>> {
-    if let Some(same) = (x as &dyn Any).downcast_ref::<Tensor<B>>() {
-        return Ok(Converted::Borrowed(same));
+/// `x` itself when `A` and `B` are one dtype (decided from their `DTYPE` constants), else `None`.
+pub fn same_dtype<A: DTypeKind, B: DTypeKind>(x: &Tensor<A>) -> Option<&Tensor<B>> {
+    if A::DTYPE == B::DTYPE {
+        // SAFETY: `DTypeKind` is sealed with exactly one marker type per `DType`, so equal
+        // `DTYPE`s mean `A` and `B` are the same type and `Tensor<A>` is `Tensor<B>`.
+        Some(unsafe { &*(x as *const Tensor<A>).cast::<Tensor<B>>() })
+    } else {
+        None
     }
-    let mut out = Tensor::<B>::for_overwrite(x.shape())?;
-    mp_kernels::cast::cast(x.as_slice()?, out.as_mut_slice()?)?;
-    Ok(Converted::Owned(out))
+}
+
+/// `x` as dtype `B`: the same tensor when `A` is `B`, else a converted copy on the same device
+/// (round to nearest even, NaN and infinities kept). This is the cast a layer applies to its
+/// input.
+pub fn convert_ref<A: DTypeKind, B: DTypeKind>(x: &Tensor<A>) -> Result<Converted<'_, B>> {
+    match same_dtype::<A, B>(x) {
+        Some(same) => Ok(Converted::Borrowed(same)),
+        None => Ok(Converted::Owned(ops::cast(x)?)),
+    }
 }
 
 /// `x` as dtype `B`, by value: moved when `A` is `B`, else converted.
 pub fn convert<A: DTypeKind, B: DTypeKind>(x: Tensor<A>) -> Result<Tensor<B>> {
-    let boxed: Box<dyn Any> = Box::new(x);
-    match boxed.downcast::<Tensor<B>>() {
-        Ok(same) => Ok(*same),
-        Err(other) => {
-            let x = other
-                .downcast::<Tensor<A>>()
-                .expect("the box holds a Tensor<A>");
-            let mut out = Tensor::<B>::for_overwrite(x.shape())?;
-            mp_kernels::cast::cast(x.as_slice()?, out.as_mut_slice()?)?;
-            Ok(out)
-        }
+    if A::DTYPE == B::DTYPE {
+        let x = std::mem::ManuallyDrop::new(x);
+        // SAFETY: as in `same_dtype`, `A` and `B` are the same type; `x` is not dropped, so the
+        // value is moved out exactly once.
+        return Ok(unsafe { std::ptr::read((&*x as *const Tensor<A>).cast::<Tensor<B>>()) });
     }
+    Ok(ops::cast(&x)?)
 }
 
 /// `Some(x)` converted to `B`, for gradients that may be absent.

@@ -1,6 +1,7 @@
 //! Losses, always computed in float32.
 
 use mp_core::{F32, Tensor};
+use mp_kernels::ops;
 use mp_kernels::softmax::Label;
 
 use crate::error::{Error, Result};
@@ -50,12 +51,10 @@ impl SparseCategoricalCrossentropy {
 
     /// The mean loss over the batch.
     pub fn loss<L: Label>(&self, y_pred: &Tensor<F32>, labels: &[L]) -> Result<f32> {
-        let (rows, cols) = Self::dims(y_pred, labels)?;
-        Ok(mp_kernels::softmax::softmax_cross_entropy(
-            y_pred.as_slice()?,
+        Self::dims(y_pred, labels)?;
+        Ok(ops::softmax_cross_entropy(
+            y_pred,
             labels,
-            rows,
-            cols,
             self.from_logits,
         )?)
     }
@@ -67,30 +66,13 @@ impl SparseCategoricalCrossentropy {
         labels: &[L],
         scale: f32,
     ) -> Result<Tensor<F32>> {
-        let (rows, cols) = Self::dims(y_pred, labels)?;
-        let mut d = Tensor::<F32>::for_overwrite(y_pred.shape())?;
+        Self::dims(y_pred, labels)?;
         if self.from_logits {
-            let mut p = Tensor::<F32>::for_overwrite(y_pred.shape())?;
-            mp_kernels::softmax::softmax(y_pred.as_slice()?, rows, cols, p.as_mut_slice()?)?;
-            mp_kernels::softmax::softmax_cross_entropy_grad_scaled(
-                p.as_slice()?,
-                labels,
-                rows,
-                cols,
-                scale,
-                d.as_mut_slice()?,
-            )?;
+            let p = ops::softmax(y_pred)?;
+            Ok(ops::softmax_cross_entropy_grad(&p, labels, scale)?)
         } else {
-            mp_kernels::softmax::crossentropy_grad_probs(
-                y_pred.as_slice()?,
-                labels,
-                rows,
-                cols,
-                scale,
-                d.as_mut_slice()?,
-            )?;
+            Ok(ops::crossentropy_grad_probs(y_pred, labels, scale)?)
         }
-        Ok(d)
     }
 
     /// The fused gradient of `scale * loss` with respect to the input of the float32 softmax
@@ -101,16 +83,7 @@ impl SparseCategoricalCrossentropy {
         labels: &[L],
         scale: f32,
     ) -> Result<Tensor<F32>> {
-        let (rows, cols) = Self::dims(probs, labels)?;
-        let mut d = Tensor::<F32>::for_overwrite(probs.shape())?;
-        mp_kernels::softmax::softmax_cross_entropy_grad_scaled(
-            probs.as_slice()?,
-            labels,
-            rows,
-            cols,
-            scale,
-            d.as_mut_slice()?,
-        )?;
-        Ok(d)
+        Self::dims(probs, labels)?;
+        Ok(ops::softmax_cross_entropy_grad(probs, labels, scale)?)
     }
 }

@@ -55,7 +55,7 @@ impl SparseCategoricalAccuracy {
     /// Counts a batch of predictions (`[batch, classes]`, float32) against labels. Ties go to
     /// the first class; a row holding NaN counts as wrong.
     pub fn update_state<L: Label>(&mut self, y_pred: &Tensor<F32>, labels: &[L]) -> Result<()> {
-        let [rows, cols] = *y_pred.shape() else {
+        let [rows, _] = *y_pred.shape() else {
             return Err(Error::ShapeMismatch {
                 layer: "sparse_categorical_accuracy".into(),
                 expected: "(batch, classes)".into(),
@@ -69,13 +69,9 @@ impl SparseCategoricalAccuracy {
                 got: y_pred.shape().to_vec(),
             });
         }
-        let mut arg = vec![0u32; rows];
-        mp_kernels::reduce::argmax_rows(y_pred.as_slice()?, rows, cols, &mut arg)?;
-        let pred = y_pred.as_slice()?;
-        for (r, (&a, &l)) in arg.iter().zip(labels).enumerate() {
-            let row = &pred[r * cols..(r + 1) * cols];
-            let has_nan = row.iter().any(|x| x.is_nan());
-            if !has_nan && l.index() == Some(a as usize) {
+        let arg = mp_kernels::ops::argmax_rows(y_pred)?;
+        for (a, &l) in arg.iter().zip(labels) {
+            if a.is_some_and(|a| l.index() == Some(a as usize)) {
                 self.correct += 1;
             }
         }

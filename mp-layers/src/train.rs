@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mp_core::{F32, LossScale, PolicyKind, Rng, Tensor, Variable};
+use mp_core::{Device, F32, LossScale, PolicyKind, Rng, Tensor, Variable};
 use mp_kernels::softmax::Label;
 use mp_optim::{LossScaleOptimizer, Optimizer, VariableSet};
 use ndarray::{Array2, ArrayView1, ArrayView2};
@@ -214,7 +214,16 @@ pub struct Trainer<M: Model, O: Optimizer> {
     pub(crate) checkpoints: Option<CheckpointConfig>,
     /// The best value so far of a metric, and which metric (saved in checkpoints).
     pub(crate) best: Option<(BestMetric, f32)>,
+    /// Where the variables, optimizer slots and activations live.
+    device: Device,
+    /// Consecutive steps skipped for non-finite gradients, and where the first one's came from.
+    nonfinite_run: (u64, Option<String>),
+    /// How many consecutive skipped steps stop `fit` (see [`Trainer::with_max_nonfinite_steps`]).
+    max_nonfinite_steps: u64,
 }
+
+/// Consecutive steps with non-finite gradients after which `fit` stops (under every policy).
+pub const MAX_NONFINITE_STEPS: u64 = 20;
 
 impl<M: Model, O: Optimizer> std::fmt::Debug for Trainer<M, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,7 +256,50 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             callbacks: vec![],
             checkpoints: None,
             best: None,
+            device: Device::Cpu,
+            nonfinite_run: (0, None),
+            max_nonfinite_steps: MAX_NONFINITE_STEPS,
         }
+    }
+
+    /// How many consecutive steps with non-finite gradients stop training with
+    /// [`Error::NonFiniteSteps`] without loss scaling (default [`MAX_NONFINITE_STEPS`]; at least
+    /// 1). Each such step is skipped under every policy, so the weights never see a non-finite
+    /// value; with loss scaling (`mixed_float16`) a skip also halves the scale, and the
+    /// loss-scale optimizer's own rule (the scale stuck at its floor) stops training instead.
+    pub fn with_max_nonfinite_steps(mut self, steps: u64) -> Self {
+        self.max_nonfinite_steps = steps.max(1);
+        self
+    }
+
+    /// Places training on `device`: the variables (now, or when the model is built), the
+    /// optimizer slots (created beside the variables at the first step), every activation and
+    /// gradient, and the skip decision of loss scaling (a device flag the optimizer kernels
+    /// read) stay there; `fit` copies each batch there and reads the loss back once per batch.
+    ///
+    /// # Errors
+    /// Without the `cuda` feature, any CUDA device ([`mp_core::Error::CudaNotCompiled`]); with
+    /// it, a device that cannot be used.
+    pub fn to_device(mut self, device: Device) -> Result<Self> {
+        if let Device::Cuda(n) = device {
+            Device::cuda(n)?;
+        }
+        self.device = device;
+        if self.model.output_shape().is_some() {
+            self.place_variables()?;
+        }
+        Ok(self)
+    }
+
+    /// The device training runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn place_variables(&mut self) -> Result<()> {
+        let device = self.device;
+        self.model
+            .visit_variables("", &mut |_, v| Ok(v.to_device(device)?))
     }
 
     /// Chooses the loss scaling explicitly: `Some(scale)` wraps the optimizer, `None` unwraps it.
@@ -328,11 +380,51 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         self.progress = progress;
     }
 
+    /// Builds the model for `features` inputs per sample on first use; afterwards checks that
+    /// `features` is what it was built for (building again with the same shape keeps the
+    /// variables; another shape is an error naming both).
     fn ensure_built(&mut self, features: usize) -> Result<()> {
-        match self.model.output_shape() {
-            Some(_) => Ok(()),
-            None => self.model.build(&[features]).map(|_| ()),
+        if features == 0 {
+            return Err(Error::InvalidArgument {
+                what: "the data has 0 features per sample (0 columns)".into(),
+            });
         }
+        let fresh = self.model.output_shape().is_none();
+        self.model.build(&[features])?;
+        if fresh && !self.device.is_cpu() {
+            self.place_variables()?;
+        }
+        Ok(())
+    }
+
+    /// The number of classes the built model outputs.
+    fn classes(&self) -> Result<usize> {
+        self.model
+            .output_shape()
+            .and_then(|s| s.last().copied())
+            .ok_or_else(|| Error::NotBuilt {
+                layer: self.model.model_name().to_string(),
+            })
+    }
+
+    /// On a GPU under a 16-bit policy, warns once when hidden Dense widths or the batch size are
+    /// not multiples of 8 (tensor cores need them).
+    fn warn_tensor_core_shapes(&self, batch_size: usize) {
+        if self.device.is_cpu() {
+            return;
+        }
+        let mut rows = vec![];
+        self.model.summary_rows("", &mut rows);
+        let dense: Vec<(&str, usize)> = rows
+            .iter()
+            .filter(|r| r.type_name == "Dense")
+            .filter_map(|r| Some((r.name.as_str(), *r.output_shape.as_ref()?.last()?)))
+            .collect();
+        mp_core::compat::warn_tensor_core_shapes_once(
+            <M::Policy as PolicyKind>::POLICY,
+            &dense,
+            batch_size,
+        );
     }
 
     /// One training step on a batch already in the model's compute dtype: forward, loss,
@@ -354,17 +446,43 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             let dy = self.loss.gradient(&probs, labels, scale)?;
             self.model.backward_f32(&dy)?;
         }
-        let applied = match &mut self.optimizer {
+        let (applied, nonfinite) = match &mut self.optimizer {
             TrainOptimizer::Plain(o) => {
-                o.apply_gradients(&mut ModelVars(&mut self.model))?;
-                true
+                // The same finite check as loss scaling, without the scale: a non-finite
+                // gradient never reaches the weights under float32 or mixed_bfloat16 either.
+                match first_nonfinite_gradient(&mut self.model)? {
+                    None => {
+                        o.apply_gradients(&mut ModelVars(&mut self.model))?;
+                        (true, None)
+                    }
+                    Some(var) => (false, Some(var)),
+                }
             }
             TrainOptimizer::Scaled(s) => {
-                let _ = s.get_unscaled_gradients(&mut ModelVars(&mut self.model))?;
-                s.apply_gradients(&mut ModelVars(&mut self.model))?.applied
+                let check = s.get_unscaled_gradients(&mut ModelVars(&mut self.model))?;
+                let applied = s.apply_gradients(&mut ModelVars(&mut self.model))?.applied;
+                (applied, check.first_nonfinite)
             }
         };
         self.progress.step += 1;
+        let scaled = matches!(self.optimizer, TrainOptimizer::Scaled(_));
+        if applied || scaled {
+            // Under loss scaling a skipped step also lowers the scale; the loss-scale
+            // optimizer's own rule (a scale stuck at its floor) decides when to stop.
+            self.nonfinite_run = (0, None);
+        } else {
+            let (run, origin) = &mut self.nonfinite_run;
+            *run += 1;
+            if origin.is_none() {
+                *origin = Some(nonfinite_origin(x, loss, nonfinite)?);
+            }
+            if *run >= self.max_nonfinite_steps {
+                let steps = *run;
+                let origin = origin.take().unwrap_or_default();
+                self.nonfinite_run = (0, None);
+                return Err(Error::NonFiniteSteps { steps, origin });
+            }
+        }
         Ok((
             StepResult {
                 loss,
@@ -410,6 +528,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             config.check(!val.is_empty())?;
         }
         self.ensure_built(x.ncols())?;
+        check_labels(&y, self.classes()?)?;
+        self.warn_tensor_core_shapes(options.batch_size);
         let mut history = History::default();
         let first_epoch = self.progress.epoch;
         if self.progress.epoch == 0 && self.progress.step == 0 {
@@ -433,7 +553,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 mp_core::rng::batch_ranges(order.len(), options.batch_size).enumerate()
             {
                 let idx = &order[range];
-                let xb = gather::<Compute<M>>(&x, idx)?;
+                let xb = gather::<Compute<M>>(&x, idx, self.device)?;
                 labels.clear();
                 labels.extend(idx.iter().map(|&i| y[i]));
                 let (result, probs) = self.train_step(&xb, &labels)?;
@@ -489,7 +609,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         let mut labels = vec![];
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
             let batch = &idx[r];
-            let xb = gather::<Compute<M>>(x, batch)?;
+            let xb = gather::<Compute<M>>(x, batch, self.device)?;
             labels.clear();
             labels.extend(batch.iter().map(|&i| y[i]));
             let probs = self.model.forward_f32(&xb)?;
@@ -518,6 +638,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             });
         }
         self.ensure_built(x.ncols())?;
+        check_labels(&y, self.classes()?)?;
         let started = Instant::now();
         let scores = self.evaluate_range(&x, &y, 0..x.nrows(), batch_size)?;
         if verbose != Verbose::Silent {
@@ -540,18 +661,36 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             });
         }
         self.ensure_built(x.ncols())?;
-        let mut rows: Vec<f32> = vec![];
-        let mut classes = 0;
+        let classes = self.classes()?;
+        let mut rows: Vec<f32> = Vec::with_capacity(x.nrows() * classes);
         let idx: Vec<usize> = (0..x.nrows()).collect();
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
-            let xb = gather::<Compute<M>>(&x, &idx[r])?;
+            let xb = gather::<Compute<M>>(&x, &idx[r], self.device)?;
             let probs = self.model.forward_f32(&xb)?;
-            classes = probs.shape()[1];
-            rows.extend_from_slice(probs.as_slice()?);
+            rows.extend(probs.to_device(mp_core::Device::Cpu)?.to_f32_vec()?);
         }
         Array2::from_shape_vec((x.nrows(), classes), rows).map_err(|e| Error::InvalidArgument {
             what: format!("predict: {e}"),
         })
+    }
+}
+
+/// Every label is a class of the model, checked before the first step; the error names the
+/// label's row in the data.
+fn check_labels<L: Label>(y: &ArrayView1<'_, L>, classes: usize) -> Result<()> {
+    match y
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.index().is_none_or(|i| i >= classes))
+    {
+        None => Ok(()),
+        Some((row, l)) => Err(Error::InvalidArgument {
+            what: format!(
+                "label {l} in row {row} of the data is out of range: the model has {classes} \
+                 classes (0 to {})",
+                classes.saturating_sub(1)
+            ),
+        }),
     }
 }
 
@@ -571,19 +710,67 @@ fn check_data<L>(x: &ArrayView2<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
     Ok(())
 }
 
-/// Copies rows `idx` of `x` into a float32 tensor and converts it to the compute dtype.
-fn gather<D: mp_core::DTypeKind>(x: &ArrayView2<'_, f32>, idx: &[usize]) -> Result<Tensor<D>> {
+/// The path of the first variable whose gradient holds NaN or infinity, if any: one flag for
+/// the whole model (one read on a GPU), the variables searched only when it is set.
+fn first_nonfinite_gradient<M: Model>(model: &mut M) -> Result<Option<String>> {
+    let mut flag: Option<mp_kernels::ops::Finite> = None;
+    model.visit_variables("", &mut |_, v| {
+        let f = match &mut flag {
+            Some(f) => f,
+            None => flag.insert(mp_kernels::ops::Finite::new(v.grad().device())?),
+        };
+        mp_kernels::ops::check_finite(v.grad(), f)?;
+        Ok(())
+    })?;
+    if flag
+        .as_ref()
+        .map_or(Ok(true), mp_kernels::ops::Finite::get)?
+    {
+        return Ok(None);
+    }
+    Ok(mp_optim::loss_scale_optimizer::first_nonfinite(
+        &mut ModelVars(model),
+    )?)
+}
+
+/// Where a skipped step's first non-finite value appeared: the input batch, the model output
+/// (the loss), or the named gradient.
+fn nonfinite_origin<D: mp_core::DTypeKind>(
+    x: &Tensor<D>,
+    loss: f32,
+    gradient: Option<String>,
+) -> Result<String> {
+    let mut flag = mp_kernels::ops::Finite::new(x.device())?;
+    mp_kernels::ops::check_finite(x, &mut flag)?;
+    Ok(if !flag.get()? {
+        "the input batch".to_string()
+    } else if !loss.is_finite() {
+        "the model output (the loss is not finite)".to_string()
+    } else {
+        match gradient {
+            Some(v) => format!("the gradient of {v}"),
+            None => "a gradient".to_string(),
+        }
+    })
+}
+
+/// Copies rows `idx` of `x` into a float32 tensor on `device` and converts it to the compute
+/// dtype there.
+fn gather<D: mp_core::DTypeKind>(
+    x: &ArrayView2<'_, f32>,
+    idx: &[usize],
+    device: Device,
+) -> Result<Tensor<D>> {
     let cols = x.ncols();
-    let mut t = Tensor::<F32>::for_overwrite(&[idx.len(), cols])?;
-    let out = t.as_mut_slice()?;
-    for (o, &i) in out.chunks_exact_mut(cols.max(1)).zip(idx) {
+    let mut data = Vec::with_capacity(idx.len() * cols);
+    for &i in idx {
         let row = x.row(i);
-        match row.as_slice() {
-            Some(s) => o.copy_from_slice(s),
-            None => o.iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = v),
+        match row.to_slice() {
+            Some(s) => data.extend_from_slice(s),
+            None => data.extend(row.iter()),
         }
     }
-    convert::<F32, D>(t)
+    convert::<F32, D>(Tensor::<F32>::from_vec(&[idx.len(), cols], data)?.to_device(device)?)
 }
 
 /// Prints progress the way Keras does.

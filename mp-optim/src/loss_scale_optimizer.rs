@@ -4,6 +4,7 @@ use mp_core::{DynamicLossScale, F32, FixedLossScale, LossScale, Tensor};
 
 use crate::error::{Error, Result};
 use crate::optimizer::{Optimizer, VariableSet};
+use mp_kernels::ops;
 
 /// The default number of consecutive skipped steps at the loss-scale floor after which
 /// [`LossScaleOptimizer::apply_gradients`] stops training with
@@ -233,16 +234,28 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
         // The reciprocal in float64, rounded once: exact for the power-of-two scales a dynamic
         // scale takes.
         let inv = (1.0 / self.loss_scale.scale() as f64) as f32;
-        let mut first_nonfinite = None;
-        vars.for_each_variable(&mut |name, v| {
-            let finite = mp_kernels::scale::unscale_and_check(v.grad_mut().as_mut_slice()?, inv);
-            if !finite && first_nonfinite.is_none() {
-                first_nonfinite = Some(name.to_string());
-            }
+        // One flag for the whole step (one read on a GPU); the variable to blame is looked for
+        // only when something was not finite.
+        let mut flag: Option<ops::Finite> = None;
+        vars.for_each_variable(&mut |_, v| {
+            let f = match &mut flag {
+                Some(f) => f,
+                None => flag.insert(ops::Finite::new(v.grad().device())?),
+            };
+            ops::unscale_and_check(v.grad_mut(), inv, f)?;
             Ok(())
         })?;
+        let all_finite = match &flag {
+            Some(f) => f.get()?,
+            None => true,
+        };
+        let first_nonfinite = if all_finite {
+            None
+        } else {
+            first_nonfinite(vars)?
+        };
         let check = GradientCheck {
-            all_finite: first_nonfinite.is_none(),
+            all_finite,
             first_nonfinite,
         };
         self.pending = Some(check.clone());
@@ -256,15 +269,7 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
         let check = match self.pending.take() {
             Some(c) => c,
             None => {
-                let mut first_nonfinite = None;
-                vars.for_each_variable(&mut |name, v| {
-                    if first_nonfinite.is_none()
-                        && !mp_kernels::scale::all_finite(v.grad().as_slice()?)
-                    {
-                        first_nonfinite = Some(name.to_string());
-                    }
-                    Ok(())
-                })?;
+                let first_nonfinite = first_nonfinite(vars)?;
                 GradientCheck {
                     all_finite: first_nonfinite.is_none(),
                     first_nonfinite,
@@ -308,6 +313,22 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
     pub fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
         self.inner.state()
     }
+}
+
+/// The path of the first variable whose gradient holds NaN or infinity, if any.
+pub fn first_nonfinite(vars: &mut dyn VariableSet) -> Result<Option<String>> {
+    let mut first = None;
+    vars.for_each_variable(&mut |name, v| {
+        if first.is_none() {
+            let mut flag = ops::Finite::new(v.grad().device())?;
+            ops::check_finite(v.grad(), &mut flag)?;
+            if !flag.get()? {
+                first = Some(name.to_string());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(first)
 }
 
 #[cfg(test)]

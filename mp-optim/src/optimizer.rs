@@ -5,6 +5,7 @@
 //! state and the step count.
 
 use mp_core::{F32, Tensor, Variable};
+use mp_kernels::ops;
 
 use crate::error::{Error, Result};
 
@@ -87,7 +88,8 @@ pub trait Optimizer: Send {
 }
 
 /// The update a [`Slots::update`] caller applies: `(value, gradient, state buffers)`.
-pub(crate) type UpdateFn<'a> = dyn FnMut(&mut [f32], &[f32], &mut [Tensor<F32>]) -> Result<()> + 'a;
+pub(crate) type UpdateFn<'a> =
+    dyn FnMut(&mut Tensor<F32>, &Tensor<F32>, &mut [Tensor<F32>]) -> Result<()> + 'a;
 
 /// Per-variable state buffers, created at the first step and checked at every later one.
 #[derive(Debug, Default, Clone)]
@@ -106,15 +108,15 @@ impl Slots {
         per_variable: usize,
         vars: &mut dyn VariableSet,
     ) -> Result<()> {
-        let mut seen: Vec<(String, Vec<usize>)> = vec![];
+        let mut seen: Vec<(String, Vec<usize>, mp_core::Device)> = vec![];
         vars.for_each_variable(&mut |name, v| {
-            seen.push((name.to_string(), v.shape().to_vec()));
+            seen.push((name.to_string(), v.shape().to_vec(), v.value().device()));
             Ok(())
         })?;
         if self.names.is_empty() && self.buffers.is_empty() {
-            for (name, shape) in seen {
+            for (name, shape, device) in seen {
                 let bufs = (0..per_variable)
-                    .map(|_| Tensor::<F32>::zeros(&shape))
+                    .map(|_| Tensor::<F32>::zeros_on(&shape, device))
                     .collect::<Result<_, _>>()?;
                 self.names.push(name);
                 self.shapes.push(shape);
@@ -132,7 +134,7 @@ impl Slots {
                 ),
             });
         }
-        for (i, (name, shape)) in seen.iter().enumerate() {
+        for (i, (name, shape, _)) in seen.iter().enumerate() {
             if name != &self.names[i] || shape != &self.shapes[i] {
                 return Err(Error::StateMismatch {
                     optimizer,
@@ -156,7 +158,7 @@ impl Slots {
         let buffers = &mut self.buffers;
         vars.for_each_variable(&mut |_, v| {
             let (value, grad) = v.value_and_grad_mut();
-            f(value.as_mut_slice()?, grad.as_slice()?, &mut buffers[i])?;
+            f(value, grad, &mut buffers[i])?;
             i += 1;
             Ok(())
         })
@@ -349,13 +351,12 @@ impl Optimizer for Sgd {
             .prepare("SGD", usize::from(with_momentum), vars)?;
         let (lr, momentum, nesterov) = (self.learning_rate, self.momentum, self.nesterov);
         self.slots.update(vars, &mut |w, g, state| {
-            let m = state.first_mut().map(|m| m.as_mut_slice()).transpose()?;
             let p = mp_kernels::optim::SgdParams {
                 lr,
                 momentum,
                 nesterov,
             };
-            mp_kernels::optim::sgd_update(w, g, m, p)?;
+            ops::sgd_update(w, g, state.first_mut(), p, None)?;
             Ok(())
         })?;
         self.iterations += 1;
@@ -459,10 +460,14 @@ impl Optimizer for RmsProp {
             .prepare("RMSprop", 1 + usize::from(with_momentum), vars)?;
         let (lr, rho, momentum, eps) = (self.learning_rate, self.rho, self.momentum, self.epsilon);
         self.slots.update(vars, &mut |w, g, state| {
-            let (v, rest) = state.split_first_mut().expect("one slot at least");
-            let mom = rest.first_mut().map(|m| m.as_mut_slice()).transpose()?;
+            let Some((v, rest)) = state.split_first_mut() else {
+                return Err(Error::StateMismatch {
+                    optimizer: "RMSprop",
+                    what: "the velocity slot is missing".into(),
+                });
+            };
             let p = mp_kernels::optim::RmspropParams::new(lr, rho, momentum, eps);
-            mp_kernels::optim::rmsprop_update(w, g, v.as_mut_slice()?, mom, p)?;
+            ops::rmsprop_update(w, g, v, rest.first_mut(), p, None)?;
             Ok(())
         })?;
         self.iterations += 1;
@@ -567,8 +572,13 @@ impl Optimizer for Adam {
             self.iterations + 1,
         );
         self.slots.update(vars, &mut |w, g, state| {
-            let (m, v) = state.split_at_mut(1);
-            mp_kernels::optim::adam_update(w, g, m[0].as_mut_slice()?, v[0].as_mut_slice()?, p)?;
+            let [m, v] = state else {
+                return Err(Error::StateMismatch {
+                    optimizer: "Adam",
+                    what: format!("expected the slots m and v, found {}", state.len()),
+                });
+            };
+            ops::adam_update(w, g, m, v, p, None)?;
             Ok(())
         })?;
         self.iterations += 1;

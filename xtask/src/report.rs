@@ -74,19 +74,27 @@ pub fn markdown(inputs: &Inputs) -> String {
                 .map_or("n/a".to_string(), |v| format!("{v:.1} GFLOP/s")),
             m["memory_bandwidth_gbps"].as_f64().unwrap_or(0.0),
         );
+        s.push_str(&calibration_section(&train["calibration"]));
+        if let Some(p) = train["recommended_policy"].as_str() {
+            let _ = writeln!(
+                s,
+                "Recommended policy (from the measurement, the main job's default): `{p}`.\n"
+            );
+        }
         let _ = writeln!(
             s,
             "## Training the guide's model ({} units, RMSprop), median of {} interleaved rounds\n",
             train["model"]["units"], train["rounds"]
         );
-        s.push_str("| policy | batch | ms/step | min | max | samples/s | vs float32 | of peak | peak tensor MiB | activation MiB | largest batch in budget |\n");
-        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| policy | GEMM path | batch | ms/step | min | max | samples/s | vs float32 | of peak | peak tensor MiB | activation MiB | largest batch in budget |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         let records = train_records(train);
         for r in &records {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2}x | {:.1}% | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2}x | {:.1}% | {:.1} | {:.1} | {} |",
                 r["variant"].as_str().unwrap_or("?"),
+                r["gemm_path"].as_str().unwrap_or("?"),
                 r["batch"],
                 r["ms_per_step"].as_f64().unwrap_or(0.0),
                 r["min_ms_per_step"].as_f64().unwrap_or(0.0),
@@ -114,28 +122,74 @@ pub fn markdown(inputs: &Inputs) -> String {
         }
         let _ = writeln!(
             s,
-            "\nFLOP per step counted as 6 × batch × weights; \"of peak\" is against the float32 FMA peak (float32, mixed_float16) or the vdpbf16ps peak (mixed_bfloat16). Activation MiB = peak tensor bytes during a step minus the bytes held before it (weights, 16-bit weight copies, gradients, optimizer state); the budget is {:.0} GiB.",
+            "\nFLOP per step counted as 6 × batch × weights; \"of peak\" is against the peak of the GEMM path the policy's compute dtype uses: the vdpbf16ps peak for the bfloat16 dot-product path, else the float32 FMA peak. Activation MiB = peak tensor bytes during a step minus the bytes held before it (weights, 16-bit weight copies, gradients, optimizer state); the budget is {:.0} GiB.",
             train["budget_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64
         );
     }
     if let Some(gemm) = &inputs.gemm {
-        s.push_str("\n## GEMM (square, all cores)\n\n| dtype | n | GFLOP/s (median) | min | max | peak | of peak |\n|---|---|---|---|---|---|---|\n");
+        if inputs.train.is_none() {
+            s.push_str(&calibration_section(&gemm["calibration"]));
+        }
+        s.push_str("\n## GEMM (square, all cores)\n\nThe peak of bfloat16 is the faster of its two paths' peaks (vdpbf16ps, float32 FMA), whichever path runs.\n\n| dtype | path | n | GFLOP/s (median) | min | max | peak | of peak | vs float32 |\n|---|---|---|---|---|---|---|---|---|\n");
         for r in gemm_records(gemm) {
             let g = r["gflops"].as_f64().unwrap_or(0.0);
             let p = r["peak_gflops"].as_f64().unwrap_or(0.0);
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}% |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}% | {} |",
                 r["dtype"].as_str().unwrap_or("?"),
+                r["path"].as_str().unwrap_or("?"),
                 r["n"],
                 g,
                 r["min_gflops"].as_f64().unwrap_or(0.0),
                 r["max_gflops"].as_f64().unwrap_or(0.0),
                 p,
                 if p > 0.0 { 100.0 * g / p } else { 0.0 },
+                r["ratio_to_float32"]
+                    .as_f64()
+                    .map_or("-".to_string(), |x| format!("{x:.2}x")),
             );
         }
     }
+    s
+}
+
+/// The calibration: the GEMM path chosen per dtype and every rate measured to choose it.
+fn calibration_section(cal: &Value) -> String {
+    let mut s = String::new();
+    let Some(rates) = cal["rates"].as_array() else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "## GEMM paths chosen by measurement\n\nCalibration ({}): float32 FMA peak {:.1} GFLOP/s, vdpbf16ps peak {}; {}.\n\n| dtype | path | GFLOP/s (768 x 1024 x 768) | chosen |\n|---|---|---|---|",
+        match cal["measured_seconds"].as_f64() {
+            Some(secs) => format!("measured in {secs:.2} s by this run"),
+            None => "read from this machine's cache".to_string(),
+        },
+        cal["fma_f32_gflops"].as_f64().unwrap_or(0.0),
+        cal["dpbf16_gflops"]
+            .as_f64()
+            .map_or("n/a".to_string(), |v| format!("{v:.1} GFLOP/s")),
+        match cal["forced"].as_array() {
+            Some(f) if !f.is_empty() => format!("forced by MP_GEMM_PATH: {f:?}"),
+            _ => "nothing forced".to_string(),
+        }
+    );
+    for r in rates {
+        let (d, p) = (
+            r["dtype"].as_str().unwrap_or("?"),
+            r["path"].as_str().unwrap_or("?"),
+        );
+        let chosen = cal["chosen"][d].as_str() == Some(p);
+        let _ = writeln!(
+            s,
+            "| {d} | {p} | {:.1} | {} |",
+            r["gflops"].as_f64().unwrap_or(0.0),
+            if chosen { "yes" } else { "" }
+        );
+    }
+    s.push('\n');
     s
 }
 
@@ -298,7 +352,7 @@ mod tests {
                 {"policy": "float32", "variant": "float32", "batch": 64, "ms_per_step": 2.0,
                  "samples_per_s": 32000.0, "speedup_vs_float32": 1.0, "fraction_of_peak": 0.5,
                  "peak_tensor_bytes": 1048576, "activation_bytes": 524288, "max_batch_in_budget": 100},
-                {"policy": "mixed_float16", "variant": "mixed_float16", "batch": 64, "ms_per_step": 2.5,
+                {"policy": "mixed_float16", "variant": "mixed_float16", "gemm_path": "avx512-6x64", "batch": 64, "ms_per_step": 2.5,
                  "samples_per_s": 25600.0, "speedup_vs_float32": 0.8, "fraction_of_peak": 0.4,
                  "compat_reason": "float16 is emulated", "peak_tensor_bytes": 1048576,
                  "activation_bytes": 262144, "max_batch_in_budget": 200}
@@ -320,7 +374,10 @@ mod tests {
             gemm: None,
             train: Some(sample()),
         });
-        assert!(md.contains("| mixed_float16 | 64 | 2.5 |"), "{md}");
+        assert!(
+            md.contains("| mixed_float16 | avx512-6x64 | 64 | 2.5 |"),
+            "{md}"
+        );
         assert!(md.contains("Flagged:"));
         let svg = svg(&sample());
         assert!(svg.starts_with("<svg") && svg.contains("0.80x"));

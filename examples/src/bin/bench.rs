@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use examples::cpu_time::process_cpu_secs;
 use mp_core::{DType, Rng, bf16, f16};
-use mp_kernels::gemm::{Epilogue, GemmInput, gemm};
-use mp_kernels::{Isa, peak, threads};
+use mp_kernels::cpu_time::process_cpu_secs;
+use mp_kernels::gemm::{Gemm, GemmInput, MatMut, MatRef};
+use mp_kernels::{Cpu, calibrate, peak, threads};
 
 const USAGE: &str = "usage: bench <subcommand> [options]
 
@@ -151,23 +151,14 @@ impl<T: GemmInput + mp_kernels::gemm::GemmOutput> Bench for Square<T> {
     }
     fn run(&mut self, reps: usize) -> Result<f64> {
         let n = self.n;
+        let cpu = Cpu::global()?;
         let start = Instant::now();
         for _ in 0..reps {
-            gemm(
-                false,
-                false,
-                n,
-                n,
-                n,
-                1.0,
-                &self.a,
-                n,
-                &self.b,
-                n,
-                0.0,
-                &mut self.c,
-                n,
-                Epilogue::None,
+            cpu.gemm(
+                MatRef::new(&self.a, n, n),
+                MatRef::new(&self.b, n, n),
+                MatMut::new(&mut self.c, n, n),
+                Gemm::new(),
             )?;
         }
         let secs = start.elapsed().as_secs_f64();
@@ -199,6 +190,8 @@ struct Sample {
 fn gemm_cmd(args: &[String]) -> Result<()> {
     let opts = parse_gemm_opts(args)?;
     let machine = peak::describe_cpu();
+    let cal = calibrate::calibration()?;
+    let paths = Cpu::global()?.gemm_paths();
     let nthreads = threads::num_threads();
     eprintln!("machine: {machine}");
     eprintln!("rounds: {}, sizes: {:?}", opts.rounds, opts.sizes);
@@ -243,9 +236,10 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
 
     let (fma_med, fma_min, fma_max) = stats(&fma);
     let dp_stats = (!dp.is_empty()).then(|| stats(&dp));
-    // bfloat16 is measured against vdpbf16ps only where GEMM uses it.
+    // bfloat16 is measured against the faster of its two paths' peaks (vdpbf16ps pairs, or
+    // float32 FMA after widening), whichever path was chosen.
     let peak_for = |d: DType| match (d, dp_stats) {
-        (DType::BF16, Some((m, _, _))) if Isa::detect() == Isa::Avx512Bf16 => m,
+        (DType::BF16, Some((m, _, _))) => m.max(fma_med),
         _ => fma_med,
     };
     let gflops = |s: &[Sample]| s.iter().map(|x| x.gflops).collect::<Vec<_>>();
@@ -263,6 +257,11 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
         opts.rounds
     );
     println!("{machine}");
+    println!("GEMM paths: {paths} (calibration: {:?})", cal.origin);
+    println!(
+        "calibration rates (GFLOP/s, * = chosen): {}",
+        cal.describe()
+    );
     println!(
         "peaks (GFLOP/s, median [min, max]): float32 FMA {fma_med:.1} [{fma_min:.1}, {fma_max:.1}]{}",
         dp_stats.map_or(
@@ -292,6 +291,7 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
             share.map_or(String::from("-"), |x| format!("{:.0}%", 100.0 * x)),
         );
         records.push(serde_json::json!({
+            "path": paths.get(b.dtype()).name(),
             "dtype": b.dtype().name(),
             "out_dtype": b.dtype().name(),
             "n": b.n(),
@@ -328,8 +328,9 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
         "machine": {
             "description": machine,
             "threads": nthreads,
-            "isa": format!("{:?}", Isa::detect()),
+            "isa": format!("{:?}", Cpu::global()?.isa()),
         },
+        "calibration": examples::calibration_json(cal),
         "peaks": {
             "fma_f32_gflops": fma_med,
             "fma_f32_samples": fma,

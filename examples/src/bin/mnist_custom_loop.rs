@@ -10,7 +10,7 @@
 //! multiplied by the scale), backward, `get_unscaled_gradients`, `apply_gradients`.
 
 use examples::{Args, Digits};
-use mp_core::{F32, Policy, PolicyKind, PolicyVisitor, Tensor, compat};
+use mp_core::{F32, Policy, PolicyKind, PolicyVisitor, Tensor};
 use mp_data::Dataset;
 use mp_layers::{
     Compute, Layer, Mean, Model, ModelVars, SparseCategoricalAccuracy,
@@ -108,10 +108,14 @@ fn main() -> anyhow::Result<()> {
     args.check_known(OPTIONS)?;
     let policy: Policy = args.raw("policy").unwrap_or("mixed_float16").parse()?;
     println!("Policy: {policy:#}");
-    println!("{}", compat::check(policy));
+    println!("{}", mp_kernels::calibrate::check(policy)?);
+    let batch_size: usize = args.get("batch-size", 8192)?;
+    if batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
     policy.dispatch(Run {
         units: args.get("units", 4096)?,
-        batch_size: args.get("batch-size", 8192)?,
+        batch_size,
         epochs: args.get("epochs", 5)?,
         seed: args.get("seed", 0)?,
     })

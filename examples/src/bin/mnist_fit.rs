@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use examples::{Args, Digits};
-use mp_core::{DTypeKind, Policy, PolicyKind, PolicyVisitor, compat};
+use mp_core::{DTypeKind, Policy, PolicyKind, PolicyVisitor};
 use mp_layers::{FitOptions, Layer, Model, SparseCategoricalCrossentropy, Trainer, Verbose};
 use mp_optim::RmsProp;
 
@@ -97,10 +97,10 @@ fn main() -> anyhow::Result<()> {
     args.check_known(OPTIONS)?;
     let policy: Policy = match args.raw("policy") {
         Some(p) => p.parse()?,
-        None => compat::recommended_policy(),
+        None => mp_kernels::calibrate::recommended_policy()?,
     };
     println!("Policy: {policy:#}");
-    println!("{}", compat::check(policy));
+    println!("{}", mp_kernels::calibrate::check(policy)?);
     println!("CPU: {}", mp_kernels::peak::describe_cpu());
     let options = FitOptions {
         batch_size: args.get("batch-size", 8192)?,

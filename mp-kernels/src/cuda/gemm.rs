@@ -394,7 +394,7 @@ fn check_matrix(what: &'static str, rows: usize, cols: usize, ld: usize, len: us
 }
 
 /// `C = epilogue(alpha * op(A) * op(B) + beta * C)` on the device, with float32 accumulation:
-/// the semantics and argument rules of [`crate::gemm::gemm`] (row-major, leading dimensions,
+/// the semantics and argument rules of [`crate::Cpu::gemm`] (row-major, leading dimensions,
 /// `beta == 0` does not read C, `k == 0` gives `epilogue(beta * C)`).
 ///
 /// # Errors

@@ -164,7 +164,7 @@ impl FiniteFlag {
 }
 
 /// Casts `src` into `dst` (equal lengths): round to nearest even, subnormals kept, NaN kept,
-/// bit-identical to [`crate::cast::cast`] (NaN payloads included, see `cuda/common.cuh`). A
+/// bit-identical to [`crate::Cpu::cast`] (NaN payloads included, see `cuda/common.cuh`). A
 /// cast to the same type is a device copy.
 ///
 /// # Errors
@@ -215,7 +215,7 @@ pub fn cast<S: Element, D: Element>(
     Ok(())
 }
 
-/// `y = max(x, 0)`, NaN kept ([`crate::activation::relu_forward`]). `y` may be `x`'s own buffer
+/// `y = max(x, 0)`, NaN kept ([`crate::Cpu::activation`]). `y` may be `x`'s own buffer
 /// through [`relu_forward_inplace`].
 ///
 /// # Errors
@@ -260,7 +260,7 @@ pub fn relu_forward_inplace<T: Element>(gpu: &Gpu, x: &mut CudaBuf<T>) -> Result
     Ok(())
 }
 
-/// `dx = dy * (y > 0)` with the CPU's NaN rules ([`crate::activation::relu_backward`]).
+/// `dx = dy * (y > 0)` with the CPU's NaN rules ([`crate::Cpu::activation_backward`]).
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `y` or `dx`.
@@ -319,7 +319,7 @@ pub fn relu_backward_inplace<T: Element>(
 }
 
 /// The bias gradient of a `[rows, cols]` row-major `dy`: column sums in float32 into `out`
-/// (`cols` long), or added to it when `accumulate` ([`crate::reduce::bias_grad`]).
+/// (`cols` long), or added to it when `accumulate` ([`crate::Cpu::bias_grad`]).
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `dy` or `out`.
@@ -380,7 +380,7 @@ fn check_rows(op: &'static str, rows: usize) -> Result<()> {
 }
 
 /// Row softmax of a `[rows, cols]` row-major `x` of any dtype into float32 `out`
-/// ([`crate::softmax::softmax`]).
+/// ([`crate::Cpu::softmax`]).
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `x` or `out`.
@@ -413,7 +413,7 @@ pub fn softmax<T: Element>(
 
 /// Per-row sparse categorical cross-entropy losses of a `[rows, cols]` float32 `input` (logits
 /// when `from_logits`, else probabilities, clipped as Keras does) into `out` (`rows` long)
-/// ([`crate::softmax::softmax_cross_entropy_rows`]).
+/// ([`crate::Cpu::softmax_cross_entropy_rows`]).
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `input`, `labels` or `out`; [`Error::InvalidArgument`] when
@@ -478,7 +478,7 @@ fn grad_factor(scale: f32, rows: usize) -> f32 {
 }
 
 /// `dlogits = scale * (p - onehot(label)) / rows` from the softmax output `probs`
-/// ([`crate::softmax::softmax_cross_entropy_grad_scaled`]; bit-identical).
+/// ([`crate::Cpu::softmax_cross_entropy_grad`]; bit-identical).
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `probs`, `labels` or `dlogits`.
@@ -568,7 +568,7 @@ pub fn softmax_cross_entropy_fused<T: Element>(
     Ok(())
 }
 
-/// `x = x * s` in float32, rounded back to the element type ([`crate::scale::scale`]).
+/// `x = x * s` in float32, rounded back to the element type ([`crate::Cpu::scale`]).
 ///
 /// # Errors
 /// [`Error::Cuda`] when the launch fails.
@@ -609,7 +609,7 @@ pub fn all_finite<T: Element>(gpu: &Gpu, x: &CudaBuf<T>, flag: &mut FiniteFlag) 
     Ok(())
 }
 
-/// The fused unscale + all-finite check of loss scaling ([`crate::scale::unscale_and_check`]):
+/// The fused unscale + all-finite check of loss scaling ([`crate::Cpu::unscale_and_check`]):
 /// `grads *= inv_scale`, and `flag` is set when any result is NaN or infinite. Call it for each
 /// gradient of a step with the same flag; the optimizer updates then skip on the device.
 ///
@@ -670,7 +670,7 @@ fn check_var(
     Ok(())
 }
 
-/// One SGD step on the device ([`crate::optim::sgd_update`], bit-identical). `momentum` is
+/// One SGD step on the device ([`crate::Cpu::sgd_update`], bit-identical). `momentum` is
 /// required when `p.momentum != 0`. When `skip` is given and set, nothing is written.
 ///
 /// # Errors
@@ -735,7 +735,7 @@ pub fn sgd_update(
     Ok(())
 }
 
-/// One RMSprop step on the device ([`crate::optim::rmsprop_update`], bit-identical).
+/// One RMSprop step on the device ([`crate::Cpu::rmsprop_update`], bit-identical).
 /// `momentum` is required when `p.momentum > 0`. When `skip` is given and set, nothing is
 /// written.
 ///
@@ -796,7 +796,7 @@ pub fn rmsprop_update(
     Ok(())
 }
 
-/// One Adam step on the device ([`crate::optim::adam_update`], bit-identical). When `skip` is
+/// One Adam step on the device ([`crate::Cpu::adam_update`], bit-identical). When `skip` is
 /// given and set, nothing is written.
 ///
 /// # Errors

@@ -15,15 +15,18 @@
 //! thread), so each element of C is computed by exactly one thread in a fixed order: the result is
 //! bit-identical from run to run (and does not depend on the thread count).
 //!
-//! Microkernels, chosen by [`Isa`]:
-//! - [`Isa::Avx512Bf16`], bfloat16 inputs: `vdpbf16ps` on pairs of `k` (B packed as interleaved
-//!   `(b[k, j], b[k+1, j])` pairs, A's pair broadcast as one 32-bit value; odd `K` padded with 0).
-//!   Like the instruction, this path treats subnormal bfloat16 inputs as zero and flushes
-//!   subnormal float32 partial results to zero (|x| < 1.2e-38; the other paths keep them).
-//! - [`Isa::Avx512`] (and `Avx512Bf16` for float32/float16 inputs): a 512-bit float32 FMA tile;
+//! Microkernels ([`GemmPath`]), one chosen per input dtype by measurement (see
+//! [`crate::calibrate`]):
+//! - [`GemmPath::Avx512Bf16Dot`], bfloat16 inputs only: `vdpbf16ps` on pairs of `k` (B packed as
+//!   interleaved `(b[k, j], b[k+1, j])` pairs, A's pair broadcast as one 32-bit value; odd `K`
+//!   padded with 0). Like the instruction, this path treats subnormal bfloat16 inputs as zero and
+//!   flushes subnormal float32 partial results to zero (|x| < 1.2e-38; the other paths keep them).
+//! - [`GemmPath::Avx512`]: a 6 x 64 float32 FMA tile (24 zmm accumulators, 10 loads per 24 FMAs);
 //!   float16 and bfloat16 inputs are widened to float32 while packing (F16C for float16).
-//! - [`Isa::Avx2`]: the same with a 256-bit FMA tile.
-//! - [`Isa::Scalar`]: portable Rust, same packing, a small tile the compiler may vectorise.
+//! - [`GemmPath::Avx512Wide`]: the same with an 8 x 48 tile (24 accumulators, 11 loads per 24
+//!   FMAs, a taller A panel): the candidate for cores with two FMA ports.
+//! - [`GemmPath::Avx2`]: the same with a 256-bit FMA tile.
+//! - [`GemmPath::Scalar`]: portable Rust, same packing, a small tile the compiler may vectorise.
 //!
 //! When op(A) is already in packed form (float32, or bfloat16 pairs with an even row stride, and
 //! contiguous along `k`), full panels are read in place instead of packed. Pack buffers live in
@@ -44,23 +47,355 @@ use crate::isa::Isa;
 
 const OP: &str = "gemm";
 
-/// What to apply to `alpha * op(A) * op(B) + beta * C` before it is stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Epilogue<'a> {
+/// A GEMM microkernel family: what [`crate::calibrate`] times per input dtype and
+/// [`crate::Cpu`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmPath {
+    /// Portable Rust.
+    Scalar,
+    /// 256-bit FMA (AVX2 + FMA + F16C); 16-bit inputs widened while packing.
+    Avx2,
+    /// 512-bit FMA, 6 x 64 tile; 16-bit inputs widened while packing.
+    Avx512,
+    /// 512-bit FMA, 8 x 48 tile; 16-bit inputs widened while packing.
+    Avx512Wide,
+    /// `vdpbf16ps` on bfloat16 pairs (bfloat16 inputs only).
+    Avx512Bf16Dot,
+}
+
+impl GemmPath {
+    /// Every path, in the order the calibration tries them.
+    pub const ALL: [GemmPath; 5] = [
+        GemmPath::Scalar,
+        GemmPath::Avx2,
+        GemmPath::Avx512,
+        GemmPath::Avx512Wide,
+        GemmPath::Avx512Bf16Dot,
+    ];
+
+    /// The name used by the `MP_GEMM_PATH` knob, the calibration cache and the bench report.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GemmPath::Scalar => "scalar",
+            GemmPath::Avx2 => "avx2",
+            GemmPath::Avx512 => "avx512-6x64",
+            GemmPath::Avx512Wide => "avx512-8x48",
+            GemmPath::Avx512Bf16Dot => "avx512bf16-dot",
+        }
+    }
+
+    /// The path named `name` (as [`GemmPath::name`] prints it).
+    pub fn from_name(name: &str) -> Option<GemmPath> {
+        GemmPath::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The instruction set the path needs.
+    pub const fn isa(self) -> Isa {
+        match self {
+            GemmPath::Scalar => Isa::Scalar,
+            GemmPath::Avx2 => Isa::Avx2,
+            GemmPath::Avx512 | GemmPath::Avx512Wide => Isa::Avx512,
+            GemmPath::Avx512Bf16Dot => Isa::Avx512Bf16,
+        }
+    }
+
+    /// Whether the path computes GEMMs of `dtype` inputs (the dot-product path only bfloat16).
+    pub fn computes(self, dtype: DType) -> bool {
+        self != GemmPath::Avx512Bf16Dot || dtype == DType::BF16
+    }
+
+    /// Whether this CPU can run the path for `dtype` inputs.
+    pub fn runs_here(self, dtype: DType) -> bool {
+        self.computes(dtype) && self.isa().is_supported()
+    }
+
+    /// The paths this CPU can run for `dtype` inputs, in [`GemmPath::ALL`] order.
+    pub fn candidates(dtype: DType) -> Vec<GemmPath> {
+        GemmPath::ALL
+            .into_iter()
+            .filter(|p| p.runs_here(dtype))
+            .collect()
+    }
+
+    /// The path an instruction set implies when nothing was measured: its own family, the dot
+    /// product for bfloat16 on AVX512_BF16.
+    pub fn default_for(isa: Isa, dtype: DType) -> GemmPath {
+        match isa {
+            Isa::Scalar => GemmPath::Scalar,
+            Isa::Avx2 => GemmPath::Avx2,
+            Isa::Avx512 => GemmPath::Avx512,
+            Isa::Avx512Bf16 if dtype == DType::BF16 => GemmPath::Avx512Bf16Dot,
+            Isa::Avx512Bf16 => GemmPath::Avx512,
+        }
+    }
+
+    /// An error unless this CPU can run the path for `dtype` inputs (running code for a missing
+    /// instruction set is undefined behaviour, so every GEMM checks first).
+    pub(crate) fn check(self, dtype: DType) -> Result<()> {
+        if !self.computes(dtype) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                what: format!("path {} does not compute {dtype} inputs", self.name()),
+            });
+        }
+        if !self.isa().is_supported() {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "path {} needs {:?}, which this CPU does not support",
+                    self.name(),
+                    self.isa()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for GemmPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The GEMM path per input dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmPaths {
+    /// For float32 inputs.
+    pub f32: GemmPath,
+    /// For bfloat16 inputs.
+    pub bf16: GemmPath,
+    /// For float16 inputs.
+    pub f16: GemmPath,
+}
+
+impl GemmPaths {
+    /// The paths an instruction set implies when nothing was measured.
+    pub fn default_for(isa: Isa) -> GemmPaths {
+        GemmPaths {
+            f32: GemmPath::default_for(isa, DType::F32),
+            bf16: GemmPath::default_for(isa, DType::BF16),
+            f16: GemmPath::default_for(isa, DType::F16),
+        }
+    }
+
+    /// The path for `dtype` inputs.
+    pub fn get(&self, dtype: DType) -> GemmPath {
+        match dtype {
+            DType::F32 => self.f32,
+            DType::BF16 => self.bf16,
+            DType::F16 => self.f16,
+        }
+    }
+
+    /// Sets the path for `dtype` inputs.
+    pub fn set(&mut self, dtype: DType, path: GemmPath) {
+        match dtype {
+            DType::F32 => self.f32 = path,
+            DType::BF16 => self.bf16 = path,
+            DType::F16 => self.f16 = path,
+        }
+    }
+
+    /// An error naming the first path this CPU cannot run for its dtype.
+    pub fn check(&self) -> Result<()> {
+        for d in [DType::F32, DType::BF16, DType::F16] {
+            self.get(d).check(d)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for GemmPaths {
+    /// `float32=avx512-6x64, bfloat16=avx512bf16-dot, float16=avx512-6x64`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "float32={}, bfloat16={}, float16={}",
+            self.f32, self.bf16, self.f16
+        )
+    }
+}
+
+/// A matrix operand read by [`crate::Cpu::gemm`]: `rows x cols` stored row-major with row stride
+/// `ld` (at least `cols`), used as stored or transposed ([`MatRef::t`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    trans: bool,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// `data` as a stored `rows x cols` matrix with row stride `cols`.
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            ld: cols,
+            trans: false,
+        }
+    }
+
+    /// The same storage with row stride `ld`.
+    pub fn with_ld(self, ld: usize) -> Self {
+        MatRef { ld, ..self }
+    }
+
+    /// The transpose (of the stored matrix, or back).
+    pub fn t(self) -> Self {
+        MatRef {
+            trans: !self.trans,
+            ..self
+        }
+    }
+
+    /// The shape of the operand as the product sees it: `(cols, rows)` when transposed.
+    pub fn shape(&self) -> (usize, usize) {
+        if self.trans {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+}
+
+/// The output of [`crate::Cpu::gemm`]: `rows x cols` stored row-major with row stride `ld`.
+#[derive(Debug)]
+pub struct MatMut<'a, O> {
+    data: &'a mut [O],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+impl<'a, O> MatMut<'a, O> {
+    /// `data` as a `rows x cols` matrix with row stride `cols`.
+    pub fn new(data: &'a mut [O], rows: usize, cols: usize) -> Self {
+        MatMut {
+            data,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+
+    /// The same storage with row stride `ld`.
+    pub fn with_ld(self, ld: usize) -> Self {
+        MatMut { ld, ..self }
+    }
+}
+
+/// The scalars and the epilogue of a GEMM: `C = epilogue(alpha * op(A) * op(B) + beta * C)`.
+/// The default is `alpha = 1`, `beta = 0` (C not read), no epilogue. `B` is what holds the bias:
+/// a float32 slice on the CPU, a float32 tensor in [`crate::ops`].
+#[derive(Debug)]
+pub struct Gemm<'a, B: ?Sized = [f32]> {
+    /// The product's factor.
+    pub alpha: f32,
+    /// C's factor (`0` means C is not read, as in BLAS).
+    pub beta: f32,
+    /// Bias and ReLU, fused into the store.
+    pub epilogue: Epilogue<'a, B>,
+}
+
+impl<B: ?Sized> Clone for Gemm<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Gemm<'_, B> {}
+
+impl<B: ?Sized> Default for Gemm<'_, B> {
+    fn default() -> Self {
+        Gemm {
+            alpha: 1.0,
+            beta: 0.0,
+            epilogue: Epilogue::None,
+        }
+    }
+}
+
+impl<'a, B: ?Sized> Gemm<'a, B> {
+    /// `C = op(A) * op(B)`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With the epilogue `e`.
+    pub fn epilogue(self, e: Epilogue<'a, B>) -> Self {
+        Gemm {
+            epilogue: e,
+            ..self
+        }
+    }
+
+    /// `C += op(A) * op(B)`: `beta = 1`, how weight gradients accumulate.
+    pub fn accumulate(self) -> Self {
+        Gemm { beta: 1.0, ..self }
+    }
+
+    /// With these scalars.
+    pub fn scaled(self, alpha: f32, beta: f32) -> Self {
+        Gemm {
+            alpha,
+            beta,
+            ..self
+        }
+    }
+}
+
+/// What to apply to `alpha * op(A) * op(B) + beta * C` before it is stored. `B` holds the bias
+/// (`n` float32 values): a slice on the CPU, a tensor in [`crate::ops`].
+#[derive(Debug, Default)]
+pub enum Epilogue<'a, B: ?Sized = [f32]> {
     /// Store as is.
     #[default]
     None,
     /// `max(x, 0)`, keeping NaN (ReLU).
     Relu,
     /// Add `bias[j]` to every element of column `j` (`bias.len() == n`).
-    Bias(&'a [f32]),
+    Bias(&'a B),
     /// Add the bias, then ReLU.
-    BiasRelu(&'a [f32]),
+    BiasRelu(&'a B),
 }
 
-impl<'a> Epilogue<'a> {
+impl<B: ?Sized> Clone for Epilogue<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Epilogue<'_, B> {}
+
+impl<'a, B: ?Sized> Epilogue<'a, B> {
+    /// With the bias `bias`, and ReLU when `relu` (what a dense layer's configuration reads as).
+    pub fn from_parts(bias: Option<&'a B>, relu: bool) -> Self {
+        match (bias, relu) {
+            (Some(b), true) => Epilogue::BiasRelu(b),
+            (Some(b), false) => Epilogue::Bias(b),
+            (None, true) => Epilogue::Relu,
+            (None, false) => Epilogue::None,
+        }
+    }
+
+    /// The same epilogue with the bias mapped by `f` (a tensor to its slice or device buffer).
+    pub fn try_map<C: ?Sized, E>(
+        self,
+        f: impl FnOnce(&'a B) -> std::result::Result<&'a C, E>,
+    ) -> std::result::Result<Epilogue<'a, C>, E> {
+        Ok(match self {
+            Epilogue::None => Epilogue::None,
+            Epilogue::Relu => Epilogue::Relu,
+            Epilogue::Bias(b) => Epilogue::Bias(f(b)?),
+            Epilogue::BiasRelu(b) => Epilogue::BiasRelu(f(b)?),
+        })
+    }
+
     /// The bias, if any.
-    pub fn bias(&self) -> Option<&'a [f32]> {
+    pub fn bias(&self) -> Option<&'a B> {
         match *self {
             Epilogue::Bias(b) | Epilogue::BiasRelu(b) => Some(b),
             Epilogue::None | Epilogue::Relu => None,
@@ -79,121 +414,20 @@ mod sealed {
     impl<T: mp_core::Element> Sealed for T {}
 }
 
-/// An input element type of [`gemm`]: `f32`, `half::bf16` or `half::f16`.
+/// An input element type of [`crate::Cpu::gemm`]: `f32`, `half::bf16` or `half::f16`.
 pub trait GemmInput: Element + sealed::Sealed {}
 impl<T: Element> GemmInput for T {}
 
-/// An output element type of [`gemm`]: `f32` (what weight gradients use), `half::bf16` or
-/// `half::f16` (rounded to nearest even once, from the float32 result).
+/// An output element type of [`crate::Cpu::gemm`]: `f32` (what weight gradients use),
+/// `half::bf16` or `half::f16` (rounded to nearest even once, from the float32 result).
 pub trait GemmOutput: Element + sealed::Sealed {}
 impl<T: Element> GemmOutput for T {}
 
-/// `C = epilogue(alpha * op(A) * op(B) + beta * C)` with float32 accumulation, on the best
-/// instruction set of this CPU ([`Isa::detect`]).
-///
-/// - `op(A)` is `m x k`: `A` is stored `m x k` (row stride `lda`), or `k x m` when `trans_a`.
-/// - `op(B)` is `k x n`: `B` is stored `k x n` (row stride `ldb`), or `n x k` when `trans_b`.
-/// - `C` is `m x n` with row stride `ldc`.
-///
-/// Leading dimensions must be at least the stored row width and the slices long enough for the
-/// stored shapes (longer is fine). `beta == 0` means C is not read (NaN in C does not propagate,
-/// as in BLAS). Zero-sized `m`, `n` or `k` are valid; with `k == 0`, `C = epilogue(beta * C)`.
-/// NaN and infinities in the inputs propagate as IEEE 754 says (ReLU keeps NaN).
-///
-/// Arguments are checked before any memory is touched; on error C is unchanged.
-///
-/// ```
-/// use mp_kernels::gemm::{gemm, Epilogue};
-///
-/// // [1 2; 3 4] * [5 6; 7 8] = [19 22; 43 50], plus bias [1, -100] then ReLU.
-/// let a = [1.0f32, 2.0, 3.0, 4.0];
-/// let b = [5.0f32, 6.0, 7.0, 8.0];
-/// let mut c = [0.0f32; 4];
-/// gemm(false, false, 2, 2, 2, 1.0, &a, 2, &b, 2, 0.0, &mut c, 2, Epilogue::BiasRelu(&[1.0, -100.0]))?;
-/// assert_eq!(c, [20.0, 0.0, 44.0, 0.0]);
-/// # Ok::<(), mp_kernels::Error>(())
-/// ```
+/// The checked GEMM on one path with given cache blocking budgets (what [`crate::Cpu::gemm`]
+/// calls; the tests vary the budgets).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm<T: GemmInput, O: GemmOutput>(
-    trans_a: bool,
-    trans_b: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: &[T],
-    lda: usize,
-    b: &[T],
-    ldb: usize,
-    beta: f32,
-    c: &mut [O],
-    ldc: usize,
-    epilogue: Epilogue<'_>,
-) -> Result<()> {
-    gemm_with_isa(
-        Isa::detect(),
-        trans_a,
-        trans_b,
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        lda,
-        b,
-        ldb,
-        beta,
-        c,
-        ldc,
-        epilogue,
-    )
-}
-
-/// [`gemm`] on a given instruction set (tests force every path this CPU supports).
-///
-/// Returns [`Error::InvalidArgument`] if this CPU does not support `isa`.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_with_isa<T: GemmInput, O: GemmOutput>(
-    isa: Isa,
-    trans_a: bool,
-    trans_b: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: &[T],
-    lda: usize,
-    b: &[T],
-    ldb: usize,
-    beta: f32,
-    c: &mut [O],
-    ldc: usize,
-    epilogue: Epilogue<'_>,
-) -> Result<()> {
-    gemm_impl(
-        isa,
-        driver::Blocking::DEFAULT,
-        trans_a,
-        trans_b,
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        lda,
-        b,
-        ldb,
-        beta,
-        c,
-        ldc,
-        epilogue,
-    )
-}
-
-/// [`gemm_with_isa`] with given cache blocking budgets.
-#[allow(clippy::too_many_arguments)]
-fn gemm_impl<T: GemmInput, O: GemmOutput>(
-    isa: Isa,
+pub(crate) fn gemm_impl<T: GemmInput, O: GemmOutput>(
+    path: GemmPath,
     blocking: driver::Blocking,
     trans_a: bool,
     trans_b: bool,
@@ -210,12 +444,7 @@ fn gemm_impl<T: GemmInput, O: GemmOutput>(
     ldc: usize,
     epilogue: Epilogue<'_>,
 ) -> Result<()> {
-    if !isa.is_supported() {
-        return Err(Error::InvalidArgument {
-            op: OP,
-            what: format!("instruction set {isa:?} is not supported by this CPU"),
-        });
-    }
+    path.check(T::DTYPE)?;
     let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
     let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
     check_matrix("a", "lda", a_rows, a_cols, lda, a.len())?;
@@ -265,24 +494,25 @@ fn gemm_impl<T: GemmInput, O: GemmOutput>(
         out,
     };
     // SAFETY: the shapes, strides and lengths were checked above; C is exclusively borrowed.
-    unsafe { dispatch(isa, &problem, blocking) };
+    unsafe { dispatch(path, &problem, blocking) };
     Ok(())
 }
 
-/// Runs the problem on the kernel family for `isa` and these element types.
+/// Runs the problem on the kernel family of `path` for these element types.
 ///
 /// # Safety
-/// `problem` must describe valid, checked matrices.
+/// `problem` must describe valid, checked matrices, and `path` must have passed
+/// [`GemmPath::check`] for `T`.
 unsafe fn dispatch<T: GemmInput, O: GemmOutput>(
-    isa: Isa,
+    path: GemmPath,
     problem: &driver::Problem<T, O>,
     blocking: driver::Blocking,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        match isa {
-            Isa::Avx512Bf16 if T::DTYPE == DType::BF16 => {
-                // SAFETY: T is bf16 (checked through its DTYPE), so the cast is the identity.
+        match path {
+            GemmPath::Avx512Bf16Dot => {
+                // SAFETY: the check admits this path for bf16 only, so the cast is the identity.
                 let p = unsafe { &*(problem as *const driver::Problem<T, O>).cast() };
                 // SAFETY: the CPU supports AVX512_BF16 (checked by the caller).
                 return unsafe {
@@ -293,7 +523,7 @@ unsafe fn dispatch<T: GemmInput, O: GemmOutput>(
                     )
                 };
             }
-            Isa::Avx512 | Isa::Avx512Bf16 => {
+            GemmPath::Avx512 => {
                 // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ (checked by the caller).
                 return unsafe {
                     driver::run(
@@ -303,16 +533,75 @@ unsafe fn dispatch<T: GemmInput, O: GemmOutput>(
                     )
                 };
             }
-            Isa::Avx2 => {
+            GemmPath::Avx512Wide => {
+                // SAFETY: as above.
+                return unsafe {
+                    driver::run(
+                        &x86::Avx512Kernel::<{ x86::WIDE_MR }, { x86::WIDE_NV }>,
+                        problem,
+                        blocking,
+                    )
+                };
+            }
+            GemmPath::Avx2 => {
                 // SAFETY: the CPU supports AVX2, FMA and F16C (checked by the caller).
                 return unsafe { driver::run(&x86::Avx2Kernel, problem, blocking) };
             }
-            Isa::Scalar => {}
+            GemmPath::Scalar => {}
         }
     }
-    let _ = isa;
+    let _ = path;
     // SAFETY: the scalar kernel needs no CPU feature.
     unsafe { driver::run(&scalar::ScalarKernel, problem, blocking) }
+}
+
+/// [`crate::Cpu::gemm`]: the shapes of the views checked against each other, then
+/// [`gemm_impl`].
+pub(crate) fn gemm_views<T: GemmInput, O: GemmOutput>(
+    path: GemmPath,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: MatMut<'_, O>,
+    g: Gemm<'_>,
+) -> Result<()> {
+    let (m, k) = a.shape();
+    let (kb, n) = b.shape();
+    if kb != k {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs_name: "op(a) [m, k]",
+            lhs: vec![m, k],
+            rhs_name: "op(b) [k, n]",
+            rhs: vec![kb, n],
+        });
+    }
+    if (c.rows, c.cols) != (m, n) {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs_name: "op(a) * op(b) [m, n]",
+            lhs: vec![m, n],
+            rhs_name: "c [rows, cols]",
+            rhs: vec![c.rows, c.cols],
+        });
+    }
+    gemm_impl(
+        path,
+        driver::Blocking::DEFAULT,
+        a.trans,
+        b.trans,
+        m,
+        n,
+        k,
+        g.alpha,
+        a.data,
+        a.ld,
+        b.data,
+        b.ld,
+        g.beta,
+        c.data,
+        c.ld,
+        g.epilogue,
+    )
 }
 
 /// Checks one stored matrix: `ld >= cols` and `len >= (rows - 1) * ld + cols`.
@@ -407,9 +696,9 @@ mod tests {
             w_bytes: 2 * 96 * 64 * 4,
         };
         let mut rng = mp_core::Rng::new(0x6e3d_7a11);
-        for isa in Isa::supported() {
+        for path in GemmPath::candidates(T::DTYPE) {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let (m, n, k) = if isa == Isa::Scalar {
+                let (m, n, k) = if path == GemmPath::Scalar {
                     (45, 70, 600)
                 } else {
                     (230, 150, 3500)
@@ -437,7 +726,7 @@ mod tests {
                 ] {
                     let mut c = c0.clone();
                     gemm_impl(
-                        isa,
+                        path,
                         blocking,
                         ta,
                         tb,
@@ -460,7 +749,7 @@ mod tests {
                 for (i, r) in results.iter().enumerate() {
                     assert!(
                         results[i / 3 * 3] == *r,
-                        "{isa:?} {} -> {} ta={ta} tb={tb}",
+                        "{path} {} -> {} ta={ta} tb={tb}",
                         T::DTYPE,
                         O::DTYPE
                     );

@@ -624,6 +624,10 @@ unsafe fn pack_pairs_512(
 pub(super) const F32_MR: usize = 6;
 /// AVX-512 float32 FMA tile width in vectors of 16.
 pub(super) const F32_NV: usize = 4;
+/// The taller tile ([`super::GemmPath::Avx512Wide`]): rows.
+pub(super) const WIDE_MR: usize = 8;
+/// The taller tile: width in vectors of 16.
+pub(super) const WIDE_NV: usize = 3;
 
 /// Runs the step loop of a microkernel over both A layouts: `$step(a_elem)` is called once per
 /// packed step with a closure giving A's element of row `i` at that step.

@@ -1,0 +1,415 @@
+//! The CPU backend: a value that holds the kernel paths chosen for this machine.
+//!
+//! Every CPU kernel of mp is a method of [`Cpu`]. [`Cpu::global`] is the one the op surface
+//! ([`crate::ops`]) uses: the best instruction set this CPU supports for the elementwise kernels,
+//! and for each GEMM input dtype the path that [`crate::calibrate`] measured fastest here (or the
+//! one `MP_GEMM_PATH` forces). Tests build their own with a forced instruction set
+//! ([`Cpu::with`]) or forced GEMM paths ([`Cpu::with_gemm_paths`]), so every path runs on one
+//! machine through the same methods.
+//!
+//! Arguments are checked before any memory is touched; on error nothing is written.
+//!
+//! ```
+//! use mp_kernels::{Cpu, Isa};
+//! use mp_kernels::gemm::{Epilogue, Gemm, MatMut, MatRef};
+//!
+//! let cpu = Cpu::with(Isa::Scalar)?; // the portable path, on any machine
+//! // [1 2; 3 4] * [5 6; 7 8] = [19 22; 43 50], plus bias [1, -100] then ReLU.
+//! let (a, b, mut c) = ([1.0f32, 2.0, 3.0, 4.0], [5.0f32, 6.0, 7.0, 8.0], [0.0f32; 4]);
+//! let bias = [1.0, -100.0];
+//! cpu.gemm(
+//!     MatRef::new(&a, 2, 2),
+//!     MatRef::new(&b, 2, 2),
+//!     MatMut::new(&mut c, 2, 2),
+//!     Gemm::new().epilogue(Epilogue::BiasRelu(&bias)),
+//! )?;
+//! assert_eq!(c, [20.0, 0.0, 44.0, 0.0]);
+//! # Ok::<(), mp_kernels::Error>(())
+//! ```
+
+use std::sync::OnceLock;
+
+use mp_core::Element;
+
+use crate::activation::{self, Activation};
+use crate::error::{Error, Result};
+use crate::gemm::{self, Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef};
+use crate::isa::Isa;
+use crate::optim::{self, AdamParams, RmspropParams, SgdParams};
+use crate::softmax::{self, Label};
+use crate::{cast, reduce, scale};
+
+/// The CPU backend: an instruction set for the elementwise kernels and a GEMM path per input
+/// dtype, each checked against this CPU when the value is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cpu {
+    isa: Isa,
+    gemm: GemmPaths,
+}
+
+impl Cpu {
+    /// Every kernel on `isa`, GEMMs on the paths `isa` implies (the dot-product path for
+    /// bfloat16 on [`Isa::Avx512Bf16`]), nothing measured.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when this CPU does not support `isa`, or naming
+    /// `MP_NUM_THREADS` or `MP_BUFFER_CACHE_MIB` when that knob is malformed (or the kernel
+    /// threads cannot be started).
+    pub fn with(isa: Isa) -> Result<Cpu> {
+        crate::threads::try_pool()?;
+        mp_core::memory::check_knob()?;
+        if !isa.is_supported() {
+            return Err(Error::InvalidArgument {
+                op: "Cpu::with",
+                what: format!("instruction set {isa:?} is not supported by this CPU"),
+            });
+        }
+        Ok(Cpu {
+            isa,
+            gemm: GemmPaths::default_for(isa),
+        })
+    }
+
+    /// The same elementwise kernels with these GEMM paths.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the first path this CPU cannot run, or that does not
+    /// compute its dtype.
+    pub fn with_gemm_paths(self, gemm: GemmPaths) -> Result<Cpu> {
+        gemm.check()?;
+        Ok(Cpu { gemm, ..self })
+    }
+
+    /// The backend of this machine: the best instruction set it supports, and the GEMM paths
+    /// measured fastest here (see [`crate::calibrate::calibration`]), once per process.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `MP_GEMM_PATH` when that knob is malformed or forces a
+    /// path this CPU cannot run (the message is the same at every call).
+    pub fn global() -> Result<&'static Cpu> {
+        static CPU: OnceLock<std::result::Result<Cpu, String>> = OnceLock::new();
+        CPU.get_or_init(|| {
+            let best = Cpu::with(Isa::detect()).map_err(|e| e.to_string())?;
+            let cal = crate::calibrate::calibration().map_err(|e| e.to_string())?;
+            best.with_gemm_paths(cal.chosen).map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|what| Error::InvalidArgument {
+            op: "Cpu::global",
+            what: what.clone(),
+        })
+    }
+
+    /// The instruction set of the elementwise kernels.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The GEMM path per input dtype.
+    pub fn gemm_paths(&self) -> GemmPaths {
+        self.gemm
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // GEMM
+    // ---------------------------------------------------------------------------------------
+
+    /// `C = epilogue(alpha * op(A) * op(B) + beta * C)` with float32 accumulation, on this
+    /// backend's path for `T` (see [`crate::gemm`] for how it is computed).
+    ///
+    /// `op(A)` must be `m x k`, `op(B)` `k x n` and C `m x n`; row strides must be at least the
+    /// stored row width and the slices long enough for the stored shapes (longer is fine).
+    /// `beta == 0` means C is not read (NaN in C does not propagate, as in BLAS). Zero-sized
+    /// `m`, `n` or `k` are valid; with `k == 0`, `C = epilogue(beta * C)`. NaN and infinities
+    /// propagate as IEEE 754 says (ReLU keeps NaN).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] naming the operands whose shapes do not fit, a stride below the
+    /// row width, a slice too short or a bias that is not `n` long. C is unchanged on error.
+    pub fn gemm<T: GemmInput, O: GemmOutput>(
+        &self,
+        a: MatRef<'_, T>,
+        b: MatRef<'_, T>,
+        c: MatMut<'_, O>,
+        g: Gemm<'_>,
+    ) -> Result<()> {
+        gemm::gemm_views(self.gemm.get(T::DTYPE), a, b, c, g)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Casts and activations
+    // ---------------------------------------------------------------------------------------
+
+    /// Casts `src` into `dst` (equal lengths), bit-identical to `half` (see [`crate::cast`]).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `dst.len() != src.len()`.
+    pub fn cast<S: Element, D: Element>(&self, src: &[S], dst: &mut [D]) -> Result<()> {
+        cast::cast(self.isa, src, dst)
+    }
+
+    /// `y = act(x)` (equal lengths).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `y`.
+    pub fn activation<T: Element>(&self, act: Activation, x: &[T], y: &mut [T]) -> Result<()> {
+        activation::forward(self.isa, act, x, y)
+    }
+
+    /// `x = act(x)` in place.
+    pub fn activation_inplace<T: Element>(&self, act: Activation, x: &mut [T]) -> Result<()> {
+        activation::forward_inplace(self.isa, act, x)
+    }
+
+    /// `dx = dy * act'(x)`, from the forward output `y` (ReLU also accepts its input; NaN there
+    /// gives a NaN gradient).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `y` or `dx` when a length differs from `dy`'s.
+    pub fn activation_backward<T: Element>(
+        &self,
+        act: Activation,
+        dy: &[T],
+        y: &[T],
+        dx: &mut [T],
+    ) -> Result<()> {
+        activation::backward(self.isa, act, dy, y, dx)
+    }
+
+    /// `g = g * act'(x)` in place: `g` holds `dy` on entry and `dx` on return.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `y`.
+    pub fn activation_backward_inplace<T: Element>(
+        &self,
+        act: Activation,
+        g: &mut [T],
+        y: &[T],
+    ) -> Result<()> {
+        activation::backward_inplace(self.isa, act, g, y)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Softmax and cross-entropy (float32 math)
+    // ---------------------------------------------------------------------------------------
+
+    /// Row softmax of a `[rows, cols]` row-major `x` of any dtype into float32 `out`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x` or `out` (both `rows * cols`).
+    pub fn softmax<T: Element>(
+        &self,
+        x: &[T],
+        rows: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        softmax::softmax(self.isa, x, rows, cols, out)
+    }
+
+    /// The softmax gradient: `dx = (dy - sum(dy * y)) * y` per row, from the forward output `y`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `y`, `dy` or `dx` (all `rows * cols`).
+    pub fn softmax_backward(
+        &self,
+        y: &[f32],
+        dy: &[f32],
+        rows: usize,
+        cols: usize,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        softmax::softmax_backward(self.isa, y, dy, rows, cols, dx)
+    }
+
+    /// The mean sparse categorical cross-entropy of a `[rows, cols]` float32 `input` (logits
+    /// when `from_logits`, else probabilities, clipped as Keras does) against one label per row;
+    /// row losses in float32, their mean in float64 (in row order), rounded once.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `input` or `labels`; [`Error::InvalidArgument`] for a
+    /// label out of range (naming its row and value) or `rows == 0`.
+    pub fn softmax_cross_entropy<L: Label>(
+        &self,
+        input: &[f32],
+        labels: &[L],
+        rows: usize,
+        cols: usize,
+        from_logits: bool,
+    ) -> Result<f32> {
+        softmax::softmax_cross_entropy(self.isa, input, labels, rows, cols, from_logits)
+    }
+
+    /// Per-row losses of [`Cpu::softmax_cross_entropy`] written to `out` (`rows` long);
+    /// `rows == 0` is allowed.
+    ///
+    /// # Errors
+    /// As [`Cpu::softmax_cross_entropy`], with `out` checked too.
+    pub fn softmax_cross_entropy_rows<L: Label>(
+        &self,
+        input: &[f32],
+        labels: &[L],
+        rows: usize,
+        cols: usize,
+        from_logits: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        softmax::softmax_cross_entropy_rows(self.isa, input, labels, rows, cols, from_logits, out)
+    }
+
+    /// `dlogits = scale * (p - onehot(label)) / rows`, from the softmax output `probs`: the
+    /// gradient of `scale * loss` with respect to the logits of a float32 softmax (the factor
+    /// `scale / rows` computed in float64 and rounded once).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `probs`, `labels` or `dlogits`;
+    /// [`Error::InvalidArgument`] for a label out of range.
+    pub fn softmax_cross_entropy_grad<L: Label>(
+        &self,
+        probs: &[f32],
+        labels: &[L],
+        rows: usize,
+        cols: usize,
+        scale: f32,
+        dlogits: &mut [f32],
+    ) -> Result<()> {
+        softmax::softmax_cross_entropy_grad(self.isa, probs, labels, rows, cols, scale, dlogits)
+    }
+
+    /// The gradient of the from-probabilities loss (times `scale`) with respect to the
+    /// probabilities, as Keras differentiates it (0 for a row whose clip is active).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `probs`, `labels` or `dprobs`;
+    /// [`Error::InvalidArgument`] for a label out of range.
+    pub fn crossentropy_grad_probs<L: Label>(
+        &self,
+        probs: &[f32],
+        labels: &[L],
+        rows: usize,
+        cols: usize,
+        scale: f32,
+        dprobs: &mut [f32],
+    ) -> Result<()> {
+        softmax::crossentropy_grad_probs(self.isa, probs, labels, rows, cols, scale, dprobs)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reductions
+    // ---------------------------------------------------------------------------------------
+
+    /// The bias gradient of a `[rows, cols]` row-major `dy`: `out[c] = sum over r of dy[r, c]`
+    /// in float32, or `out[c] += ...` when `accumulate` (fixed blocks of 2048 rows, added in
+    /// order).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `dy` or `out`.
+    pub fn bias_grad<T: Element>(
+        &self,
+        dy: &[T],
+        rows: usize,
+        cols: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
+        reduce::bias_grad(self.isa, dy, rows, cols, out, accumulate)
+    }
+
+    /// The index of each row's maximum (the first NaN, else the first maximum) into `out`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x` or `out`; [`Error::InvalidArgument`] when `cols` is
+    /// 0 and `rows` is not, or `cols` does not fit in `u32`.
+    pub fn argmax_rows<T: Element>(
+        &self,
+        x: &[T],
+        rows: usize,
+        cols: usize,
+        out: &mut [u32],
+    ) -> Result<()> {
+        reduce::argmax_rows(self.isa, x, rows, cols, out)
+    }
+
+    /// The sum of `x`: float32 within blocks of 4096 elements, float64 across blocks (in
+    /// order), rounded once; `0.0` when empty; NaN and infinities propagate.
+    pub fn sum<T: Element>(&self, x: &[T]) -> f32 {
+        reduce::sum(self.isa, x)
+    }
+
+    /// The mean of `x` as [`Cpu::sum`] computes it, divided in float64 (NaN when empty).
+    pub fn mean<T: Element>(&self, x: &[T]) -> f32 {
+        reduce::mean(self.isa, x)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Loss scaling
+    // ---------------------------------------------------------------------------------------
+
+    /// `x = x * s` in float32, rounded back to the element type.
+    pub fn scale<T: Element>(&self, x: &mut [T], s: f32) {
+        scale::scale(self.isa, x, s)
+    }
+
+    /// Multiplies every gradient by `inv_scale` in place and returns whether every result is
+    /// finite, in one pass over the whole slice (a non-finite value stays non-finite after the
+    /// multiply, so checking after suffices). `inv_scale` should be
+    /// `(1.0 / scale as f64) as f32`, exact for power-of-two scales.
+    pub fn unscale_and_check(&self, grads: &mut [f32], inv_scale: f32) -> bool {
+        scale::unscale_and_check(self.isa, grads, inv_scale)
+    }
+
+    /// Whether every element is finite (`true` when empty).
+    pub fn all_finite<T: Element>(&self, x: &[T]) -> bool {
+        scale::all_finite(self.isa, x)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Optimizer updates (float32 variables and state)
+    // ---------------------------------------------------------------------------------------
+
+    /// One SGD step; `momentum` is required when `p.momentum != 0`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `grad` or `momentum`; [`Error::InvalidArgument`] when
+    /// the momentum buffer is missing.
+    pub fn sgd_update(
+        &self,
+        var: &mut [f32],
+        grad: &[f32],
+        momentum: Option<&mut [f32]>,
+        p: SgdParams,
+    ) -> Result<()> {
+        optim::sgd_update(self.isa, var, grad, momentum, p)
+    }
+
+    /// One RMSprop step; `momentum` is required when `p.momentum > 0`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `grad`, `velocity` or `momentum`;
+    /// [`Error::InvalidArgument`] when the momentum buffer is missing.
+    pub fn rmsprop_update(
+        &self,
+        var: &mut [f32],
+        grad: &[f32],
+        velocity: &mut [f32],
+        momentum: Option<&mut [f32]>,
+        p: RmspropParams,
+    ) -> Result<()> {
+        optim::rmsprop_update(self.isa, var, grad, velocity, momentum, p)
+    }
+
+    /// One Adam step with first and second moments `m` and `v`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `grad`, `m` or `v`.
+    pub fn adam_update(
+        &self,
+        var: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        p: AdamParams,
+    ) -> Result<()> {
+        optim::adam_update(self.isa, var, grad, m, v, p)
+    }
+}

@@ -1,0 +1,834 @@
+//! The op surface between layers and kernels: what a training step computes, on tensors, on
+//! whatever device they live on.
+//!
+//! Layers and optimizers say *what* to compute and call only these functions; each one checks
+//! that its tensors share one device and fit together, then runs the CPU kernels of
+//! [`Cpu::global`] (the paths measured fastest on this machine) or, for tensors on
+//! `Device::Cuda(n)` in builds with the `cuda` feature, the CUDA kernels and cuBLASLt. A tensor
+//! on another device than its operands is [`mp_core::Error::WrongDevice`] naming the op; shapes
+//! that do not fit are an error naming the op and both shapes. Nothing is written on error.
+//!
+//! Matrices are tensors viewed as `[rows, cols]` with `cols` the last axis and every leading
+//! axis folded into `rows` ([`Mat`]); a [`Mat`] can be transposed ([`Mat::t`]).
+//!
+//! ```
+//! use mp_core::{Tensor, F32, BF16};
+//! use mp_kernels::gemm::{Epilogue, Gemm};
+//! use mp_kernels::ops::{self, Mat};
+//!
+//! let x = Tensor::<BF16>::from_f32(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+//! let w = Tensor::<BF16>::from_f32(&[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0])?;
+//! let bias = Tensor::<F32>::from_vec(&[2], vec![0.5, -20.0])?;
+//! let mut y = Tensor::<F32>::zeros(&[2, 2])?;
+//! ops::gemm(Mat::of(&x), Mat::of(&w), &mut y, Gemm::new().epilogue(Epilogue::BiasRelu(&bias)))?;
+//! assert_eq!(y.to_f32_vec()?, vec![4.5, 0.0, 10.5, 0.0]);
+//! # Ok::<(), mp_kernels::Error>(())
+//! ```
+
+use mp_core::{DTypeKind, Device, F32, Tensor};
+
+use crate::activation::Activation;
+use crate::cpu::Cpu;
+use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::gemm::Epilogue;
+use crate::gemm::{Gemm, MatMut, MatRef};
+use crate::optim::{AdamParams, RmspropParams, SgdParams};
+use crate::softmax::Label;
+
+/// A tensor seen as a `[rows, cols]` matrix (the last axis is `cols`), possibly transposed.
+#[derive(Debug)]
+pub struct Mat<'a, D: DTypeKind> {
+    t: &'a Tensor<D>,
+    rows: usize,
+    cols: usize,
+    trans: bool,
+}
+
+impl<D: DTypeKind> Clone for Mat<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D: DTypeKind> Copy for Mat<'_, D> {}
+
+impl<'a, D: DTypeKind> Mat<'a, D> {
+    /// `t` as `[product of the leading axes, last axis]` (a vector is one row).
+    pub fn of(t: &'a Tensor<D>) -> Self {
+        let (rows, cols) = rows_cols(t.shape());
+        Mat {
+            t,
+            rows,
+            cols,
+            trans: false,
+        }
+    }
+
+    /// The transpose.
+    pub fn t(self) -> Self {
+        Mat {
+            trans: !self.trans,
+            ..self
+        }
+    }
+
+    /// The host view the CPU kernels take.
+    fn cpu(self) -> Result<MatRef<'a, D::Elem>> {
+        let v = MatRef::new(self.t.as_slice()?, self.rows, self.cols);
+        Ok(if self.trans { v.t() } else { v })
+    }
+
+    /// The shape the product sees.
+    pub fn shape(&self) -> (usize, usize) {
+        if self.trans {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+}
+
+/// `[rows, cols]` of a shape: the last axis, every other folded into the rows (a scalar is 1 x 1).
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape.split_last() {
+        Some((&cols, lead)) => (lead.iter().product(), cols),
+        None => (1, 1),
+    }
+}
+
+/// The one device of `devices`, or [`mp_core::Error::WrongDevice`] naming `op`.
+fn device(op: &'static str, devices: &[Device]) -> Result<Device> {
+    let first = devices.first().copied().unwrap_or_default();
+    match devices.iter().find(|&&d| d != first) {
+        None => Ok(first),
+        Some(&got) => Err(mp_core::Error::WrongDevice {
+            op,
+            expected: first,
+            got,
+        }
+        .into()),
+    }
+}
+
+fn same_shape(op: &'static str, what: &'static str, want: &[usize], got: &[usize]) -> Result<()> {
+    if want == got {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            op,
+            lhs_name: "input",
+            lhs: want.to_vec(),
+            rhs_name: what,
+            rhs: got.to_vec(),
+        })
+    }
+}
+
+/// An op this device has no kernel for yet.
+#[cfg(feature = "cuda")]
+fn not_on_cuda(op: &'static str) -> Error {
+    Error::InvalidArgument {
+        op,
+        what: "this op has no CUDA kernel yet; run it on the CPU".into(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu(ordinal: usize) -> Result<std::sync::Arc<crate::cuda::Gpu>> {
+    crate::cuda::Gpu::new(ordinal)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_missing(ordinal: usize) -> Error {
+    mp_core::Error::CudaNotCompiled { ordinal }.into()
+}
+
+/// A tensor of `shape` on `device` whose values the caller overwrites.
+pub fn for_overwrite<D: DTypeKind>(shape: &[usize], device: Device) -> Result<Tensor<D>> {
+    Ok(match device {
+        Device::Cpu => Tensor::for_overwrite(shape)?,
+        Device::Cuda(_) => Tensor::zeros_on(shape, device)?,
+    })
+}
+
+// -------------------------------------------------------------------------------------------
+// GEMM
+// -------------------------------------------------------------------------------------------
+
+/// `C = epilogue(alpha * op(A) * op(B) + beta * C)` with float32 accumulation: `op(A)` is
+/// `m x k`, `op(B)` `k x n`, and `c` viewed as a matrix `m x n`; the bias (if any) is a float32
+/// tensor of `n` values on the same device.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] naming the shapes that do not fit; `WrongDevice` for an operand on
+/// another device.
+pub fn gemm<T: DTypeKind, O: DTypeKind>(
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    c: &mut Tensor<O>,
+    g: Gemm<'_, Tensor<F32>>,
+) -> Result<()> {
+    const OP: &str = "gemm";
+    let bias_dev = g.epilogue.bias().map(Tensor::device);
+    let mut devices = vec![a.t.device(), b.t.device(), c.device()];
+    devices.extend(bias_dev);
+    let (c_rows, c_cols) = rows_cols(c.shape());
+    match device(OP, &devices)? {
+        Device::Cpu => {
+            let epilogue = g.epilogue.try_map(|t| t.as_slice())?;
+            let (av, bv) = (a.cpu()?, b.cpu()?);
+            Cpu::global()?.gemm(
+                av,
+                bv,
+                MatMut::new(c.as_mut_slice()?, c_rows, c_cols),
+                Gemm {
+                    alpha: g.alpha,
+                    beta: g.beta,
+                    epilogue,
+                },
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ord) => {
+            let ((m, k), (kb, n)) = (a.shape(), b.shape());
+            if k != kb || (c_rows, c_cols) != (m, n) {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    lhs_name: "op(a) [m, k], op(b) [k, n]",
+                    lhs: vec![m, k, kb, n],
+                    rhs_name: "c [rows, cols]",
+                    rhs: vec![c_rows, c_cols],
+                });
+            }
+            use crate::cuda::CudaEpilogue as E;
+            let epi = match g.epilogue {
+                Epilogue::None => E::None,
+                Epilogue::Relu => E::Relu,
+                Epilogue::Bias(t) => E::Bias(t.cuda_buf()?),
+                Epilogue::BiasRelu(t) => E::BiasRelu(t.cuda_buf()?),
+            };
+            crate::cuda::gemm(
+                &*gpu(ord)?,
+                a.trans,
+                b.trans,
+                m,
+                n,
+                k,
+                g.alpha,
+                a.t.cuda_buf()?,
+                a.cols,
+                b.t.cuda_buf()?,
+                b.cols,
+                g.beta,
+                c.cuda_buf_mut()?,
+                c_cols,
+                epi,
+            )
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Casts and activations
+// -------------------------------------------------------------------------------------------
+
+/// Casts `x` into `out` (same shape and device), round to nearest even, NaN and infinities kept.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for another shape; `WrongDevice`.
+pub fn cast_into<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>, out: &mut Tensor<D>) -> Result<()> {
+    const OP: &str = "cast";
+    same_shape(OP, "out", x.shape(), out.shape())?;
+    match device(OP, &[x.device(), out.device()])? {
+        Device::Cpu => Cpu::global()?.cast(x.as_slice()?, out.as_mut_slice()?),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::cast(&*gpu(n)?, x.cuda_buf()?, out.cuda_buf_mut()?),
+    }
+}
+
+/// `x` cast to `D`, on `x`'s device.
+///
+/// # Errors
+/// As [`cast_into`].
+pub fn cast<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>) -> Result<Tensor<D>> {
+    let mut out = for_overwrite(x.shape(), x.device())?;
+    cast_into(x, &mut out)?;
+    Ok(out)
+}
+
+/// `x = act(x)` in place.
+///
+/// # Errors
+/// On CUDA, an activation other than ReLU (no kernel yet).
+pub fn activation_inplace<D: DTypeKind>(act: Activation, x: &mut Tensor<D>) -> Result<()> {
+    match x.device() {
+        Device::Cpu => Cpu::global()?.activation_inplace(act, x.as_mut_slice()?),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => match act {
+            Activation::Linear => Ok(()),
+            Activation::Relu => crate::cuda::relu_forward_inplace(&*gpu(n)?, x.cuda_buf_mut()?),
+            _ => Err(not_on_cuda("activation")),
+        },
+    }
+}
+
+/// The gradient through `act`, from its forward output `y` (ReLU also accepts its input): a
+/// new tensor `dy * act'(x)`.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `y`'s shape differs from `dy`'s; `WrongDevice`.
+pub fn activation_backward<D: DTypeKind>(
+    act: Activation,
+    dy: &Tensor<D>,
+    y: &Tensor<D>,
+) -> Result<Tensor<D>> {
+    const OP: &str = "activation backward";
+    same_shape(OP, "y", dy.shape(), y.shape())?;
+    let dev = device(OP, &[dy.device(), y.device()])?;
+    let mut dx = for_overwrite(dy.shape(), dev)?;
+    match dev {
+        Device::Cpu => Cpu::global()?.activation_backward(
+            act,
+            dy.as_slice()?,
+            y.as_slice()?,
+            dx.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => match act {
+            Activation::Relu => crate::cuda::relu_backward(
+                &*gpu(n)?,
+                dy.cuda_buf()?,
+                y.cuda_buf()?,
+                dx.cuda_buf_mut()?,
+            )?,
+            Activation::Linear => crate::cuda::cast(&*gpu(n)?, dy.cuda_buf()?, dx.cuda_buf_mut()?)?,
+            _ => return Err(not_on_cuda(OP)),
+        },
+    }
+    Ok(dx)
+}
+
+/// `g = g * act'(x)` in place, from the forward output `y`.
+///
+/// # Errors
+/// As [`activation_backward`].
+pub fn activation_backward_inplace<D: DTypeKind>(
+    act: Activation,
+    g: &mut Tensor<D>,
+    y: &Tensor<D>,
+) -> Result<()> {
+    const OP: &str = "activation backward";
+    same_shape(OP, "y", g.shape(), y.shape())?;
+    match device(OP, &[g.device(), y.device()])? {
+        Device::Cpu => {
+            Cpu::global()?.activation_backward_inplace(act, g.as_mut_slice()?, y.as_slice()?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => match act {
+            Activation::Linear => Ok(()),
+            Activation::Relu => {
+                crate::cuda::relu_backward_inplace(&*gpu(n)?, g.cuda_buf_mut()?, y.cuda_buf()?)
+            }
+            _ => Err(not_on_cuda(OP)),
+        },
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Softmax and cross-entropy
+// -------------------------------------------------------------------------------------------
+
+/// Row softmax over the last axis, in float32 whatever `x`'s dtype.
+///
+/// # Errors
+/// `WrongDevice` never (one operand); allocation errors.
+pub fn softmax<D: DTypeKind>(x: &Tensor<D>) -> Result<Tensor<F32>> {
+    let (rows, cols) = rows_cols(x.shape());
+    let mut p = for_overwrite(x.shape(), x.device())?;
+    match x.device() {
+        Device::Cpu => Cpu::global()?.softmax(x.as_slice()?, rows, cols, p.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            crate::cuda::softmax(&*gpu(n)?, x.cuda_buf()?, rows, cols, p.cuda_buf_mut()?)?
+        }
+    }
+    Ok(p)
+}
+
+/// The softmax gradient `(dy - sum(dy * y)) * y` per row, from the forward output `y`.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the shapes differ; `WrongDevice`; on CUDA, no kernel yet.
+pub fn softmax_backward(y: &Tensor<F32>, dy: &Tensor<F32>) -> Result<Tensor<F32>> {
+    const OP: &str = "softmax_backward";
+    same_shape(OP, "dy", y.shape(), dy.shape())?;
+    let dev = device(OP, &[y.device(), dy.device()])?;
+    let (rows, cols) = rows_cols(y.shape());
+    let mut dx = for_overwrite(y.shape(), dev)?;
+    match dev {
+        Device::Cpu => Cpu::global()?.softmax_backward(
+            y.as_slice()?,
+            dy.as_slice()?,
+            rows,
+            cols,
+            dx.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
+/// The mean sparse categorical cross-entropy of float32 `input` (`[rows, classes]`, logits when
+/// `from_logits`, else probabilities) against one host label per row.
+///
+/// # Errors
+/// A label out of range, naming its row and value; `rows == 0`; a label count that is not the
+/// row count.
+pub fn softmax_cross_entropy<L: Label>(
+    input: &Tensor<F32>,
+    labels: &[L],
+    from_logits: bool,
+) -> Result<f32> {
+    let (rows, cols) = rows_cols(input.shape());
+    match input.device() {
+        Device::Cpu => {
+            Cpu::global()?.softmax_cross_entropy(input.as_slice()?, labels, rows, cols, from_logits)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let g = &*gpu(n)?;
+            let dl = crate::cuda::DeviceLabels::new(g, labels, cols)?;
+            let mut out = Tensor::<F32>::zeros_on(&[rows], input.device())?;
+            crate::cuda::softmax_cross_entropy_rows(
+                g,
+                input.cuda_buf()?,
+                &dl,
+                rows,
+                cols,
+                from_logits,
+                out.cuda_buf_mut()?,
+            )?;
+            let host = out.to_device(Device::Cpu)?;
+            if rows == 0 {
+                return Err(Error::InvalidArgument {
+                    op: "softmax_cross_entropy",
+                    what: "rows is 0: the mean loss of an empty batch is undefined".into(),
+                });
+            }
+            let total: f64 = host.as_slice()?.iter().map(|&x| f64::from(x)).sum();
+            Ok((total / rows as f64) as f32)
+        }
+    }
+}
+
+/// `scale * (p - onehot(label)) / rows`: the gradient of `scale * loss` with respect to the
+/// logits of a float32 softmax whose output is `probs`.
+///
+/// # Errors
+/// A label out of range; a label count that is not the row count.
+pub fn softmax_cross_entropy_grad<L: Label>(
+    probs: &Tensor<F32>,
+    labels: &[L],
+    scale: f32,
+) -> Result<Tensor<F32>> {
+    let (rows, cols) = rows_cols(probs.shape());
+    let mut d = for_overwrite(probs.shape(), probs.device())?;
+    match probs.device() {
+        Device::Cpu => Cpu::global()?.softmax_cross_entropy_grad(
+            probs.as_slice()?,
+            labels,
+            rows,
+            cols,
+            scale,
+            d.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let g = &*gpu(n)?;
+            let dl = crate::cuda::DeviceLabels::new(g, labels, cols)?;
+            crate::cuda::softmax_cross_entropy_grad(
+                g,
+                probs.cuda_buf()?,
+                &dl,
+                rows,
+                cols,
+                scale,
+                d.cuda_buf_mut()?,
+            )?;
+        }
+    }
+    Ok(d)
+}
+
+/// The gradient of the from-probabilities loss (times `scale`) with respect to the
+/// probabilities, as Keras differentiates it.
+///
+/// # Errors
+/// A label out of range; on CUDA, no kernel yet.
+pub fn crossentropy_grad_probs<L: Label>(
+    probs: &Tensor<F32>,
+    labels: &[L],
+    scale: f32,
+) -> Result<Tensor<F32>> {
+    let (rows, cols) = rows_cols(probs.shape());
+    let mut d = for_overwrite(probs.shape(), probs.device())?;
+    match probs.device() {
+        Device::Cpu => Cpu::global()?.crossentropy_grad_probs(
+            probs.as_slice()?,
+            labels,
+            rows,
+            cols,
+            scale,
+            d.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda("crossentropy_grad_probs")),
+    }
+    Ok(d)
+}
+
+// -------------------------------------------------------------------------------------------
+// Reductions
+// -------------------------------------------------------------------------------------------
+
+/// Adds the column sums of `dy` (`[rows, cols]`, summed in float32) to `grad` (`cols` float32
+/// values): the bias gradient.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `grad` is not `cols` long; `WrongDevice`.
+pub fn bias_grad_accumulate<D: DTypeKind>(dy: &Tensor<D>, grad: &mut Tensor<F32>) -> Result<()> {
+    const OP: &str = "bias_grad";
+    let (rows, cols) = rows_cols(dy.shape());
+    same_shape(OP, "grad", &[cols], grad.shape())?;
+    match device(OP, &[dy.device(), grad.device()])? {
+        Device::Cpu => {
+            Cpu::global()?.bias_grad(dy.as_slice()?, rows, cols, grad.as_mut_slice()?, true)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::bias_grad(
+            &*gpu(n)?,
+            dy.cuda_buf()?,
+            rows,
+            cols,
+            grad.cuda_buf_mut()?,
+            true,
+        ),
+    }
+}
+
+/// The index of each row's maximum over the last axis (ties to the first), on the host; `None`
+/// for a row that holds NaN (a NaN prediction is never scored as a class).
+///
+/// # Errors
+/// Zero columns with rows. On CUDA the values are copied to the host first.
+pub fn argmax_rows<D: DTypeKind>(x: &Tensor<D>) -> Result<Vec<Option<u32>>> {
+    let host;
+    let x = if x.device().is_cpu() {
+        x
+    } else {
+        host = x.to_device(Device::Cpu)?;
+        &host
+    };
+    let (rows, cols) = rows_cols(x.shape());
+    let mut out = vec![0u32; rows];
+    let values = x.as_slice()?;
+    Cpu::global()?.argmax_rows(values, rows, cols, &mut out)?;
+    // The kernel gives a row's first NaN when it holds one.
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .map(|(r, a)| {
+            let v = mp_core::Element::to_f32(values[r * cols + a as usize]);
+            (!v.is_nan()).then_some(a)
+        })
+        .collect())
+}
+
+// -------------------------------------------------------------------------------------------
+// Loss scaling: the finiteness flag, unscaling
+// -------------------------------------------------------------------------------------------
+
+/// Whether every gradient of a step was finite, kept on the step's device (a device flag on
+/// CUDA, so the optimizer updates skip there without a host round trip).
+#[derive(Debug)]
+pub struct Finite {
+    device: Device,
+    host: bool,
+    #[cfg(feature = "cuda")]
+    flag: Option<crate::cuda::FiniteFlag>,
+}
+
+impl Finite {
+    /// A flag saying "all finite so far", on `device`.
+    ///
+    /// # Errors
+    /// Without the `cuda` feature, a CUDA device; a device that cannot be used.
+    pub fn new(device: Device) -> Result<Finite> {
+        #[cfg(not(feature = "cuda"))]
+        if let Device::Cuda(n) = device {
+            return Err(cuda_missing(n));
+        }
+        Ok(Finite {
+            device,
+            host: true,
+            #[cfg(feature = "cuda")]
+            flag: match device {
+                Device::Cpu => None,
+                Device::Cuda(n) => Some(crate::cuda::FiniteFlag::new(&*gpu(n)?)?),
+            },
+        })
+    }
+
+    /// The flag's device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Back to "all finite".
+    ///
+    /// # Errors
+    /// A CUDA failure.
+    pub fn reset(&mut self) -> Result<()> {
+        self.host = true;
+        #[cfg(feature = "cuda")]
+        if let (Some(f), Device::Cuda(n)) = (self.flag.as_mut(), self.device) {
+            f.reset(&*gpu(n)?)?;
+        }
+        Ok(())
+    }
+
+    /// Whether everything checked since the last reset was finite (on CUDA this waits for the
+    /// queued work and reads the flag).
+    ///
+    /// # Errors
+    /// A CUDA failure.
+    pub fn get(&self) -> Result<bool> {
+        #[cfg(feature = "cuda")]
+        if let Some(f) = &self.flag {
+            return f.all_finite();
+        }
+        Ok(self.host)
+    }
+}
+
+/// `grads *= inv_scale`, clearing `flag` if any result is NaN or infinite (one pass; the whole
+/// tensor is always processed).
+///
+/// # Errors
+/// `WrongDevice` when the flag is on another device.
+pub fn unscale_and_check(grads: &mut Tensor<F32>, inv_scale: f32, flag: &mut Finite) -> Result<()> {
+    const OP: &str = "unscale_and_check";
+    match device(OP, &[grads.device(), flag.device])? {
+        Device::Cpu => {
+            let ok = Cpu::global()?.unscale_and_check(grads.as_mut_slice()?, inv_scale);
+            flag.host &= ok;
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let f = flag.flag.as_mut().ok_or_else(|| not_on_cuda(OP))?;
+            crate::cuda::unscale_and_check(&*gpu(n)?, grads.cuda_buf_mut()?, inv_scale, f)
+        }
+    }
+}
+
+/// Clears `flag` if any element of `x` is NaN or infinite.
+///
+/// # Errors
+/// `WrongDevice` when the flag is on another device.
+pub fn check_finite<D: DTypeKind>(x: &Tensor<D>, flag: &mut Finite) -> Result<()> {
+    const OP: &str = "all_finite";
+    match device(OP, &[x.device(), flag.device])? {
+        Device::Cpu => {
+            let ok = Cpu::global()?.all_finite(x.as_slice()?);
+            flag.host &= ok;
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let f = flag.flag.as_mut().ok_or_else(|| not_on_cuda(OP))?;
+            crate::cuda::all_finite(&*gpu(n)?, x.cuda_buf()?, f)
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Optimizer updates
+// -------------------------------------------------------------------------------------------
+
+fn check_slot(
+    op: &'static str,
+    what: &'static str,
+    var: &Tensor<F32>,
+    s: &Tensor<F32>,
+) -> Result<()> {
+    same_shape(op, what, var.shape(), s.shape())
+}
+
+/// Whether `skip` says the step must be skipped, read on the host (CPU flags only).
+fn skip_on_host(skip: Option<&Finite>) -> bool {
+    skip.is_some_and(|f| f.device.is_cpu() && !f.host)
+}
+
+/// One SGD step on `var` from `grad`; `momentum` is required when `p.momentum != 0`. When
+/// `skip` is given and says a gradient was not finite, nothing is written (decided on the
+/// device on CUDA).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] naming a buffer of another shape; `WrongDevice`; a missing momentum
+/// buffer.
+pub fn sgd_update(
+    var: &mut Tensor<F32>,
+    grad: &Tensor<F32>,
+    momentum: Option<&mut Tensor<F32>>,
+    p: SgdParams,
+    skip: Option<&Finite>,
+) -> Result<()> {
+    const OP: &str = "sgd_update";
+    check_slot(OP, "grad", var, grad)?;
+    let mut devices = vec![var.device(), grad.device()];
+    if let Some(m) = &momentum {
+        check_slot(OP, "momentum", var, m)?;
+        devices.push(m.device());
+    }
+    devices.extend(skip.map(Finite::device));
+    match device(OP, &devices)? {
+        Device::Cpu if skip_on_host(skip) => Ok(()),
+        Device::Cpu => {
+            let m = momentum.map(|m| m.as_mut_slice()).transpose()?;
+            Cpu::global()?.sgd_update(var.as_mut_slice()?, grad.as_slice()?, m, p)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let m = momentum.map(|m| m.cuda_buf_mut()).transpose()?;
+            let f = skip.and_then(|s| s.flag.as_ref());
+            crate::cuda::sgd_update(&*gpu(n)?, var.cuda_buf_mut()?, grad.cuda_buf()?, m, p, f)
+        }
+    }
+}
+
+/// One RMSprop step; `momentum` is required when `p.momentum > 0`. Skips as [`sgd_update`].
+///
+/// # Errors
+/// As [`sgd_update`].
+pub fn rmsprop_update(
+    var: &mut Tensor<F32>,
+    grad: &Tensor<F32>,
+    velocity: &mut Tensor<F32>,
+    momentum: Option<&mut Tensor<F32>>,
+    p: RmspropParams,
+    skip: Option<&Finite>,
+) -> Result<()> {
+    const OP: &str = "rmsprop_update";
+    check_slot(OP, "grad", var, grad)?;
+    check_slot(OP, "velocity", var, velocity)?;
+    let mut devices = vec![var.device(), grad.device(), velocity.device()];
+    if let Some(m) = &momentum {
+        check_slot(OP, "momentum", var, m)?;
+        devices.push(m.device());
+    }
+    devices.extend(skip.map(Finite::device));
+    match device(OP, &devices)? {
+        Device::Cpu if skip_on_host(skip) => Ok(()),
+        Device::Cpu => {
+            let m = momentum.map(|m| m.as_mut_slice()).transpose()?;
+            Cpu::global()?.rmsprop_update(
+                var.as_mut_slice()?,
+                grad.as_slice()?,
+                velocity.as_mut_slice()?,
+                m,
+                p,
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let m = momentum.map(|m| m.cuda_buf_mut()).transpose()?;
+            let f = skip.and_then(|s| s.flag.as_ref());
+            crate::cuda::rmsprop_update(
+                &*gpu(n)?,
+                var.cuda_buf_mut()?,
+                grad.cuda_buf()?,
+                velocity.cuda_buf_mut()?,
+                m,
+                p,
+                f,
+            )
+        }
+    }
+}
+
+/// One Adam step with moments `m` and `v`. Skips as [`sgd_update`].
+///
+/// # Errors
+/// As [`sgd_update`].
+pub fn adam_update(
+    var: &mut Tensor<F32>,
+    grad: &Tensor<F32>,
+    m: &mut Tensor<F32>,
+    v: &mut Tensor<F32>,
+    p: AdamParams,
+    skip: Option<&Finite>,
+) -> Result<()> {
+    const OP: &str = "adam_update";
+    check_slot(OP, "grad", var, grad)?;
+    check_slot(OP, "m", var, m)?;
+    check_slot(OP, "v", var, v)?;
+    let mut devices = vec![var.device(), grad.device(), m.device(), v.device()];
+    devices.extend(skip.map(Finite::device));
+    match device(OP, &devices)? {
+        Device::Cpu if skip_on_host(skip) => Ok(()),
+        Device::Cpu => Cpu::global()?.adam_update(
+            var.as_mut_slice()?,
+            grad.as_slice()?,
+            m.as_mut_slice()?,
+            v.as_mut_slice()?,
+            p,
+        ),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let f = skip.and_then(|s| s.flag.as_ref());
+            crate::cuda::adam_update(
+                &*gpu(n)?,
+                var.cuda_buf_mut()?,
+                grad.cuda_buf()?,
+                m.cuda_buf_mut()?,
+                v.cuda_buf_mut()?,
+                p,
+                f,
+            )
+        }
+    }
+}
