@@ -11,8 +11,9 @@
 # It puts the CUDA 13 libraries on LD_LIBRARY_PATH (cudarc dlopens libcuda.so.1, libcublasLt.so.13
 # by name): every `lib` folder of the `nvidia` pip wheels (nvidia/cu13/lib holds libcublasLt and
 # libnvrtc in the cu13 layout), then /usr/local/nvidia/lib64 and /usr/local/cuda/lib64. It runs
-# .gpu/gpu_check (every kernel and GEMM against the CPU, PASS/FAIL per kernel, then the training
-# step per policy and the bf16 GEMM rate as one markdown table) and every test binary in
+# .gpu/gpu_check (every kernel and GEMM against the CPU, PASS/FAIL per kernel, then `fit` of the
+# guide's model on the GPU per policy, checked against the CPU and timed, and the bf16 GEMM rate,
+# as one markdown table) and every test binary in
 # .gpu/tests/ with MP_REQUIRE_GPU=1 (GPU tests fail instead of skipping), all within about 5
 # minutes, and keeps everything in gpu-check.log. Exit status: 0 when everything passed.
 set -uo pipefail
