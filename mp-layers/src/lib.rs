@@ -4,33 +4,36 @@
 //! explicit backward passes; losses and metrics; the [`Model`] trait that `#[model]` implements;
 //! and training with `fit`, `evaluate` and `predict`.
 //!
-//! Layers compose mp-kernels' kernels and never loop over elements themselves.
+//! Layers compose the op surface of mp-kernels (`mp_kernels::ops`) and never loop over elements
+//! themselves.
+//!
+//! The crate's rooms:
+//! - [`layer`]: the [`Layer`] and [`Model`] traits and the dtype conversions between layers;
+//! - [`layers`]: the layers, one file per family;
+//! - [`train`]: the [`Trainer`] (`fit`, `evaluate`, `predict`), its options and logs, losses,
+//!   metrics and progress output;
+//! - [`checkpoint`]: checkpoints of a whole training state, in the safetensors format;
+//! - [`error`]: the error type.
 
-pub mod activation;
 pub mod checkpoint;
-pub mod dense;
 pub mod error;
 pub mod layer;
-pub mod losses;
-pub mod metrics;
+pub mod layers;
 pub mod train;
-mod util;
 
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
 
-pub use activation::{Activation, ActivationKind, Flatten, Softmax};
 pub use checkpoint::{BestMetric, CheckpointConfig, Mode as CheckpointMode};
-pub use dense::Dense;
 pub use error::{Error, Result};
 pub use layer::{
     Compute, Converted, Layer, Model, SummaryRow, convert, convert_opt, convert_ref, format_summary,
 };
-pub use losses::SparseCategoricalCrossentropy;
-pub use metrics::{Mean, SparseCategoricalAccuracy};
+pub use layers::activation::{Activation, ActivationKind, Flatten, Softmax};
+pub use layers::dense::Dense;
 pub use mp_macros::model;
 pub use train::{
-    Callback, EpochLogs, FitOptions, History, ModelVars, Scores, StepResult, TrainOptimizer,
-    Trainer, TrainingProgress, Verbose,
+    Callback, EpochLogs, FitOptions, History, Mean, ModelVars, Scores, SparseCategoricalAccuracy,
+    SparseCategoricalCrossentropy, StepResult, TrainOptimizer, Trainer, TrainingProgress, Verbose,
 };

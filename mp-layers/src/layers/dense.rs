@@ -8,9 +8,9 @@ use mp_kernels::activation::Activation;
 use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops::{self, Mat};
 
+use super::util::{check_features, name_seed};
 use crate::error::{Error, Result};
 use crate::layer::{Layer, convert_ref, same_dtype};
-use crate::util::{check_features, name_seed};
 
 /// A densely connected layer, like Keras's `Dense`.
 ///

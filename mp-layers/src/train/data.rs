@@ -1,0 +1,108 @@
+//! The host data a trainer takes: checks before the first step, batches copied to the device,
+//! and where a non-finite value came from.
+
+use mp_core::{Device, F32, Tensor};
+use mp_kernels::softmax::Label;
+use ndarray::{ArrayView1, ArrayView2};
+
+use crate::error::{Error, Result};
+use crate::layer::{Model, convert};
+use crate::train::ModelVars;
+
+/// Every label is a class of the model, checked before the first step; the error names the
+/// label's row in the data.
+pub(crate) fn check_labels<L: Label>(y: &ArrayView1<'_, L>, classes: usize) -> Result<()> {
+    match y
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.index().is_none_or(|i| i >= classes))
+    {
+        None => Ok(()),
+        Some((row, l)) => Err(Error::InvalidArgument {
+            what: format!(
+                "label {l} in row {row} of the data is out of range: the model has {classes} \
+                 classes (0 to {})",
+                classes.saturating_sub(1)
+            ),
+        }),
+    }
+}
+
+pub(crate) fn check_data<L>(x: &ArrayView2<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
+    if x.nrows() != y.len() {
+        return Err(Error::ShapeMismatch {
+            layer: "fit".into(),
+            expected: format!("one label per sample ({} samples)", x.nrows()),
+            got: vec![y.len()],
+        });
+    }
+    if x.nrows() == 0 {
+        return Err(Error::InvalidArgument {
+            what: "no samples given".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The path of the first variable whose gradient holds NaN or infinity, if any: one flag for
+/// the whole model (one read on a GPU), the variables searched only when it is set.
+pub(crate) fn first_nonfinite_gradient<M: Model>(model: &mut M) -> Result<Option<String>> {
+    let mut flag: Option<mp_kernels::ops::Finite> = None;
+    model.visit_variables("", &mut |_, v| {
+        let f = match &mut flag {
+            Some(f) => f,
+            None => flag.insert(mp_kernels::ops::Finite::new(v.grad().device())?),
+        };
+        mp_kernels::ops::check_finite(v.grad(), f)?;
+        Ok(())
+    })?;
+    if flag
+        .as_ref()
+        .map_or(Ok(true), mp_kernels::ops::Finite::get)?
+    {
+        return Ok(None);
+    }
+    Ok(mp_optim::loss_scale_optimizer::first_nonfinite(
+        &mut ModelVars(model),
+    )?)
+}
+
+/// Where a skipped step's first non-finite value appeared: the input batch, the model output
+/// (the loss), or the named gradient.
+pub(crate) fn nonfinite_origin<D: mp_core::DTypeKind>(
+    x: &Tensor<D>,
+    loss: f32,
+    gradient: Option<String>,
+) -> Result<String> {
+    let mut flag = mp_kernels::ops::Finite::new(x.device())?;
+    mp_kernels::ops::check_finite(x, &mut flag)?;
+    Ok(if !flag.get()? {
+        "the input batch".to_string()
+    } else if !loss.is_finite() {
+        "the model output (the loss is not finite)".to_string()
+    } else {
+        match gradient {
+            Some(v) => format!("the gradient of {v}"),
+            None => "a gradient".to_string(),
+        }
+    })
+}
+
+/// Copies rows `idx` of `x` into a float32 tensor on `device` and converts it to the compute
+/// dtype there.
+pub(crate) fn gather<D: mp_core::DTypeKind>(
+    x: &ArrayView2<'_, f32>,
+    idx: &[usize],
+    device: Device,
+) -> Result<Tensor<D>> {
+    let cols = x.ncols();
+    let mut data = Vec::with_capacity(idx.len() * cols);
+    for &i in idx {
+        let row = x.row(i);
+        match row.to_slice() {
+            Some(s) => data.extend_from_slice(s),
+            None => data.extend(row.iter()),
+        }
+    }
+    convert::<F32, D>(Tensor::<F32>::from_vec(&[idx.len(), cols], data)?.to_device(device)?)
+}

@@ -1,0 +1,126 @@
+//! What `fit` takes and gives back: its options, each epoch's logs, the history, where training
+//! stands, one step's result, and the epoch-end callback type.
+
+use crate::error::Result;
+
+/// How much `fit` and `evaluate` print.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Verbose {
+    /// Nothing.
+    Silent,
+    /// A live progress bar on a terminal; one line per epoch otherwise (Keras's `verbose=1`).
+    #[default]
+    Auto,
+    /// One line per epoch, no bar (Keras's `verbose=2`).
+    Lines,
+}
+
+/// The options of [`Trainer::fit`], with Keras's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitOptions {
+    /// Samples per gradient update (Keras: 32).
+    pub batch_size: usize,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// The fraction of the data, taken from the end before shuffling, held out for validation.
+    pub validation_split: f64,
+    /// Reshuffle the training data every epoch.
+    pub shuffle: bool,
+    /// The seed of the shuffling.
+    pub seed: u64,
+    /// What to print.
+    pub verbose: Verbose,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            batch_size: 32,
+            epochs: 1,
+            validation_split: 0.0,
+            shuffle: true,
+            seed: 0,
+            verbose: Verbose::Auto,
+        }
+    }
+}
+
+/// What one epoch measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochLogs {
+    /// The epoch, from 0.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub loss: f32,
+    /// Training accuracy.
+    pub accuracy: f32,
+    /// Validation loss, when there is validation data.
+    pub val_loss: Option<f32>,
+    /// Validation accuracy.
+    pub val_accuracy: Option<f32>,
+    /// The loss scale at the end of the epoch (with loss scaling).
+    pub loss_scale: Option<f32>,
+    /// Steps skipped in this epoch because of non-finite gradients.
+    pub skipped_steps: u64,
+    /// Steps run.
+    pub steps: usize,
+    /// Wall time of the epoch (training and validation), in seconds.
+    pub seconds: f64,
+}
+
+/// Per-epoch metrics, as Keras's `History`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    /// One entry per epoch.
+    pub epochs: Vec<EpochLogs>,
+}
+
+impl History {
+    /// The values of one metric per epoch (`loss`, `accuracy`, `val_loss`, `val_accuracy`,
+    /// `loss_scale`), `None` for an unknown name.
+    pub fn get(&self, metric: &str) -> Option<Vec<f32>> {
+        let pick: fn(&EpochLogs) -> Option<f32> = match metric {
+            "loss" => |e| Some(e.loss),
+            "accuracy" => |e| Some(e.accuracy),
+            "val_loss" => |e| e.val_loss,
+            "val_accuracy" => |e| e.val_accuracy,
+            "loss_scale" => |e| e.loss_scale,
+            _ => return None,
+        };
+        self.epochs.iter().map(pick).collect()
+    }
+}
+
+/// Where training stands: what a checkpoint saves to resume exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrainingProgress {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Training steps run in total.
+    pub step: u64,
+    /// The state of the shuffling generator at the start of the next epoch.
+    pub rng_state: u64,
+}
+
+/// Loss and accuracy from [`Trainer::evaluate`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// Mean loss.
+    pub loss: f32,
+    /// Accuracy.
+    pub accuracy: f32,
+}
+
+/// What one training step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResult {
+    /// The (unscaled) mean loss of the batch.
+    pub loss: f32,
+    /// Whether the update was applied (false: skipped for non-finite gradients).
+    pub applied: bool,
+    /// The loss scale the step used (1 without loss scaling).
+    pub loss_scale: f32,
+}
+
+/// An epoch-end callback: it sees the epoch's logs and the training progress.
+pub type Callback = Box<dyn FnMut(&EpochLogs, &TrainingProgress) -> Result<()> + Send>;

@@ -1,0 +1,73 @@
+//! What the trainer steps: the optimizer, plain or wrapped in loss scaling, and a model's
+//! variables as an optimizer sees them.
+
+use mp_core::Variable;
+use mp_optim::{LossScaleOptimizer, Optimizer, VariableSet};
+
+use crate::error::Error;
+use crate::layer::Layer;
+
+/// A model's variables as an optimizer sees them.
+#[derive(Debug)]
+pub struct ModelVars<'a, M: Layer>(pub &'a mut M);
+
+impl<M: Layer> VariableSet for ModelVars<'_, M> {
+    fn for_each_variable(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Variable) -> mp_optim::Result<()>,
+    ) -> mp_optim::Result<()> {
+        let mut inner: Option<mp_optim::Error> = None;
+        let visited = self.0.visit_variables("", &mut |name, v| match f(name, v) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                inner = Some(e);
+                Err(Error::InvalidState {
+                    layer: name.to_string(),
+                    what: "optimizer".into(),
+                })
+            }
+        });
+        match (inner, visited) {
+            (Some(e), _) => Err(e),
+            (None, Ok(())) => Ok(()),
+            (None, Err(e)) => Err(mp_optim::Error::Core(mp_core::Error::InvalidArgument {
+                what: e.to_string(),
+            })),
+        }
+    }
+}
+
+/// The optimizer a trainer steps: plain, or wrapped in loss scaling.
+#[derive(Debug)]
+pub enum TrainOptimizer<O: Optimizer> {
+    /// No loss scaling.
+    Plain(O),
+    /// Loss scaling around the optimizer.
+    Scaled(LossScaleOptimizer<O>),
+}
+
+impl<O: Optimizer> TrainOptimizer<O> {
+    /// The loss scale (1 without loss scaling).
+    pub fn loss_scale(&self) -> f32 {
+        match self {
+            TrainOptimizer::Plain(_) => 1.0,
+            TrainOptimizer::Scaled(s) => s.loss_scale(),
+        }
+    }
+
+    /// The optimizer itself.
+    pub fn inner(&self) -> &O {
+        match self {
+            TrainOptimizer::Plain(o) => o,
+            TrainOptimizer::Scaled(s) => s.inner(),
+        }
+    }
+
+    /// The optimizer itself, mutably.
+    pub fn inner_mut(&mut self) -> &mut O {
+        match self {
+            TrainOptimizer::Plain(o) => o,
+            TrainOptimizer::Scaled(s) => s.inner_mut(),
+        }
+    }
+}
