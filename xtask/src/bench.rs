@@ -11,37 +11,41 @@ const GROUPS: &[&str] = &["train", "gemm"];
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let (groups, options) = split_args(args)?;
     let root = crate::root();
-    let status = Command::new(crate::cargo())
-        .current_dir(&root)
-        .args([
+    let built = crate::cargo::executables(
+        &root,
+        &[
             "build",
             "--release",
             "--package",
             "examples",
             "--bin",
             "bench",
-        ])
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("building the benchmark binary failed");
-    }
-    let exe = root.join("target/release/bench");
+        ],
+    )?;
+    let exe = built
+        .into_iter()
+        .find(|(name, _)| name == "bench")
+        .map(|(_, path)| path)
+        .context("cargo built no bench binary")?;
+    let dir = crate::cargo::target_dir(&root)?.join("bench");
     for group in &groups {
-        let status = Command::new(&exe)
-            .current_dir(&root)
-            .arg(group)
-            .args(&options)
+        let mut cmd = Command::new(&exe);
+        cmd.current_dir(&root).arg(group).args(&options);
+        if !options.iter().any(|o| o == "--out") {
+            cmd.arg("--out").arg(dir.join(format!("{group}.json")));
+        }
+        let status = cmd
             .status()
             .with_context(|| format!("running {}", exe.display()))?;
         if !status.success() {
             bail!("benchmark group {group} failed");
         }
     }
-    let inputs = crate::report::read_inputs(&root.join("target/bench"), &groups)?;
+    let inputs = crate::report::read_inputs(&dir, &groups)?;
     let command = format!("cargo xtask bench {}", args.join(" "));
     crate::report::write(
         &root,
+        &dir,
         &inputs,
         command.trim(),
         options.iter().any(|o| o == "--quick"),

@@ -12,8 +12,8 @@
 //! `.gpu/gpu_check` and every test binary in `.gpu/tests/` with `MP_REQUIRE_GPU=1`, and writes
 //! `gpu-check.log`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use anyhow::{Context, bail};
 
@@ -30,7 +30,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("tests"))?;
-    let bins = cargo_executables(
+    let bins = crate::cargo::executables(
         &root,
         &[
             "build",
@@ -48,7 +48,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .find(|(name, _)| name == "gpu_check")
         .context("cargo built no gpu_check binary")?;
     copy(&gpu_check.1, &out.join("gpu_check"))?;
-    let tests = cargo_executables(
+    let tests = crate::cargo::executables(
         &root,
         &[
             "test",
@@ -82,50 +82,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs cargo with `args` and JSON messages; returns `(name, path)` of every executable built.
-fn cargo_executables(root: &Path, args: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let output = Command::new(crate::cargo())
-        .current_dir(root)
-        .args(args)
-        .arg("--message-format=json-render-diagnostics")
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!("cargo {} failed", args.join(" "));
-    }
-    Ok(executables(&String::from_utf8_lossy(&output.stdout)))
-}
-
-/// The executables in cargo's JSON messages, named `<target>` for binaries and
-/// `<package>-<target>` for test binaries.
-pub fn executables(json_lines: &str) -> Vec<(String, PathBuf)> {
-    let mut out = vec![];
-    for line in json_lines.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let Some(exe) = msg.get("executable").and_then(|e| e.as_str()) else {
-            continue;
-        };
-        let target = msg["target"]["name"].as_str().unwrap_or("bin");
-        let test = msg["profile"]["test"].as_bool().unwrap_or(false);
-        let name = if test {
-            let package = msg["package_id"]
-                .as_str()
-                .and_then(|id| id.rsplit('/').next())
-                .and_then(|s| s.split(['#', '@']).next())
-                .unwrap_or("pkg");
-            let kind = msg["target"]["kind"][0].as_str().unwrap_or("test");
-            format!("{package}-{kind}-{target}")
-        } else {
-            target.to_string()
-        };
-        out.push((name, PathBuf::from(exe)));
-    }
-    out
-}
-
 /// Copies a binary and strips its debug information (the release profile keeps line tables,
 /// ten times the code's size), so `.gpu/` stays small enough to travel with the working tree.
 fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -136,29 +92,4 @@ fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
         _ => eprintln!("gpu-check: could not strip {} (kept as is)", to.display()),
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_executables_from_cargo_json() {
-        let lines = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/mp-kernels#0.1.0","target":{"kind":["lib"],"name":"mp_kernels"},"profile":{"test":true},"executable":"/t/release/deps/mp_kernels-1234"}
-{"reason":"compiler-artifact","package_id":"path+file:///w/mp-kernels#0.1.0","target":{"kind":["test"],"name":"cuda"},"profile":{"test":true},"executable":"/t/release/deps/cuda-99"}
-{"reason":"compiler-artifact","package_id":"path+file:///w/examples#0.1.0","target":{"kind":["bin"],"name":"gpu_check"},"profile":{"test":false},"executable":"/t/release/gpu_check"}
-{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"half"},"profile":{"test":false},"executable":null}
-{"reason":"build-finished","success":true}"#;
-        let exes = executables(lines);
-        let names: Vec<&str> = exes.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "mp-kernels-lib-mp_kernels",
-                "mp-kernels-test-cuda",
-                "gpu_check"
-            ]
-        );
-        assert_eq!(exes[2].1, PathBuf::from("/t/release/gpu_check"));
-    }
 }

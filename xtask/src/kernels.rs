@@ -39,7 +39,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let root = crate::root();
     let src_dir = root.join("mp-kernels/cuda");
-    let out_dir = target_dir(&root).join("ptx-gen");
+    let out_dir = crate::cargo::target_dir(&root)?.join("ptx-gen");
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir)
             .with_context(|| format!("removing {}", out_dir.display()))?;
@@ -65,13 +65,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The cargo target folder (`$CARGO_TARGET_DIR` or `<root>/target`).
-pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
 }
 
 /// Where the pinned CUDA wheels live, installing them on first use.
@@ -200,7 +193,9 @@ fn generate(tools: &Path, src_dir: &Path, out_dir: &Path) -> anyhow::Result<Vec<
     ];
     let mut out = vec![];
     let mut failures = vec![];
-    for stem in nvrtc::SOURCES {
+    let sources = nvrtc::sources(src_dir)
+        .with_context(|| format!("listing the kernel sources in {}", src_dir.display()))?;
+    for stem in &sources {
         let name = format!("{stem}.cu");
         let path = src_dir.join(&name);
         let src = std::fs::read_to_string(&path)

@@ -18,13 +18,10 @@
 //! xtask stays a thin dispatcher with few dependencies: the measuring code lives in `examples/`.
 
 mod bench;
+mod cargo;
 mod data;
 mod gpu;
 mod kernels;
-// The library's own NVRTC code and options (standalone: it needs only cudarc), so the committed
-// PTX is compiled exactly as mp-kernels would compile it.
-#[path = "../../mp-kernels/src/cuda/nvrtc.rs"]
-#[allow(dead_code)]
 mod nvrtc;
 mod report;
 

@@ -264,9 +264,8 @@ fn xml(s: &str) -> String {
 }
 
 /// Writes report.json, report.svg and (full runs) BENCHMARKS.md; prints the markdown.
-pub fn write(root: &Path, inputs: &Inputs, command: &str, quick: bool) -> Result<()> {
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+pub fn write(root: &Path, dir: &Path, inputs: &Inputs, command: &str, quick: bool) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
     let md = markdown(inputs);
     println!("{md}");
     let records = inputs.train.as_ref().map(train_records).unwrap_or_default();
@@ -311,7 +310,8 @@ pub fn write(root: &Path, inputs: &Inputs, command: &str, quick: bool) -> Result
         std::fs::write(root.join("BENCHMARKS.md"), doc)?;
     }
     eprintln!(
-        "wrote target/bench/report.json{}",
+        "wrote {}{}",
+        dir.join("report.json").display(),
         if quick { "" } else { " and BENCHMARKS.md" }
     );
     Ok(())

@@ -22,7 +22,6 @@
 //! [`Error::Cuda`].
 
 mod gemm;
-pub mod nvrtc;
 mod ops;
 pub mod ptx;
 
