@@ -4,7 +4,9 @@
 //! float32 FMA rate on AMD Zen 4 and at half of it on the Intel Xeons these machines also are. So
 //! at first use on a machine [`calibration`] times every GEMM path this CPU can run for each input
 //! dtype ([`GemmPath::candidates`], the 512-bit ones only where AVX-512 exists) on one
-//! `768 x 1024 x 768` GEMM, in interleaved rounds, keeps the fastest per dtype, and measures the
+//! `768 x 1024 x 768` GEMM, in interleaved rounds, keeps the fastest per dtype (the path the
+//! instruction set implies unless another beats it by 3%, so noise cannot flip a tie), and
+//! measures the
 //! float32 FMA and `vdpbf16ps` peaks with short loops — about 0.3 s in all on a 2-core Zen 4.
 //!
 //! The result is cached in a small text file keyed by the CPU model, its features, the kernel
@@ -13,8 +15,9 @@
 //! processes read it (a few microseconds); a malformed or stale file is measured again and
 //! rewritten. Only a *quiet* measurement is cached: the process's threads used between 0.85 and
 //! 1.15 kernel threads' worth of CPU time during it (more means other threads of the process,
-//! parallel tests say, competed for the cores; less means other processes did). A disturbed
-//! one is used by this process only and measured again next time.
+//! parallel tests say, competed for the cores; less means other processes did), the peaks
+//! measured before and after the GEMMs agree within 10%, and no GEMM ran faster than its peak.
+//! A disturbed one is used by this process only and measured again next time.
 //!
 //! `MP_GEMM_PATH` forces paths: `float32=avx512-6x64,bfloat16=avx512-6x64` (dtypes `float32`,
 //! `bfloat16`, `float16` or `f32`, `bf16`, `f16`; path names as [`GemmPath::name`] prints them);
@@ -46,9 +49,9 @@ const M: usize = 768;
 const N: usize = 1024;
 const K: usize = 768;
 /// Interleaved rounds; each candidate runs [`CALLS`] times per round, the best call counts.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 2;
 const CALLS: usize = 2;
-/// Iterations of the peak loops (about 20 ms each at 3.5 GHz).
+/// Iterations of the peak loops (about 20 ms each at 3.5 GHz; each runs twice).
 const PEAK_ITERS: usize = 6_000_000;
 
 /// Where a calibration came from.
@@ -387,6 +390,9 @@ pub fn measure_now() -> Calibration {
 fn measure(key: String) -> Calibration {
     let start = Instant::now();
     let cpu0 = crate::cpu_time::process_cpu_secs();
+    // The peaks before and after the GEMMs: a quiet machine gives the same figures twice.
+    let fma0 = peak::fma_f32_peak_gflops_with(PEAK_ITERS);
+    let dp0 = peak::dpbf16_peak_gflops_with(PEAK_ITERS);
     let mut rates: Vec<PathRate> = vec![];
     let mut chosen = GemmPaths::default_for(Isa::detect());
     let f32_rates = time_paths::<f32>();
@@ -397,17 +403,30 @@ fn measure(key: String) -> Calibration {
         (DType::BF16, bf16_rates),
         (DType::F16, f16_rates),
     ] {
-        if let Some(&(best, _)) = list.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
-            chosen.set(d, best);
-        }
+        chosen.set(d, choose(d, &list));
         rates.extend(list.into_iter().map(|(p, g)| PathRate {
             dtype: d,
             path: p.name(),
             gflops: g,
         }));
     }
-    let fma = peak::fma_f32_peak_gflops_with(PEAK_ITERS);
-    let dp = peak::dpbf16_peak_gflops_with(PEAK_ITERS);
+    let fma1 = peak::fma_f32_peak_gflops_with(PEAK_ITERS);
+    let dp1 = peak::dpbf16_peak_gflops_with(PEAK_ITERS);
+    let (fma, dp) = (fma0.max(fma1), dp0.zip(dp1).map(|(a, b)| a.max(b)));
+    let steady = |a: f64, b: f64| a.min(b) >= 0.9 * a.max(b);
+    let below = |d: DType, peak: f64| {
+        rates
+            .iter()
+            .filter(|r| r.dtype == d && (d != DType::BF16 || r.path != "avx512bf16-dot"))
+            .all(|r| r.gflops <= 1.05 * peak)
+    };
+    let consistent = steady(fma0, fma1)
+        && dp0.zip(dp1).is_none_or(|(a, b)| steady(a, b))
+        && below(DType::F32, fma)
+        && rates
+            .iter()
+            .filter(|r| r.path == "avx512bf16-dot")
+            .all(|r| dp.is_some_and(|dp| r.gflops <= 1.05 * dp));
     Calibration {
         key,
         measured: Measured {
@@ -425,12 +444,29 @@ fn measure(key: String) -> Calibration {
                 .map(|(c0, c1)| (c1 - c0) / (seconds * threads::num_threads() as f64));
             Origin::Measured {
                 seconds,
-                // Without a CPU-time source, trust it.
-                quiet: share.is_none_or(|s| (0.85..=1.15).contains(&s)),
+                // Without a CPU-time source, trust the share.
+                quiet: consistent && share.is_none_or(|s| (0.85..=1.15).contains(&s)),
             }
         },
     }
 }
+
+/// The path to keep for `dtype` from its measured rates: the fastest, unless the path the
+/// instruction set implies is within [`MARGIN`] of it (timing noise must not flip a choice
+/// between two paths that run at the same speed).
+fn choose(dtype: DType, rates: &[(GemmPath, f64)]) -> GemmPath {
+    let default = GemmPath::default_for(Isa::detect(), dtype);
+    let Some(&(best, top)) = rates.iter().max_by(|a, b| a.1.total_cmp(&b.1)) else {
+        return default;
+    };
+    match rates.iter().find(|(p, _)| *p == default) {
+        Some(&(_, r)) if r >= top * (1.0 - MARGIN) => default,
+        _ => best,
+    }
+}
+
+/// How much faster than the default path another path must measure to be chosen.
+const MARGIN: f64 = 0.03;
 
 /// The paths worth timing for `T` here: the 512-bit ones where AVX-512 exists (AVX2 and the
 /// portable path are the fallbacks of CPUs without it), else the best one below.
@@ -500,6 +536,18 @@ fn time_paths<T: GemmInput>() -> Vec<(GemmPath, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_must_beat_the_default_by_the_margin() {
+        let d = GemmPath::default_for(Isa::detect(), DType::F32);
+        let other = GemmPath::Scalar;
+        assert_eq!(choose(DType::F32, &[(d, 100.0), (other, 102.0)]), d);
+        if d != other {
+            assert_eq!(choose(DType::F32, &[(d, 100.0), (other, 104.0)]), other);
+        }
+        assert_eq!(choose(DType::F32, &[(other, 5.0)]), other);
+        assert_eq!(choose(DType::F32, &[]), d);
+    }
 
     #[test]
     fn knob_parses_and_refuses_by_name() {

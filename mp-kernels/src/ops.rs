@@ -832,3 +832,30 @@ pub fn adam_update(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Operands on two devices are refused by name before anything runs (a CUDA tensor cannot
+    /// be made without the `cuda` feature, so the check itself is tested here).
+    #[test]
+    fn operands_on_two_devices_are_an_error_naming_the_op() {
+        assert_eq!(
+            device("gemm", &[Device::Cpu, Device::Cpu]).unwrap(),
+            Device::Cpu
+        );
+        assert_eq!(device("gemm", &[]).unwrap(), Device::Cpu);
+        let err = device("gemm", &[Device::Cpu, Device::Cuda(1), Device::Cpu]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("gemm") && text.contains("cuda:1"), "{text}");
+        assert!(matches!(
+            err,
+            Error::Core(mp_core::Error::WrongDevice {
+                op: "gemm",
+                expected: Device::Cpu,
+                got: Device::Cuda(1)
+            })
+        ));
+    }
+}
