@@ -605,9 +605,9 @@ unsafe fn run_block_with<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
                 while ic < ic2 + m2cur {
                     let mcur = mc.min(ic2 + m2cur - ic);
                     let full = if direct { mcur / mr * mr } else { 0 };
-                    // SAFETY: op(A)[ic+full..ic+mcur, pc..pc+kcur] is inside A; a_pack holds
-                    // mc x kp.
                     let a_row = if full < mcur {
+                        // SAFETY: op(A)[ic+full..ic+mcur, pc..pc+kcur] is inside A; a_pack holds
+                        // mc x kp.
                         unsafe {
                             kernel.pack_a(
                                 p.a.add((ic + full) * p.a_rs + pc * p.a_ps),
