@@ -23,34 +23,62 @@
 //!     (the whole loss-scale configuration, its current scale and good-step count, the applied,
 //!     skipped and skipped-at-floor step counts and the floor limit) and the best value so far
 //!     of the checkpointing metric. Floats are written as decimal strings that read back to the
-//!     same bits; integers (`rng_state` is a full `u64`) as JSON integers.
+//!     same bits; integers (`rng_state` is a full `u64`) as JSON integers. The state is a
+//!     `#[derive(Serialize, Deserialize)]` struct: every field it lists must be present, once
+//!     (`null` where there is no loss scaling or best value), every nested object must be an
+//!     object, and fields it does not know are ignored. A state that does not fit is refused
+//!     with [`Error::State`], whose message names where (`progress.step`) and then serde's
+//!     message (the missing field, or the value and what was expected, and the position); a
+//!     value out of range after that with [`Error::Invalid`]. A version-1 file written before
+//!     the state derived serde (`mp-layers/tests/fixtures/checkpoint-v1.safetensors`) must keep
+//!     loading.
 //!
 //! # Writing and loading
 //!
 //! Every file is written atomically ([`write_atomic`]): to a temporary file in the same
 //! directory, flushed to disk, renamed over the destination, and the directory flushed, so a
-//! crash at any moment leaves either the previous file or the new one, never a mix.
+//! crash at any moment leaves either the previous file or the new one, never a mix. A write
+//! killed before its rename leaves its temporary file (`.<name>.tmp-<pid>-<n>`), which is never
+//! read; `fit` removes those of dead writers from its checkpoint folder at the end of each
+//! epoch (see [`CheckpointConfig`]).
 //!
 //! Loading ([`Trainer::resume`], [`load_weights`]) parses and checks the whole file, checks
 //! every tensor's name, dtype and shape against the model (and the optimizer's slots against the
 //! variables) and reports every mismatch by name ([`Error::Mismatch`]), all before assigning
-//! anything: on any error the model, the optimizer and the trainer are unchanged.
+//! anything: on any error the model, the optimizer and the trainer are unchanged. I/O errors
+//! ([`Error::Io`]) name the operation and the path and keep the [`io::Error`] as their
+//! `source()`.
+//!
+//! # Checkpoint folders
+//!
+//! `fit` with [`Trainer::with_checkpoints`] writes `epoch-000001.safetensors`, ... into
+//! [`CheckpointConfig::dir`] and prunes only the epochs up to its own current one, so the files
+//! of later epochs that an earlier, longer run left in the same folder are kept, and
+//! [`Trainer::resume_latest`] (or [`latest`]) then picks the highest epoch number, whichever run
+//! wrote it. So a new `fit` into the folder of an earlier run that got further, followed by
+//! `resume_latest`, continues the *earlier* run from its later epoch. This is intended (a
+//! folder holds one run's history, and a restarted job resumes where that run got to), but to
+//! start fresh, give the new run a new folder or delete the old one first.
 
 pub mod safetensors;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use mp_core::{
     DynamicLossScale, DynamicLossScaleConfig, F32, LossScale, LossScaleState, PolicyKind, Tensor,
 };
 use mp_optim::Optimizer;
 use mp_optim::loss_scale_optimizer::ScalingState;
-use serde_json::{Map, Value, json};
+use serde::de::{self, Unexpected, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use self::safetensors::SafeTensors;
@@ -97,6 +125,15 @@ pub enum Error {
         /// The problem.
         what: String,
     },
+    /// A safetensors file whose header is not JSON.
+    #[error("{file} is not a valid safetensors file: the header is not valid JSON ({source})")]
+    Header {
+        /// The file.
+        file: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A safetensors file that is not what was asked for (no mp metadata, a weights file given
     /// as a checkpoint).
     #[error("{file} is not an mp checkpoint: {what}")]
@@ -127,8 +164,25 @@ pub enum Error {
         /// What does not match.
         what: String,
     },
-    /// Well-formed, but holding a state mp could not have written (a bad field, a loss scale
-    /// out of range, an inconsistent slot list).
+    /// The training state (`mp.state`) is not what mp writes: not JSON, a field missing or of
+    /// the wrong type. The message names where (`progress.step`), then serde's: the missing
+    /// field, or the value and what was expected, and the position.
+    #[error(
+        "{file} holds an invalid checkpoint: {KEY_STATE}: {}{source}",
+        in_field(field)
+    )]
+    State {
+        /// The file.
+        file: String,
+        /// Where in the state: the dotted path of the value at the error's position
+        /// (`loss_scaling.loss_scale`, `optimizer.slots.2`), empty at the top level.
+        field: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Well-formed, but holding a state mp could not have written (a value out of range, a
+    /// loss scale no optimizer could have had, an inconsistent slot list).
     #[error("{file} holds an invalid checkpoint: {what}")]
     Invalid {
         /// The file.
@@ -152,12 +206,23 @@ pub enum Error {
     Optim(#[from] mp_optim::Error),
 }
 
+/// `field: ` for [`Error::State`]'s message; nothing at the top level.
+fn in_field(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    }
+}
+
 /// The result type of checkpointing.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for crate::Error {
     /// `fit` reports checkpoint errors as [`crate::Error`]: model errors as themselves,
-    /// mismatches as [`crate::Error::Weights`], the rest as an invalid state of `checkpoint`.
+    /// mismatches as [`crate::Error::Weights`], the rest wrapped whole in
+    /// [`crate::Error::Checkpoint`], whose `source()` chain reaches the cause (an I/O error, a
+    /// malformed state).
     fn from(e: Error) -> Self {
         match e {
             Error::Layers(e) => e,
@@ -168,10 +233,7 @@ impl From<Error> for crate::Error {
                     .map(|p| format!("{file}: {p}"))
                     .collect(),
             },
-            other => crate::Error::InvalidState {
-                layer: "checkpoint".into(),
-                what: other.to_string(),
-            },
+            other => crate::Error::Checkpoint(Box::new(other)),
         }
     }
 }
@@ -180,8 +242,9 @@ impl From<Error> for crate::Error {
 // Configuration of fit's checkpoint callbacks
 // ---------------------------------------------------------------------------------------------
 
-/// Whether a smaller or a larger value of a metric is better.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether a smaller or a larger value of a metric is better (saved as `min` or `max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Smaller is better (losses).
     Min,
@@ -190,13 +253,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Min => "min",
-            Mode::Max => "max",
-        }
-    }
-
     /// Whether `value` improves on `best` (NaN never does).
     fn improves(self, value: f32, best: Option<f32>) -> bool {
         if value.is_nan() {
@@ -239,6 +295,9 @@ impl BestMetric {
 
 const METRICS: [&str; 4] = ["loss", "accuracy", "val_loss", "val_accuracy"];
 
+/// The file name of the best checkpoint in a [`CheckpointConfig::dir`].
+const BEST_FILE: &str = "best.safetensors";
+
 fn metric_value(logs: &EpochLogs, metric: &str) -> Option<f32> {
     match metric {
         "loss" => Some(logs.loss),
@@ -250,6 +309,17 @@ fn metric_value(logs: &EpochLogs, metric: &str) -> Option<f32> {
 }
 
 /// Where and when `fit` writes checkpoints ([`Trainer::with_checkpoints`]).
+///
+/// One folder is meant for one run. A new run into a folder that an earlier, longer run used
+/// leaves that run's later `epoch-*.safetensors` files in place, and [`Trainer::resume_latest`]
+/// resumes the newest epoch in the folder, so it would continue the earlier run (see the
+/// [module docs](crate::checkpoint#checkpoint-folders)); use a new folder, or delete the old
+/// one, to start fresh.
+///
+/// At the end of each epoch `fit` also removes the temporary files that killed checkpoint
+/// writes left in the folder (`.epoch-000007.safetensors.tmp-<pid>-<n>`): on Linux those whose
+/// process is no longer running and that were untouched for a minute, elsewhere those older
+/// than an hour; never those of the running process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointConfig {
     /// The directory (created when needed).
@@ -291,7 +361,7 @@ impl CheckpointConfig {
 
     /// The path of the best checkpoint.
     pub fn best_path(&self) -> PathBuf {
-        self.dir.join("best.safetensors")
+        self.dir.join(BEST_FILE)
     }
 
     /// Checks the metric exists (and, for a validation metric, that there is validation data).
@@ -346,13 +416,79 @@ fn epoch_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// The newest per-epoch checkpoint in `dir` (`None` when there is none, or no `dir`).
+/// The writer's process id in the name of a temporary file that [`write_atomic_with`] made for
+/// a checkpoint of a [`CheckpointConfig::dir`] (`.epoch-000007.safetensors.tmp-<pid>-<n>`,
+/// `.best.safetensors.tmp-<pid>-<n>`); `None` for any other name.
+fn temporary_of(name: &str) -> Option<u32> {
+    let (target, tail) = name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    let (pid, n) = tail.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(pid) && digits(n)) || (epoch_of(target).is_none() && target != BEST_FILE) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// How long the temporary file of a writer that is no longer running must have been untouched
+/// before it is removed: a margin for a writer in another PID namespace (a container) or on
+/// another host sharing the directory, whose process id means nothing here.
+const DEAD_WRITER_GRACE: Duration = Duration::from_secs(60);
+
+/// Where there is no `/proc` to tell whether the writer runs, how old a temporary file must be
+/// before it is removed (no checkpoint write takes that long).
+const UNKNOWN_WRITER_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// Whether process `pid` is running: `Some` on Linux (from `/proc`), `None` where this cannot
+/// tell.
+fn running(pid: u32) -> Option<bool> {
+    (cfg!(target_os = "linux") && Path::new("/proc/self").exists())
+        .then(|| Path::new("/proc").join(pid.to_string()).exists())
+}
+
+/// Removes the temporary files that killed checkpoint writes left in `dir` (see
+/// [`temporary_of`]): on Linux those whose writer is no longer running and that were untouched
+/// for [`DEAD_WRITER_GRACE`]; elsewhere those older than [`UNKNOWN_WRITER_AGE`]. Never this
+/// process's own, which may be in flight. Best effort: what cannot be read or removed is left.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(temporary_of) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Some(age) = entry
+            .metadata()
+            .ok()
+            .filter(fs::Metadata::is_file)
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| now.duration_since(t).ok())
+        else {
+            continue;
+        };
+        let stale = match running(pid) {
+            Some(alive) => !alive && age >= DEAD_WRITER_GRACE,
+            None => age >= UNKNOWN_WRITER_AGE,
+        };
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The newest per-epoch checkpoint in `dir` (`None` when there is none, or no `dir`): the
+/// highest epoch number, whichever run wrote it (see [`CheckpointConfig`] on reusing a folder).
 pub fn latest(dir: impl AsRef<Path>) -> Result<Option<PathBuf>> {
     Ok(epoch_files(dir.as_ref())?.pop().map(|(_, p)| p))
 }
 
-/// What `fit` does at the end of an epoch with checkpointing on: update the best value, write
-/// the epoch's checkpoint and drop the oldest beyond `keep_last`, write the best one if it is.
+/// What `fit` does at the end of an epoch with checkpointing on: update the best value, remove
+/// stale temporary files, write the epoch's checkpoint and drop the oldest beyond `keep_last`,
+/// write the best one if it is.
 pub(crate) fn on_epoch_end<M: Model, O: Optimizer>(
     trainer: &mut Trainer<M, O>,
     logs: &EpochLogs,
@@ -380,6 +516,7 @@ pub(crate) fn on_epoch_end<M: Model, O: Optimizer>(
         return Ok(());
     }
     fs::create_dir_all(&config.dir).map_err(|e| io_error("creating", &config.dir, e))?;
+    remove_stale_temporaries(&config.dir);
     let bytes = trainer.checkpoint_bytes()?;
     if config.keep_last > 0 {
         let epoch = trainer.progress().epoch;
@@ -620,18 +757,106 @@ fn check_mp_metadata(file: &str, st: &SafeTensors<'_>) -> Result<Option<String>>
 // The training state (mp.state)
 // ---------------------------------------------------------------------------------------------
 
+/// `mp.state` as written and read, field for field (format version 1). Serde reads and writes
+/// it; [`State::validate`] then checks what the types cannot say (a learning rate out of range,
+/// a loss scale no optimizer could have had).
+///
+/// Every field must be present (`loss_scaling` and `best` as `null` when there is none), every
+/// nested object must be a JSON object (not serde's positional array), and fields mp does not
+/// know are ignored, as the hand-written reader before it had it; a field given twice is
+/// refused (that reader took the last).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(expecting = "the training state (a JSON object)")]
+struct State {
+    /// The model's name, for people and other tools; not read back (the weights are checked
+    /// by name and shape instead).
+    #[serde(skip_deserializing)]
+    model: String,
+    /// The policy's name (`mixed_float16`), as `model`.
+    #[serde(skip_deserializing)]
+    policy: String,
+    #[serde(serialize_with = "Progress::serialize", deserialize_with = "progress")]
+    progress: TrainingProgress,
+    /// The weight tensors' names, in the model's variable order.
+    weights: Vec<String>,
+    #[serde(deserialize_with = "object")]
+    optimizer: SavedOptimizer,
+    #[serde(deserialize_with = "nullable_object")]
+    loss_scaling: Option<SavedScaling>,
+    /// The best value so far of the checkpointing metric.
+    #[serde(deserialize_with = "nullable_object")]
+    best: Option<SavedBest>,
+}
+
+/// [`TrainingProgress`] as saved: `{"epoch": 2, "step": 14, "rng_state": 1234...}`.
+#[derive(Serialize, Deserialize)]
+#[serde(
+    remote = "TrainingProgress",
+    expecting = "the training progress (a JSON object)"
+)]
+struct Progress {
+    epoch: usize,
+    step: u64,
+    rng_state: u64,
+}
+
 /// The optimizer as saved.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(expecting = "the optimizer (a JSON object)")]
 struct SavedOptimizer {
+    /// [`Optimizer::name`].
     name: String,
-    learning_rate: f32,
+    learning_rate: Decimal<f32>,
     iterations: u64,
-    config: BTreeMap<String, f64>,
-    /// `(variable path, slot name, tensor name)`, in the optimizer's order.
+    /// [`Optimizer::config`]: the hyperparameters by name.
+    config: BTreeMap<String, Decimal<f64>>,
+    /// `[variable path, slot name, tensor name]`, in the optimizer's order.
     slots: Vec<(String, String, String)>,
 }
 
-/// Everything in `mp.state`.
+/// [`ScalingState`] as saved.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(expecting = "the loss scaling (a JSON object)")]
+struct SavedScaling {
+    #[serde(deserialize_with = "object")]
+    loss_scale: SavedLossScale,
+    applied_steps: u64,
+    skipped_steps: u64,
+    skips_at_floor: u64,
+    max_skips_at_floor: u64,
+}
+
+/// A [`LossScale`] as saved, tagged by `type`; a dynamic one with its whole configuration.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "lowercase",
+    expecting = "the loss scale (a JSON object)"
+)]
+enum SavedLossScale {
+    Fixed {
+        scale: Decimal<f32>,
+    },
+    Dynamic {
+        scale: Decimal<f32>,
+        good_steps: u64,
+        initial_scale: Decimal<f32>,
+        growth_interval: u64,
+        multiplier: Decimal<f32>,
+        min_scale: Decimal<f32>,
+    },
+}
+
+/// The checkpointing metric's best value so far, as saved.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(expecting = "the best metric (a JSON object)")]
+struct SavedBest {
+    metric: String,
+    mode: Mode,
+    value: Decimal<f32>,
+}
+
+/// `mp.state` after [`State::validate`], in the trainer's types.
 #[derive(Debug)]
 struct SavedState {
     progress: TrainingProgress,
@@ -641,228 +866,241 @@ struct SavedState {
     best: Option<(BestMetric, f32)>,
 }
 
-fn float(v: f32) -> Value {
-    Value::String(format!("{v:?}"))
-}
+impl State {
+    /// Parses `mp.state`: serde's error names the field or value and its position.
+    fn parse(text: &str) -> serde_json::Result<State> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let state = object(&mut de)?;
+        de.end()?;
+        Ok(state)
+    }
 
-fn float64(v: f64) -> Value {
-    Value::String(format!("{v:?}"))
-}
-
-fn scaling_json(s: &ScalingState) -> Value {
-    let loss_scale = match &s.loss_scale {
-        LossScale::Fixed(f) => json!({ "type": "fixed", "scale": float(f.scale()) }),
-        LossScale::Dynamic(d) => {
-            let c = d.config();
-            json!({
-                "type": "dynamic",
-                "scale": float(d.scale()),
-                "good_steps": d.good_steps(),
-                "initial_scale": float(c.initial_scale),
-                "growth_interval": c.growth_interval,
-                "multiplier": float(c.multiplier),
-                "min_scale": float(c.min_scale),
-            })
+    /// Checks what the types do not, and turns the state into the trainer's types.
+    fn validate(self) -> std::result::Result<SavedState, String> {
+        let learning_rate = self.optimizer.learning_rate.0;
+        if !(learning_rate.is_finite() && learning_rate >= 0.0) {
+            return Err(format!(
+                "optimizer.learning_rate {learning_rate:?} is not finite and non-negative"
+            ));
         }
-    };
-    json!({
-        "loss_scale": loss_scale,
-        "applied_steps": s.applied,
-        "skipped_steps": s.skipped,
-        "skips_at_floor": s.skips_at_floor,
-        "max_skips_at_floor": s.max_skips_at_floor,
-    })
-}
-
-/// Typed access to one JSON object of `mp.state`, with errors naming the field's path.
-struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn root(v: &'a Value) -> std::result::Result<Self, String> {
-        match v {
-            Value::Object(map) => Ok(Obj {
-                map,
-                path: String::new(),
+        let scaling = self.loss_scaling.map(SavedScaling::validate).transpose()?;
+        Ok(SavedState {
+            progress: self.progress,
+            weights: self.weights,
+            optimizer: self.optimizer,
+            scaling,
+            best: self.best.map(|b| {
+                let metric = BestMetric {
+                    metric: b.metric,
+                    mode: b.mode,
+                };
+                (metric, b.value.0)
             }),
-            _ => Err("not a JSON object".into()),
-        }
-    }
-
-    fn name(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn get(&self, key: &str) -> std::result::Result<&'a Value, String> {
-        self.map
-            .get(key)
-            .ok_or_else(|| format!("{} is missing", self.name(key)))
-    }
-
-    fn obj(&self, key: &str) -> std::result::Result<Option<Obj<'a>>, String> {
-        match self.get(key)? {
-            Value::Null => Ok(None),
-            Value::Object(map) => Ok(Some(Obj {
-                map,
-                path: self.name(key),
-            })),
-            _ => Err(format!("{} is not an object", self.name(key))),
-        }
-    }
-
-    fn req(&self, key: &str) -> std::result::Result<Obj<'a>, String> {
-        self.obj(key)?
-            .ok_or_else(|| format!("{} is null", self.name(key)))
-    }
-
-    fn u64(&self, key: &str) -> std::result::Result<u64, String> {
-        self.get(key)?
-            .as_u64()
-            .ok_or_else(|| format!("{} is not an unsigned integer", self.name(key)))
-    }
-
-    fn str(&self, key: &str) -> std::result::Result<&'a str, String> {
-        self.get(key)?
-            .as_str()
-            .ok_or_else(|| format!("{} is not a string", self.name(key)))
-    }
-
-    fn f64_of(&self, key: &str, v: &Value) -> std::result::Result<f64, String> {
-        v.as_str()
-            .and_then(|s| s.parse::<f64>().ok())
-            .ok_or_else(|| format!("{} is not a number written as a string", self.name(key)))
-    }
-
-    fn f32(&self, key: &str) -> std::result::Result<f32, String> {
-        let v = self.get(key)?;
-        v.as_str()
-            .and_then(|s| s.parse::<f32>().ok())
-            .ok_or_else(|| format!("{} is not a number written as a string", self.name(key)))
-    }
-
-    fn strings(&self, key: &str) -> std::result::Result<Vec<&'a str>, String> {
-        let err = || format!("{} is not a list of strings", self.name(key));
-        match self.get(key)? {
-            Value::Array(items) => items.iter().map(|v| v.as_str().ok_or_else(err)).collect(),
-            _ => Err(err()),
-        }
+        })
     }
 }
 
-fn parse_loss_scale(o: &Obj<'_>) -> std::result::Result<LossScale, String> {
-    let checked = |r: mp_core::Result<LossScale>| r.map_err(|e| format!("{}: {e}", o.path));
-    match o.str("type")? {
-        "fixed" => checked(LossScale::fixed(o.f32("scale")?)),
-        "dynamic" => {
-            let config = DynamicLossScaleConfig {
-                initial_scale: o.f32("initial_scale")?,
-                growth_interval: o.u64("growth_interval")?,
-                multiplier: o.f32("multiplier")?,
-                min_scale: o.f32("min_scale")?,
-            };
-            let state = LossScaleState {
-                scale_bits: o.f32("scale")?.to_bits(),
-                good_steps: o.u64("good_steps")?,
-            };
-            checked(DynamicLossScale::from_config(config).and_then(|mut d| {
-                d.restore(state)?;
-                Ok(LossScale::Dynamic(d))
-            }))
-        }
-        other => Err(format!("{}.type {other:?} is not fixed or dynamic", o.path)),
-    }
-}
-
-fn parse_state(text: &str) -> std::result::Result<SavedState, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
-    let root = Obj::root(&value)?;
-    let p = root.req("progress")?;
-    let progress = TrainingProgress {
-        epoch: usize::try_from(p.u64("epoch")?).map_err(|_| "progress.epoch is too large")?,
-        step: p.u64("step")?,
-        rng_state: p.u64("rng_state")?,
-    };
-    let weights = root
-        .strings("weights")?
-        .into_iter()
-        .map(String::from)
-        .collect();
-    let o = root.req("optimizer")?;
-    let learning_rate = o.f32("learning_rate")?;
-    if !(learning_rate.is_finite() && learning_rate >= 0.0) {
-        return Err(format!(
-            "optimizer.learning_rate {learning_rate:?} is not finite and non-negative"
-        ));
-    }
-    let c = o.req("config")?;
-    let config = c
-        .map
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), c.f64_of(k, v)?)))
-        .collect::<std::result::Result<_, String>>()?;
-    let slots = match o.get("slots")? {
-        Value::Array(items) => items
-            .iter()
-            .map(|item| match item.as_array().map(Vec::as_slice) {
-                Some([Value::String(v), Value::String(s), Value::String(t)]) => {
-                    Ok((v.clone(), s.clone(), t.clone()))
+impl From<&ScalingState> for SavedScaling {
+    fn from(s: &ScalingState) -> Self {
+        let loss_scale = match &s.loss_scale {
+            LossScale::Fixed(f) => SavedLossScale::Fixed {
+                scale: Decimal(f.scale()),
+            },
+            LossScale::Dynamic(d) => {
+                let c = d.config();
+                SavedLossScale::Dynamic {
+                    scale: Decimal(d.scale()),
+                    good_steps: d.good_steps(),
+                    initial_scale: Decimal(c.initial_scale),
+                    growth_interval: c.growth_interval,
+                    multiplier: Decimal(c.multiplier),
+                    min_scale: Decimal(c.min_scale),
                 }
-                _ => Err(format!(
-                    "optimizer.slots entry {item} is not [variable, slot, tensor]"
-                )),
-            })
-            .collect::<std::result::Result<_, String>>()?,
-        _ => return Err("optimizer.slots is not a list".into()),
-    };
-    let optimizer = SavedOptimizer {
-        name: o.str("name")?.to_string(),
-        learning_rate,
-        iterations: o.u64("iterations")?,
-        config,
-        slots,
-    };
-    let scaling = match root.obj("loss_scaling")? {
-        None => None,
-        Some(s) => {
-            let state = ScalingState {
-                loss_scale: parse_loss_scale(&s.req("loss_scale")?)?,
-                applied: s.u64("applied_steps")?,
-                skipped: s.u64("skipped_steps")?,
-                skips_at_floor: s.u64("skips_at_floor")?,
-                max_skips_at_floor: s.u64("max_skips_at_floor")?,
-            };
-            state.validate().map_err(|e| format!("loss_scaling: {e}"))?;
-            Some(state)
+            }
+        };
+        SavedScaling {
+            loss_scale,
+            applied_steps: s.applied,
+            skipped_steps: s.skipped,
+            skips_at_floor: s.skips_at_floor,
+            max_skips_at_floor: s.max_skips_at_floor,
         }
-    };
-    let best = match root.obj("best")? {
-        None => None,
-        Some(b) => {
-            let mode = match b.str("mode")? {
-                "min" => Mode::Min,
-                "max" => Mode::Max,
-                other => return Err(format!("best.mode {other:?} is not min or max")),
-            };
-            let metric = BestMetric {
-                metric: b.str("metric")?.to_string(),
-                mode,
-            };
-            Some((metric, b.f32("value")?))
+    }
+}
+
+impl SavedScaling {
+    /// The loss scale as [`LossScale`] builds it (refusing what it refuses), and the scaling
+    /// state as [`ScalingState::validate`] accepts it.
+    fn validate(self) -> std::result::Result<ScalingState, String> {
+        let loss_scale = match self.loss_scale {
+            SavedLossScale::Fixed { scale } => LossScale::fixed(scale.0),
+            SavedLossScale::Dynamic {
+                scale,
+                good_steps,
+                initial_scale,
+                growth_interval,
+                multiplier,
+                min_scale,
+            } => {
+                let config = DynamicLossScaleConfig {
+                    initial_scale: initial_scale.0,
+                    growth_interval,
+                    multiplier: multiplier.0,
+                    min_scale: min_scale.0,
+                };
+                let state = LossScaleState {
+                    scale_bits: scale.0.to_bits(),
+                    good_steps,
+                };
+                DynamicLossScale::from_config(config).and_then(|mut d| {
+                    d.restore(state)?;
+                    Ok(LossScale::Dynamic(d))
+                })
+            }
         }
-    };
-    Ok(SavedState {
-        progress,
-        weights,
-        optimizer,
-        scaling,
-        best,
-    })
+        .map_err(|e| format!("loss_scaling.loss_scale: {e}"))?;
+        let state = ScalingState {
+            loss_scale,
+            applied: self.applied_steps,
+            skipped: self.skipped_steps,
+            skips_at_floor: self.skips_at_floor,
+            max_skips_at_floor: self.max_skips_at_floor,
+        };
+        state.validate().map_err(|e| format!("loss_scaling: {e}"))?;
+        Ok(state)
+    }
+}
+
+/// The dotted path (`progress.step`, `optimizer.slots.2`) of the innermost value that JSON
+/// `text` is in at `line` and `column` (1-based line, bytes into it), as serde_json reports an
+/// error's position: just after the value or key it stopped at, or after the `}` of the object
+/// that lacks a field. `text` is well-formed up to there (the parser got that far); past the
+/// end, the path at the end.
+fn field_at(text: &str, line: usize, column: usize) -> String {
+    enum Frame {
+        /// The key being read or whose value is being read, and whether a key comes next.
+        Object(Option<String>, bool),
+        /// The element's index.
+        Array(usize),
+    }
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    let bytes = &text.as_bytes()[..(start + column).min(text.len())];
+    let mut frames = vec![];
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' => frames.push(Frame::Object(None, true)),
+            b'[' => frames.push(Frame::Array(0)),
+            b'}' | b']' => {
+                frames.pop();
+            }
+            b',' => match frames.last_mut() {
+                Some(Frame::Object(_, next_is_key)) => *next_is_key = true,
+                Some(Frame::Array(index)) => *index += 1,
+                None => {}
+            },
+            b'"' => {
+                let begin = i + 1;
+                i = begin;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                if let Some(Frame::Object(key, next_is_key @ true)) = frames.last_mut() {
+                    let end = i.min(bytes.len());
+                    *key = Some(String::from_utf8_lossy(&bytes[begin..end]).into_owned());
+                    *next_is_key = false;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let names: Vec<String> = frames
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Object(key, _) => key,
+            Frame::Array(index) => Some(index.to_string()),
+        })
+        .collect();
+    names.join(".")
+}
+
+/// A float written as a JSON string of its shortest decimal that reads back to the same bits
+/// (`"0.001"`, `"1e-7"`, `"32768.0"`, `"NaN"`): exact for float32 and float64 alike, where a
+/// JSON number is read as float64 by most tools and cannot hold NaN or infinity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Decimal<T>(T);
+
+impl<T: fmt::Debug> Serialize for Decimal<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:?}", self.0))
+    }
+}
+
+impl<'de, T: FromStr> Deserialize<'de> for Decimal<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Text<T>(PhantomData<T>);
+        impl<T: FromStr> Visitor<'_> for Text<T> {
+            type Value = Decimal<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number written as a string")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Decimal<T>, E> {
+                s.parse()
+                    .map(Decimal)
+                    .map_err(|_| E::invalid_value(Unexpected::Str(s), &self))
+            }
+        }
+        d.deserialize_str(Text(PhantomData))
+    }
+}
+
+/// Deserializes `T` (a struct or an internally tagged enum) from a JSON object only: serde's
+/// derived structs also accept an array of their fields in order, which mp never writes.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
+    T::deserialize(ObjectOnly(d))
+}
+
+/// [`object`] or `null` (`None`). As a `deserialize_with` it also makes the field required
+/// (serde would let a missing `Option` be `None`).
+fn nullable_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<T>, D::Error> {
+    struct Object<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            object(d).map(Object)
+        }
+    }
+    Ok(Option::<Object<T>>::deserialize(d)?.map(|o| o.0))
+}
+
+/// [`object`] for [`TrainingProgress`], which is saved through [`Progress`].
+fn progress<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<TrainingProgress, D::Error> {
+    Progress::deserialize(ObjectOnly(d))
+}
+
+/// A deserializer that reads whatever is asked of it as a map (see [`object`]).
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> std::result::Result<V::Value, D::Error> {
+        self.0.deserialize_map(v)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -998,7 +1236,17 @@ fn state_of(file: &str, st: &SafeTensors<'_>) -> Result<SavedState> {
         file: file.to_string(),
         what: format!("the training state ({KEY_STATE}) is missing"),
     })?;
-    parse_state(text).map_err(|what| Error::Invalid {
+    parse_state(file, text)
+}
+
+/// Parses and validates `mp.state`; `file` names it in errors.
+fn parse_state(file: &str, text: &str) -> Result<SavedState> {
+    let state = State::parse(text).map_err(|source| Error::State {
+        file: file.to_string(),
+        field: field_at(text, source.line(), source.column()),
+        source,
+    })?;
+    state.validate().map_err(|what| Error::Invalid {
         file: file.to_string(),
         what: format!("{KEY_STATE}: {what}"),
     })
@@ -1023,46 +1271,43 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         let mut slots = vec![];
         for (var, slot, t) in &slot_state {
             let name = format!("{SLOT_PREFIX}{var}/{slot}");
-            slots.push(json!([var, slot, name]));
+            slots.push((var.clone(), slot.to_string(), name.clone()));
             tensors.push((name, *t));
         }
-        let config: Map<String, Value> = opt
-            .config()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), float64(v)))
-            .collect();
-        let scaling = match self.optimizer() {
-            TrainOptimizer::Plain(_) => Value::Null,
-            TrainOptimizer::Scaled(s) => scaling_json(&s.scaling_state()),
-        };
-        let best = match &self.best {
-            None => Value::Null,
-            Some((m, v)) => {
-                json!({ "metric": m.metric, "mode": m.mode.name(), "value": float(*v) })
-            }
-        };
-        let state = json!({
-            "model": model_name,
-            "policy": policy.name(),
-            "progress": {
-                "epoch": progress.epoch,
-                "step": progress.step,
-                "rng_state": progress.rng_state,
+        let state = State {
+            model: model_name.to_string(),
+            policy: policy.name().to_string(),
+            progress,
+            weights: weights.iter().map(|(n, _)| n.clone()).collect(),
+            optimizer: SavedOptimizer {
+                name: opt.name().to_string(),
+                learning_rate: Decimal(opt.learning_rate()),
+                iterations: opt.iterations(),
+                config: opt
+                    .config()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Decimal(v)))
+                    .collect(),
+                slots,
             },
-            "weights": weights.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            "optimizer": {
-                "name": opt.name(),
-                "learning_rate": float(opt.learning_rate()),
-                "iterations": opt.iterations(),
-                "config": config,
-                "slots": slots,
+            loss_scaling: match self.optimizer() {
+                TrainOptimizer::Plain(_) => None,
+                TrainOptimizer::Scaled(s) => Some(SavedScaling::from(&s.scaling_state())),
             },
-            "loss_scaling": scaling,
-            "best": best,
-        });
+            best: self.best.as_ref().map(|(m, v)| SavedBest {
+                metric: m.metric.clone(),
+                mode: m.mode,
+                value: Decimal(*v),
+            }),
+        };
+        let state = serde_json::to_string(&state).map_err(|source| Error::State {
+            file: "(writing)".into(),
+            field: String::new(),
+            source,
+        })?;
         let mut metadata = BTreeMap::new();
         metadata.insert(KEY_KIND.to_string(), KIND_CHECKPOINT.to_string());
-        metadata.insert(KEY_STATE.to_string(), state.to_string());
+        metadata.insert(KEY_STATE.to_string(), state);
         seal(&tensors, metadata)
     }
 
@@ -1089,7 +1334,14 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         self.resume_from_bytes(&path.display().to_string(), &read(path)?)
     }
 
-    /// Resumes from the newest per-epoch checkpoint in `dir`, if there is one; returns its path.
+    /// Resumes from the newest per-epoch checkpoint in `dir` (the highest epoch number), if
+    /// there is one; returns its path.
+    ///
+    /// The newest file may not be this run's: files of later epochs that an earlier, longer
+    /// run left in `dir` are kept by `fit`, so after a new `fit` into that folder this resumes
+    /// the earlier run at its later epoch (see the [module
+    /// docs](crate::checkpoint#checkpoint-folders)). To start fresh, use a new folder or delete
+    /// the old one.
     pub fn resume_latest(&mut self, dir: impl AsRef<Path>) -> Result<Option<PathBuf>> {
         match latest(dir)? {
             Some(path) => {
@@ -1167,12 +1419,14 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
-            for key in ours
-                .keys()
-                .chain(saved.optimizer.config.keys())
-                .collect::<BTreeSet<_>>()
-            {
-                let (a, b) = (saved.optimizer.config.get(key), ours.get(key));
+            let theirs: BTreeMap<String, f64> = saved
+                .optimizer
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.0))
+                .collect();
+            for key in ours.keys().chain(theirs.keys()).collect::<BTreeSet<_>>() {
+                let (a, b) = (theirs.get(key), ours.get(key));
                 if a != b {
                     let show = |v: Option<&f64>| v.map_or("absent".into(), |v| format!("{v:?}"));
                     problems.push(format!(
@@ -1244,7 +1498,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         let rest = (|| -> Result<()> {
             self.optimizer_mut()
                 .inner_mut()
-                .set_learning_rate(saved.optimizer.learning_rate)?;
+                .set_learning_rate(saved.optimizer.learning_rate.0)?;
             self.model_mut().set_weights(&weights)?;
             if let (TrainOptimizer::Scaled(s), Some(state)) =
                 (self.optimizer_mut(), saved.scaling.clone())
@@ -1283,6 +1537,29 @@ mod tests {
     }
 
     #[test]
+    fn temporary_names_parse() {
+        assert_eq!(
+            temporary_of(".epoch-000007.safetensors.tmp-123-0"),
+            Some(123)
+        );
+        assert_eq!(temporary_of(".best.safetensors.tmp-9-17"), Some(9));
+        assert_eq!(temporary_of("epoch-000007.safetensors.tmp-123-0"), None);
+        assert_eq!(temporary_of(".epoch-000007.safetensors.tmp-123-"), None);
+        assert_eq!(temporary_of(".epoch-000007.safetensors.tmp-x-0"), None);
+        assert_eq!(
+            temporary_of(".notes.txt.tmp-123-0"),
+            None,
+            "not a checkpoint's"
+        );
+        assert_eq!(
+            temporary_of(".w.safetensors.tmp-123-0"),
+            None,
+            "not a folder's name"
+        );
+        assert_eq!(temporary_of("epoch-000007.safetensors"), None);
+    }
+
+    #[test]
     fn best_modes() {
         assert!(Mode::Min.improves(1.0, None));
         assert!(!Mode::Min.improves(f32::NAN, None));
@@ -1312,11 +1589,96 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"new");
     }
 
+    fn state_error(text: &str) -> String {
+        parse_state("f", text).unwrap_err().to_string()
+    }
+
+    /// The messages name the field, then serde's: the missing field, or the value and what was
+    /// expected, and the position.
     #[test]
     fn state_fields_name_their_path() {
-        let e = parse_state(r#"{"progress": {"epoch": 1, "step": -1}}"#).unwrap_err();
-        assert_eq!(e, "progress.step is not an unsigned integer");
-        let e = parse_state("[]").unwrap_err();
-        assert_eq!(e, "not a JSON object");
+        let prefix = "f holds an invalid checkpoint: mp.state: ";
+        let e = state_error(r#"{"progress": {"epoch": 1, "step": -1}}"#);
+        assert_eq!(
+            e.strip_prefix(prefix).unwrap(),
+            "progress.step: invalid value: integer `-1`, expected u64 at line 1 column 36"
+        );
+        let e = state_error(r#"{"progress": {"epoch": 1, "step": 1}}"#);
+        assert_eq!(
+            e.strip_prefix(prefix).unwrap(),
+            "progress: missing field `rng_state` at line 1 column 36"
+        );
+        let e = state_error("[]");
+        assert_eq!(
+            e.strip_prefix(prefix).unwrap(),
+            "invalid type: sequence, expected the training state (a JSON object) at line 1 \
+             column 0"
+        );
+        // Nested objects must be objects too: serde alone would take an array of the fields.
+        let e = state_error(r#"{"progress": [1, 2, 3]}"#);
+        assert!(
+            e.contains("progress: invalid type: sequence, expected the training progress"),
+            "{e}"
+        );
+        let e = state_error(
+            r#"{"progress": {"epoch": 1, "step": 1, "rng_state": 1}, "weights": ["a", 2]}"#,
+        );
+        assert!(
+            e.contains("weights.1: invalid type: integer `2`, expected a string"),
+            "{e}"
+        );
+        let e = state_error("{\n  \"progress\": {\n    \"epoch\": \"1\"\n  }\n}");
+        assert!(
+            e.contains("progress.epoch: invalid type: string \"1\", expected usize at line 3"),
+            "{e}"
+        );
+        let e = state_error(r#"{"progress": {"epoch": 1, "step": 1, "rng_state": 1},"#);
+        assert!(e.contains("EOF while parsing"), "{e}");
+    }
+
+    #[test]
+    fn field_paths_follow_keys_escapes_and_arrays() {
+        let text = r#"{"a\"}": {"b": [0, {"c": "}"}]}, "d": 1}"#;
+        let at = |needle: &str| field_at(text, 1, text.find(needle).unwrap() + needle.len());
+        assert_eq!(at(r#""a\"}""#), "a\\\"}");
+        assert_eq!(at("[0"), "a\\\"}.b.0");
+        assert_eq!(at(r#""c": "}""#), "a\\\"}.b.1.c");
+        assert_eq!(at(r#""}"}"#), "a\\\"}.b.1");
+        assert_eq!(at(r#""d": 1"#), "d");
+        assert_eq!(field_at(text, 1, 0), "");
+        assert_eq!(field_at(text, 9, 99), "", "past the end");
+    }
+
+    #[test]
+    fn floats_are_decimal_strings_that_read_back_to_the_same_bits() {
+        for v in [
+            0.001f32,
+            1e-7,
+            32768.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::NAN,
+        ] {
+            let text = serde_json::to_string(&Decimal(v)).unwrap();
+            let back: Decimal<f32> = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.0.to_bits(), v.to_bits(), "{text}");
+        }
+        assert_eq!(serde_json::to_string(&Decimal(0.9f64)).unwrap(), r#""0.9""#);
+        assert_eq!(
+            serde_json::to_string(&Decimal(1e-7f32)).unwrap(),
+            r#""1e-7""#
+        );
+        let e = serde_json::from_str::<Decimal<f32>>("0.5").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected a number written as a string"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<Decimal<f32>>(r#""half""#).unwrap_err();
+        assert!(
+            e.to_string().starts_with("invalid value: string \"half\""),
+            "{e}"
+        );
     }
 }

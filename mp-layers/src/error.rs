@@ -68,6 +68,9 @@ pub enum Error {
         /// `the model output`, or `the gradient of dense_1/kernel`.
         origin: String,
     },
+    /// A checkpoint that could not be written or read (boxed: it can hold an [`Error`] itself).
+    #[error(transparent)]
+    Checkpoint(Box<crate::checkpoint::Error>),
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

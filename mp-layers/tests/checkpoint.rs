@@ -765,3 +765,477 @@ fn io_errors_name_the_path() {
     assert!(e.contains("/nonexistent/dir"), "{e}");
     assert_eq!(checkpoint::latest("/nonexistent/dir").unwrap(), None);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A checkpoint written by an earlier mp (tests/fixtures/checkpoint-v1.safetensors)
+// ---------------------------------------------------------------------------------------------
+
+/// The fixture: a checkpoint of format version 1 written by the mp of commit 85c2235, whose
+/// `mp.state` was built by hand with `json!` (before the state derived `Serialize`). It is kept
+/// as it was written: regenerating it with a newer mp would defeat its purpose.
+const FIXTURE_V1: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/checkpoint-v1.safetensors"
+);
+
+#[model]
+struct Small {
+    hidden: Dense,
+    logits: Dense,
+    #[dtype = "float32"]
+    probs: Softmax,
+}
+
+/// Dense(8, relu) -> Dense(3) -> float32 softmax under `mixed_float16`, with Adam and a dynamic
+/// loss scale that starts far too high for float16 and tries to grow every 3 good steps, so the
+/// saved scale, its good-step count and the skip counts all moved.
+fn small_trainer() -> Trainer<Small<MixedFloat16>, Adam> {
+    let model = Small {
+        hidden: Dense::new(8).relu(),
+        logits: Dense::new(3),
+        probs: Softmax::new(),
+    };
+    Trainer::compile(model, Adam::default(), SparseCategoricalCrossentropy::new()).with_loss_scale(
+        Some(LossScale::Dynamic(
+            DynamicLossScale::new(1_048_576.0, 3, 2.0).unwrap(),
+        )),
+    )
+}
+
+/// 32 samples of 4 features, 3 classes: the class is the largest of three linear scores.
+fn small_data() -> (Array2<f32>, Array1<u32>) {
+    let mut rng = Rng::new(2024);
+    let x = Array2::from_shape_fn((32, 4), |_| rng.uniform(-1.0, 1.0));
+    let y = Array1::from_shape_fn(32, |i| {
+        let r = x.row(i);
+        let scores = [r[0] + r[1], r[2] - r[0], r[3] - r[1]];
+        (0..3)
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap() as u32
+    });
+    (x, y)
+}
+
+fn small_options(epochs: usize) -> FitOptions {
+    FitOptions {
+        batch_size: 8,
+        epochs,
+        validation_split: 0.25,
+        seed: 77,
+        verbose: Verbose::Silent,
+        ..Default::default()
+    }
+}
+
+/// FNV-1a over names and bits: one number for a list of tensors.
+fn fnv(items: impl IntoIterator<Item = (String, Vec<u32>)>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut put = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (name, bits) in items {
+        put(name.as_bytes());
+        for b in bits {
+            put(&b.to_le_bytes());
+        }
+    }
+    h
+}
+
+/// What the fixture holds, as the numbers the tests compare.
+#[derive(Debug, PartialEq)]
+struct Digest {
+    weights: u64,
+    slots: u64,
+    iterations: u64,
+    learning_rate: u32,
+    /// Scale bits, good steps, applied, skipped, skips at the floor, their limit.
+    scaling: (u32, u64, u64, u64, u64, u64),
+    progress: TrainingProgress,
+    best: Option<(BestMetric, u32)>,
+}
+
+fn digest(s: &Snapshot) -> Digest {
+    let scaling = s.scaling.as_ref().unwrap();
+    let LossScale::Dynamic(d) = &scaling.loss_scale else {
+        panic!("a dynamic loss scale")
+    };
+    Digest {
+        weights: fnv(s.weights.iter().cloned()),
+        slots: fnv(s
+            .slots
+            .iter()
+            .map(|(v, slot, b)| (format!("{v}/{slot}"), b.clone()))),
+        iterations: s.iterations,
+        learning_rate: s.learning_rate,
+        scaling: (
+            d.scale().to_bits(),
+            d.good_steps(),
+            scaling.applied,
+            scaling.skipped,
+            scaling.skips_at_floor,
+            scaling.max_skips_at_floor,
+        ),
+        progress: s.progress,
+        best: s.best.clone(),
+    }
+}
+
+/// Writes a fixture to `$MP_WRITE_CHECKPOINT_FIXTURE` and prints what the tests below expect of
+/// it: `MP_WRITE_CHECKPOINT_FIXTURE=<path> cargo test -p mp-layers --test checkpoint --
+/// --ignored write_checkpoint_fixture --nocapture`. This is how the mp of commit 85c2235 wrote
+/// the v1 fixture; a later mp writes its own format with it, for a new version's fixture, never
+/// over the v1 file.
+#[test]
+#[ignore = "writes a checkpoint fixture to $MP_WRITE_CHECKPOINT_FIXTURE"]
+fn write_checkpoint_fixture() {
+    let Some(out) = std::env::var_os("MP_WRITE_CHECKPOINT_FIXTURE") else {
+        return;
+    };
+    let (x, y) = small_data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = small_trainer().with_checkpoints(
+        CheckpointConfig::new(dir.path())
+            .keep_last(0)
+            .best(BestMetric::min("val_loss")),
+    );
+    t.fit(x.view(), y.view(), &small_options(2)).unwrap();
+    t.save_checkpoint(&out).unwrap();
+    println!("saved: {:#?}", digest(&snapshot(&mut t)));
+    println!("scaling: {:?}", snapshot(&mut t).scaling);
+    // The reference continuation: the same trainer, never interrupted, one more epoch.
+    let h = t.fit(x.view(), y.view(), &small_options(1)).unwrap();
+    println!("continued: {:#?}", digest(&snapshot(&mut t)));
+    println!("continued logs: {:?}", logs_bits(&h.epochs[0]));
+}
+
+/// What the fixture holds (printed by [`write_checkpoint_fixture`] when it was written).
+fn fixture_digest() -> Digest {
+    Digest {
+        weights: 8_002_722_175_401_597_975,
+        slots: 8_092_067_555_275_910_595,
+        iterations: 4,
+        learning_rate: 0.001f32.to_bits(),
+        // 2^19 after two overflows from 2^20, one good step since; 4 applied, 2 skipped.
+        scaling: (524_288.0f32.to_bits(), 1, 4, 2, 0, 20),
+        progress: TrainingProgress {
+            epoch: 2,
+            step: 6,
+            rng_state: 7_924_047_624_999_685_139,
+        },
+        best: Some((BestMetric::min("val_loss"), 0.947_987_2f32.to_bits())),
+    }
+}
+
+/// One more epoch of the run that wrote the fixture, never interrupted (as printed then).
+fn continued_digest() -> Digest {
+    Digest {
+        weights: 13_538_821_786_529_116_037,
+        slots: 18_424_187_404_925_938_252,
+        iterations: 6,
+        learning_rate: 0.001f32.to_bits(),
+        scaling: (524_288.0f32.to_bits(), 0, 6, 3, 0, 20),
+        progress: TrainingProgress {
+            epoch: 3,
+            step: 9,
+            rng_state: 11_886_071_437_499_527_670,
+        },
+        best: Some((BestMetric::min("val_loss"), 1_064_423_541)),
+    }
+}
+
+/// A trainer for the fixture that tracks the best `val_loss` as the run that wrote it did.
+fn small_resumable(dir: &Path) -> Trainer<Small<MixedFloat16>, Adam> {
+    let mut t = small_trainer().with_checkpoints(
+        CheckpointConfig::new(dir)
+            .keep_last(0)
+            .best(BestMetric::min("val_loss")),
+    );
+    t.model_mut().build(&[4]).unwrap();
+    t
+}
+
+#[test]
+fn a_checkpoint_written_before_the_serde_state_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = small_resumable(dir.path());
+    t.resume(FIXTURE_V1).unwrap();
+    let loaded = snapshot(&mut t);
+    assert_eq!(digest(&loaded), fixture_digest());
+    let LossScale::Dynamic(d) = &loaded.scaling.as_ref().unwrap().loss_scale else {
+        panic!("dynamic")
+    };
+    assert_eq!(
+        (
+            d.config().initial_scale,
+            d.config().growth_interval,
+            d.config().multiplier,
+            d.config().min_scale
+        ),
+        (1_048_576.0, 3, 2.0, 1.0),
+        "the whole loss-scale configuration"
+    );
+    // Written back, it is the same file in meaning: the same tensors, and the same JSON state
+    // (the same field names and nesting, floats as the same strings) in another key order.
+    let fixture = std::fs::read(FIXTURE_V1).unwrap();
+    let again = t.checkpoint_bytes().unwrap();
+    let (old, new) = (
+        SafeTensors::parse("fixture", &fixture).unwrap(),
+        SafeTensors::parse("again", &again).unwrap(),
+    );
+    let tensors = |st: &SafeTensors<'_>| -> Vec<_> {
+        st.tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dtype.clone(),
+                    t.shape.clone(),
+                    st.data(t).to_vec(),
+                )
+            })
+            .collect()
+    };
+    assert!(tensors(&old) == tensors(&new), "the tensors differ");
+    let json = |st: &SafeTensors<'_>| -> serde_json::Value {
+        serde_json::from_str(&st.metadata["mp.state"]).unwrap()
+    };
+    assert_eq!(json(&new), json(&old));
+    let others = |st: &SafeTensors<'_>| {
+        let mut m = st.metadata.clone();
+        m.remove("mp.state");
+        m.remove(KEY_SHA256);
+        m
+    };
+    assert_eq!(others(&new), others(&old));
+
+    // Training continues exactly: from the fixture, and from the file re-saved by this mp.
+    let (x, y) = small_data();
+    let h = t.fit(x.view(), y.view(), &small_options(1)).unwrap();
+    let mut u = small_resumable(dir.path());
+    u.resume_from_bytes("again", &again).unwrap();
+    let hu = u.fit(x.view(), y.view(), &small_options(1)).unwrap();
+    assert_eq!(logs_bits(&h.epochs[0]), logs_bits(&hu.epochs[0]));
+    let end = snapshot(&mut t);
+    assert_eq!(snapshot(&mut u), end);
+    // And as the uninterrupted run that wrote the fixture did. These bits depend on the GEMM
+    // path (every FMA path, AVX2 or AVX-512, gives the same ones; the portable one may not) and
+    // pin training's numerics as of the fixture: if those change on purpose, take the new
+    // numbers from this assertion's message (the fixture itself stays as it is).
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") && std::env::var_os("MP_GEMM_PATH").is_none() {
+        assert_eq!(
+            digest(&end),
+            continued_digest(),
+            "the continuation from the fixture"
+        );
+        assert_eq!(
+            logs_bits(&h.epochs[0]),
+            (
+                2,
+                1_065_241_947,
+                1_059_061_760,
+                Some(1_064_423_541),
+                Some(1_061_158_912),
+                Some(524_288.0f32.to_bits()),
+                1
+            )
+        );
+    }
+}
+
+#[test]
+fn the_fixture_with_a_newer_format_version_is_refused_by_name() {
+    let fixture = std::fs::read(FIXTURE_V1).unwrap();
+    let newer = reseal(&fixture, |m, _| {
+        m.insert(KEY_VERSION.into(), "2".into());
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = small_resumable(dir.path());
+    let before = snapshot(&mut t);
+    let e = t.resume_from_bytes("v2.safetensors", &newer).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CkptError::NewerVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "v2.safetensors has checkpoint format version 2, newer than the newest this version of \
+         mp reads (1): load it with a newer mp"
+    );
+    assert_eq!(snapshot(&mut t), before, "a refused file changes nothing");
+    let e = checkpoint::load_weights_from_bytes(t.model_mut(), "v2", &newer).unwrap_err();
+    assert!(matches!(e, CkptError::NewerVersion { found: 2, .. }), "{e}");
+}
+
+#[test]
+fn errors_keep_their_cause() {
+    use std::error::Error as _;
+    let mut t = trained_trainer();
+    let dir = tempfile::tempdir().unwrap();
+    let cause = |e: &CkptError| -> std::io::ErrorKind {
+        e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .unwrap_or_else(|| panic!("no io::Error behind {e}"))
+            .kind()
+    };
+    // A missing directory.
+    let e = t
+        .save_checkpoint(dir.path().join("missing/c.safetensors"))
+        .unwrap_err();
+    let CkptError::Io { op, path, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(*op, "creating");
+    assert!(path.starts_with(dir.path().join("missing")), "{e}");
+    assert!(e.to_string().contains("creating "), "{e}");
+    assert!(e.to_string().contains("missing/.c.safetensors.tmp-"), "{e}");
+    assert_eq!(cause(&e), std::io::ErrorKind::NotFound);
+    // A file where a directory should be.
+    std::fs::write(dir.path().join("file"), b"x").unwrap();
+    let e = t
+        .save_checkpoint(dir.path().join("file/c.safetensors"))
+        .unwrap_err();
+    assert!(e.to_string().contains("file/.c.safetensors.tmp-"), "{e}");
+    assert_eq!(cause(&e), std::io::ErrorKind::NotADirectory);
+    // Reading a missing file.
+    let e = t.resume(dir.path().join("none.safetensors")).unwrap_err();
+    assert_eq!(cause(&e), std::io::ErrorKind::NotFound);
+    // A read-only directory (where the permission holds: not for root).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        if std::fs::write(ro.join("probe"), b"").is_err() {
+            let e = t.save_checkpoint(ro.join("c.safetensors")).unwrap_err();
+            assert!(e.to_string().contains("creating "), "{e}");
+            assert_eq!(cause(&e), std::io::ErrorKind::PermissionDenied);
+        }
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // A header that is not JSON, and a training state that does not parse, keep serde's error.
+    let header = br#"{"a":1,}"#;
+    let file = [&(header.len() as u64).to_le_bytes()[..], header].concat();
+    let e = t.resume_from_bytes("h", &file).unwrap_err();
+    assert!(matches!(e, CkptError::Header { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("h is not a valid safetensors file: the header is not valid JSON ("),
+        "{e}"
+    );
+    let json = e
+        .source()
+        .and_then(|s| s.downcast_ref::<serde_json::Error>())
+        .unwrap();
+    assert!(json.is_syntax(), "{json}");
+    let good = t.checkpoint_bytes().unwrap();
+    let bad = reseal(&good, |m, _| {
+        let s = m.get_mut("mp.state").unwrap();
+        *s = s.replace("\"iterations\":", "\"iterations\":-");
+    });
+    let e = t.resume_from_bytes("bad", &bad).unwrap_err();
+    assert!(matches!(e, CkptError::State { .. }), "{e}");
+    assert!(
+        e.to_string().starts_with(
+            "bad holds an invalid checkpoint: mp.state: optimizer.iterations: invalid value: \
+             integer `-"
+        ),
+        "{e}"
+    );
+    let json = e
+        .source()
+        .and_then(|s| s.downcast_ref::<serde_json::Error>())
+        .unwrap();
+    assert!(json.is_data(), "{json}");
+}
+
+#[test]
+fn fit_removes_the_temporary_files_of_dead_writers() {
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    // A process that has exited: its id is no longer running.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--list")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let own = std::process::id();
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 60 * 60);
+    let put = |name: String, old: bool| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, b"half a checkpoint").unwrap();
+        if old {
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(two_hours_ago).unwrap();
+        }
+        path
+    };
+    let dead_epoch = put(format!(".epoch-000001.safetensors.tmp-{dead}-0"), true);
+    let dead_best = put(format!(".best.safetensors.tmp-{dead}-3"), true);
+    let dead_fresh = put(format!(".epoch-000001.safetensors.tmp-{dead}-1"), false);
+    let ours = put(format!(".epoch-000001.safetensors.tmp-{own}-999"), true);
+    let init = put(".epoch-000001.safetensors.tmp-1-0".into(), true);
+    let other = put(format!(".notes.txt.tmp-{dead}-0"), true);
+
+    let (x, y) = spirals(16, 3);
+    let mut t = Trainer::compile(
+        classifier::<Float32>(4),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    )
+    .with_checkpoints(CheckpointConfig::new(dir.path()));
+    t.fit(x.view(), y.view(), &options(1)).unwrap();
+
+    assert!(
+        !dead_epoch.exists() && !dead_best.exists(),
+        "dead writers' files"
+    );
+    assert!(dead_fresh.exists(), "touched within the last minute: kept");
+    assert!(ours.exists(), "this process's own: kept");
+    assert!(other.exists(), "not a checkpoint's temporary file: kept");
+    // Process 1 runs: on Linux its file is kept; elsewhere only the age can tell.
+    assert_eq!(init.exists(), cfg!(target_os = "linux"));
+    assert!(CheckpointConfig::new(dir.path()).epoch_path(1).exists());
+}
+
+/// A checkpoint that `fit` cannot write stops it with an error whose `source()` chain reaches
+/// the I/O error, through `mp_layers::Error::Checkpoint`.
+#[test]
+fn fit_reports_a_failed_checkpoint_with_its_cause() {
+    use std::error::Error as _;
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the checkpoint folder should be.
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, b"x").unwrap();
+    let (x, y) = spirals(32, 5);
+    let mut t = Trainer::compile(
+        classifier::<MixedFloat16>(8),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    )
+    .with_checkpoints(CheckpointConfig::new(&blocked));
+    let e = t.fit(x.view(), y.view(), &options(1)).unwrap_err();
+    assert!(matches!(e, mp_layers::Error::Checkpoint(_)), "{e:?}");
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
+    let mut io = None;
+    while let Some(c) = cause {
+        if let Some(found) = c.downcast_ref::<std::io::Error>() {
+            io = Some(found.kind());
+        }
+        cause = c.source();
+    }
+    assert!(io.is_some(), "no io::Error in the chain of {e}");
+}

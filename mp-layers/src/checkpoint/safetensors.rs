@@ -102,8 +102,10 @@ impl<'a> SafeTensors<'a> {
                 "the header does not start with '{': not a safetensors file".into(),
             ));
         }
-        let value: Value = serde_json::from_str(header)
-            .map_err(|e| bad(format!("the header is not valid JSON ({e})")))?;
+        let value: Value = serde_json::from_str(header).map_err(|source| Error::Header {
+            file: file.to_string(),
+            source,
+        })?;
         // Readers disagree on which of two equal keys wins: a file with one means different
         // things to different tools, so it is refused.
         if let Some(key) = duplicate_key(header) {
