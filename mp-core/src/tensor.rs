@@ -206,11 +206,12 @@ impl<E: Element> Clone for Storage<E> {
 /// Host storage is shared copy-on-write: `clone` is O(1) (a layer can keep its input for
 /// backward without copying it), and the first write to a shared buffer copies it.
 ///
-/// ```
-/// use mp_core::{Tensor, F32, BF16};
+/// Casts between dtypes are kernels: `mp_kernels::ops::cast`.
 ///
-/// let x = Tensor::<F32>::from_vec(&[2, 2], vec![1.0, 2.5, -3.0, 1e-3])?;
-/// let y: Tensor<BF16> = x.cast()?;
+/// ```
+/// use mp_core::{Tensor, BF16};
+///
+/// let y = Tensor::<BF16>::from_f32(&[2, 2], &[1.0, 2.5, -3.0, 1e-3])?; // rounded once
 /// assert_eq!(y.shape(), &[2, 2]);
 /// assert_eq!(y.to_f32_vec()?, vec![1.0, 2.5, -3.0, 0.0009994507]);
 /// # Ok::<(), mp_core::Error>(())
@@ -512,32 +513,6 @@ impl<D: DTypeKind> Tensor<D> {
         Ok(self)
     }
 
-    /// A copy converted to dtype `D2`, each element rounded to nearest even; NaN and infinities
-    /// are kept. (This is the simple reference path; mp-kernels has the vectorised casts the
-    /// layers use.)
-    pub fn cast<D2: DTypeKind>(&self) -> Result<Tensor<D2>> {
-        let mut out = Tensor::<D2>::for_overwrite(&self.shape)?;
-        self.cast_into(&mut out)?;
-        Ok(out)
-    }
-
-    /// Converts into an existing tensor of the same shape (reusing its buffer).
-    pub fn cast_into<D2: DTypeKind>(&self, out: &mut Tensor<D2>) -> Result<()> {
-        if out.shape != self.shape {
-            return Err(Error::ShapeMismatch {
-                op: "cast_into",
-                expected: self.shape.clone(),
-                got: out.shape.clone(),
-            });
-        }
-        let src = self.as_slice()?;
-        let dst = out.as_mut_slice()?;
-        for (o, &x) in dst.iter_mut().zip(src) {
-            *o = <D2::Elem as Element>::from_f32(x.to_f32());
-        }
-        Ok(())
-    }
-
     /// A copy on `device` (a clone when it is already there).
     pub fn to_device(&self, device: Device) -> Result<Self> {
         match (&self.storage, device) {
@@ -645,19 +620,17 @@ mod tests {
             ],
         )
         .unwrap();
-        let h: Tensor<F16> = x.cast().unwrap();
+        let h = Tensor::<F16>::from_f32(x.shape(), &x.to_f32_vec().unwrap()).unwrap();
         let v = h.to_f32_vec().unwrap();
         assert_eq!(v[0], 1.0);
         assert!(v[1].is_infinite());
         assert!(v[2].is_nan());
         assert_eq!(v[3], f32::NEG_INFINITY);
         assert_eq!(v[4], 0.0);
-        let b: Tensor<BF16> = x.cast().unwrap();
+        let b = Tensor::<BF16>::from_f32(x.shape(), &x.to_f32_vec().unwrap()).unwrap();
         let v = b.to_f32_vec().unwrap();
         assert_eq!(v[1], 65536.0);
         assert!(v[4] > 0.0);
-        let mut wrong = Tensor::<BF16>::zeros(&[4]).unwrap();
-        assert!(x.cast_into(&mut wrong).is_err());
     }
 
     #[test]

@@ -49,6 +49,17 @@ pub enum Error {
         /// What the driver or library reported.
         what: String,
     },
+    /// A CUDA driver call that failed (only with the `cuda` feature), with the driver's error as
+    /// its source.
+    #[cfg(feature = "cuda")]
+    #[error("cuda driver error in {op}: {source}")]
+    Driver {
+        /// The kernel or call.
+        op: &'static str,
+        /// What the driver returned.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

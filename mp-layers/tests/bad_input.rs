@@ -209,3 +209,74 @@ fn a_layer_too_large_to_allocate_is_an_error_naming_it() {
     let err = m.build(&[784]).unwrap_err().to_string();
     assert!(err.contains("hidden"), "{err}");
 }
+
+/// A layer whose variable visit fails: the error reaches an optimizer's caller whole, as the
+/// `source()` of `mp_optim::Error::Variables`, not as a string.
+#[derive(Debug)]
+struct BrokenVisit;
+
+impl Layer for BrokenVisit {
+    type Policy = Float32;
+    type Output = mp_core::F32;
+    fn type_name(&self) -> &'static str {
+        "BrokenVisit"
+    }
+    fn name(&self) -> &str {
+        "broken"
+    }
+    fn set_name(&mut self, _: &str) {}
+    fn build(&mut self, input_shape: &[usize]) -> mp_layers::Result<Vec<usize>> {
+        Ok(input_shape.to_vec())
+    }
+    fn output_shape(&self) -> Option<&[usize]> {
+        None
+    }
+    fn forward(&self, x: &Tensor<mp_core::F32>) -> mp_layers::Result<Tensor<mp_core::F32>> {
+        Ok(x.clone())
+    }
+    fn forward_train(
+        &mut self,
+        x: &Tensor<mp_core::F32>,
+    ) -> mp_layers::Result<Tensor<mp_core::F32>> {
+        Ok(x.clone())
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<mp_core::F32>,
+        _: bool,
+    ) -> mp_layers::Result<Option<Tensor<mp_core::F32>>> {
+        Ok(Some(dy.clone()))
+    }
+    fn visit_variables(
+        &mut self,
+        _: &str,
+        _: &mut dyn FnMut(&str, &mut mp_core::Variable) -> mp_layers::Result<()>,
+    ) -> mp_layers::Result<()> {
+        Err(Error::NotBuilt {
+            layer: "broken".into(),
+        })
+    }
+    fn saved_bytes(&self) -> usize {
+        0
+    }
+    fn param_count(&self) -> usize {
+        0
+    }
+}
+
+#[test]
+fn an_error_inside_the_variable_visit_keeps_its_cause() {
+    use mp_optim::Optimizer as _;
+    use std::error::Error as _;
+    let mut layer = BrokenVisit;
+    let mut opt = Adam::new(1e-3).unwrap();
+    let err = opt
+        .apply_gradients(&mut mp_layers::ModelVars(&mut layer))
+        .unwrap_err();
+    assert!(matches!(err, mp_optim::Error::Variables(_)), "{err:?}");
+    let source = err.source().expect("a source");
+    let layer_err = source
+        .downcast_ref::<Error>()
+        .expect("the layer's own error");
+    assert!(matches!(layer_err, Error::NotBuilt { .. }), "{layer_err:?}");
+}

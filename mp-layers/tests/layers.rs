@@ -211,9 +211,12 @@ fn mixed_matches_float32<P: PolicyKind>() {
     mixed.build(&[inp]).unwrap();
     reference.forward_train(&x).unwrap();
     let dx_ref = reference.backward(&dy, true).unwrap().unwrap();
-    let xc: Tensor<P::Compute> = x.cast().unwrap();
+    let xc: Tensor<P::Compute> = mp_kernels::ops::cast(&x).unwrap();
     mixed.forward_train(&xc).unwrap();
-    let dx_mixed = mixed.backward(&dy.cast().unwrap(), true).unwrap().unwrap();
+    let dx_mixed = mixed
+        .backward(&mp_kernels::ops::cast(&dy).unwrap(), true)
+        .unwrap()
+        .unwrap();
     let rel = |a: &[f32], b: &[f32]| {
         let num: f64 = a
             .iter()

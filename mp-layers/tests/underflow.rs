@@ -24,7 +24,7 @@ fn data(rng: &mut Rng, n: usize) -> (Tensor<F16>, Vec<u32>) {
         y.push(label);
     }
     (
-        Tensor::<F32>::from_vec(&[n, 2], x).unwrap().cast().unwrap(),
+        mp_kernels::ops::cast(&Tensor::<F32>::from_vec(&[n, 2], x).unwrap()).unwrap(),
         y,
     )
 }

@@ -35,6 +35,10 @@ pub enum Error {
         /// The first variable whose gradient was non-finite in the last step.
         variable: String,
     },
+    /// An error raised while visiting the variables, by whatever holds them (a model's layer, say),
+    /// kept whole so `source()` reaches it.
+    #[error("visiting the variables failed: {0}")]
+    Variables(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

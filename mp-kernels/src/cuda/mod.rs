@@ -70,12 +70,9 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// Maps a driver error to [`Error::Cuda`].
+/// Maps a driver error to [`Error::Driver`], keeping it as the source.
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda {
-        op,
-        what: e.to_string(),
-    }
+    move |source| Error::Driver { op, source }
 }
 
 impl Gpu {
@@ -266,5 +263,24 @@ impl Gpu {
             }
             .into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver error keeps its cause: `source()` is the driver's own error.
+    #[test]
+    fn driver_errors_keep_their_source() {
+        use std::error::Error as _;
+        let raw = cudarc::driver::DriverError(
+            cudarc::driver::sys::cudaError_enum::CUDA_ERROR_INVALID_VALUE,
+        );
+        let e = driver_err("cast")(raw);
+        // (Formatting a DriverError asks the driver for its text, so it is not printed here.)
+        assert!(matches!(e, Error::Driver { op: "cast", .. }));
+        let src = e.source().expect("a source");
+        assert!(src.downcast_ref::<cudarc::driver::DriverError>().is_some());
     }
 }

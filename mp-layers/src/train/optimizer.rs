@@ -16,23 +16,15 @@ impl<M: Layer> VariableSet for ModelVars<'_, M> {
         &mut self,
         f: &mut dyn FnMut(&str, &mut Variable) -> mp_optim::Result<()>,
     ) -> mp_optim::Result<()> {
-        let mut inner: Option<mp_optim::Error> = None;
-        let visited = self.0.visit_variables("", &mut |name, v| match f(name, v) {
+        // The optimizer's own error travels through the model's visit as itself and comes out
+        // unchanged; a model's error is kept whole as the source.
+        match self
+            .0
+            .visit_variables("", &mut |name, v| f(name, v).map_err(Error::Optim))
+        {
             Ok(()) => Ok(()),
-            Err(e) => {
-                inner = Some(e);
-                Err(Error::InvalidState {
-                    layer: name.to_string(),
-                    what: "optimizer".into(),
-                })
-            }
-        });
-        match (inner, visited) {
-            (Some(e), _) => Err(e),
-            (None, Ok(())) => Ok(()),
-            (None, Err(e)) => Err(mp_optim::Error::Core(mp_core::Error::InvalidArgument {
-                what: e.to_string(),
-            })),
+            Err(Error::Optim(e)) => Err(e),
+            Err(other) => Err(mp_optim::Error::Variables(Box::new(other))),
         }
     }
 }
