@@ -32,4 +32,6 @@ pub use error::{Error, Result};
 pub use loss_scale_optimizer::{
     DEFAULT_MAX_SKIPS_AT_FLOOR, GradientCheck, LossScaleOptimizer, ScalingState, StepOutcome,
 };
-pub use optimizer::{Adam, Optimizer, RmsProp, Sgd, VariableSet};
+pub use optimizer::{
+    Adam, AdamRule, Optim, Optimizer, RmsProp, RmsPropRule, Sgd, SgdRule, UpdateRule, VariableSet,
+};

@@ -286,40 +286,140 @@ pub(crate) fn check_epsilon(optimizer: &'static str, v: f32) -> Result<f32> {
     }
 }
 
-/// Stochastic gradient descent with optional (Nesterov) momentum, as Keras's `SGD`.
-///
-/// Without momentum `w -= lr * g`; with it `m = momentum * m - lr * g`, then `w += m`
-/// (Nesterov: `w += momentum * m - lr * g`).
+/// The per-rule part of an optimizer (burn's `SimpleOptimizer`): its name, the slots it keeps
+/// per variable, its hyperparameters and one variable's update. [`Optim`] does what every
+/// optimizer shares: the learning rate, the step count, the slots (created at the first step,
+/// checked at every later one, saved and restored).
+pub trait UpdateRule: Clone + std::fmt::Debug + Send {
+    /// The Keras name (`SGD`, `RMSprop`, `Adam`).
+    const NAME: &'static str;
+
+    /// The slots each variable keeps, in order (they may depend on the configuration).
+    fn slots(&self) -> &'static [&'static str];
+
+    /// The hyperparameters other than the learning rate, as `(name, value)`.
+    fn config(&self) -> Vec<(&'static str, f64)>;
+
+    /// One variable's update at step `t` (counted from 1) with learning rate `lr`; `slots` are
+    /// the variable's buffers in [`UpdateRule::slots`] order.
+    fn update(
+        &self,
+        lr: f32,
+        t: u64,
+        var: &mut Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &mut [Tensor<F32>],
+    ) -> Result<()>;
+}
+
+/// An optimizer made of an [`UpdateRule`]: [`Sgd`], [`RmsProp`] and [`Adam`] are this with
+/// their rules.
 #[derive(Debug, Clone)]
-pub struct Sgd {
+pub struct Optim<R: UpdateRule> {
+    rule: R,
     learning_rate: f32,
-    momentum: f32,
-    nesterov: bool,
     iterations: u64,
     slots: Slots,
 }
 
-impl Sgd {
-    /// SGD with learning rate `learning_rate` and no momentum.
-    pub fn new(learning_rate: f32) -> Result<Self> {
-        Ok(Sgd {
-            learning_rate: check_rate("SGD", "learning_rate", learning_rate)?,
-            momentum: 0.0,
-            nesterov: false,
+impl<R: UpdateRule> Optim<R> {
+    /// `rule` with learning rate `learning_rate` (finite and non-negative).
+    pub fn with_rule(rule: R, learning_rate: f32) -> Result<Self> {
+        Ok(Optim {
+            rule,
+            learning_rate: check_rate(R::NAME, "learning_rate", learning_rate)?,
             iterations: 0,
             slots: Slots::default(),
         })
     }
 
+    /// The update rule and its hyperparameters.
+    pub fn rule(&self) -> &R {
+        &self.rule
+    }
+}
+
+impl<R: UpdateRule> Optimizer for Optim<R> {
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+    fn learning_rate(&self) -> f32 {
+        self.learning_rate
+    }
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        self.learning_rate = check_rate(R::NAME, "learning_rate", learning_rate)?;
+        Ok(())
+    }
+    fn iterations(&self) -> u64 {
+        self.iterations
+    }
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
+        let slots = self.rule.slots();
+        self.slots.prepare(R::NAME, slots.len(), vars)?;
+        let (rule, lr, t) = (&self.rule, self.learning_rate, self.iterations + 1);
+        self.slots.update(vars, &mut |w, g, state| {
+            if state.len() != slots.len() {
+                return Err(Error::StateMismatch {
+                    optimizer: R::NAME,
+                    what: format!("expected the slots {slots:?}, found {}", state.len()),
+                });
+            }
+            rule.update(lr, t, w, g, state)
+        })?;
+        self.iterations += 1;
+        Ok(())
+    }
+    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
+        self.slots.state(self.rule.slots())
+    }
+    fn config(&self) -> Vec<(&'static str, f64)> {
+        self.rule.config()
+    }
+    fn load_state(
+        &mut self,
+        iterations: u64,
+        state: Vec<(String, String, Tensor<F32>)>,
+    ) -> Result<()> {
+        self.slots = Slots::from_saved(R::NAME, self.rule.slots(), iterations, state)?;
+        self.iterations = iterations;
+        Ok(())
+    }
+}
+
+/// Stochastic gradient descent with optional (Nesterov) momentum, as Keras's `SGD`.
+///
+/// Without momentum `w -= lr * g`; with it `m = momentum * m - lr * g`, then `w += m`
+/// (Nesterov: `w += momentum * m - lr * g`).
+pub type Sgd = Optim<SgdRule>;
+
+/// The rule of [`Sgd`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SgdRule {
+    momentum: f32,
+    nesterov: bool,
+}
+
+impl Sgd {
+    /// SGD with learning rate `learning_rate` and no momentum.
+    pub fn new(learning_rate: f32) -> Result<Self> {
+        Optim::with_rule(
+            SgdRule {
+                momentum: 0.0,
+                nesterov: false,
+            },
+            learning_rate,
+        )
+    }
+
     /// Sets the momentum (in [0, 1)).
     pub fn with_momentum(mut self, momentum: f32) -> Result<Self> {
-        self.momentum = check_unit("SGD", "momentum", momentum as f64, false)? as f32;
+        self.rule.momentum = check_unit("SGD", "momentum", momentum as f64, false)? as f32;
         Ok(self)
     }
 
     /// Uses Nesterov momentum.
     pub fn with_nesterov(mut self, nesterov: bool) -> Self {
-        self.nesterov = nesterov;
+        self.rule.nesterov = nesterov;
         self
     }
 }
@@ -331,39 +431,14 @@ impl Default for Sgd {
     }
 }
 
-impl Optimizer for Sgd {
-    fn name(&self) -> &'static str {
-        "SGD"
-    }
-    fn learning_rate(&self) -> f32 {
-        self.learning_rate
-    }
-    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
-        self.learning_rate = check_rate("SGD", "learning_rate", learning_rate)?;
-        Ok(())
-    }
-    fn iterations(&self) -> u64 {
-        self.iterations
-    }
-    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
-        let with_momentum = self.momentum > 0.0;
-        self.slots
-            .prepare("SGD", usize::from(with_momentum), vars)?;
-        let (lr, momentum, nesterov) = (self.learning_rate, self.momentum, self.nesterov);
-        self.slots.update(vars, &mut |w, g, state| {
-            let p = mp_kernels::optim::SgdParams {
-                lr,
-                momentum,
-                nesterov,
-            };
-            ops::sgd_update(w, g, state.first_mut(), p, None)?;
-            Ok(())
-        })?;
-        self.iterations += 1;
-        Ok(())
-    }
-    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
-        self.slots.state(&["momentum"])
+impl UpdateRule for SgdRule {
+    const NAME: &'static str = "SGD";
+    fn slots(&self) -> &'static [&'static str] {
+        if self.momentum > 0.0 {
+            &["momentum"]
+        } else {
+            &[]
+        }
     }
     fn config(&self) -> Vec<(&'static str, f64)> {
         vec![
@@ -371,64 +446,65 @@ impl Optimizer for Sgd {
             ("nesterov", f64::from(u8::from(self.nesterov))),
         ]
     }
-    fn load_state(
-        &mut self,
-        iterations: u64,
-        state: Vec<(String, String, Tensor<F32>)>,
+    fn update(
+        &self,
+        lr: f32,
+        _t: u64,
+        var: &mut Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &mut [Tensor<F32>],
     ) -> Result<()> {
-        let expected: &[&'static str] = if self.momentum > 0.0 {
-            &["momentum"]
-        } else {
-            &[]
+        let p = mp_kernels::optim::SgdParams {
+            lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
         };
-        self.slots = Slots::from_saved("SGD", expected, iterations, state)?;
-        self.iterations = iterations;
-        Ok(())
+        Ok(ops::sgd_update(var, grad, slots.first_mut(), p, None)?)
     }
 }
 
 /// RMSprop as Keras's (not centered): `v = rho * v + (1 - rho) * g²`,
 /// `inc = lr * g / sqrt(v + epsilon)` (epsilon inside the square root, as Keras), then
 /// `w -= inc`, or with momentum `mom = momentum * mom + inc; w -= mom`.
-#[derive(Debug, Clone)]
-pub struct RmsProp {
-    learning_rate: f32,
+pub type RmsProp = Optim<RmsPropRule>;
+
+/// The rule of [`RmsProp`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RmsPropRule {
     /// Kept as the float64 the user gave, so `1 - rho` is computed before rounding (as Keras).
     rho: f64,
     momentum: f32,
     epsilon: f32,
-    iterations: u64,
-    slots: Slots,
 }
 
 impl RmsProp {
     /// RMSprop with the Keras defaults and learning rate `learning_rate`.
     pub fn new(learning_rate: f32) -> Result<Self> {
-        Ok(RmsProp {
-            learning_rate: check_rate("RMSprop", "learning_rate", learning_rate)?,
-            rho: 0.9,
-            momentum: 0.0,
-            epsilon: 1e-7,
-            iterations: 0,
-            slots: Slots::default(),
-        })
+        Optim::with_rule(
+            RmsPropRule {
+                rho: 0.9,
+                momentum: 0.0,
+                epsilon: 1e-7,
+            },
+            learning_rate,
+        )
     }
 
     /// Sets rho, the decay of the squared-gradient average (in [0, 1)).
     pub fn with_rho(mut self, rho: f64) -> Result<Self> {
-        self.rho = check_unit("RMSprop", "rho", rho, false)?;
+        self.rule.rho = check_unit("RMSprop", "rho", rho, false)?;
         Ok(self)
     }
 
     /// Sets the momentum (in [0, 1)).
     pub fn with_momentum(mut self, momentum: f32) -> Result<Self> {
-        self.momentum = check_unit("RMSprop", "momentum", momentum as f64, false)? as f32;
+        self.rule.momentum = check_unit("RMSprop", "momentum", momentum as f64, false)? as f32;
         Ok(self)
     }
 
     /// Sets epsilon (finite, positive).
     pub fn with_epsilon(mut self, epsilon: f32) -> Result<Self> {
-        self.epsilon = check_epsilon("RMSprop", epsilon)?;
+        self.rule.epsilon = check_epsilon("RMSprop", epsilon)?;
         Ok(self)
     }
 }
@@ -440,41 +516,14 @@ impl Default for RmsProp {
     }
 }
 
-impl Optimizer for RmsProp {
-    fn name(&self) -> &'static str {
-        "RMSprop"
-    }
-    fn learning_rate(&self) -> f32 {
-        self.learning_rate
-    }
-    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
-        self.learning_rate = check_rate("RMSprop", "learning_rate", learning_rate)?;
-        Ok(())
-    }
-    fn iterations(&self) -> u64 {
-        self.iterations
-    }
-    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
-        let with_momentum = self.momentum > 0.0;
-        self.slots
-            .prepare("RMSprop", 1 + usize::from(with_momentum), vars)?;
-        let (lr, rho, momentum, eps) = (self.learning_rate, self.rho, self.momentum, self.epsilon);
-        self.slots.update(vars, &mut |w, g, state| {
-            let Some((v, rest)) = state.split_first_mut() else {
-                return Err(Error::StateMismatch {
-                    optimizer: "RMSprop",
-                    what: "the velocity slot is missing".into(),
-                });
-            };
-            let p = mp_kernels::optim::RmspropParams::new(lr, rho, momentum, eps);
-            ops::rmsprop_update(w, g, v, rest.first_mut(), p, None)?;
-            Ok(())
-        })?;
-        self.iterations += 1;
-        Ok(())
-    }
-    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
-        self.slots.state(&["velocity", "momentum"])
+impl UpdateRule for RmsPropRule {
+    const NAME: &'static str = "RMSprop";
+    fn slots(&self) -> &'static [&'static str] {
+        if self.momentum > 0.0 {
+            &["velocity", "momentum"]
+        } else {
+            &["velocity"]
+        }
     }
     fn config(&self) -> Vec<(&'static str, f64)> {
         vec![
@@ -483,60 +532,70 @@ impl Optimizer for RmsProp {
             ("epsilon", f64::from(self.epsilon)),
         ]
     }
-    fn load_state(
-        &mut self,
-        iterations: u64,
-        state: Vec<(String, String, Tensor<F32>)>,
+    fn update(
+        &self,
+        lr: f32,
+        _t: u64,
+        var: &mut Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &mut [Tensor<F32>],
     ) -> Result<()> {
-        let expected: &[&'static str] = if self.momentum > 0.0 {
-            &["velocity", "momentum"]
-        } else {
-            &["velocity"]
+        let Some((v, rest)) = slots.split_first_mut() else {
+            return Err(Error::StateMismatch {
+                optimizer: Self::NAME,
+                what: "the velocity slot is missing".into(),
+            });
         };
-        self.slots = Slots::from_saved("RMSprop", expected, iterations, state)?;
-        self.iterations = iterations;
-        Ok(())
+        let p = mp_kernels::optim::RmspropParams::new(lr, self.rho, self.momentum, self.epsilon);
+        Ok(ops::rmsprop_update(
+            var,
+            grad,
+            v,
+            rest.first_mut(),
+            p,
+            None,
+        )?)
     }
 }
 
 /// Adam as Keras's: `m += (g - m)(1 - beta_1)`, `v += (g² - v)(1 - beta_2)`,
 /// `w -= alpha * m / (sqrt(v) + epsilon)` with `alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`
 /// computed in float64.
-#[derive(Debug, Clone)]
-pub struct Adam {
-    learning_rate: f32,
+pub type Adam = Optim<AdamRule>;
+
+/// The rule of [`Adam`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamRule {
     /// Betas and epsilon kept as the float64 the user gave; the kernel's constants are
     /// computed from them in float64 and rounded once (as Keras).
     beta_1: f64,
     beta_2: f64,
     epsilon: f64,
-    iterations: u64,
-    slots: Slots,
 }
 
 impl Adam {
     /// Adam with the Keras defaults and learning rate `learning_rate`.
     pub fn new(learning_rate: f32) -> Result<Self> {
-        Ok(Adam {
-            learning_rate: check_rate("Adam", "learning_rate", learning_rate)?,
-            beta_1: 0.9,
-            beta_2: 0.999,
-            epsilon: 1e-7,
-            iterations: 0,
-            slots: Slots::default(),
-        })
+        Optim::with_rule(
+            AdamRule {
+                beta_1: 0.9,
+                beta_2: 0.999,
+                epsilon: 1e-7,
+            },
+            learning_rate,
+        )
     }
 
     /// Sets beta_1 and beta_2 (each in [0, 1)).
     pub fn with_betas(mut self, beta_1: f64, beta_2: f64) -> Result<Self> {
-        self.beta_1 = check_unit("Adam", "beta_1", beta_1, false)?;
-        self.beta_2 = check_unit("Adam", "beta_2", beta_2, false)?;
+        self.rule.beta_1 = check_unit("Adam", "beta_1", beta_1, false)?;
+        self.rule.beta_2 = check_unit("Adam", "beta_2", beta_2, false)?;
         Ok(self)
     }
 
     /// Sets epsilon (finite, positive).
     pub fn with_epsilon(mut self, epsilon: f64) -> Result<Self> {
-        self.epsilon = check_epsilon("Adam", epsilon as f32)? as f64;
+        self.rule.epsilon = check_epsilon("Adam", epsilon as f32)? as f64;
         Ok(self)
     }
 }
@@ -548,44 +607,10 @@ impl Default for Adam {
     }
 }
 
-impl Optimizer for Adam {
-    fn name(&self) -> &'static str {
-        "Adam"
-    }
-    fn learning_rate(&self) -> f32 {
-        self.learning_rate
-    }
-    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
-        self.learning_rate = check_rate("Adam", "learning_rate", learning_rate)?;
-        Ok(())
-    }
-    fn iterations(&self) -> u64 {
-        self.iterations
-    }
-    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
-        self.slots.prepare("Adam", 2, vars)?;
-        let p = mp_kernels::optim::AdamParams::new(
-            self.learning_rate as f64,
-            self.beta_1,
-            self.beta_2,
-            self.epsilon,
-            self.iterations + 1,
-        );
-        self.slots.update(vars, &mut |w, g, state| {
-            let [m, v] = state else {
-                return Err(Error::StateMismatch {
-                    optimizer: "Adam",
-                    what: format!("expected the slots m and v, found {}", state.len()),
-                });
-            };
-            ops::adam_update(w, g, m, v, p, None)?;
-            Ok(())
-        })?;
-        self.iterations += 1;
-        Ok(())
-    }
-    fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
-        self.slots.state(&["m", "v"])
+impl UpdateRule for AdamRule {
+    const NAME: &'static str = "Adam";
+    fn slots(&self) -> &'static [&'static str] {
+        &["m", "v"]
     }
     fn config(&self) -> Vec<(&'static str, f64)> {
         vec![
@@ -594,14 +619,28 @@ impl Optimizer for Adam {
             ("epsilon", self.epsilon),
         ]
     }
-    fn load_state(
-        &mut self,
-        iterations: u64,
-        state: Vec<(String, String, Tensor<F32>)>,
+    fn update(
+        &self,
+        lr: f32,
+        t: u64,
+        var: &mut Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &mut [Tensor<F32>],
     ) -> Result<()> {
-        self.slots = Slots::from_saved("Adam", &["m", "v"], iterations, state)?;
-        self.iterations = iterations;
-        Ok(())
+        let [m, v] = slots else {
+            return Err(Error::StateMismatch {
+                optimizer: Self::NAME,
+                what: format!("expected the slots m and v, found {}", slots.len()),
+            });
+        };
+        let p = mp_kernels::optim::AdamParams::new(
+            lr as f64,
+            self.beta_1,
+            self.beta_2,
+            self.epsilon,
+            t,
+        );
+        Ok(ops::adam_update(var, grad, m, v, p, None)?)
     }
 }
 
