@@ -342,6 +342,15 @@ impl<D: DTypeKind> Tensor<D> {
         Self::from_slice(shape, &data)
     }
 
+    /// A host tensor of `shape` whose elements `write` fills (row-major; it must write every
+    /// one: they start unspecified, as in [`Tensor::for_overwrite`]). For assembling a batch
+    /// straight into a (reused) tensor buffer.
+    pub fn from_writer(shape: &[usize], write: impl FnOnce(&mut [D::Elem])) -> Result<Self> {
+        let mut t = Self::for_overwrite(shape)?;
+        write(t.as_mut_slice()?);
+        Ok(t)
+    }
+
     /// A host tensor holding a copy of `data` in row-major order.
     pub fn from_slice(shape: &[usize], data: &[D::Elem]) -> Result<Self> {
         let n = numel("from_slice", shape)?;

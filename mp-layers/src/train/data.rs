@@ -96,13 +96,14 @@ pub(crate) fn gather<D: mp_core::DTypeKind>(
     device: Device,
 ) -> Result<Tensor<D>> {
     let cols = x.ncols();
-    let mut data = Vec::with_capacity(idx.len() * cols);
-    for &i in idx {
-        let row = x.row(i);
-        match row.to_slice() {
-            Some(s) => data.extend_from_slice(s),
-            None => data.extend(row.iter()),
+    let host = Tensor::<F32>::from_writer(&[idx.len(), cols], |out| {
+        for (o, &i) in out.chunks_exact_mut(cols.max(1)).zip(idx) {
+            let row = x.row(i);
+            match row.to_slice() {
+                Some(s) => o.copy_from_slice(s),
+                None => o.iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = v),
+            }
         }
-    }
-    convert::<F32, D>(Tensor::<F32>::from_vec(&[idx.len(), cols], data)?.to_device(device)?)
+    })?;
+    convert::<F32, D>(host.to_device(device)?)
 }
