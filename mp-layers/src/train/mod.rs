@@ -47,7 +47,8 @@ pub struct Trainer<M: Model, O: Optimizer> {
     max_nonfinite_steps: u64,
 }
 
-/// Consecutive steps with non-finite gradients after which `fit` stops (under every policy).
+/// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
+/// (with it, the loss-scale optimizer's floor rule decides).
 pub const MAX_NONFINITE_STEPS: u64 = 20;
 
 impl<M: Model, O: Optimizer> std::fmt::Debug for Trainer<M, O> {
@@ -99,8 +100,9 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
 
     /// Places training on `device`: the variables (now, or when the model is built), the
     /// optimizer slots (created beside the variables at the first step), every activation and
-    /// gradient, and the skip decision of loss scaling (a device flag the optimizer kernels
-    /// read) stay there; `fit` copies each batch there and reads the loss back once per batch.
+    /// gradient stay there, and the finiteness check runs there into one device flag per step;
+    /// `fit` copies each batch there and reads back the loss, the predictions for the accuracy
+    /// metric and that flag once per batch.
     ///
     /// # Errors
     /// Without the `cuda` feature, any CUDA device ([`mp_core::Error::CudaNotCompiled`]); with
