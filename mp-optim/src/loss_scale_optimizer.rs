@@ -234,30 +234,7 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
         // The reciprocal in float64, rounded once: exact for the power-of-two scales a dynamic
         // scale takes.
         let inv = (1.0 / self.loss_scale.scale() as f64) as f32;
-        // One flag for the whole step (one read on a GPU); the variable to blame is looked for
-        // only when something was not finite.
-        let mut flag: Option<ops::Finite> = None;
-        vars.for_each_variable(&mut |_, v| {
-            let f = match &mut flag {
-                Some(f) => f,
-                None => flag.insert(ops::Finite::new(v.grad().device())?),
-            };
-            ops::unscale_and_check(v.grad_mut(), inv, f)?;
-            Ok(())
-        })?;
-        let all_finite = match &flag {
-            Some(f) => f.get()?,
-            None => true,
-        };
-        let first_nonfinite = if all_finite {
-            None
-        } else {
-            first_nonfinite(vars)?
-        };
-        let check = GradientCheck {
-            all_finite,
-            first_nonfinite,
-        };
+        let check = scan_gradients(vars, |g, flag| ops::unscale_and_check(g, inv, flag))?;
         self.pending = Some(check.clone());
         Ok(check)
     }
@@ -268,13 +245,7 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
     pub fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<StepOutcome> {
         let check = match self.pending.take() {
             Some(c) => c,
-            None => {
-                let first_nonfinite = first_nonfinite(vars)?;
-                GradientCheck {
-                    all_finite: first_nonfinite.is_none(),
-                    first_nonfinite,
-                }
-            }
+            None => check_gradients(vars)?,
         };
         let scale_before = self.loss_scale.scale();
         if check.all_finite {
@@ -315,20 +286,50 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
     }
 }
 
-/// The path of the first variable whose gradient holds NaN or infinity, if any.
-pub fn first_nonfinite(vars: &mut dyn VariableSet) -> Result<Option<String>> {
+/// Whether every gradient is finite and, if not, the first variable whose gradient holds NaN or
+/// infinity: what the loss-scale optimizer checks before applying a step, and what a trainer
+/// without loss scaling checks too.
+pub fn check_gradients(vars: &mut dyn VariableSet) -> Result<GradientCheck> {
+    scan_gradients(vars, |g, flag| ops::check_finite(g, flag))
+}
+
+/// Runs `pass` over every gradient into one finiteness flag (one read on a GPU); only when the
+/// flag says something was not finite are the gradients searched for the first culprit (a
+/// non-finite value stays non-finite through the unscale pass).
+fn scan_gradients(
+    vars: &mut dyn VariableSet,
+    mut pass: impl FnMut(&mut Tensor<F32>, &mut ops::Finite) -> mp_kernels::Result<()>,
+) -> Result<GradientCheck> {
+    let mut flag: Option<ops::Finite> = None;
+    vars.for_each_variable(&mut |_, v| {
+        let f = match &mut flag {
+            Some(f) => f,
+            None => flag.insert(ops::Finite::new(v.grad().device())?),
+        };
+        pass(v.grad_mut(), f)?;
+        Ok(())
+    })?;
+    if flag.as_ref().map_or(Ok(true), ops::Finite::get)? {
+        return Ok(GradientCheck {
+            all_finite: true,
+            first_nonfinite: None,
+        });
+    }
     let mut first = None;
     vars.for_each_variable(&mut |name, v| {
         if first.is_none() {
-            let mut flag = ops::Finite::new(v.grad().device())?;
-            ops::check_finite(v.grad(), &mut flag)?;
-            if !flag.get()? {
+            let mut one = ops::Finite::new(v.grad().device())?;
+            ops::check_finite(v.grad(), &mut one)?;
+            if !one.get()? {
                 first = Some(name.to_string());
             }
         }
         Ok(())
     })?;
-    Ok(first)
+    Ok(GradientCheck {
+        all_finite: false,
+        first_nonfinite: first,
+    })
 }
 
 #[cfg(test)]

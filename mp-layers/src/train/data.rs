@@ -44,27 +44,10 @@ pub(crate) fn check_data<L>(x: &ArrayView2<'_, f32>, y: &ArrayView1<'_, L>) -> R
     Ok(())
 }
 
-/// The path of the first variable whose gradient holds NaN or infinity, if any: one flag for
-/// the whole model (one read on a GPU), the variables searched only when it is set.
+/// The path of the first variable whose gradient holds NaN or infinity, if any (the loss-scale
+/// optimizer's own check, without the scale).
 pub(crate) fn first_nonfinite_gradient<M: Model>(model: &mut M) -> Result<Option<String>> {
-    let mut flag: Option<mp_kernels::ops::Finite> = None;
-    model.visit_variables("", &mut |_, v| {
-        let f = match &mut flag {
-            Some(f) => f,
-            None => flag.insert(mp_kernels::ops::Finite::new(v.grad().device())?),
-        };
-        mp_kernels::ops::check_finite(v.grad(), f)?;
-        Ok(())
-    })?;
-    if flag
-        .as_ref()
-        .map_or(Ok(true), mp_kernels::ops::Finite::get)?
-    {
-        return Ok(None);
-    }
-    Ok(mp_optim::loss_scale_optimizer::first_nonfinite(
-        &mut ModelVars(model),
-    )?)
+    Ok(mp_optim::loss_scale_optimizer::check_gradients(&mut ModelVars(model))?.first_nonfinite)
 }
 
 /// Where a skipped step's first non-finite value appeared: the input batch, the model output
