@@ -6,20 +6,6 @@
 
 use crate::error::{Error, Result};
 
-/// The bound element types need for device storage: `cudarc::driver::DeviceRepr` with the `cuda`
-/// feature, nothing without it.
-#[cfg(feature = "cuda")]
-pub trait DeviceElement: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
-#[cfg(feature = "cuda")]
-impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElement for T {}
-
-/// The bound element types need for device storage: `cudarc::driver::DeviceRepr` with the `cuda`
-/// feature, nothing without it.
-#[cfg(not(feature = "cuda"))]
-pub trait DeviceElement {}
-#[cfg(not(feature = "cuda"))]
-impl<T> DeviceElement for T {}
-
 /// Checks that CUDA device `ordinal` can be used.
 #[cfg(not(feature = "cuda"))]
 pub fn check_device(ordinal: usize) -> Result<()> {

@@ -142,6 +142,20 @@ mod sealed {
     impl Sealed for super::BF16 {}
 }
 
+/// The bound element types need for device storage: `cudarc::driver::DeviceRepr` with the `cuda`
+/// feature, nothing without it.
+#[cfg(feature = "cuda")]
+pub trait DeviceElement: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+#[cfg(feature = "cuda")]
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElement for T {}
+
+/// The bound element types need for device storage: `cudarc::driver::DeviceRepr` with the `cuda`
+/// feature, nothing without it.
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceElement {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceElement for T {}
+
 /// An element type: `f32`, `half::f16` or `half::bf16`.
 ///
 /// Conversions round to nearest, ties to even, and keep NaN and infinities.
@@ -155,7 +169,7 @@ pub trait Element:
     + fmt::Display
     + Send
     + Sync
-    + crate::cuda::DeviceElement
+    + DeviceElement
     + 'static
 {
     /// The runtime dtype of this element type.

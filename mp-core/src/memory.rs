@@ -18,6 +18,9 @@ use std::alloc::{self, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+/// The alignment of CPU tensor buffers, in bytes.
+pub const ALIGN: usize = 64;
+
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
@@ -119,7 +122,7 @@ pub fn release_cached() {
 }
 
 fn cache_layout(size: usize) -> Layout {
-    Layout::from_size_align(size, crate::tensor::ALIGN).expect("a layout that was valid before")
+    Layout::from_size_align(size, ALIGN).expect("a layout that was valid before")
 }
 
 /// A cached buffer of exactly `size` bytes (64-byte aligned, contents left over), if one is free:

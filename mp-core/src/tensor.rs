@@ -50,8 +50,7 @@ impl fmt::Display for Device {
     }
 }
 
-/// The alignment of CPU tensor buffers, in bytes.
-pub const ALIGN: usize = 64;
+pub use crate::memory::ALIGN;
 
 /// A 64-byte aligned, initialised buffer of elements on the host.
 pub struct AlignedBuf<E: Element> {

@@ -227,25 +227,12 @@ fn parse_knob(value: Option<&str>) -> std::result::Result<Vec<(DType, GemmPath)>
 fn machine_key() -> String {
     format!(
         "{} | {} | isa {:?} | {} threads | mp-kernels {}",
-        cpu_model(),
+        crate::peak::cpu_model(),
         CpuFeatures::detect().summary(),
         Isa::detect(),
         threads::num_threads(),
         env!("CARGO_PKG_VERSION")
     )
-}
-
-/// The CPU model from `/proc/cpuinfo`, or the architecture.
-pub(crate) fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 /// The cache folder, if any can be named.

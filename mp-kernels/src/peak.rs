@@ -76,7 +76,7 @@ pub fn dpbf16_peak_gflops_with(iters: usize) -> Option<f64> {
 /// One line about this machine: the CPU model (from `/proc/cpuinfo` when readable), the kernel
 /// thread count and the instruction set GEMM uses.
 pub fn describe_cpu() -> String {
-    let model = crate::calibrate::cpu_model();
+    let model = cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!(
         "{model}, {cores} cores, {} kernel threads, isa {:?}",
@@ -162,4 +162,17 @@ mod x86 {
             .fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a));
         _mm512_reduce_add_ps(s)
     }
+}
+
+/// The CPU model from `/proc/cpuinfo`, or the architecture.
+pub(crate) fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }

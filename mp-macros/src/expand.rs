@@ -9,6 +9,7 @@ use syn::{DeriveInput, GenericArgument, PathArguments, Type, parse_quote_spanned
 use crate::ast::{Field, Model};
 use crate::attr::{self, FieldPolicy};
 use crate::ctxt::Ctxt;
+use crate::paths::paths;
 use crate::stub::stub;
 use crate::valid;
 
@@ -58,15 +59,6 @@ impl<'a> Layer<'a> {
             compute,
         }
     }
-}
-
-/// `::mp_layers`, its hidden helpers, and mp-core through them.
-pub(crate) fn paths() -> (TokenStream, TokenStream, TokenStream) {
-    (
-        quote!(::mp_layers),
-        quote!(::mp_layers::__private),
-        quote!(::mp_layers::__private::mp_core),
-    )
 }
 
 /// `ty` with `policy` as its last generic argument. The added tokens carry the type's span, so

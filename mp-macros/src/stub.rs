@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::DeriveInput;
 
-use crate::expand::paths;
+use crate::paths::paths;
 
 /// The expansion when the struct cannot be a model: the struct's name with the policy
 /// parameter, and `Layer` and `Model` implementations that are never run (the crate does not
