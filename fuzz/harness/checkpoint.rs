@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 
 use mp_core::MixedFloat16;
 use mp_layers::checkpoint::{self, KEY_SHA256, KEY_VERSION, safetensors::SafeTensors};
-use mp_layers::{Dense, Layer, Model, Softmax, SparseCategoricalCrossentropy, Trainer, model};
+use mp_layers::{
+    Checkpointing, Dense, Layer, Model, Softmax, SparseCategoricalCrossentropy, Trainer, model,
+};
 use mp_optim::Adam;
 
 /// The model every fuzzed checkpoint is loaded into.

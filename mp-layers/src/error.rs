@@ -68,9 +68,16 @@ pub enum Error {
         /// `the model output`, or `the gradient of dense_1/kernel`.
         origin: String,
     },
-    /// A checkpoint that could not be written or read (boxed: it can hold an [`Error`] itself).
-    #[error(transparent)]
-    Checkpoint(Box<crate::checkpoint::Error>),
+    /// A callback of `fit` failed for a cause of its own: a checkpoint that could not be written
+    /// or read ([`crate::checkpoint::Error`], reached by `source()` and `downcast_ref`).
+    #[error("{callback}: {source}")]
+    Callback {
+        /// The callback (`ModelCheckpoint`).
+        callback: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

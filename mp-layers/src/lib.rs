@@ -25,7 +25,7 @@ pub mod train;
 #[path = "private.rs"]
 pub mod __private;
 
-pub use checkpoint::{BestMetric, CheckpointConfig, Mode as CheckpointMode};
+pub use checkpoint::{Checkpointing, ModelCheckpoint};
 pub use error::{Error, Result};
 pub use layer::{
     Compute, Converted, Layer, Model, SummaryRow, convert, convert_opt, convert_ref, format_summary,
@@ -34,6 +34,7 @@ pub use layers::activation::{Activation, ActivationKind, Flatten, Softmax};
 pub use layers::dense::Dense;
 pub use mp_macros::model;
 pub use train::{
-    Callback, EpochLogs, FitOptions, History, Mean, ModelVars, Scores, SparseCategoricalAccuracy,
-    SparseCategoricalCrossentropy, StepResult, TrainOptimizer, Trainer, TrainingProgress, Verbose,
+    BestMetric, Callback, EpochLogs, FitOptions, History, Mean, ModelVars, Scores,
+    SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepResult, TrainOptimizer, Trainer,
+    TrainingProgress, Verbose,
 };

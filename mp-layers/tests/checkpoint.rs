@@ -11,8 +11,9 @@ use mp_layers::checkpoint::{
     self, Error as CkptError, KEY_SHA256, KEY_VERSION, safetensors::SafeTensors,
 };
 use mp_layers::{
-    BestMetric, CheckpointConfig, Dense, EpochLogs, FitOptions, Layer, Model, Softmax,
-    SparseCategoricalCrossentropy, TrainOptimizer, Trainer, TrainingProgress, Verbose, model,
+    BestMetric, Checkpointing, Dense, EpochLogs, FitOptions, Layer, Model, ModelCheckpoint,
+    Softmax, SparseCategoricalCrossentropy, TrainOptimizer, Trainer, TrainingProgress, Verbose,
+    model,
 };
 use mp_optim::loss_scale_optimizer::ScalingState;
 use mp_optim::{Adam, Optimizer, RmsProp, Sgd};
@@ -151,19 +152,19 @@ fn resume_is_bit_identical<P: PolicyKind, O: Optimizer>(
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = CheckpointConfig::new(dir.path())
+    let config = ModelCheckpoint::new(dir.path())
         .keep_last(2)
         .best(BestMetric::min("val_loss"));
 
-    let mut straight = trainer().with_checkpoints(CheckpointConfig::new(dir.path().join("a")));
+    let mut straight = trainer().with_callback(ModelCheckpoint::new(dir.path().join("a")));
     let full = straight.fit(x.view(), y.view(), &options(4)).unwrap();
 
-    let mut first = trainer().with_checkpoints(config.clone());
+    let mut first = trainer().with_callback(config.clone());
     let h1 = first.fit(x.view(), y.view(), &options(2)).unwrap();
     let at_checkpoint = snapshot(&mut first);
     drop(first);
 
-    let mut resumed = trainer().with_checkpoints(config.clone());
+    let mut resumed = trainer().with_callback(config.clone());
     resumed.model_mut().build(&[2]).unwrap();
     let from = resumed.resume_latest(dir.path()).unwrap().unwrap();
     assert_eq!(from, config.epoch_path(2));
@@ -614,7 +615,7 @@ fn weights_files_round_trip_and_foreign_files_are_checked_by_name() {
 fn fit_keeps_the_last_epochs_and_the_best_one() {
     let (x, y) = spirals(40, 21);
     let dir = tempfile::tempdir().unwrap();
-    let config = CheckpointConfig::new(dir.path())
+    let config = ModelCheckpoint::new(dir.path())
         .keep_last(2)
         .best(BestMetric::max("val_accuracy"));
     let mut t = Trainer::compile(
@@ -622,7 +623,7 @@ fn fit_keeps_the_last_epochs_and_the_best_one() {
         Adam::new(0.01).unwrap(),
         SparseCategoricalCrossentropy::new(),
     )
-    .with_checkpoints(config.clone());
+    .with_callback(config.clone());
     // A later epoch left by another run in the same directory is not this run's to prune.
     std::fs::create_dir_all(dir.path()).unwrap();
     std::fs::write(config.epoch_path(9), b"another run").unwrap();
@@ -642,7 +643,7 @@ fn fit_keeps_the_last_epochs_and_the_best_one() {
         Adam::new(0.01).unwrap(),
         SparseCategoricalCrossentropy::new(),
     )
-    .with_checkpoints(config.clone());
+    .with_callback(config.clone());
     probe.model_mut().build(&[2]).unwrap();
     probe.resume(config.best_path()).unwrap();
     assert_eq!(probe.progress().epoch, best_epoch, "val_accuracy {acc:?}");
@@ -663,7 +664,7 @@ fn fit_keeps_the_last_epochs_and_the_best_one() {
             Adam::default(),
             SparseCategoricalCrossentropy::new(),
         )
-        .with_checkpoints(CheckpointConfig::new(dir.path().join("x")).best(best));
+        .with_callback(ModelCheckpoint::new(dir.path().join("x")).best(best));
         let o = FitOptions {
             validation_split: split,
             ..options(1)
@@ -896,8 +897,8 @@ fn write_checkpoint_fixture() {
     };
     let (x, y) = small_data();
     let dir = tempfile::tempdir().unwrap();
-    let mut t = small_trainer().with_checkpoints(
-        CheckpointConfig::new(dir.path())
+    let mut t = small_trainer().with_callback(
+        ModelCheckpoint::new(dir.path())
             .keep_last(0)
             .best(BestMetric::min("val_loss")),
     );
@@ -948,8 +949,8 @@ fn continued_digest() -> Digest {
 
 /// A trainer for the fixture that tracks the best `val_loss` as the run that wrote it did.
 fn small_resumable(dir: &Path) -> Trainer<Small<MixedFloat16>, Adam> {
-    let mut t = small_trainer().with_checkpoints(
-        CheckpointConfig::new(dir)
+    let mut t = small_trainer().with_callback(
+        ModelCheckpoint::new(dir)
             .keep_last(0)
             .best(BestMetric::min("val_loss")),
     );
@@ -1196,7 +1197,7 @@ fn fit_removes_the_temporary_files_of_dead_writers() {
         Adam::default(),
         SparseCategoricalCrossentropy::new(),
     )
-    .with_checkpoints(CheckpointConfig::new(dir.path()));
+    .with_callback(ModelCheckpoint::new(dir.path()));
     t.fit(x.view(), y.view(), &options(1)).unwrap();
 
     assert!(
@@ -1208,11 +1209,11 @@ fn fit_removes_the_temporary_files_of_dead_writers() {
     assert!(other.exists(), "not a checkpoint's temporary file: kept");
     // Process 1 runs: on Linux its file is kept; elsewhere only the age can tell.
     assert_eq!(init.exists(), cfg!(target_os = "linux"));
-    assert!(CheckpointConfig::new(dir.path()).epoch_path(1).exists());
+    assert!(ModelCheckpoint::new(dir.path()).epoch_path(1).exists());
 }
 
 /// A checkpoint that `fit` cannot write stops it with an error whose `source()` chain reaches
-/// the I/O error, through `mp_layers::Error::Checkpoint`.
+/// the I/O error, through `mp_layers::Error::Callback`.
 #[test]
 fn fit_reports_a_failed_checkpoint_with_its_cause() {
     use std::error::Error as _;
@@ -1226,9 +1227,18 @@ fn fit_reports_a_failed_checkpoint_with_its_cause() {
         Adam::default(),
         SparseCategoricalCrossentropy::new(),
     )
-    .with_checkpoints(CheckpointConfig::new(&blocked));
+    .with_callback(ModelCheckpoint::new(&blocked));
     let e = t.fit(x.view(), y.view(), &options(1)).unwrap_err();
-    assert!(matches!(e, mp_layers::Error::Checkpoint(_)), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            mp_layers::Error::Callback {
+                callback: "ModelCheckpoint",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
     let mut io = None;
     while let Some(c) = cause {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mp_core::{LossScale, Rng};
-use mp_layers::{BestMetric, CheckpointConfig, FitOptions, Verbose};
+use mp_layers::{BestMetric, Checkpointing, FitOptions, ModelCheckpoint, Verbose};
 use ndarray::{Array1, Array2};
 
 #[path = "../../fuzz/harness/checkpoint.rs"]
@@ -66,7 +66,7 @@ fn write_fuzz_seeds() {
     trained.fit(x.view(), y.view(), &o).unwrap();
     let tmp = std::env::temp_dir().join(format!("mp-fuzz-seeds-{}", std::process::id()));
     let mut best = harness::trainer()
-        .with_checkpoints(CheckpointConfig::new(&tmp).best(BestMetric::min("val_loss")));
+        .with_callback(ModelCheckpoint::new(&tmp).best(BestMetric::min("val_loss")));
     best.fit(x.view(), y.view(), &o).unwrap();
     let _ = std::fs::remove_dir_all(&tmp);
     let mut fixed = harness::trainer().with_loss_scale(Some(LossScale::fixed(128.0).unwrap()));

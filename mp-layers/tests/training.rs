@@ -265,3 +265,95 @@ fn bad_data_is_an_error() {
     assert!(e.contains("hidden_1"), "{e}");
     assert_eq!(t.model().output_shape(), Some(&[2usize][..]));
 }
+
+/// Callbacks run in the order they were added, see the whole trainer (a struct callback reads
+/// its optimizer and can stop `fit` with an error), and stay with the trainer after an error.
+#[test]
+fn callbacks_run_in_order_see_the_trainer_and_can_stop_fit() {
+    use std::sync::{Arc, Mutex};
+
+    use mp_layers::{Callback, EpochLogs, TrainingProgress};
+    use mp_optim::Optimizer;
+
+    /// Records each epoch's optimizer iterations; stops training after `stop_after` epochs.
+    struct StopAfter {
+        seen: Arc<Mutex<Vec<String>>>,
+        stop_after: usize,
+    }
+    impl<M: Model, O: Optimizer> Callback<M, O> for StopAfter {
+        fn on_train_begin(
+            &mut self,
+            _: &mut Trainer<M, O>,
+            has_validation: bool,
+        ) -> mp_layers::Result<()> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("begin {has_validation}"));
+            Ok(())
+        }
+        fn on_epoch_end(
+            &mut self,
+            t: &mut Trainer<M, O>,
+            logs: &EpochLogs,
+        ) -> mp_layers::Result<()> {
+            let iterations = t.optimizer().inner().iterations();
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("struct {} {iterations}", logs.epoch));
+            if t.progress().epoch >= self.stop_after {
+                return Err(mp_layers::Error::InvalidArgument {
+                    what: "stopped by a callback".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    let (x, y) = spirals(16, 3);
+    let seen = Arc::new(Mutex::new(vec![]));
+    let log = seen.clone();
+    let mut t = Trainer::compile(
+        classifier::<MixedBFloat16>(8, 2),
+        Adam::default(),
+        SparseCategoricalCrossentropy::new(),
+    )
+    .with_callback(move |logs: &EpochLogs, p: &TrainingProgress| {
+        log.lock()
+            .unwrap()
+            .push(format!("closure {} {}", logs.epoch, p.epoch));
+        Ok(())
+    })
+    .with_callback(StopAfter {
+        seen: seen.clone(),
+        stop_after: 2,
+    });
+    let options = FitOptions {
+        batch_size: 8,
+        epochs: 5,
+        validation_split: 0.25,
+        verbose: Verbose::Silent,
+        ..Default::default()
+    };
+    let e = t.fit(x.view(), y.view(), &options).unwrap_err();
+    assert!(e.to_string().contains("stopped by a callback"), "{e}");
+    // 24 training samples in batches of 8: 3 steps an epoch.
+    let expected = [
+        "begin true",
+        "closure 0 1",
+        "struct 0 3",
+        "closure 1 2",
+        "struct 1 6",
+    ];
+    assert_eq!(*seen.lock().unwrap(), expected);
+    assert_eq!(t.progress().epoch, 2, "the epoch that ended counts");
+
+    // The callbacks are still there: the next fit runs them again (and stops at once).
+    seen.lock().unwrap().clear();
+    assert!(t.fit(x.view(), y.view(), &options).is_err());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["begin true", "closure 2 3", "struct 2 9"]
+    );
+}

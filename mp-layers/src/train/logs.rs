@@ -1,7 +1,5 @@
 //! What `fit` takes and gives back: its options, each epoch's logs, the history, where training
-//! stands, one step's result, and the epoch-end callback type.
-
-use crate::error::Result;
+//! stands, one step's result.
 
 /// How much `fit` and `evaluate` print.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,6 +119,3 @@ pub struct StepResult {
     /// The loss scale the step used (1 without loss scaling).
     pub loss_scale: f32,
 }
-
-/// An epoch-end callback: it sees the epoch's logs and the training progress.
-pub type Callback = Box<dyn FnMut(&EpochLogs, &TrainingProgress) -> Result<()> + Send>;

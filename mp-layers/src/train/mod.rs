@@ -1,9 +1,11 @@
 //! Training: `fit`, `evaluate` and `predict` over host `ndarray` data, as Keras's `Model` methods.
 
+mod callbacks;
 mod data;
 mod logs;
 pub mod losses;
 pub mod metrics;
+mod monitor;
 mod optimizer;
 mod progress;
 
@@ -14,16 +16,17 @@ use mp_kernels::softmax::Label;
 use mp_optim::{LossScaleOptimizer, Optimizer};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
+pub use self::callbacks::Callback;
 pub use self::logs::{
-    Callback, EpochLogs, FitOptions, History, Scores, StepResult, TrainingProgress, Verbose,
+    EpochLogs, FitOptions, History, Scores, StepResult, TrainingProgress, Verbose,
 };
 pub use self::losses::SparseCategoricalCrossentropy;
 pub use self::metrics::{Mean, SparseCategoricalAccuracy};
+pub use self::monitor::{BestMetric, METRICS, Mode};
 pub use self::optimizer::{ModelVars, TrainOptimizer};
 
 use self::data::{check_data, check_labels, first_nonfinite_gradient, gather, nonfinite_origin};
 use self::progress::Reporter;
-use crate::checkpoint::{BestMetric, CheckpointConfig};
 use crate::error::{Error, Result};
 use crate::layer::{Compute, Model};
 
@@ -34,10 +37,9 @@ pub struct Trainer<M: Model, O: Optimizer> {
     optimizer: TrainOptimizer<O>,
     loss: SparseCategoricalCrossentropy,
     progress: TrainingProgress,
-    callbacks: Vec<Callback>,
-    /// Where and when `fit` writes checkpoints (see [`Trainer::with_checkpoints`]).
-    pub(crate) checkpoints: Option<CheckpointConfig>,
-    /// The best value so far of a metric, and which metric (saved in checkpoints).
+    callbacks: Vec<Box<dyn Callback<M, O>>>,
+    /// The best value so far of a metric, and which metric (kept by callbacks with
+    /// [`Trainer::update_best`], saved in checkpoints).
     pub(crate) best: Option<(BestMetric, f32)>,
     /// Where the variables, optimizer slots and activations live.
     device: Device,
@@ -80,7 +82,6 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             loss,
             progress: TrainingProgress::default(),
             callbacks: vec![],
-            checkpoints: None,
             best: None,
             device: Device::Cpu,
             nonfinite_run: (0, None),
@@ -148,28 +149,38 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         self
     }
 
-    /// Makes `fit` write checkpoints at the end of every epoch, as `config` says: the last
-    /// `keep_last` epochs (`epoch-000003.safetensors`, ...) and, with a [`BestMetric`], the best
-    /// epoch so far (`best.safetensors`). Each is a whole checkpoint (see
-    /// [`crate::checkpoint`]) that [`Trainer::resume`] continues from exactly.
-    pub fn with_checkpoints(mut self, config: CheckpointConfig) -> Self {
-        self.checkpoints = Some(config);
+    /// Adds a callback of `fit` (see [`Callback`]), run after those added before: for example
+    /// `checkpoint::ModelCheckpoint`, which writes a checkpoint at the end of every
+    /// epoch.
+    pub fn with_callback(mut self, callback: impl Callback<M, O> + 'static) -> Self {
+        self.add_callback(callback);
         self
     }
 
-    /// The checkpointing configuration, if any.
-    pub fn checkpoints(&self) -> Option<&CheckpointConfig> {
-        self.checkpoints.as_ref()
+    /// [`Trainer::with_callback`] on a trainer in place.
+    pub fn add_callback(&mut self, callback: impl Callback<M, O> + 'static) {
+        self.callbacks.push(Box::new(callback));
     }
 
-    /// The best value so far of the checkpointing metric (restored on resume).
+    /// The best value so far of the monitored metric (restored on resume).
     pub fn best_metric(&self) -> Option<(&BestMetric, f32)> {
         self.best.as_ref().map(|(m, v)| (m, *v))
     }
 
-    /// Adds a callback run at the end of every epoch.
-    pub fn add_callback(&mut self, callback: Callback) {
-        self.callbacks.push(callback);
+    /// Records `value` of `metric` if it improves on the best so far of that metric (any value
+    /// but NaN does when the best was of another metric, or there is none); returns whether it
+    /// did. The best value is saved in checkpoints and restored on resume.
+    pub fn update_best(&mut self, metric: &BestMetric, value: f32) -> bool {
+        let previous = self
+            .best
+            .as_ref()
+            .filter(|(m, _)| m == metric)
+            .map(|(_, v)| *v);
+        let improved = metric.mode.improves(value, previous);
+        if improved {
+            self.best = Some((metric.clone(), value));
+        }
+        improved
     }
 
     /// The model.
@@ -326,14 +337,28 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     ///
     /// Training continues from [`Trainer::progress`]: after [`Trainer::resume`] it runs
     /// `options.epochs` more epochs from the restored one, with the restored shuffling state, so
-    /// the result is bit-for-bit that of an uninterrupted run. With
-    /// [`Trainer::with_checkpoints`], a checkpoint is written at the end of every epoch, before
-    /// the callbacks run.
+    /// the result is bit-for-bit that of an uninterrupted run. The [callbacks](Callback) run
+    /// when training starts and at the end of every epoch, in the order they were added.
     pub fn fit<L: Label>(
         &mut self,
         x: ArrayView2<'_, f32>,
         y: ArrayView1<'_, L>,
         options: &FitOptions,
+    ) -> Result<History> {
+        // The callbacks get the whole trainer, so they are held apart while `fit` runs.
+        let mut callbacks = std::mem::take(&mut self.callbacks);
+        let history = self.fit_with(x, y, options, &mut callbacks);
+        callbacks.append(&mut self.callbacks);
+        self.callbacks = callbacks;
+        history
+    }
+
+    fn fit_with<L: Label>(
+        &mut self,
+        x: ArrayView2<'_, f32>,
+        y: ArrayView1<'_, L>,
+        options: &FitOptions,
+        callbacks: &mut [Box<dyn Callback<M, O>>],
     ) -> Result<History> {
         check_data(&x, &y)?;
         if options.batch_size == 0 {
@@ -351,11 +376,11 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 ),
             });
         }
-        if let Some(config) = &self.checkpoints {
-            config.check(!val.is_empty())?;
-        }
         self.ensure_built(x.ncols())?;
         check_labels(&y, self.classes()?)?;
+        for cb in callbacks.iter_mut() {
+            cb.on_train_begin(self, !val.is_empty())?;
+        }
         self.warn_tensor_core_shapes(options.batch_size);
         let mut history = History::default();
         let first_epoch = self.progress.epoch;
@@ -412,11 +437,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             };
             reporter.finish(&logs);
             self.progress.epoch = epoch + 1;
-            if self.checkpoints.is_some() {
-                crate::checkpoint::on_epoch_end(self, &logs)?;
-            }
-            for cb in &mut self.callbacks {
-                cb(&logs, &self.progress)?;
+            for cb in callbacks.iter_mut() {
+                cb.on_epoch_end(self, &logs)?;
             }
             history.epochs.push(logs);
         }

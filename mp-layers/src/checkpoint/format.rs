@@ -1,0 +1,18 @@
+//! The names and the version of mp's checkpoint format: its metadata keys and values.
+
+/// The checkpoint format version this mp writes, and the newest it reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// Metadata key: `checkpoint` or `weights`.
+pub const KEY_KIND: &str = "mp.kind";
+/// Metadata key: the format version.
+pub const KEY_VERSION: &str = "mp.format_version";
+/// Metadata key: the training state (JSON), in checkpoints.
+pub const KEY_STATE: &str = "mp.state";
+/// Metadata key: the [`super::checksum`].
+pub const KEY_SHA256: &str = "mp.sha256";
+/// The prefix of optimizer slot tensors' names.
+pub const SLOT_PREFIX: &str = "optimizer/";
+
+pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
+pub(crate) const KIND_WEIGHTS: &str = "weights";

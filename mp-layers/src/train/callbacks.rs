@@ -1,0 +1,38 @@
+//! Callbacks of `fit` (Keras's `keras.callbacks`): code that runs at fixed points of training
+//! with the whole [`Trainer`] in hand, so that it can save it (`checkpoint::ModelCheckpoint`),
+//! read it, or stop training with an error.
+
+use super::{EpochLogs, Trainer, TrainingProgress};
+use crate::error::Result;
+use crate::layer::Model;
+use mp_optim::Optimizer;
+
+/// A callback of [`Trainer::fit`], added with [`Trainer::with_callback`]. Callbacks run in the
+/// order they were added. An error from one stops `fit` with that error (the epoch's weights
+/// stay as trained).
+///
+/// A closure `FnMut(&EpochLogs, &TrainingProgress) -> Result<()>` is a callback that runs at
+/// the end of every epoch.
+pub trait Callback<M: Model, O: Optimizer>: Send {
+    /// Runs once when `fit` starts, before the first step: a place to check the configuration
+    /// against the run (`has_validation`: whether `fit` holds out validation data).
+    fn on_train_begin(&mut self, trainer: &mut Trainer<M, O>, has_validation: bool) -> Result<()> {
+        let _ = (trainer, has_validation);
+        Ok(())
+    }
+
+    /// Runs at the end of every epoch, after validation, with the epoch's logs; the trainer's
+    /// [`Trainer::progress`] already counts the epoch.
+    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> Result<()>;
+}
+
+impl<M, O, F> Callback<M, O> for F
+where
+    M: Model,
+    O: Optimizer,
+    F: FnMut(&EpochLogs, &TrainingProgress) -> Result<()> + Send,
+{
+    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> Result<()> {
+        self(logs, &trainer.progress())
+    }
+}
