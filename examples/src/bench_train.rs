@@ -219,11 +219,25 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
             mem.push(v.memory()?);
         }
         let mut times: Vec<Vec<f64>> = vec![vec![]; vs.len()];
+        // The peak of the variant's GEMM path measured right before and right after each of its
+        // steps: on a shared machine whose speed drifts, a step is set against the machine as
+        // it was during that step (see `paired_fraction`).
+        let mut step_peaks: Vec<Vec<f64>> = vec![vec![]; vs.len()];
+        let dot = mp_kernels::Cpu::global()?.gemm_paths().bf16
+            == mp_kernels::gemm::GemmPath::Avx512Bf16Dot;
         for round in 0..o.rounds {
             for (i, v) in vs.iter_mut().enumerate() {
+                let policy = v.policy();
+                let path_peak = || match policy {
+                    Policy::MixedBFloat16 if dot => mp_kernels::peak::dpbf16_peak_gflops()
+                        .unwrap_or_else(mp_kernels::peak::fma_f32_peak_gflops),
+                    _ => mp_kernels::peak::fma_f32_peak_gflops(),
+                };
+                let before = path_peak();
                 let t = Instant::now();
                 v.step()?;
                 times[i].push(t.elapsed().as_secs_f64() * 1e3);
+                step_peaks[i].push((before + path_peak()) / 2.0);
             }
             fma_samples.push(mp_kernels::peak::fma_f32_peak_gflops());
             bf16_samples.extend(mp_kernels::peak::dpbf16_peak_gflops());
@@ -236,6 +250,7 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
             vs.iter()
                 .map(|v| (v.name(), v.policy(), v.loss_scaling()))
                 .collect::<Vec<_>>(),
+            step_peaks,
         ));
     }
     let fma_peak = median(&mut fma_samples);
@@ -246,19 +261,24 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
     } else {
         Some(median(&mut bf16_samples))
     };
-    for (batch, times, mem, names) in pending {
+    for (batch, times, mem, names, step_peaks) in pending {
         // With `--only`, float32 may not have run: then there is no speedup to report.
-        let f32_ms = names
-            .iter()
-            .position(|n| n.1 == Policy::Float32)
-            .map_or(f64::NAN, |i| median(&mut times[i].clone()));
+        let f32_index = names.iter().position(|n| n.1 == Policy::Float32);
+        let f32_ms = f32_index.map_or(f64::NAN, |i| median(&mut times[i].clone()));
+        let flop = 6.0 * batch as f64 * weights as f64;
         for (i, (name, policy, scaling)) in names.iter().enumerate() {
             let mut t = times[i].clone();
             let ms = median(&mut t);
             let min = t.iter().copied().fold(f64::INFINITY, f64::min);
             let max = t.iter().copied().fold(0.0, f64::max);
-            let flop = 6.0 * batch as f64 * weights as f64;
             let gflops = flop / (ms * 1e-3) / 1e9;
+            let paired = paired_fraction(flop, &times[i], &step_peaks[i]);
+            // float32's step and this one ran a few seconds apart in each round: the median of
+            // the per-round ratios.
+            let paired_speedup = f32_index.map_or(f64::NAN, |f| {
+                let mut r: Vec<f64> = times[f].iter().zip(&times[i]).map(|(a, b)| a / b).collect();
+                median(&mut r)
+            });
             // The chosen path's peak: vdpbf16ps for bfloat16 on the dot-product path, else FMA.
             let peak = match *policy {
                 Policy::MixedBFloat16 if bf16_dot => bf16_peak.unwrap_or(fma_peak),
@@ -282,10 +302,12 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
                 "min_ms_per_step": min,
                 "max_ms_per_step": max,
                 "samples_per_s": batch as f64 / (ms * 1e-3),
-                "speedup_vs_float32": f32_ms / ms,
+                "speedup_vs_float32": paired_speedup,
+                "speedup_of_medians": f32_ms / ms,
                 "gflops": gflops,
                 "peak_gflops": peak,
-                "fraction_of_peak": gflops / peak,
+                "fraction_of_peak": paired,
+                "fraction_of_median_peak": gflops / peak,
                 "peak_tensor_bytes": peak_bytes,
                 "activation_bytes": activation,
                 "other_bytes": held,
@@ -321,6 +343,18 @@ pub fn train_cmd(args: &[String]) -> Result<()> {
     println!("{}", train_table(&report));
     eprintln!("wrote {}", o.out.display());
     Ok(())
+}
+
+/// The median over steps of each step's GFLOP/s against the peak of its GEMM path measured
+/// right before and after it (`peaks`, their means): the figure a drifting machine moves least,
+/// since both sides of each ratio were measured within seconds.
+fn paired_fraction(flop: f64, ms: &[f64], peaks: &[f64]) -> f64 {
+    let mut f: Vec<f64> = ms
+        .iter()
+        .zip(peaks)
+        .map(|(ms, peak)| flop / (ms * 1e-3) / 1e9 / peak)
+        .collect();
+    median(&mut f)
 }
 
 /// Memory bandwidth in GB/s: the median of a few copies of a 256 MiB buffer (read + write).

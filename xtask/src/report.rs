@@ -86,13 +86,13 @@ pub fn markdown(inputs: &Inputs) -> String {
             "## Training the guide's model ({} units, RMSprop), median of {} interleaved rounds\n",
             train["model"]["units"], train["rounds"]
         );
-        s.push_str("| policy | GEMM path | batch | ms/step | min | max | samples/s | vs float32 | of peak | peak tensor MiB | activation MiB | largest batch in budget |\n");
-        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| policy | GEMM path | batch | ms/step | min | max | samples/s | vs float32 | of peak | vs float32, of medians | of median peak | peak tensor MiB | activation MiB | largest batch in budget |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         let records = train_records(train);
         for r in &records {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2}x | {:.1}% | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2}x | {:.1}% | {:.2}x | {:.1}% | {:.1} | {:.1} | {} |",
                 r["variant"].as_str().unwrap_or("?"),
                 r["gemm_path"].as_str().unwrap_or("?"),
                 r["batch"],
@@ -102,6 +102,8 @@ pub fn markdown(inputs: &Inputs) -> String {
                 r["samples_per_s"].as_f64().unwrap_or(0.0),
                 r["speedup_vs_float32"].as_f64().unwrap_or(0.0),
                 100.0 * r["fraction_of_peak"].as_f64().unwrap_or(0.0),
+                r["speedup_of_medians"].as_f64().unwrap_or(0.0),
+                100.0 * r["fraction_of_median_peak"].as_f64().unwrap_or(0.0),
                 mib(&r["peak_tensor_bytes"]),
                 mib(&r["activation_bytes"]),
                 r["max_batch_in_budget"],
@@ -122,7 +124,7 @@ pub fn markdown(inputs: &Inputs) -> String {
         }
         let _ = writeln!(
             s,
-            "\nFLOP per step counted as 6 × batch × weights; \"of peak\" is against the peak of the GEMM path the policy's compute dtype uses: the vdpbf16ps peak for the bfloat16 dot-product path, else the float32 FMA peak. Activation MiB = peak tensor bytes during a step minus the bytes held before it (weights, 16-bit weight copies, gradients, optimizer state); the budget is {:.0} GiB.",
+            "\nFLOP per step counted as 6 × batch × weights; \"of peak\" is against the peak of the GEMM path the policy's compute dtype uses: the vdpbf16ps peak for the bfloat16 dot-product path, else the float32 FMA peak. \"vs float32\" and \"of peak\" pair measurements taken seconds apart, so that a shared machine whose speed drifts moves them least: \"of peak\" is the median over steps of each step's GFLOP/s against that peak measured right before and right after the step, \"vs float32\" the median over rounds of float32's step time over this policy's in the same round. The two columns after them are the plain ratios of the medians (ms/step against the median of all peak samples). Activation MiB = peak tensor bytes during a step minus the bytes held before it (weights, 16-bit weight copies, gradients, optimizer state); the budget is {:.0} GiB.",
             train["budget_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64
         );
     }
