@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 use mp_core::Element;
 
 use crate::activation::{self, Activation};
+use crate::conv::{self, Geometry};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef};
 use crate::isa::Isa;
@@ -292,6 +293,83 @@ impl Cpu {
         dprobs: &mut [f32],
     ) -> Result<()> {
         softmax::crossentropy_grad_probs(self.isa, probs, labels, rows, cols, scale, dprobs)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Convolution and pooling (NHWC images; see [`crate::conv`])
+    // ---------------------------------------------------------------------------------------
+
+    /// The im2col matrix of `x` (`[batch, h, w, channels]`) into `cols` (`[pixels,
+    /// patch_len]`): row `(b, i, j)` is the input patch under output pixel `(i, j)`, zero in the
+    /// padding, so that a convolution is one GEMM with the kernel.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x` or `cols`; nothing is written then.
+    pub fn im2col<T: Element>(&self, g: &Geometry, x: &[T], cols: &mut [T]) -> Result<()> {
+        conv::im2col(g, x, cols)
+    }
+
+    /// The adjoint of [`Cpu::im2col`]: every entry of `dcols` added, in float32, to the input
+    /// position it was copied from (the padding's dropped), into `dx`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `dcols` or `dx`; nothing is written then.
+    pub fn col2im<T: Element>(&self, g: &Geometry, dcols: &[T], dx: &mut [f32]) -> Result<()> {
+        conv::col2im(g, dcols, dx)
+    }
+
+    /// Max pooling of `x` into `y`, with the index into `x` of each chosen element in `argmax`
+    /// (NaN wins; positions in the padding are no candidates).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x`, `y` or `argmax`; [`Error::InvalidArgument`] for an
+    /// input over `u32::MAX` elements. Nothing is written on error.
+    pub fn max_pool<T: Element>(
+        &self,
+        g: &Geometry,
+        x: &[T],
+        y: &mut [T],
+        argmax: &mut [u32],
+    ) -> Result<()> {
+        conv::max_pool(g, x, y, argmax)
+    }
+
+    /// The gradient of [`Cpu::max_pool`] into `dx` (float32): each window's `dy` added to its
+    /// chosen element.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `dy`, `argmax` or `dx`; [`Error::InvalidArgument`] for
+    /// an `argmax` entry outside its image. Nothing is written on error.
+    pub fn max_pool_backward<T: Element>(
+        &self,
+        g: &Geometry,
+        dy: &[T],
+        argmax: &[u32],
+        dx: &mut [f32],
+    ) -> Result<()> {
+        conv::max_pool_backward(g, dy, argmax, dx)
+    }
+
+    /// Average pooling of `x` into `y`, summed in float32 over the window's positions inside
+    /// the input.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x` or `y`; nothing is written then.
+    pub fn avg_pool<T: Element>(&self, g: &Geometry, x: &[T], y: &mut [T]) -> Result<()> {
+        conv::avg_pool(g, x, y)
+    }
+
+    /// The gradient of [`Cpu::avg_pool`] into `dx` (float32).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `dy` or `dx`; nothing is written then.
+    pub fn avg_pool_backward<T: Element>(
+        &self,
+        g: &Geometry,
+        dy: &[T],
+        dx: &mut [f32],
+    ) -> Result<()> {
+        conv::avg_pool_backward(g, dy, dx)
     }
 
     // ---------------------------------------------------------------------------------------

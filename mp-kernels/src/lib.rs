@@ -24,6 +24,7 @@
 pub mod activation;
 pub mod calibrate;
 pub mod cast;
+pub mod conv;
 pub mod counters;
 pub mod cpu;
 pub mod cpu_time;

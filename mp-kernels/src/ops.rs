@@ -28,6 +28,7 @@
 use mp_core::{DTypeKind, Device, F32, Tensor};
 
 use crate::activation::Activation;
+use crate::conv::{Geometry, Window};
 use crate::cpu::Cpu;
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
@@ -565,6 +566,180 @@ pub fn argmax_rows<D: DTypeKind>(x: &Tensor<D>) -> Result<Vec<Option<u32>>> {
             (!v.is_nan()).then_some(a)
         })
         .collect())
+}
+
+// -------------------------------------------------------------------------------------------
+// Convolution and pooling (NHWC images)
+// -------------------------------------------------------------------------------------------
+
+/// The geometry of `window` over `x`, which must be `[batch, height, width, channels]`; `op`
+/// (the layer) names the caller in errors.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `op` and the shape for an input that is not rank 4, and
+/// every refusal of [`Geometry::new`] (a zero size or stride, a window larger than the padded
+/// input).
+pub fn geometry<D: DTypeKind>(op: &'static str, x: &Tensor<D>, window: Window) -> Result<Geometry> {
+    let input: [usize; 4] = x.shape().try_into().map_err(|_| Error::InvalidArgument {
+        op,
+        what: format!(
+            "expected an input of rank 4 [batch, height, width, channels], got shape {:?}",
+            x.shape()
+        ),
+    })?;
+    Geometry::new(op, input, window)
+}
+
+fn check_image<D: DTypeKind>(op: &'static str, x: &Tensor<D>, g: &Geometry) -> Result<()> {
+    let want = [g.batch, g.input[0], g.input[1], g.channels];
+    same_shape(op, "x", &want, x.shape())
+}
+
+/// The im2col matrix of `x` (`[batch, h, w, channels]`), `[pixels, patch_len]`, in `x`'s dtype
+/// and on its device (see [`crate::conv`]).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `x` does not have `g`'s input shape; on CUDA, no kernel yet.
+pub fn im2col<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<Tensor<D>> {
+    const OP: &str = "im2col";
+    check_image(OP, x, g)?;
+    let mut cols = for_overwrite::<D>(&[g.pixels(), g.patch_len()], x.device())?;
+    match x.device() {
+        Device::Cpu => Cpu::global()?.im2col(g, x.as_slice()?, cols.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(cols)
+}
+
+/// The adjoint of [`im2col`]: `dcols` (`[pixels, patch_len]`) summed, in float32, back into the
+/// input positions, `[batch, h, w, channels]`.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `dcols` is not `[pixels, patch_len]`; on CUDA, no kernel yet.
+pub fn col2im<D: DTypeKind>(dcols: &Tensor<D>, g: &Geometry) -> Result<Tensor<F32>> {
+    const OP: &str = "col2im";
+    same_shape(OP, "dcols", &[g.pixels(), g.patch_len()], dcols.shape())?;
+    let shape = [g.batch, g.input[0], g.input[1], g.channels];
+    let mut dx = for_overwrite::<F32>(&shape, dcols.device())?;
+    match dcols.device() {
+        Device::Cpu => Cpu::global()?.col2im(g, dcols.as_slice()?, dx.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
+/// Which input element each output of [`max_pool`] took (host indices), for
+/// [`max_pool_backward`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolIndices {
+    geometry: Geometry,
+    index: Vec<u32>,
+}
+
+impl PoolIndices {
+    /// The pooling's geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The index into the input of each output element.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.index
+    }
+}
+
+fn pooled_shape(g: &Geometry) -> [usize; 4] {
+    [g.batch, g.output[0], g.output[1], g.channels]
+}
+
+/// Max pooling of `x` (`[batch, h, w, channels]`) into `[batch, out_h, out_w, channels]`, with
+/// the chosen elements' indices (NaN wins; positions in the padding are no candidates).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `x` does not have `g`'s input shape; on CUDA, no kernel yet.
+pub fn max_pool<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<(Tensor<D>, PoolIndices)> {
+    const OP: &str = "max_pool";
+    check_image(OP, x, g)?;
+    let mut y = for_overwrite::<D>(&pooled_shape(g), x.device())?;
+    let mut index = vec![0u32; g.output_len()];
+    match x.device() {
+        Device::Cpu => {
+            Cpu::global()?.max_pool(g, x.as_slice()?, y.as_mut_slice()?, &mut index)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    let geometry = *g;
+    Ok((y, PoolIndices { geometry, index }))
+}
+
+/// The gradient of [`max_pool`]: `[batch, h, w, channels]` float32, each window's `dy` added to
+/// the element it chose.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `dy` is not the pooled shape; on CUDA, no kernel yet.
+pub fn max_pool_backward<D: DTypeKind>(dy: &Tensor<D>, idx: &PoolIndices) -> Result<Tensor<F32>> {
+    const OP: &str = "max_pool_backward";
+    let g = &idx.geometry;
+    same_shape(OP, "dy", &pooled_shape(g), dy.shape())?;
+    let shape = [g.batch, g.input[0], g.input[1], g.channels];
+    let mut dx = for_overwrite::<F32>(&shape, dy.device())?;
+    match dy.device() {
+        Device::Cpu => {
+            Cpu::global()?.max_pool_backward(g, dy.as_slice()?, &idx.index, dx.as_mut_slice()?)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
+/// Average pooling of `x` into `[batch, out_h, out_w, channels]`, summed in float32 over the
+/// positions inside the input (global average pooling: a window of the whole image).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `x` does not have `g`'s input shape; on CUDA, no kernel yet.
+pub fn avg_pool<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<Tensor<D>> {
+    const OP: &str = "avg_pool";
+    check_image(OP, x, g)?;
+    let mut y = for_overwrite::<D>(&pooled_shape(g), x.device())?;
+    match x.device() {
+        Device::Cpu => Cpu::global()?.avg_pool(g, x.as_slice()?, y.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(y)
+}
+
+/// The gradient of [`avg_pool`], `[batch, h, w, channels]` float32.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `dy` is not the pooled shape; on CUDA, no kernel yet.
+pub fn avg_pool_backward<D: DTypeKind>(dy: &Tensor<D>, g: &Geometry) -> Result<Tensor<F32>> {
+    const OP: &str = "avg_pool_backward";
+    same_shape(OP, "dy", &pooled_shape(g), dy.shape())?;
+    let shape = [g.batch, g.input[0], g.input[1], g.channels];
+    let mut dx = for_overwrite::<F32>(&shape, dy.device())?;
+    match dy.device() {
+        Device::Cpu => Cpu::global()?.avg_pool_backward(g, dy.as_slice()?, dx.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
 }
 
 // -------------------------------------------------------------------------------------------

@@ -1,0 +1,639 @@
+//! Convolution and pooling over NHWC images (channels last, as Keras): the geometry of a 2-D
+//! window (size, strides, dilation, padding), the im2col / col2im pair that turns a convolution
+//! into one GEMM, and max and average pooling, forward and backward.
+//!
+//! A convolution of `x` `[n, h, w, c]` with a kernel `[kh, kw, c, f]` (Keras's layout) is the
+//! GEMM `y[n·oh·ow, f] = cols[n·oh·ow, kh·kw·c] · kernel[kh·kw·c, f]`, where row `(b, i, j)` of
+//! `cols` ([`crate::Cpu::im2col`]) holds the input patch under output pixel `(i, j)` of image
+//! `b`, zero where the patch lies in the padding. Its input gradient is
+//! [`crate::Cpu::col2im`] of `dy · kernelᵀ` (every patch value added back where it came from,
+//! in float32), its kernel gradient `colsᵀ · dy`. The GEMMs run on the measured paths of
+//! [`crate::gemm`].
+//!
+//! The kernels are methods of [`crate::Cpu`] ([`crate::Cpu::im2col`], ...); tensors reach them
+//! through [`crate::ops`].
+//!
+//! Work is split across the kernel threads by whole images, so every sum is taken in the same
+//! order whatever the thread count: results are bit-identical run to run.
+
+use mp_core::Element;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::threads;
+
+/// How a window meets the border (Keras's `padding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Padding {
+    /// No padding: only windows that fit inside the input (`out = (in - span) / stride + 1`).
+    #[default]
+    Valid,
+    /// Zero padding (for pooling: positions that are ignored) so that `out = ceil(in /
+    /// stride)`, split as TensorFlow does: the odd one at the bottom and right.
+    Same,
+}
+
+impl Padding {
+    /// `valid` or `same`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Padding::Valid => "valid",
+            Padding::Same => "same",
+        }
+    }
+}
+
+/// A 2-D window: size, strides, dilation and padding, each `[rows, cols]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// The window's size (the kernel size, or the pool size).
+    pub size: [usize; 2],
+    /// The step between windows.
+    pub strides: [usize; 2],
+    /// The step between the window's taps (1: contiguous).
+    pub dilation: [usize; 2],
+    /// How the window meets the border.
+    pub padding: Padding,
+}
+
+impl Window {
+    /// A `size` window with strides and dilation 1, `valid` padding.
+    pub fn new(size: [usize; 2]) -> Window {
+        Window {
+            size,
+            strides: [1, 1],
+            dilation: [1, 1],
+            padding: Padding::Valid,
+        }
+    }
+
+    /// With these strides.
+    pub fn strides(self, strides: [usize; 2]) -> Window {
+        Window { strides, ..self }
+    }
+
+    /// With this dilation.
+    pub fn dilation(self, dilation: [usize; 2]) -> Window {
+        Window { dilation, ..self }
+    }
+
+    /// With this padding.
+    pub fn padding(self, padding: Padding) -> Window {
+        Window { padding, ..self }
+    }
+}
+
+/// A window over a batch of NHWC images: the input and output sizes and where the window's
+/// taps fall. Made by [`Geometry::new`], which checks everything; every kernel of this module
+/// takes one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    /// Images in the batch.
+    pub batch: usize,
+    /// Input `[height, width]`.
+    pub input: [usize; 2],
+    /// Channels (of the input; pooling keeps them).
+    pub channels: usize,
+    /// The window.
+    pub window: Window,
+    /// Padding before the first row and column (`[top, left]`).
+    pub pad: [usize; 2],
+    /// Output `[height, width]`.
+    pub output: [usize; 2],
+}
+
+impl Geometry {
+    /// The geometry of `window` over `[batch, height, width, channels]` images; `op` names the
+    /// caller in errors.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `op` for a zero size, stride or dilation, for a window
+    /// whose span (`(size - 1) * dilation + 1`) exceeds the (padded) input, and for sizes whose
+    /// element counts overflow.
+    pub fn new(op: &'static str, input: [usize; 4], window: Window) -> Result<Geometry> {
+        let [batch, h, w, channels] = input;
+        let invalid = |what: String| Error::InvalidArgument { op, what };
+        for (name, v) in [
+            ("size", window.size),
+            ("strides", window.strides),
+            ("dilation", window.dilation),
+        ] {
+            if v.contains(&0) {
+                return Err(invalid(format!(
+                    "window {name} {v:?}: every value must be at least 1"
+                )));
+            }
+        }
+        let mut pad = [0; 2];
+        let mut output = [0; 2];
+        for d in 0..2 {
+            let extent = [h, w][d];
+            let span = (window.size[d] - 1)
+                .checked_mul(window.dilation[d])
+                .and_then(|s| s.checked_add(1))
+                .ok_or_else(|| invalid(format!("window span overflows: {window:?}")))?;
+            let stride = window.strides[d];
+            match window.padding {
+                Padding::Valid => {
+                    if span > extent {
+                        return Err(invalid(format!(
+                            "a window spanning {span} (size {:?}, dilation {:?}) does not fit \
+                             the input {:?} [height, width] with padding valid",
+                            window.size,
+                            window.dilation,
+                            [h, w]
+                        )));
+                    }
+                    output[d] = (extent - span) / stride + 1;
+                }
+                Padding::Same => {
+                    if extent == 0 {
+                        return Err(invalid(format!(
+                            "the input {:?} [height, width] is empty",
+                            [h, w]
+                        )));
+                    }
+                    output[d] = extent.div_ceil(stride);
+                    let needed = (output[d] - 1) * stride + span;
+                    pad[d] = needed.saturating_sub(extent) / 2;
+                }
+            }
+        }
+        let g = Geometry {
+            batch,
+            input: [h, w],
+            channels,
+            window,
+            pad,
+            output,
+        };
+        // Every length the kernels compute must fit.
+        let lens = [
+            [batch, h, w, channels]
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b)),
+            [batch, output[0], output[1], channels]
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b)),
+            g.pixels()
+                .checked_mul(window.size[0] * window.size[1])
+                .and_then(|p| p.checked_mul(channels)),
+        ];
+        if lens.iter().any(Option::is_none) {
+            return Err(invalid(format!(
+                "the sizes overflow: input {input:?}, window {window:?}"
+            )));
+        }
+        Ok(g)
+    }
+
+    /// Output pixels in the batch: `batch * out_h * out_w`, the GEMM's rows.
+    pub fn pixels(&self) -> usize {
+        self.batch
+            .saturating_mul(self.output[0])
+            .saturating_mul(self.output[1])
+    }
+
+    /// The input's element count, `batch * h * w * channels`.
+    pub fn input_len(&self) -> usize {
+        self.batch * self.input[0] * self.input[1] * self.channels
+    }
+
+    /// The pooled output's element count, `batch * out_h * out_w * channels`.
+    pub fn output_len(&self) -> usize {
+        self.pixels() * self.channels
+    }
+
+    /// One patch's length, `size_h * size_w * channels`: the GEMM's depth.
+    pub fn patch_len(&self) -> usize {
+        self.window.size[0] * self.window.size[1] * self.channels
+    }
+
+    /// The im2col matrix's element count, `pixels * patch_len`.
+    pub fn cols_len(&self) -> usize {
+        self.pixels() * self.patch_len()
+    }
+
+    /// Whether the convolution is a plain GEMM on the input (a 1×1 window, stride 1, no
+    /// padding): then `cols` is the input itself.
+    pub fn is_pointwise(&self) -> bool {
+        self.window.size == [1, 1] && self.window.strides == [1, 1] && self.pad == [0, 0]
+    }
+
+    /// The input position of tap `k` (along axis `d`) of the window at output position `o`, if
+    /// it is inside the input.
+    #[inline]
+    fn tap(&self, d: usize, o: usize, k: usize) -> Option<usize> {
+        let p =
+            (o * self.window.strides[d] + k * self.window.dilation[d]).checked_sub(self.pad[d])?;
+        (p < self.input[d]).then_some(p)
+    }
+
+    /// The input element count of one image.
+    fn image_len(&self) -> usize {
+        self.input[0] * self.input[1] * self.channels
+    }
+}
+
+/// Pooling windows are contiguous (Keras's pooling layers have no dilation), which also keeps
+/// every window touching the input.
+fn check_pool(op: &'static str, g: &Geometry) -> Result<()> {
+    if g.window.dilation == [1, 1] {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            op,
+            what: format!(
+                "pooling windows have no dilation, got {:?}",
+                g.window.dilation
+            ),
+        })
+    }
+}
+
+fn check_len(op: &'static str, what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            op,
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// Whether work over `batch` images of `len` elements in all is worth the kernel threads.
+fn parallel(batch: usize, len: usize) -> bool {
+    threads::num_threads() > 1 && batch > 1 && len >= 1 << 14
+}
+
+/// Runs `f(image, part)` for every image, `out` split in `per` elements an image, on the
+/// kernel threads (one image a task) when that pays.
+fn per_image<A: Send>(out: &mut [A], per: usize, f: impl Fn(usize, &mut [A]) + Sync) {
+    if per == 0 {
+        return;
+    }
+    if parallel(out.len() / per, out.len()) {
+        threads::pool().install(|| {
+            out.par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(i, a)| f(i, a))
+        });
+    } else {
+        out.chunks_mut(per).enumerate().for_each(|(i, a)| f(i, a));
+    }
+}
+
+/// [`per_image`] over two outputs split alike.
+fn per_image2<A: Send, B: Send>(
+    a: &mut [A],
+    b: &mut [B],
+    per: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    if per == 0 {
+        return;
+    }
+    if parallel(a.len() / per, a.len()) {
+        threads::pool().install(|| {
+            a.par_chunks_mut(per)
+                .zip(b.par_chunks_mut(per))
+                .enumerate()
+                .for_each(|(i, (a, b))| f(i, a, b));
+        });
+    } else {
+        for (i, (a, b)) in a.chunks_mut(per).zip(b.chunks_mut(per)).enumerate() {
+            f(i, a, b);
+        }
+    }
+}
+
+/// Writes the im2col matrix of `x` (`[batch, h, w, channels]`) into `cols`
+/// (`[pixels, patch_len]`, row-major): row `(b, i, j)`, column `(ki, kj, c)` holds
+/// `x[b, i·sh + ki·dh - pad_top, j·sw + kj·dw - pad_left, c]`, zero in the padding.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `x` or `cols`; nothing is written then.
+pub(crate) fn im2col<T: Element>(g: &Geometry, x: &[T], cols: &mut [T]) -> Result<()> {
+    const OP: &str = "im2col";
+    check_len(OP, "x", x.len(), g.input_len())?;
+    check_len(OP, "cols", cols.len(), g.cols_len())?;
+    let c = g.channels;
+    let [kh, kw] = g.window.size;
+    let [oh, ow] = g.output;
+    let row_len = g.patch_len();
+    let per = oh * ow * row_len;
+    per_image(cols, per, |b, out| {
+        let image = &x[b * g.image_len()..(b + 1) * g.image_len()];
+        for i in 0..oh {
+            for j in 0..ow {
+                let row = &mut out[(i * ow + j) * row_len..][..row_len];
+                for ki in 0..kh {
+                    let ih = g.tap(0, i, ki);
+                    for kj in 0..kw {
+                        let dst = &mut row[(ki * kw + kj) * c..][..c];
+                        match (ih, g.tap(1, j, kj)) {
+                            (Some(ih), Some(iw)) => {
+                                dst.copy_from_slice(&image[(ih * g.input[1] + iw) * c..][..c]);
+                            }
+                            _ => dst.fill(T::ZERO),
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The adjoint of [`im2col`]: `dx` (`[batch, h, w, channels]`, float32) becomes the sum, for
+/// every input position, of the `dcols` entries (`[pixels, patch_len]`) that [`im2col`] copied
+/// from it (the padding's entries are dropped). Each image's sums are taken in one fixed
+/// order.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `dcols` or `dx`; nothing is written then.
+pub(crate) fn col2im<T: Element>(g: &Geometry, dcols: &[T], dx: &mut [f32]) -> Result<()> {
+    const OP: &str = "col2im";
+    check_len(OP, "dcols", dcols.len(), g.cols_len())?;
+    check_len(OP, "dx", dx.len(), g.input_len())?;
+    let c = g.channels;
+    let [kh, kw] = g.window.size;
+    let [oh, ow] = g.output;
+    let row_len = g.patch_len();
+    let per_cols = oh * ow * row_len;
+    per_image(dx, g.image_len(), |b, image| {
+        image.fill(0.0);
+        let rows = &dcols[b * per_cols..(b + 1) * per_cols];
+        for i in 0..oh {
+            for j in 0..ow {
+                let row = &rows[(i * ow + j) * row_len..][..row_len];
+                for ki in 0..kh {
+                    let Some(ih) = g.tap(0, i, ki) else { continue };
+                    for kj in 0..kw {
+                        let Some(iw) = g.tap(1, j, kj) else { continue };
+                        let dst = &mut image[(ih * g.input[1] + iw) * c..][..c];
+                        let src = &row[(ki * kw + kj) * c..][..c];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += s.to_f32();
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Max pooling: `y[b, i, j, c]` is the largest `x` in the window at `(i, j)` (positions in the
+/// padding are not candidates; NaN wins, as IEEE `maximum` says, the first one), and
+/// `argmax[b, i, j, c]` the index into `x` of the chosen element, which
+/// [`max_pool_backward`] routes the gradient to.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `x`, `y` or `argmax`; [`Error::InvalidArgument`] when `x`
+/// has more than `u32::MAX` elements. Nothing is written on error.
+pub(crate) fn max_pool<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    y: &mut [T],
+    argmax: &mut [u32],
+) -> Result<()> {
+    const OP: &str = "max_pool";
+    check_pool(OP, g)?;
+    check_len(OP, "x", x.len(), g.input_len())?;
+    check_len(OP, "y", y.len(), g.output_len())?;
+    check_len(OP, "argmax", argmax.len(), g.output_len())?;
+    if x.len() > u32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            what: format!(
+                "{} input elements: at most {} are supported",
+                x.len(),
+                u32::MAX
+            ),
+        });
+    }
+    let c = g.channels;
+    let [kh, kw] = g.window.size;
+    let [oh, ow] = g.output;
+    let per = oh * ow * c;
+    per_image2(y, argmax, per, |b, y, arg| {
+        let base = b * g.image_len();
+        let mut best = vec![f32::NEG_INFINITY; c];
+        for i in 0..oh {
+            for j in 0..ow {
+                let o = (i * ow + j) * c;
+                best.fill(f32::NEG_INFINITY);
+                let arg = &mut arg[o..o + c];
+                // Every window touches the input (no dilation, pad < size), so `arg` is set.
+                arg.fill(base as u32);
+                let mut seen = false;
+                for ki in 0..kh {
+                    let Some(ih) = g.tap(0, i, ki) else { continue };
+                    for kj in 0..kw {
+                        let Some(iw) = g.tap(1, j, kj) else { continue };
+                        let at = base + (ih * g.input[1] + iw) * c;
+                        for ch in 0..c {
+                            let v = x[at + ch].to_f32();
+                            let b = best[ch];
+                            // Take v when it is larger, or the first NaN; keep a NaN once taken.
+                            if !seen || v > b || (v.is_nan() && !b.is_nan()) {
+                                best[ch] = v;
+                                arg[ch] = (at + ch) as u32;
+                            }
+                        }
+                        seen = true;
+                    }
+                }
+                for (dst, &a) in y[o..o + c].iter_mut().zip(arg.iter()) {
+                    *dst = x[a as usize];
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The gradient of [`max_pool`]: `dx` (float32, `[batch, h, w, channels]`) is zero but for the
+/// chosen elements, which receive the sum of their windows' `dy`.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `dy`, `argmax` or `dx`; [`Error::InvalidArgument`] for an
+/// `argmax` entry outside its image. Nothing is written on error.
+pub(crate) fn max_pool_backward<T: Element>(
+    g: &Geometry,
+    dy: &[T],
+    argmax: &[u32],
+    dx: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "max_pool_backward";
+    check_pool(OP, g)?;
+    check_len(OP, "dy", dy.len(), g.output_len())?;
+    check_len(OP, "argmax", argmax.len(), g.output_len())?;
+    check_len(OP, "dx", dx.len(), g.input_len())?;
+    let per = g.output[0] * g.output[1] * g.channels;
+    let image = g.image_len();
+    if per > 0 {
+        for (b, arg) in argmax.chunks(per).enumerate() {
+            if let Some(bad) = arg.iter().find(|&&a| (a as usize) / image.max(1) != b) {
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    what: format!("argmax entry {bad} is not in image {b}"),
+                });
+            }
+        }
+    }
+    per_image(dx, image, |b, dx| {
+        dx.fill(0.0);
+        let base = b * image;
+        for (&a, d) in argmax[b * per..(b + 1) * per]
+            .iter()
+            .zip(&dy[b * per..(b + 1) * per])
+        {
+            dx[a as usize - base] += d.to_f32();
+        }
+    });
+    Ok(())
+}
+
+/// Average pooling: `y[b, i, j, c]` is the mean of the window's `x` at `(i, j)`, summed in
+/// float32 over the positions inside the input only (with `same` padding the border windows
+/// average fewer values, as Keras does).
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `x` or `y`; nothing is written then.
+pub(crate) fn avg_pool<T: Element>(g: &Geometry, x: &[T], y: &mut [T]) -> Result<()> {
+    const OP: &str = "avg_pool";
+    check_pool(OP, g)?;
+    check_len(OP, "x", x.len(), g.input_len())?;
+    check_len(OP, "y", y.len(), g.output_len())?;
+    let c = g.channels;
+    let [oh, ow] = g.output;
+    let per = oh * ow * c;
+    per_image(y, per, |b, y| {
+        let base = b * g.image_len();
+        let mut sum = vec![0.0f32; c];
+        for i in 0..oh {
+            for j in 0..ow {
+                sum.fill(0.0);
+                let count = window_taps(g, i, j, |at| {
+                    for (s, v) in sum.iter_mut().zip(&x[base + at..base + at + c]) {
+                        *s += v.to_f32();
+                    }
+                });
+                let inv = 1.0 / count as f32;
+                for (dst, s) in y[(i * ow + j) * c..][..c].iter_mut().zip(&sum) {
+                    *dst = T::from_f32(s * inv);
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The gradient of [`avg_pool`]: every position of a window receives `dy / count` of that
+/// window, summed in float32 into `dx` (`[batch, h, w, channels]`).
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `dy` or `dx`; nothing is written then.
+pub(crate) fn avg_pool_backward<T: Element>(g: &Geometry, dy: &[T], dx: &mut [f32]) -> Result<()> {
+    const OP: &str = "avg_pool_backward";
+    check_pool(OP, g)?;
+    check_len(OP, "dy", dy.len(), g.output_len())?;
+    check_len(OP, "dx", dx.len(), g.input_len())?;
+    let c = g.channels;
+    let [oh, ow] = g.output;
+    let per = oh * ow * c;
+    per_image(dx, g.image_len(), |b, dx| {
+        dx.fill(0.0);
+        let dy = &dy[b * per..(b + 1) * per];
+        let mut share = vec![0.0f32; c];
+        for i in 0..oh {
+            for j in 0..ow {
+                let count = window_taps(g, i, j, |_| {});
+                let inv = 1.0 / count as f32;
+                for (s, d) in share.iter_mut().zip(&dy[(i * ow + j) * c..][..c]) {
+                    *s = d.to_f32() * inv;
+                }
+                window_taps(g, i, j, |at| {
+                    for (d, s) in dx[at..at + c].iter_mut().zip(&share) {
+                        *d += s;
+                    }
+                });
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Calls `f` with the offset (within one image) of every window position at output `(i, j)`
+/// that lies inside the input, in row-major window order; returns how many there were.
+fn window_taps(g: &Geometry, i: usize, j: usize, mut f: impl FnMut(usize)) -> usize {
+    let mut count = 0;
+    for ki in 0..g.window.size[0] {
+        let Some(ih) = g.tap(0, i, ki) else { continue };
+        for kj in 0..g.window.size[1] {
+            let Some(iw) = g.tap(1, j, kj) else { continue };
+            f((ih * g.input[1] + iw) * g.channels);
+            count += 1;
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(input: [usize; 4], w: Window) -> Geometry {
+        Geometry::new("test", input, w).unwrap()
+    }
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        // TensorFlow: out = ceil(in / stride), pad_total = (out - 1) * stride + span - in, the
+        // smaller half before.
+        let g = geo([1, 28, 28, 1], Window::new([3, 3]).padding(Padding::Same));
+        assert_eq!((g.output, g.pad), ([28, 28], [1, 1]));
+        let g = geo(
+            [1, 28, 27, 1],
+            Window::new([3, 4]).strides([2, 2]).padding(Padding::Same),
+        );
+        // rows: out 14, needed 13*2+3=29, total 1 -> 0 before; cols: out 14, 13*2+4=30, 3 -> 1.
+        assert_eq!((g.output, g.pad), ([14, 14], [0, 1]));
+        let g = geo(
+            [1, 7, 7, 1],
+            Window::new([3, 3]).dilation([2, 2]).padding(Padding::Same),
+        );
+        assert_eq!((g.output, g.pad), ([7, 7], [2, 2]));
+        let g = geo([2, 7, 9, 3], Window::new([3, 2]).strides([2, 3]));
+        assert_eq!((g.output, g.pad), ([3, 3], [0, 0]));
+    }
+
+    #[test]
+    fn bad_windows_are_errors_that_name_the_problem() {
+        let e = |input, w| {
+            Geometry::new("Conv2D conv", input, w)
+                .unwrap_err()
+                .to_string()
+        };
+        let s = e([1, 5, 5, 1], Window::new([3, 3]).strides([0, 1]));
+        assert!(
+            s.contains("Conv2D conv") && s.contains("strides [0, 1]"),
+            "{s}"
+        );
+        let s = e([1, 5, 5, 1], Window::new([0, 3]));
+        assert!(s.contains("size [0, 3]"), "{s}");
+        let s = e([1, 2, 5, 1], Window::new([3, 3]));
+        assert!(s.contains("does not fit the input [2, 5]"), "{s}");
+        let s = e([1, 5, 5, 1], Window::new([3, 3]).dilation([3, 1]));
+        assert!(s.contains("spanning 7"), "{s}");
+        let s = e([1, 0, 5, 1], Window::new([1, 1]).padding(Padding::Same));
+        assert!(s.contains("empty"), "{s}");
+        let s = e([usize::MAX, 2, 2, 2], Window::new([1, 1]));
+        assert!(s.contains("overflow"), "{s}");
+    }
+}
