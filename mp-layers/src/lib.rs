@@ -31,7 +31,10 @@ pub use layer::{
     Compute, Converted, Layer, Model, SummaryRow, convert, convert_opt, convert_ref, format_summary,
 };
 pub use layers::activation::{Activation, ActivationKind, Flatten, Softmax};
+pub use layers::conv::Conv2D;
 pub use layers::dense::Dense;
+pub use layers::pooling::{AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D};
+pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;
 pub use train::{
     BestMetric, Callback, EpochLogs, FitOptions, History, Mean, ModelVars, Scores,

@@ -3,7 +3,7 @@
 
 use mp_core::{Device, F32, Tensor};
 use mp_kernels::softmax::Label;
-use ndarray::{ArrayView1, ArrayView2};
+use ndarray::{ArrayView1, ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
 use crate::layer::{Model, convert};
@@ -28,15 +28,16 @@ pub(crate) fn check_labels<L: Label>(y: &ArrayView1<'_, L>, classes: usize) -> R
     }
 }
 
-pub(crate) fn check_data<L>(x: &ArrayView2<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
-    if x.nrows() != y.len() {
+pub(crate) fn check_data<L>(x: &ArrayViewD<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
+    let samples = x.shape().first().copied().unwrap_or(0);
+    if samples != y.len() {
         return Err(Error::ShapeMismatch {
             layer: "fit".into(),
-            expected: format!("one label per sample ({} samples)", x.nrows()),
+            expected: format!("one label per sample ({samples} samples)"),
             got: vec![y.len()],
         });
     }
-    if x.nrows() == 0 {
+    if samples == 0 {
         return Err(Error::InvalidArgument {
             what: "no samples given".into(),
         });
@@ -71,20 +72,22 @@ pub(crate) fn nonfinite_origin<D: mp_core::DTypeKind>(
     })
 }
 
-/// Copies rows `idx` of `x` into a float32 tensor on `device` and converts it to the compute
-/// dtype there.
+/// Copies samples `idx` of `x` (`[samples, ...]`, any rank) into a float32 tensor
+/// `[idx.len(), ...]` on `device` and converts it to the compute dtype there.
 pub(crate) fn gather<D: mp_core::DTypeKind>(
-    x: &ArrayView2<'_, f32>,
+    x: &ArrayViewD<'_, f32>,
     idx: &[usize],
     device: Device,
 ) -> Result<Tensor<D>> {
-    let cols = x.ncols();
-    let host = Tensor::<F32>::from_writer(&[idx.len(), cols], |out| {
-        for (o, &i) in out.chunks_exact_mut(cols.max(1)).zip(idx) {
-            let row = x.row(i);
-            match row.to_slice() {
+    let mut shape = x.shape().to_vec();
+    shape[0] = idx.len();
+    let per: usize = shape[1..].iter().product();
+    let host = Tensor::<F32>::from_writer(&shape, |out| {
+        for (o, &i) in out.chunks_exact_mut(per.max(1)).zip(idx) {
+            let sample = x.index_axis(Axis(0), i);
+            match sample.as_slice() {
                 Some(s) => o.copy_from_slice(s),
-                None => o.iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = v),
+                None => o.iter_mut().zip(sample.iter()).for_each(|(o, &v)| *o = v),
             }
         }
     })?;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use mp_core::{Device, F32, LossScale, PolicyKind, Rng, Tensor};
 use mp_kernels::softmax::Label;
 use mp_optim::{LossScaleOptimizer, Optimizer};
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView, ArrayView1, ArrayViewD, Dimension};
 
 pub use self::callbacks::Callback;
 pub use self::logs::{
@@ -221,14 +221,21 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// Builds the model for `features` inputs per sample on first use; afterwards checks that
     /// `features` is what it was built for (building again with the same shape keeps the
     /// variables; another shape is an error naming both).
-    fn ensure_built(&mut self, features: usize) -> Result<()> {
-        if features == 0 {
+    fn ensure_built(&mut self, sample: &[usize]) -> Result<()> {
+        if sample.is_empty() {
             return Err(Error::InvalidArgument {
-                what: "the data has 0 features per sample (0 columns)".into(),
+                what: "each sample needs at least one axis: give x as [samples, features] or \
+                       [samples, height, width, channels]"
+                    .into(),
+            });
+        }
+        if sample.contains(&0) {
+            return Err(Error::InvalidArgument {
+                what: format!("the data has 0 features per sample (samples of shape {sample:?})"),
             });
         }
         let fresh = self.model.output_shape().is_none();
-        self.model.build(&[features])?;
+        self.model.build(sample)?;
         if fresh && !self.device.is_cpu() {
             self.place_variables()?;
         }
@@ -245,8 +252,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             })
     }
 
-    /// On a GPU under a 16-bit policy, warns once when hidden Dense widths or the batch size are
-    /// not multiples of 8 (tensor cores need them).
+    /// On a GPU under a 16-bit policy, warns once when hidden Dense widths, Conv2D filters or the
+    /// batch size are not multiples of 8 (tensor cores need them).
     fn warn_tensor_core_shapes(&self, batch_size: usize) {
         if self.device.is_cpu() {
             return;
@@ -255,7 +262,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         self.model.summary_rows("", &mut rows);
         let dense: Vec<(&str, usize)> = rows
             .iter()
-            .filter(|r| r.type_name == "Dense")
+            .filter(|r| r.type_name == "Dense" || r.type_name == "Conv2D")
             .filter_map(|r| Some((r.name.as_str(), *r.output_shape.as_ref()?.last()?)))
             .collect();
         mp_core::compat::warn_tensor_core_shapes_once(
@@ -339,15 +346,15 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// `options.epochs` more epochs from the restored one, with the restored shuffling state, so
     /// the result is bit-for-bit that of an uninterrupted run. The [callbacks](Callback) run
     /// when training starts and at the end of every epoch, in the order they were added.
-    pub fn fit<L: Label>(
+    pub fn fit<L: Label, Dx: Dimension>(
         &mut self,
-        x: ArrayView2<'_, f32>,
+        x: ArrayView<'_, f32, Dx>,
         y: ArrayView1<'_, L>,
         options: &FitOptions,
     ) -> Result<History> {
         // The callbacks get the whole trainer, so they are held apart while `fit` runs.
         let mut callbacks = std::mem::take(&mut self.callbacks);
-        let history = self.fit_with(x, y, options, &mut callbacks);
+        let history = self.fit_with(x.into_dyn(), y, options, &mut callbacks);
         callbacks.append(&mut self.callbacks);
         self.callbacks = callbacks;
         history
@@ -355,7 +362,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
 
     fn fit_with<L: Label>(
         &mut self,
-        x: ArrayView2<'_, f32>,
+        x: ArrayViewD<'_, f32>,
         y: ArrayView1<'_, L>,
         options: &FitOptions,
         callbacks: &mut [Box<dyn Callback<M, O>>],
@@ -366,17 +373,17 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 what: "batch_size must be at least 1".into(),
             });
         }
-        let (train, val) = mp_core::rng::validation_split(x.nrows(), options.validation_split)?;
+        let (train, val) = mp_core::rng::validation_split(y.len(), options.validation_split)?;
         if train.is_empty() {
             return Err(Error::InvalidArgument {
                 what: format!(
                     "no training samples left: {} samples with validation_split {}",
-                    x.nrows(),
+                    y.len(),
                     options.validation_split
                 ),
             });
         }
-        self.ensure_built(x.ncols())?;
+        self.ensure_built(sample_shape(&x))?;
         check_labels(&y, self.classes()?)?;
         for cb in callbacks.iter_mut() {
             cb.on_train_begin(self, !val.is_empty())?;
@@ -447,7 +454,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
 
     fn evaluate_range<L: Label>(
         &self,
-        x: &ArrayView2<'_, f32>,
+        x: &ArrayViewD<'_, f32>,
         y: &ArrayView1<'_, L>,
         range: std::ops::Range<usize>,
         batch_size: usize,
@@ -473,25 +480,26 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
 
     /// Loss and accuracy on `x`, `y`, as Keras's `evaluate`; prints
     /// `313/313 - 1s - loss: ... - accuracy: ...` unless silent.
-    pub fn evaluate<L: Label>(
+    pub fn evaluate<L: Label, Dx: Dimension>(
         &mut self,
-        x: ArrayView2<'_, f32>,
+        x: ArrayView<'_, f32, Dx>,
         y: ArrayView1<'_, L>,
         batch_size: usize,
         verbose: Verbose,
     ) -> Result<Scores> {
+        let x = x.into_dyn();
         check_data(&x, &y)?;
         if batch_size == 0 {
             return Err(Error::InvalidArgument {
                 what: "batch_size must be at least 1".into(),
             });
         }
-        self.ensure_built(x.ncols())?;
+        self.ensure_built(sample_shape(&x))?;
         check_labels(&y, self.classes()?)?;
         let started = Instant::now();
-        let scores = self.evaluate_range(&x, &y, 0..x.nrows(), batch_size)?;
+        let scores = self.evaluate_range(&x, &y, 0..y.len(), batch_size)?;
         if verbose != Verbose::Silent {
-            let steps = mp_core::rng::num_batches(x.nrows(), batch_size);
+            let steps = mp_core::rng::num_batches(y.len(), batch_size);
             println!(
                 "{steps}/{steps} - {:.0}s - loss: {:.4} - accuracy: {:.4}",
                 started.elapsed().as_secs_f64(),
@@ -503,23 +511,34 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     }
 
     /// The model's float32 output for every row of `x`, as Keras's `predict`.
-    pub fn predict(&mut self, x: ArrayView2<'_, f32>, batch_size: usize) -> Result<Array2<f32>> {
+    pub fn predict<Dx: Dimension>(
+        &mut self,
+        x: ArrayView<'_, f32, Dx>,
+        batch_size: usize,
+    ) -> Result<Array2<f32>> {
+        let x = x.into_dyn();
+        let samples = x.shape().first().copied().unwrap_or(0);
         if batch_size == 0 {
             return Err(Error::InvalidArgument {
                 what: "batch_size must be at least 1".into(),
             });
         }
-        self.ensure_built(x.ncols())?;
+        self.ensure_built(sample_shape(&x))?;
         let classes = self.classes()?;
-        let mut rows: Vec<f32> = Vec::with_capacity(x.nrows() * classes);
-        let idx: Vec<usize> = (0..x.nrows()).collect();
+        let mut rows: Vec<f32> = Vec::with_capacity(samples * classes);
+        let idx: Vec<usize> = (0..samples).collect();
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
             let xb = gather::<Compute<M>>(&x, &idx[r], self.device)?;
             let probs = self.model.forward_f32(&xb)?;
             rows.extend(probs.to_device(mp_core::Device::Cpu)?.to_f32_vec()?);
         }
-        Array2::from_shape_vec((x.nrows(), classes), rows).map_err(|e| Error::InvalidArgument {
+        Array2::from_shape_vec((samples, classes), rows).map_err(|e| Error::InvalidArgument {
             what: format!("predict: {e}"),
         })
     }
+}
+
+/// The shape of one sample of `x` (`[samples, ...]`): every axis after the first.
+fn sample_shape<'a>(x: &'a ArrayViewD<'_, f32>) -> &'a [usize] {
+    x.shape().get(1..).unwrap_or(&[])
 }

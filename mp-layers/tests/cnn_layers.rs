@@ -1,0 +1,359 @@
+//! The convolutional layers against float64 references, forward and every gradient, under every
+//! policy, on random shapes that are multiples of no tile, every stride, padding and dilation.
+//!
+//! The references take the layer's own rounded inputs (the input and the kernel in the compute
+//! dtype, as the layer uses them) and, for the ReLU mask, the layer's output, so the bounds
+//! measure the layer's float32 arithmetic and its one rounding to the compute dtype:
+//! - output and input gradient: `(K + 3) u S + u_T |ref|`, K the GEMM depth (patch length, or
+//!   filters plus window taps for the input gradient), `S` the sum of the terms' magnitudes,
+//!   u = 2^-24 and `u_T` the compute dtype's unit roundoff (2^-8 bfloat16, 2^-11 float16);
+//! - kernel and bias gradients (float32): `(pixels + 3) u S`.
+
+use mp_core::{DType, DTypeKind, Element, Float32, MixedBFloat16, MixedFloat16, PolicyKind, Rng};
+use mp_core::{F32, Tensor};
+use mp_layers::{AveragePooling2D, Conv2D, GlobalAveragePooling2D, Layer, MaxPooling2D, Padding};
+
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+type Compute<P> = <P as PolicyKind>::Compute;
+
+fn unit_roundoff(d: DType) -> f64 {
+    match d {
+        DType::F32 => U,
+        DType::BF16 => 1.0 / 256.0,
+        DType::F16 => 1.0 / 2048.0,
+    }
+}
+
+fn pick(rng: &mut Rng, lo: usize, hi: usize) -> usize {
+    lo + rng.below((hi - lo + 1) as u64) as usize
+}
+
+fn values<D: DTypeKind>(t: &Tensor<D>) -> Vec<f64> {
+    t.as_slice().unwrap().iter().map(|v| v.to_f64()).collect()
+}
+
+fn rand<D: DTypeKind>(rng: &mut Rng, shape: &[usize]) -> Tensor<D> {
+    let n = shape.iter().product();
+    Tensor::<D>::from_f32(shape, &rng.uniform_vec(n, -1.0, 1.0)).unwrap()
+}
+
+fn check(what: &str, got: &[f64], reference: &[f64], bound: &[f64]) {
+    assert_eq!(got.len(), reference.len(), "{what}: length");
+    for i in 0..got.len() {
+        let err = (got[i] - reference[i]).abs();
+        assert!(
+            err <= bound[i] + 1e-30,
+            "{what}[{i}] = {}, reference {}, error {err:e} > bound {:e}",
+            got[i],
+            reference[i],
+            bound[i]
+        );
+    }
+}
+
+/// Where tap `k` of output `o` lands along an axis, if inside the input.
+fn tap(o: usize, k: usize, stride: usize, dilation: usize, pad: usize, n: usize) -> Option<usize> {
+    let p = (o * stride + k * dilation) as isize - pad as isize;
+    (p >= 0 && (p as usize) < n).then_some(p as usize)
+}
+
+/// TensorFlow's `same` padding before the first element: out = ceil(n / s).
+fn same_pad(n: usize, k: usize, s: usize, d: usize) -> (usize, usize) {
+    let out = n.div_ceil(s);
+    let span = (k - 1) * d + 1;
+    (out, ((out - 1) * s + span).saturating_sub(n) / 2)
+}
+
+fn conv_case<P: PolicyKind>(rng: &mut Rng) {
+    let u_t = unit_roundoff(Compute::<P>::DTYPE);
+    let (k, s, d) = (
+        [pick(rng, 1, 4), pick(rng, 1, 4)],
+        [pick(rng, 1, 3), pick(rng, 1, 3)],
+        [pick(rng, 1, 2), pick(rng, 1, 2)],
+    );
+    let same = rng.below(2) == 0;
+    let span = [(k[0] - 1) * d[0] + 1, (k[1] - 1) * d[1] + 1];
+    let (h, w) = (pick(rng, span[0], 12), pick(rng, span[1], 12));
+    let (n, c, f) = (pick(rng, 1, 3), pick(rng, 1, 6), pick(rng, 1, 9));
+    let relu = rng.below(2) == 0;
+    let mut layer = Conv2D::<P>::new(f, k)
+        .strides(s)
+        .dilation(d)
+        .padding(if same { Padding::Same } else { Padding::Valid })
+        .with_seed(rng.next_u64());
+    if relu {
+        layer = layer.relu();
+    }
+    let out = layer.build(&[h, w, c]).unwrap();
+    let (oh, pt, ow, pl) = if same {
+        let (oh, pt) = same_pad(h, k[0], s[0], d[0]);
+        let (ow, pl) = same_pad(w, k[1], s[1], d[1]);
+        (oh, pt, ow, pl)
+    } else {
+        ((h - span[0]) / s[0] + 1, 0, (w - span[1]) / s[1] + 1, 0)
+    };
+    assert_eq!(out, vec![oh, ow, f]);
+    // A non-zero bias, so that its part of the output is checked too.
+    let bias: Vec<f32> = rng.uniform_vec(f, -0.5, 0.5);
+    layer
+        .visit_variables("", &mut |p, v| {
+            if p == "bias" {
+                v.assign(&bias)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let x = rand::<Compute<P>>(rng, &[n, h, w, c]);
+    let y = layer.forward_train(&x).unwrap();
+    assert_eq!(y.shape(), &[n, oh, ow, f]);
+    let dy = rand::<Compute<P>>(rng, &[n, oh, ow, f]);
+    layer
+        .visit_variables("", &mut |_, v| Ok(v.zero_grad()?))
+        .unwrap();
+    let dx = layer.backward(&dy, true).unwrap().unwrap();
+
+    // The kernel as the layer used it: rounded to the compute dtype.
+    let kernel: Vec<f64> = layer
+        .kernel()
+        .unwrap()
+        .value()
+        .as_slice()
+        .unwrap()
+        .iter()
+        .map(|&v| <Compute<P> as DTypeKind>::Elem::from_f32(v).to_f64())
+        .collect();
+    let (xv, yv, dyv) = (values(&x), values(&y), values(&dy));
+    let mut y_ref = vec![0.0; n * oh * ow * f];
+    let mut y_abs = vec![0.0; n * oh * ow * f];
+    let mut dk = vec![0.0; kernel.len()];
+    let mut dk_abs = vec![0.0; kernel.len()];
+    let mut db = vec![0.0; f];
+    let mut db_abs = vec![0.0; f];
+    let mut dx_ref = vec![0.0; n * h * w * c];
+    let mut dx_abs = vec![0.0; n * h * w * c];
+    for b in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                let o = ((b * oh + i) * ow + j) * f;
+                for ff in 0..f {
+                    y_ref[o + ff] = bias[ff] as f64;
+                    y_abs[o + ff] = (bias[ff] as f64).abs();
+                }
+                for ki in 0..k[0] {
+                    let Some(ih) = tap(i, ki, s[0], d[0], pt, h) else {
+                        continue;
+                    };
+                    for kj in 0..k[1] {
+                        let Some(iw) = tap(j, kj, s[1], d[1], pl, w) else {
+                            continue;
+                        };
+                        for ch in 0..c {
+                            let xi = ((b * h + ih) * w + iw) * c + ch;
+                            for ff in 0..f {
+                                let ki_ = ((ki * k[1] + kj) * c + ch) * f + ff;
+                                let t = xv[xi] * kernel[ki_];
+                                y_ref[o + ff] += t;
+                                y_abs[o + ff] += t.abs();
+                                // Through the ReLU as the layer saw its own output.
+                                let dz = if relu && yv[o + ff] <= 0.0 {
+                                    0.0
+                                } else {
+                                    dyv[o + ff]
+                                };
+                                dk[ki_] += xv[xi] * dz;
+                                dk_abs[ki_] += (xv[xi] * dz).abs();
+                                dx_ref[xi] += dz * kernel[ki_];
+                                dx_abs[xi] += (dz * kernel[ki_]).abs();
+                            }
+                        }
+                    }
+                }
+                for ff in 0..f {
+                    let dz = if relu && yv[o + ff] <= 0.0 {
+                        0.0
+                    } else {
+                        dyv[o + ff]
+                    };
+                    db[ff] += dz;
+                    db_abs[ff] += dz.abs();
+                }
+            }
+        }
+    }
+    if relu {
+        y_ref.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+    let what = format!(
+        "{:?} n{n} {h}x{w}x{c} -> {f}, kernel {k:?} strides {s:?} dilation {d:?} same {same} \
+         relu {relu}",
+        P::POLICY
+    );
+    let patch = (k[0] * k[1] * c) as f64;
+    let pixels = (n * oh * ow) as f64;
+    let b: Vec<f64> = (0..y_ref.len())
+        .map(|i| (patch + 3.0) * U * y_abs[i] + u_t * y_ref[i].abs())
+        .collect();
+    check(&format!("{what} y"), &yv, &y_ref, &b);
+    let taps = (k[0] * k[1]) as f64;
+    let b: Vec<f64> = (0..dx_ref.len())
+        .map(|i| (f as f64 + taps + 3.0) * U * dx_abs[i] + u_t * dx_ref[i].abs())
+        .collect();
+    check(&format!("{what} dx"), &values(&dx), &dx_ref, &b);
+    let mut grads: Vec<(String, Vec<f64>)> = vec![];
+    layer
+        .visit_variables("", &mut |p, v| {
+            grads.push((p.to_string(), values(v.grad())));
+            Ok(())
+        })
+        .unwrap();
+    let b: Vec<f64> = dk_abs.iter().map(|s| (pixels + 3.0) * U * s).collect();
+    check(&format!("{what} dkernel"), &grads[0].1, &dk, &b);
+    let b: Vec<f64> = db_abs.iter().map(|s| (pixels + 3.0) * U * s).collect();
+    check(&format!("{what} dbias"), &grads[1].1, &db, &b);
+}
+
+fn conv_sweep<P: PolicyKind>(seed: u64) {
+    let mut rng = Rng::new(mp_core::rng::test_seed(&format!("conv2d {seed}")));
+    for _ in 0..40 {
+        conv_case::<P>(&mut rng);
+    }
+}
+
+#[test]
+fn conv2d_float32_matches_float64() {
+    conv_sweep::<Float32>(1);
+}
+
+#[test]
+fn conv2d_mixed_bfloat16_matches_float64() {
+    conv_sweep::<MixedBFloat16>(2);
+}
+
+#[test]
+fn conv2d_mixed_float16_matches_float64() {
+    conv_sweep::<MixedFloat16>(3);
+}
+
+/// Pooling layers: shapes, values against float64 and gradients that sum to `dy`'s.
+fn pooling<P: PolicyKind>() {
+    let mut rng = Rng::new(mp_core::rng::test_seed("pooling layers"));
+    let (n, h, w, c) = (2, 7, 5, 3);
+    let x = rand::<Compute<P>>(&mut rng, &[n, h, w, c]);
+    let xv = values(&x);
+
+    let mut max = MaxPooling2D::<P>::new([2, 2]);
+    assert_eq!(max.build(&[h, w, c]).unwrap(), vec![3, 2, c]);
+    let y = max.forward_train(&x).unwrap();
+    let yv = values(&y);
+    for b in 0..n {
+        for i in 0..3 {
+            for j in 0..2 {
+                for ch in 0..c {
+                    let m = (0..2)
+                        .flat_map(|a| (0..2).map(move |bb| (a, bb)))
+                        .map(|(a, bb)| xv[((b * h + 2 * i + a) * w + 2 * j + bb) * c + ch])
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    assert_eq!(yv[((b * 3 + i) * 2 + j) * c + ch], m);
+                }
+            }
+        }
+    }
+    let dy = rand::<Compute<P>>(&mut rng, y.shape());
+    let dx = max.backward(&dy, true).unwrap().unwrap();
+    assert_eq!(dx.shape(), x.shape());
+    let (sum_dx, sum_dy): (f64, f64) = (values(&dx).iter().sum(), values(&dy).iter().sum());
+    assert!(
+        (sum_dx - sum_dy).abs() <= 1e-2 * (1.0 + sum_dy.abs()),
+        "{sum_dx} {sum_dy}"
+    );
+
+    let mut avg = AveragePooling2D::<P>::new([3, 3]).padding(Padding::Same);
+    assert_eq!(avg.build(&[h, w, c]).unwrap(), vec![3, 2, c]);
+    avg.forward_train(&x).unwrap();
+
+    let mut gap = GlobalAveragePooling2D::<P>::new();
+    assert_eq!(gap.build(&[h, w, c]).unwrap(), vec![c]);
+    let y = gap.forward_train(&x).unwrap();
+    assert_eq!(y.shape(), &[n, c]);
+    let u_t = unit_roundoff(Compute::<P>::DTYPE);
+    for b in 0..n {
+        for ch in 0..c {
+            let mean: f64 = (0..h * w)
+                .map(|p| xv[(b * h * w + p) * c + ch])
+                .sum::<f64>()
+                / (h * w) as f64;
+            let got = values(&y)[b * c + ch];
+            assert!(
+                (got - mean).abs() <= 1e-6 + u_t * mean.abs(),
+                "{got} {mean}"
+            );
+        }
+    }
+    let dy = rand::<Compute<P>>(&mut rng, &[n, c]);
+    let dx = gap.backward(&dy, true).unwrap().unwrap();
+    let dxv = values(&dx);
+    for b in 0..n {
+        for p in 0..h * w {
+            for ch in 0..c {
+                let r = values(&dy)[b * c + ch] / (h * w) as f64;
+                let got = dxv[(b * h * w + p) * c + ch];
+                assert!((got - r).abs() <= 1e-7 + u_t * r.abs(), "{got} {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn pooling_layers_under_every_policy() {
+    pooling::<Float32>();
+    pooling::<MixedBFloat16>();
+    pooling::<MixedFloat16>();
+}
+
+/// Bad configurations and inputs are errors that name the layer and the shapes.
+#[test]
+fn bad_convolutions_are_errors_naming_the_layer_and_shapes() {
+    let e = |r: mp_layers::Result<Vec<usize>>| r.unwrap_err().to_string();
+    let mut c = Conv2D::<Float32>::new(4, [5, 5]);
+    c.set_name("conv_1");
+    let s = e(c.build(&[3, 8, 1]));
+    assert!(
+        s.contains("conv_1") && s.contains("does not fit the input [3, 8]"),
+        "{s}"
+    );
+    let mut c = Conv2D::<Float32>::new(4, [3, 3]).strides([0, 1]);
+    c.set_name("conv_2");
+    let s = e(c.build(&[8, 8, 1]));
+    assert!(s.contains("conv_2") && s.contains("strides [0, 1]"), "{s}");
+    let mut c = Conv2D::<Float32>::new(4, [3, 3]);
+    c.set_name("conv_3");
+    let s = e(c.build(&[784]));
+    assert!(
+        s.contains("conv_3") && s.contains("[784]") && s.contains("Reshape"),
+        "{s}"
+    );
+    let mut c = Conv2D::<Float32>::new(0, [3, 3]);
+    assert!(e(c.build(&[8, 8, 1])).contains("at least one filter"));
+    // A channel mismatch at run time.
+    let mut c = Conv2D::<Float32>::new(4, [3, 3]);
+    c.set_name("conv_4");
+    c.build(&[8, 8, 3]).unwrap();
+    let x = Tensor::<F32>::zeros(&[2, 8, 8, 2]).unwrap();
+    let s = c.forward(&x).unwrap_err().to_string();
+    assert!(s.contains("conv_4") && s.contains("(batch, 8, 8, 3)") && s.contains("[2, 8, 8, 2]"));
+    let mut p = MaxPooling2D::<Float32>::new([0, 2]);
+    p.set_name("pool_1");
+    let s = e(p.build(&[8, 8, 3]));
+    assert!(s.contains("pool_1") && s.contains("size [0, 2]"), "{s}");
+    let mut p = MaxPooling2D::<Float32>::new([2, 2]);
+    let s = e(p.build(&[8, 3]));
+    assert!(s.contains("MaxPooling2D") && s.contains("[8, 3]"), "{s}");
+    let mut g = GlobalAveragePooling2D::<Float32>::new();
+    g.build(&[4, 4, 3]).unwrap();
+    let s = g.forward(&x).unwrap_err().to_string();
+    assert!(
+        s.contains("global_average_pooling2d") && s.contains("[2, 8, 8, 2]"),
+        "{s}"
+    );
+}
