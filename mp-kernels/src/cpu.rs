@@ -423,6 +423,23 @@ impl Cpu {
     // Loss scaling
     // ---------------------------------------------------------------------------------------
 
+    /// `y = y + x` elementwise, added in float32 and rounded once (a residual connection).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `x` and `y` differ in length; `y` is unchanged then.
+    pub fn add_assign<T: Element>(&self, x: &[T], y: &mut [T]) -> Result<()> {
+        if x.len() != y.len() {
+            return Err(Error::LengthMismatch {
+                op: "add",
+                what: "x",
+                expected: y.len(),
+                got: x.len(),
+            });
+        }
+        scale::add_assign(x, y);
+        Ok(())
+    }
+
     /// `x = x * s` in float32, rounded back to the element type.
     pub fn scale<T: Element>(&self, x: &mut [T], s: f32) {
         scale::scale(self.isa, x, s)

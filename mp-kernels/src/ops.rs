@@ -251,6 +251,22 @@ pub fn cast_into<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>, out: &mut Tensor<D>)
     }
 }
 
+/// `y = y + x` elementwise (added in float32, rounded once to `D`): a residual connection.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for shapes that differ; `WrongDevice`; on CUDA, no kernel yet.
+pub fn add_assign<D: DTypeKind>(x: &Tensor<D>, y: &mut Tensor<D>) -> Result<()> {
+    const OP: &str = "add";
+    same_shape(OP, "y", x.shape(), y.shape())?;
+    match device(OP, &[x.device(), y.device()])? {
+        Device::Cpu => Cpu::global()?.add_assign(x.as_slice()?, y.as_mut_slice()?),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(not_on_cuda(OP)),
+    }
+}
+
 /// `x` cast to `D`, on `x`'s device.
 ///
 /// # Errors

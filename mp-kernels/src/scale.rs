@@ -1,4 +1,4 @@
-//! Scaling by a scalar, the fused unscale + all-finite check of loss scaling, and the finiteness
+//! Scaling by a scalar, elementwise addition (residual connections), the fused unscale + all-finite check of loss scaling, and the finiteness
 //! test.
 //!
 //! [`Cpu::unscale_and_check`](crate::Cpu::unscale_and_check) is what
@@ -24,13 +24,22 @@
 
 use mp_core::{DType, Element};
 
-use crate::cast::exec::{par_all, par_each, par_each_all};
+use crate::cast::exec::{par_all, par_each, par_each_all, par_zip};
 use crate::isa::Isa;
 
 /// See [`crate::Cpu::scale`].
 pub(crate) fn scale<T: Element>(isa: Isa, x: &mut [T], s: f32) {
     let isa = isa.or_scalar();
     par_each(x, |x| scale_chunk(isa, x, s));
+}
+
+/// See [`crate::Cpu::add_assign`].
+pub(crate) fn add_assign<T: Element>(x: &[T], y: &mut [T]) {
+    par_zip(x, 1, y, 1, |x: &[T], y: &mut [T]| {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = T::from_f32(y.to_f32() + x.to_f32());
+        }
+    });
 }
 
 /// See [`crate::Cpu::unscale_and_check`].

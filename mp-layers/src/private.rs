@@ -32,6 +32,65 @@ pub fn build_child<L: Layer>(
     })
 }
 
+/// [`build_child`] for a `#[residual]` field, whose output must have its input's shape.
+pub fn build_residual<L: Layer>(
+    layer: &mut L,
+    field: &str,
+    previous: &str,
+    input: &[usize],
+) -> Result<Vec<usize>> {
+    let out = build_child(layer, field, previous, input)?;
+    if out != input {
+        return Err(Error::InvalidArgument {
+            what: format!(
+                "the residual block {field} outputs shape {out:?} but takes {input:?}: a \
+                 residual block must keep the shape (y = x + {field}(x))"
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// `y + skip` for a `#[residual]` field (`skip` is the block's input; the dtypes agree, which
+/// the model's residual rule checks at compile time, so the conversion is a no-op).
+pub fn residual_add<O: DTypeKind, C: DTypeKind>(
+    y: Tensor<O>,
+    skip: &Tensor<C>,
+    field: &str,
+) -> Result<Tensor<O>> {
+    if y.shape() != skip.shape() {
+        return Err(Error::ShapeMismatch {
+            layer: field.to_string(),
+            expected: format!("the residual block's input shape {:?}", skip.shape()),
+            got: y.shape().to_vec(),
+        });
+    }
+    let mut y = y;
+    let skip = convert_ref::<C, O>(skip)?;
+    mp_kernels::ops::add_assign(&skip, &mut y)?;
+    Ok(y)
+}
+
+/// The input gradient of a `#[residual]` field: through the block (`through`) plus around it
+/// (`dy`).
+pub fn residual_grad<C: DTypeKind, O: DTypeKind>(
+    through: Option<Tensor<C>>,
+    dy: &Tensor<O>,
+    field: &str,
+) -> Result<Option<Tensor<C>>> {
+    let mut dx = required_grad(through, field)?;
+    let dy = convert_ref::<O, C>(dy)?;
+    if dx.shape() != dy.shape() {
+        return Err(Error::ShapeMismatch {
+            layer: field.to_string(),
+            expected: format!("an input gradient of shape {:?}", dy.shape()),
+            got: dx.shape().to_vec(),
+        });
+    }
+    mp_kernels::ops::add_assign(&dy, &mut dx)?;
+    Ok(Some(dx))
+}
+
 /// The input gradient a middle layer must return (it was asked for one).
 pub fn required_grad<D: DTypeKind>(grad: Option<Tensor<D>>, field: &str) -> Result<Tensor<D>> {
     grad.ok_or_else(|| Error::InvalidState {

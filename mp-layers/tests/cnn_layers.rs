@@ -357,3 +357,167 @@ fn bad_convolutions_are_errors_naming_the_layer_and_shapes() {
         "{s}"
     );
 }
+
+mod residual {
+    use super::*;
+    use mp_layers::{Activation, Dense, Softmax, model};
+
+    #[model]
+    struct Block {
+        inner: Dense,
+        outer: Dense,
+    }
+
+    #[model]
+    struct Net {
+        stem: Dense,
+        #[residual]
+        block: Block,
+        relu: Activation,
+        #[dtype = "float32"]
+        head: Softmax,
+    }
+
+    fn net<P: PolicyKind>(width: usize) -> Net<P> {
+        Net::new(
+            Dense::new(width),
+            Block::new(Dense::new(width).relu(), Dense::new(width)),
+            Activation::relu(),
+            Softmax::new(),
+        )
+    }
+
+    /// `y = x + block(x)`, and the gradient that reaches the input is the block's plus `dy`:
+    /// the residual model against the same layers run by hand, bit for bit under float32.
+    fn matches_by_hand<P: PolicyKind>() {
+        let mut rng = Rng::new(mp_core::rng::test_seed("residual"));
+        let mut m = net::<P>(7);
+        assert_eq!(m.build(&[5]).unwrap(), vec![7]);
+        let x = rand::<Compute<P>>(&mut rng, &[3, 5]);
+        let y = m.forward_train(&x).unwrap();
+        // By hand, with the model's own layers.
+        let h = m.stem.forward(&x).unwrap();
+        let b = m.block.forward(&h).unwrap();
+        let mut sum = values(&b);
+        for (s, v) in sum.iter_mut().zip(values(&h)) {
+            *s = <Compute<P> as DTypeKind>::Elem::from_f64(*s + v).to_f64();
+        }
+        let r = Tensor::<Compute<P>>::from_f32(
+            &[3, 7],
+            &sum.iter().map(|&v| v.max(0.0) as f32).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let p = m.head.forward(&mp_layers::convert(r).unwrap()).unwrap();
+        assert_eq!(values(&y), values(&p));
+
+        // The input gradient: through the block and around it.
+        let dy = Tensor::<F32>::from_f32(&[3, 7], &rng.uniform_vec(21, -1.0, 1.0)).unwrap();
+        m.visit_variables("", &mut |_, v| Ok(v.zero_grad()?))
+            .unwrap();
+        let dx = m.backward(&dy, true).unwrap().unwrap();
+        assert_eq!(dx.shape(), &[3, 5]);
+        let mut found = vec![];
+        m.visit_variables("", &mut |p, v| {
+            found.push(p.to_string());
+            assert!(values(v.grad()).iter().all(|g| g.is_finite()), "{p}");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            found,
+            [
+                "stem/kernel",
+                "stem/bias",
+                "block/inner/kernel",
+                "block/inner/bias",
+                "block/outer/kernel",
+                "block/outer/bias"
+            ]
+        );
+    }
+
+    #[test]
+    fn residual_fields_add_the_input_under_every_policy() {
+        matches_by_hand::<Float32>();
+        matches_by_hand::<MixedBFloat16>();
+        matches_by_hand::<MixedFloat16>();
+    }
+
+    /// The stem's gradient equals finite differences of the loss (float64 sums of a float32
+    /// model): the skip path's gradient is really added.
+    #[test]
+    fn residual_gradients_match_finite_differences() {
+        let mut rng = Rng::new(mp_core::rng::test_seed("residual fd"));
+        // Smooth (tanh, no ReLU kinks), so central differences are accurate.
+        let mut m = Net::<Float32>::new(
+            Dense::new(4),
+            Block::new(Dense::new(4), Dense::new(4)),
+            Activation::tanh(),
+            Softmax::new(),
+        );
+        m.build(&[3]).unwrap();
+        let x = rand::<F32>(&mut rng, &[2, 3]);
+        let r: Vec<f32> = rng.uniform_vec(8, -1.0, 1.0);
+        let loss = |m: &Net<Float32>| -> f64 {
+            let y = m.forward(&x).unwrap();
+            values(&y).iter().zip(&r).map(|(a, b)| a * *b as f64).sum()
+        };
+        m.forward_train(&x).unwrap();
+        m.visit_variables("", &mut |_, v| Ok(v.zero_grad()?))
+            .unwrap();
+        let dy = Tensor::<F32>::from_vec(&[2, 4], r.clone()).unwrap();
+        m.backward(&dy, true).unwrap();
+        let grad = values(m.stem.kernel().unwrap().grad());
+        let w0: Vec<f32> = m
+            .stem
+            .kernel()
+            .unwrap()
+            .value()
+            .as_slice()
+            .unwrap()
+            .to_vec();
+        for (i, &g) in grad.iter().enumerate() {
+            let eps = 1e-3f32;
+            let mut at = |d: f32| {
+                let mut w = w0.clone();
+                w[i] += d;
+                m.visit_variables("", &mut |p, v| {
+                    if p == "stem/kernel" {
+                        v.assign(&w)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                loss(&m)
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            assert!(
+                (fd - g).abs() <= 2e-3 * (1.0 + g.abs()),
+                "stem/kernel[{i}]: {g} vs {fd}"
+            );
+        }
+    }
+
+    #[model]
+    struct Widening {
+        grow: Dense,
+    }
+
+    #[model]
+    struct BadShape {
+        #[residual]
+        block: Widening,
+        #[dtype = "float32"]
+        head: Softmax,
+    }
+
+    #[test]
+    fn a_block_that_changes_the_shape_is_an_error_naming_both_shapes() {
+        let mut m = BadShape::<Float32>::new(Widening::new(Dense::new(6)), Softmax::new());
+        let e = m.build(&[4]).unwrap_err().to_string();
+        assert!(
+            e.contains("block") && e.contains("[6]") && e.contains("[4]"),
+            "{e}"
+        );
+    }
+}

@@ -20,11 +20,13 @@ pub(crate) struct Field<'a> {
     /// The field's name without `r#`: the layer's name and its variables' path prefix.
     pub(crate) name: String,
     pub(crate) vis: &'a Visibility,
-    /// The attributes to keep (all but `#[dtype]`).
+    /// The attributes to keep (all but `#[dtype]` and `#[residual]`).
     pub(crate) attrs: Vec<&'a Attribute>,
     /// The type as written, without its policy.
     pub(crate) ty: &'a Type,
     pub(crate) policy: FieldPolicy,
+    /// `#[residual]`: the output is `input + layer(input)`.
+    pub(crate) residual: bool,
 }
 
 impl<'a> Model<'a> {
@@ -77,9 +79,14 @@ impl<'a> Field<'a> {
             ident,
             name: ident.unraw().to_string(),
             vis: &field.vis,
-            attrs: field.attrs.iter().filter(|a| !attr::is_dtype(a)).collect(),
+            attrs: field
+                .attrs
+                .iter()
+                .filter(|a| !attr::is_dtype(a) && !attr::is_residual(a))
+                .collect(),
             ty: &field.ty,
             policy: attr::field_policy(&field.attrs, cx),
+            residual: attr::residual(&field.attrs, cx),
         })
     }
 }

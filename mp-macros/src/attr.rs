@@ -74,6 +74,29 @@ pub(crate) fn field_policy(attrs: &[Attribute], cx: &Ctxt) -> FieldPolicy {
     policy.map_or(FieldPolicy::Model, FieldPolicy::Fixed)
 }
 
+/// Whether `attrs` mark the field `#[residual]`: its layer's output is added to its input
+/// (`y = x + block(x)`). A malformed or repeated attribute is recorded in `cx`.
+pub(crate) fn residual(attrs: &[Attribute], cx: &Ctxt) -> bool {
+    let mut found = false;
+    for attr in attrs.iter().filter(|a| is_residual(a)) {
+        if found {
+            cx.error_spanned(attr, "duplicate `#[residual]` attribute: keep one");
+        } else if !matches!(attr.meta, Meta::Path(_)) {
+            cx.error_spanned(
+                attr,
+                "`#[residual]` takes no arguments: write `#[residual] block: Block`",
+            );
+        }
+        found = true;
+    }
+    found
+}
+
+/// Whether `attr` is `#[residual ...]`.
+pub(crate) fn is_residual(attr: &Attribute) -> bool {
+    attr.path().is_ident("residual")
+}
+
 /// Whether `attr` is `#[dtype ...]`.
 pub(crate) fn is_dtype(attr: &Attribute) -> bool {
     attr.path().is_ident("dtype")

@@ -64,7 +64,6 @@ impl<'a> Layer<'a> {
 /// `ty` with `policy` as its last generic argument. The added tokens carry the type's span, so
 /// an error about them (a type that takes no policy) points at the field.
 fn with_policy(ty: &Type, policy: FieldPolicy) -> Type {
-    let mut ty = valid::strip(ty).clone();
     let span = ty.span();
     let arg: GenericArgument = match policy {
         FieldPolicy::Model => parse_quote_spanned!(span=> P),
@@ -73,6 +72,13 @@ fn with_policy(ty: &Type, policy: FieldPolicy) -> Type {
             parse_quote_spanned!(span=> ::mp_layers::__private::mp_core::#marker)
         }
     };
+    with_arg(ty, arg)
+}
+
+/// `ty` (stripped of a written policy) with `arg` appended to its last segment's arguments.
+fn with_arg(ty: &Type, arg: GenericArgument) -> Type {
+    let mut ty = valid::strip(ty).clone();
+    let span = ty.span();
     if let Type::Path(p) = &mut ty
         && let Some(last) = p.path.segments.last_mut()
     {
@@ -173,8 +179,14 @@ fn expand(model: &Model<'_>) -> TokenStream {
             None => ("the model input", quote!(input_shape)),
             Some(p) => (names[p], quote!(&shape)),
         };
-        quote!(let shape = #private::build_child::<#ty>(&mut self.#id, #field, #previous, #input)?;)
+        let build = if l.field.residual {
+            quote!(build_residual)
+        } else {
+            quote!(build_child)
+        };
+        quote!(let shape = #private::#build::<#ty>(&mut self.#id, #field, #previous, #input)?;)
     });
+    let residual_rules = residual_rules(model, &layers);
     let debug = (!attr::derives_debug(&input.attrs)).then(|| {
         quote! {
             #[automatically_derived]
@@ -316,7 +328,70 @@ fn expand(model: &Model<'_>) -> TokenStream {
         {
         }
 
+        #residual_rules
+
         #debug
+    }
+}
+
+/// The residual rule, checked where the model is defined: under each policy, every
+/// `#[residual]` field's layer outputs its input's dtype (so `x + block(x)` needs no cast). One
+/// trait per field, so the error names it.
+fn residual_rules(model: &Model<'_>, layers: &[Layer<'_>]) -> TokenStream {
+    let (_, _, core) = paths();
+    let mut out = TokenStream::new();
+    for l in layers.iter().filter(|l| l.field.residual) {
+        let (field, name) = (&l.field.name, &model.name);
+        let rule = format_ident!("__Mp{}_{}_ResidualKeepsItsDtype", name, field);
+        let message = format!(
+            "the residual block `{field}` of `{name}` outputs `{{Self}}` but takes `{{D}}`: a \
+             residual block must output its input's dtype"
+        );
+        let label = format!("`{field}(x) + x` would add `{{Self}}` to `{{D}}`");
+        let note = "end the block with a layer of the block's policy (not a `#[dtype = \
+                    \"float32\"]` one), or drop `#[residual]`";
+        let span = l.field.ty.span();
+        let checks = ["Float32", "MixedFloat16", "MixedBFloat16"].map(|p| {
+            let policy = format_ident!("{}", p, span = span);
+            let ty = with_policy_marker(l.field.ty, l.field.policy, &policy);
+            quote_spanned! {span=>
+                check::<<#ty as ::mp_layers::Layer>::Output, ::mp_layers::Compute<#ty>>();
+            }
+        });
+        out.extend(quote! {
+            #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
+            #[doc(hidden)]
+            #[allow(non_camel_case_types)]
+            pub trait #rule<D> {}
+
+            #[automatically_derived]
+            impl<D: #core::DTypeKind> #rule<D> for D {}
+
+            #[automatically_derived]
+            const _: () = {
+                #[allow(dead_code)]
+                fn check<O: #rule<D>, D>() {}
+                #[allow(dead_code)]
+                fn every_policy() {
+                    #(#checks)*
+                }
+            };
+        });
+    }
+    out
+}
+
+/// `ty` under the concrete policy marker `marker` (a field fixed by `#[dtype]` keeps its own).
+fn with_policy_marker(ty: &Type, policy: FieldPolicy, marker: &syn::Ident) -> Type {
+    match policy {
+        FieldPolicy::Fixed(_) => with_policy(ty, policy),
+        FieldPolicy::Model => {
+            let span = ty.span();
+            with_arg(
+                ty,
+                parse_quote_spanned!(span=> ::mp_layers::__private::mp_core::#marker),
+            )
+        }
     }
 }
 
@@ -328,19 +403,28 @@ fn forward_chain(layers: &[Layer<'_>], borrow: TokenStream, method: TokenStream)
     let mut out = TokenStream::new();
     for (i, l) in layers.iter().enumerate() {
         let (id, as_layer, compute) = (l.field.ident, &l.as_layer, &l.compute);
+        let name = &l.field.name;
+        // `#[residual]`: the layer's input `h` is added to its output.
+        let skip = l.field.residual.then(|| {
+            quote!(let y = #private::residual_add::<#as_layer::Output, #compute>(y, &h, #name)?;)
+        });
         out.extend(match i.checked_sub(1) {
             None => quote! {
-                let x = #private::convert_ref::<
+                let h = #private::convert_ref::<
                     <P as #core::PolicyKind>::Compute,
                     #compute,
                 >(x)?;
-                let y = #as_layer::#method(#borrow self.#id, &*x)?;
+                let h = &*h;
+                let y = #as_layer::#method(#borrow self.#id, h)?;
+                #skip
             },
             Some(p) => {
                 let prev_as_layer = &layers[p].as_layer;
                 quote! {
-                    let y = #private::convert::<#prev_as_layer::Output, #compute>(y)?;
-                    let y = #as_layer::#method(#borrow self.#id, &y)?;
+                    let h = #private::convert::<#prev_as_layer::Output, #compute>(y)?;
+                    let h = &h;
+                    let y = #as_layer::#method(#borrow self.#id, h)?;
+                    #skip
                 }
             }
         });
@@ -366,6 +450,15 @@ fn backward_chain(layers: &[Layer<'_>], start: impl Fn(TokenStream) -> TokenStre
         };
         let call = if i + 1 == layers.len() {
             start(need)
+        } else if l.field.residual {
+            // The gradient reaches the input through the block and around it.
+            quote! {
+                #private::residual_grad::<#compute, #as_layer::Output>(
+                    #as_layer::backward(&mut self.#id, &g, true)?,
+                    &g,
+                    #name,
+                )
+            }
         } else {
             quote!(#as_layer::backward(&mut self.#id, &g, #need))
         };

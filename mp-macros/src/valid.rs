@@ -50,6 +50,14 @@ pub(crate) fn check(model: &Model<'_>, cx: &Ctxt) {
     for field in &model.fields {
         check_field(field, cx);
     }
+    if let Some(last) = model.fields.last().filter(|f| f.residual) {
+        cx.error_spanned(
+            last.ident,
+            "the last field cannot be `#[residual]`: its output is the model's output (float32); \
+             add the layer that follows the residual block (an `Activation`, a `Softmax`) after \
+             it",
+        );
+    }
 }
 
 /// A field's type must be a path to a layer type, written without its policy.
