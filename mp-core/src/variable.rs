@@ -8,12 +8,15 @@ use crate::tensor::Tensor;
 ///
 /// Variables are float32 under every policy; layers read them cast to their compute dtype.
 /// Gradients accumulate: backward adds into [`Variable::grad_mut`], and the training step zeroes
-/// them with [`Variable::zero_grad`].
+/// them with [`Variable::zero_grad`]. A [non-trainable](Variable::non_trainable) variable
+/// (BatchNormalization's moving statistics) is state the layer updates itself: optimizers do not
+/// see it, checkpoints save it.
 #[derive(Clone, Debug)]
 pub struct Variable {
     name: String,
     value: Tensor<F32>,
     grad: Tensor<F32>,
+    trainable: bool,
 }
 
 impl Variable {
@@ -24,7 +27,22 @@ impl Variable {
             name: name.into(),
             value,
             grad,
+            trainable: true,
         })
+    }
+
+    /// A non-trainable variable named `name` holding `value`: state its layer updates (Keras's
+    /// `trainable=False` weights), saved in checkpoints, never seen by an optimizer.
+    pub fn non_trainable(name: impl Into<String>, value: Tensor<F32>) -> Result<Self> {
+        Ok(Variable {
+            trainable: false,
+            ..Variable::new(name, value)?
+        })
+    }
+
+    /// Whether an optimizer updates it.
+    pub fn trainable(&self) -> bool {
+        self.trainable
     }
 
     /// The name.

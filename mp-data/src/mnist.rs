@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use ndarray::{Array1, Array2, Array3, ArrayBase, Data, Ix1, Ix3};
+use ndarray::{Array1, Array2, Array3, Array4, ArrayBase, Data, Ix1, Ix3};
 
 use crate::cache::{Cache, FileSpec, Source};
 use crate::error::{Error, Result};
@@ -267,6 +267,15 @@ pub fn to_features<S: Data<Elem = u8>>(images: &ArrayBase<S, Ix3>) -> Array2<f32
         .unwrap_or_else(|_| unreachable!("n * rows * cols elements fill (n, rows * cols)"))
 }
 
+/// Pixels as images, for convolutional models: `(n, rows, cols)` `u8` to `(n, rows, cols, 1)`
+/// `f32` divided by 255 (channels last, Keras's `(28, 28, 1)`).
+pub fn to_images<S: Data<Elem = u8>>(images: &ArrayBase<S, Ix3>) -> Array4<f32> {
+    let (n, rows, cols) = images.dim();
+    let data: Vec<f32> = images.iter().map(|&p| f32::from(p) / 255.0).collect();
+    Array4::from_shape_vec((n, rows, cols, 1), data)
+        .unwrap_or_else(|_| unreachable!("n * rows * cols elements fill (n, rows, cols, 1)"))
+}
+
 /// Labels as `u32` class indices.
 pub fn to_labels<S: Data<Elem = u8>>(labels: &ArrayBase<S, Ix1>) -> Array1<u32> {
     labels.mapv(u32::from)
@@ -283,6 +292,9 @@ mod tests {
         let f = to_features(&x);
         assert_eq!(f, array![[0.0, 1.0], [0.2, 0.4]]);
         assert_eq!(to_labels(&array![3u8, 9]), array![3u32, 9]);
+        let im = to_images(&x);
+        assert_eq!(im.dim(), (2, 1, 2, 1));
+        assert_eq!(im[[1, 0, 1, 0]], 0.4);
     }
 
     #[test]

@@ -423,6 +423,31 @@ impl Cpu {
     // Loss scaling
     // ---------------------------------------------------------------------------------------
 
+    /// `value = value * momentum + batch * (1 - momentum)`, Keras's update of moving
+    /// statistics, in float32 in that order.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `batch`; [`Error::InvalidArgument`] for a momentum that
+    /// is not finite or outside `[0, 1]`. Nothing is written on error.
+    pub fn moving_average(&self, value: &mut [f32], batch: &[f32], momentum: f32) -> Result<()> {
+        if batch.len() != value.len() {
+            return Err(Error::LengthMismatch {
+                op: "moving_average",
+                what: "batch",
+                expected: value.len(),
+                got: batch.len(),
+            });
+        }
+        if !(0.0..=1.0).contains(&momentum) {
+            return Err(Error::InvalidArgument {
+                op: "moving_average",
+                what: format!("momentum {momentum} is not in [0, 1]"),
+            });
+        }
+        scale::moving_average(value, batch, momentum);
+        Ok(())
+    }
+
     /// `y = y + x` elementwise, added in float32 and rounded once (a residual connection).
     ///
     /// # Errors

@@ -30,9 +30,11 @@ pub mod cpu;
 pub mod cpu_time;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dropout;
 pub mod error;
 pub mod gemm;
 pub mod isa;
+pub mod norm;
 pub mod ops;
 pub mod optim;
 pub mod peak;

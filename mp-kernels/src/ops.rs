@@ -759,6 +759,201 @@ pub fn avg_pool_backward<D: DTypeKind>(dy: &Tensor<D>, g: &Geometry) -> Result<T
 }
 
 // -------------------------------------------------------------------------------------------
+// Normalization and dropout
+// -------------------------------------------------------------------------------------------
+
+/// Per-channel statistics of `x` (`[..., channels]`, every leading axis a sample): the mean and
+/// the biased variance, computed in float32 whatever `x`'s dtype (see [`crate::norm`]).
+///
+/// # Errors
+/// An empty batch; on CUDA, no kernel yet.
+pub fn moments<D: DTypeKind>(x: &Tensor<D>) -> Result<(Tensor<F32>, Tensor<F32>)> {
+    let (rows, cols) = rows_cols(x.shape());
+    let mut mean = for_overwrite::<F32>(&[cols], x.device())?;
+    let mut var = for_overwrite::<F32>(&[cols], x.device())?;
+    match x.device() {
+        Device::Cpu => crate::norm::moments(
+            x.as_slice()?,
+            rows,
+            cols,
+            mean.as_mut_slice()?,
+            var.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda("moments")),
+    }
+    Ok((mean, var))
+}
+
+/// The per-channel statistics and affine parameters of a normalization, float32, `channels`
+/// long each.
+#[derive(Clone, Copy, Debug)]
+pub struct Norm<'a> {
+    /// The mean subtracted.
+    pub mean: &'a Tensor<F32>,
+    /// The variance divided by (its square root, plus `epsilon`).
+    pub var: &'a Tensor<F32>,
+    /// The scale.
+    pub gamma: &'a Tensor<F32>,
+    /// The offset.
+    pub beta: &'a Tensor<F32>,
+    /// Added to the variance.
+    pub epsilon: f32,
+}
+
+impl Norm<'_> {
+    fn check(&self, op: &'static str, cols: usize) -> Result<()> {
+        for (what, t) in [
+            ("mean", self.mean),
+            ("var", self.var),
+            ("gamma", self.gamma),
+            ("beta", self.beta),
+        ] {
+            same_shape(op, what, &[cols], t.shape())?;
+        }
+        Ok(())
+    }
+}
+
+/// `gamma * (x - mean) / sqrt(var + epsilon) + beta` per channel, in float32, rounded once to
+/// `x`'s dtype.
+///
+/// # Errors
+/// Parameters that are not `channels` long; a bad `epsilon`; `WrongDevice`; on CUDA, no kernel
+/// yet.
+pub fn normalize<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>) -> Result<Tensor<D>> {
+    const OP: &str = "normalize";
+    let (rows, cols) = rows_cols(x.shape());
+    p.check(OP, cols)?;
+    let devices = [
+        x.device(),
+        p.mean.device(),
+        p.var.device(),
+        p.gamma.device(),
+        p.beta.device(),
+    ];
+    let mut y = for_overwrite::<D>(x.shape(), x.device())?;
+    match device(OP, &devices)? {
+        Device::Cpu => crate::norm::normalize(
+            x.as_slice()?,
+            rows,
+            cols,
+            p.mean.as_slice()?,
+            p.var.as_slice()?,
+            p.gamma.as_slice()?,
+            p.beta.as_slice()?,
+            p.epsilon,
+            y.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(y)
+}
+
+/// The gradient of [`normalize`] with the batch's own statistics (training): returns `dx` in
+/// `x`'s dtype and adds the float32 gradients of gamma and beta into `dgamma` and `dbeta`.
+///
+/// # Errors
+/// As [`normalize`], with `dy`, `dgamma` and `dbeta` checked too.
+pub fn normalize_backward<D: DTypeKind>(
+    x: &Tensor<D>,
+    dy: &Tensor<D>,
+    p: Norm<'_>,
+    dgamma: &mut Tensor<F32>,
+    dbeta: &mut Tensor<F32>,
+) -> Result<Tensor<D>> {
+    const OP: &str = "normalize_backward";
+    let (rows, cols) = rows_cols(x.shape());
+    p.check(OP, cols)?;
+    same_shape(OP, "dy", x.shape(), dy.shape())?;
+    same_shape(OP, "dgamma", &[cols], dgamma.shape())?;
+    same_shape(OP, "dbeta", &[cols], dbeta.shape())?;
+    let mut dx = for_overwrite::<D>(x.shape(), x.device())?;
+    match device(
+        OP,
+        &[x.device(), dy.device(), p.gamma.device(), dgamma.device()],
+    )? {
+        Device::Cpu => crate::norm::normalize_backward(
+            x.as_slice()?,
+            dy.as_slice()?,
+            rows,
+            cols,
+            p.mean.as_slice()?,
+            p.var.as_slice()?,
+            p.gamma.as_slice()?,
+            p.epsilon,
+            dx.as_mut_slice()?,
+            dgamma.as_mut_slice()?,
+            dbeta.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
+/// `value = value * momentum + batch * (1 - momentum)` in float32 (moving statistics).
+///
+/// # Errors
+/// Shapes that differ; a momentum outside `[0, 1]`; `WrongDevice`; on CUDA, no kernel yet.
+pub fn moving_average(value: &mut Tensor<F32>, batch: &Tensor<F32>, momentum: f32) -> Result<()> {
+    const OP: &str = "moving_average";
+    same_shape(OP, "batch", value.shape(), batch.shape())?;
+    match device(OP, &[value.device(), batch.device()])? {
+        Device::Cpu => {
+            Cpu::global()?.moving_average(value.as_mut_slice()?, batch.as_slice()?, momentum)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(not_on_cuda(OP)),
+    }
+}
+
+/// Inverted dropout of `x` (see [`crate::dropout`]): each element kept with probability
+/// `1 - rate` and scaled by `1 / (1 - rate)`, else `+0`, from a mask that depends only on `seed`
+/// and the element's index, so [`dropout_backward`] regenerates it.
+///
+/// # Errors
+/// A `rate` outside `[0, 1)`; on CUDA, no kernel yet.
+pub fn dropout<D: DTypeKind>(x: &Tensor<D>, rate: f32, seed: u64) -> Result<Tensor<D>> {
+    let mut y = for_overwrite::<D>(x.shape(), x.device())?;
+    match x.device() {
+        Device::Cpu => crate::dropout::dropout(x.as_slice()?, rate, seed, 0, y.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda("dropout")),
+    }
+    Ok(y)
+}
+
+/// The gradient of [`dropout`] with the same `rate` and `seed`.
+///
+/// # Errors
+/// As [`dropout`].
+pub fn dropout_backward<D: DTypeKind>(dy: &Tensor<D>, rate: f32, seed: u64) -> Result<Tensor<D>> {
+    let mut dx = for_overwrite::<D>(dy.shape(), dy.device())?;
+    match dy.device() {
+        Device::Cpu => {
+            crate::dropout::dropout_backward(dy.as_slice()?, rate, seed, 0, dx.as_mut_slice()?)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda("dropout_backward")),
+    }
+    Ok(dx)
+}
+
+// -------------------------------------------------------------------------------------------
 // Loss scaling: the finiteness flag, unscaling
 // -------------------------------------------------------------------------------------------
 

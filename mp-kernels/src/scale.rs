@@ -42,6 +42,13 @@ pub(crate) fn add_assign<T: Element>(x: &[T], y: &mut [T]) {
     });
 }
 
+/// See [`crate::Cpu::moving_average`].
+pub(crate) fn moving_average(value: &mut [f32], batch: &[f32], momentum: f32) {
+    for (v, b) in value.iter_mut().zip(batch) {
+        *v = *v * momentum + *b * (1.0 - momentum);
+    }
+}
+
 /// See [`crate::Cpu::unscale_and_check`].
 pub(crate) fn unscale_and_check(isa: Isa, grads: &mut [f32], inv_scale: f32) -> bool {
     let isa = isa.or_scalar();

@@ -23,8 +23,10 @@ pub struct SummaryRow {
     pub policy: Policy,
     /// The output shape per sample, `None` before `build`.
     pub output_shape: Option<Vec<usize>>,
-    /// Trainable parameters.
+    /// Parameters, trainable and not (Keras's "Param #").
     pub params: usize,
+    /// Of which non-trainable (BatchNormalization's moving statistics).
+    pub non_trainable: usize,
 }
 
 /// A layer: computes in its policy's compute dtype, keeps float32 variables, and knows its own
@@ -105,8 +107,31 @@ pub trait Layer: Send + 'static {
     /// Bytes of activations kept by the last `forward_train` for backward.
     fn saved_bytes(&self) -> usize;
 
-    /// Trainable parameters.
+    /// Parameters, trainable and not (Keras's "Param #").
     fn param_count(&self) -> usize;
+
+    /// Of [`Layer::param_count`], the non-trainable ones (state the layer updates itself).
+    fn non_trainable_param_count(&self) -> usize {
+        0
+    }
+
+    /// Called by the trainer before each training step's `forward_train` with the step's number
+    /// (counted from 0 over the whole run, saved in checkpoints): layers that draw random
+    /// numbers (Dropout) seed them from it, so a resumed run draws what an uninterrupted one
+    /// would. A custom training loop calls it with its own step count.
+    fn begin_step(&mut self, step: u64) {
+        let _ = step;
+    }
+
+    /// Called once per training step after the optimizer decided: `applied` is false when the
+    /// step was skipped for non-finite gradients. Layers with state of their own
+    /// (BatchNormalization's moving statistics) commit what the step's `forward_train`
+    /// computed only when it was applied, so a skipped step leaves them bit-identical. A custom
+    /// training loop calls it after `apply_gradients`.
+    fn end_step(&mut self, applied: bool) -> Result<()> {
+        let _ = applied;
+        Ok(())
+    }
 
     /// Appends this layer's summary rows: one named `path` for a plain layer; one per layer for
     /// a model, named `path/field`.
@@ -117,6 +142,7 @@ pub trait Layer: Send + 'static {
             policy: <Self::Policy as PolicyKind>::POLICY,
             output_shape: self.output_shape().map(<[usize]>::to_vec),
             params: self.param_count(),
+            non_trainable: self.non_trainable_param_count(),
         });
     }
 }
@@ -271,7 +297,9 @@ pub fn format_summary(model_name: &str, policy: Policy, rows: &[SummaryRow]) -> 
         "Total params: {total} ({:.2} MB in float32)",
         total as f64 * 4.0 / 1e6
     );
-    let _ = writeln!(out, "Trainable params: {total}");
+    let frozen: usize = rows.iter().map(|r| r.non_trainable).sum();
+    let _ = writeln!(out, "Trainable params: {}", total - frozen);
+    let _ = writeln!(out, "Non-trainable params: {frozen}");
     let _ = write!(out, "{line}");
     out
 }

@@ -521,3 +521,253 @@ mod residual {
         );
     }
 }
+
+mod batch_norm {
+    use super::*;
+    use mp_layers::{
+        BatchNormalization, Dense, Dropout, Model, Softmax, SparseCategoricalCrossentropy, Trainer,
+        model,
+    };
+    use mp_optim::{Adam, Optimizer};
+
+    /// Forward with batch statistics and every gradient against float64, under `P`.
+    fn against_float64<P: PolicyKind>(seed: u64) {
+        let mut rng = Rng::new(mp_core::rng::test_seed(&format!("batch norm {seed}")));
+        let u_t = unit_roundoff(Compute::<P>::DTYPE);
+        let (n, h, w, c) = (
+            pick(&mut rng, 1, 3),
+            pick(&mut rng, 1, 6),
+            pick(&mut rng, 1, 6),
+            pick(&mut rng, 1, 9),
+        );
+        let rows = n * h * w;
+        if rows < 2 {
+            return;
+        }
+        let mut bn = BatchNormalization::<P>::new();
+        assert_eq!(bn.build(&[h, w, c]).unwrap(), vec![h, w, c]);
+        let gamma: Vec<f32> = rng.uniform_vec(c, 0.5, 1.5);
+        let beta: Vec<f32> = rng.uniform_vec(c, -0.5, 0.5);
+        bn.visit_variables("", &mut |p, v| {
+            match p {
+                "gamma" => v.assign(&gamma)?,
+                "beta" => v.assign(&beta)?,
+                _ => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+        let x = rand::<Compute<P>>(&mut rng, &[n, h, w, c]);
+        let y = bn.forward_train(&x).unwrap();
+        let dy = rand::<Compute<P>>(&mut rng, &[n, h, w, c]);
+        bn.visit_variables("", &mut |_, v| Ok(v.zero_grad()?))
+            .unwrap();
+        let dx = bn.backward(&dy, true).unwrap().unwrap();
+        let (xv, dyv) = (values(&x), values(&dy));
+        let eps = 1e-3f64;
+        let (mut yr, mut dxr) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+        for ch in 0..c {
+            let col: Vec<f64> = (0..rows).map(|r| xv[r * c + ch]).collect();
+            let mean = col.iter().sum::<f64>() / rows as f64;
+            let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / rows as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            let g = gamma[ch] as f64;
+            let d: Vec<f64> = (0..rows).map(|r| dyv[r * c + ch]).collect();
+            let xhat: Vec<f64> = col.iter().map(|v| (v - mean) * inv).collect();
+            let sd: f64 = d.iter().sum();
+            let sdx: f64 = d.iter().zip(&xhat).map(|(a, b)| a * b).sum();
+            db[ch] = sd;
+            dg[ch] = sdx;
+            for r in 0..rows {
+                yr[r * c + ch] = g * xhat[r] + beta[ch] as f64;
+                dxr[r * c + ch] = g * inv / rows as f64 * (rows as f64 * d[r] - sd - xhat[r] * sdx);
+            }
+        }
+        // float32 statistics over `rows` values, then one rounding to the compute dtype.
+        let tol = |r: f64, scale: f64| (rows as f64 + 16.0) * 4.0 * U * scale + u_t * r.abs();
+        let what = format!("{:?} {n}x{h}x{w}x{c}", P::POLICY);
+        let yv = values(&y);
+        for i in 0..yr.len() {
+            let b = tol(yr[i], 4.0 * gamma[i % c] as f64 + 1.0);
+            assert!(
+                (yv[i] - yr[i]).abs() <= b,
+                "{what} y[{i}] {} vs {}",
+                yv[i],
+                yr[i]
+            );
+        }
+        let dxv = values(&dx);
+        let dscale = dxr.iter().fold(0.0f64, |m, v| m.max(v.abs())) + 1.0;
+        for i in 0..dxr.len() {
+            let b = tol(dxr[i], 8.0 * dscale);
+            assert!(
+                (dxv[i] - dxr[i]).abs() <= b,
+                "{what} dx[{i}] {} vs {}",
+                dxv[i],
+                dxr[i]
+            );
+        }
+        let mut grads = vec![];
+        bn.visit_variables("", &mut |p, v| {
+            grads.push((p.to_string(), values(v.grad())));
+            Ok(())
+        })
+        .unwrap();
+        for ch in 0..c {
+            let s: f64 = (0..rows).map(|r| dyv[r * c + ch].abs()).sum::<f64>() * 4.0 + 1.0;
+            assert!(
+                (grads[0].1[ch] - dg[ch]).abs() <= (rows as f64 + 8.0) * 4.0 * U * s,
+                "{what} dgamma"
+            );
+            assert!(
+                (grads[1].1[ch] - db[ch]).abs() <= (rows as f64 + 8.0) * U * s,
+                "{what} dbeta"
+            );
+        }
+        assert_eq!(grads[2].0, "moving_mean");
+        assert_eq!(grads[3].0, "moving_variance");
+        assert_eq!(bn.param_count(), 4 * c);
+        assert_eq!(bn.non_trainable_param_count(), 2 * c);
+    }
+
+    #[test]
+    fn batch_norm_matches_float64_under_every_policy() {
+        for seed in 0..20 {
+            against_float64::<Float32>(seed);
+            against_float64::<MixedBFloat16>(seed);
+            against_float64::<MixedFloat16>(seed);
+        }
+    }
+
+    #[model]
+    struct Net {
+        dense: Dense,
+        norm: BatchNormalization,
+        drop: Dropout,
+        #[dtype = "float32"]
+        head: Softmax,
+    }
+
+    fn net<P: PolicyKind>() -> Net<P> {
+        Net::new(
+            Dense::new(6),
+            BatchNormalization::new().momentum(0.9),
+            Dropout::new(0.25).with_seed(7),
+            Softmax::new(),
+        )
+    }
+
+    fn moving<P: PolicyKind>(m: &Net<P>) -> Vec<u32> {
+        let (mm, mv) = (
+            m.norm.moving_mean().unwrap(),
+            m.norm.moving_variance().unwrap(),
+        );
+        mm.value()
+            .as_slice()
+            .unwrap()
+            .iter()
+            .chain(mv.value().as_slice().unwrap())
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// A skipped step (a NaN batch) leaves the moving statistics bit-identical under every
+    /// policy; an applied step moves them by Keras's rule; the optimizer never sees them.
+    fn skipped_steps_leave_the_statistics<P: PolicyKind>() {
+        let mut t = Trainer::compile(
+            net::<P>(),
+            Adam::default(),
+            SparseCategoricalCrossentropy::new(),
+        );
+        t.model_mut().build(&[4]).unwrap();
+        let mut rng = Rng::new(5);
+        let x: Tensor<Compute<P>> = rand(&mut rng, &[8, 4]);
+        let labels: Vec<u32> = (0..8).map(|i| i % 6).collect();
+        let before = moving(t.model());
+        let (r, _) = t.train_step(&x, &labels).unwrap();
+        assert!(r.applied);
+        let after = moving(t.model());
+        assert_ne!(before, after, "an applied step moves the statistics");
+        // moving = 0.9 * moving + 0.1 * batch: the mean started at 0, so it is 0.1 * batch mean.
+        let mut nan = values(&x);
+        nan[3] = f64::NAN;
+        let xn = Tensor::<Compute<P>>::from_f32(
+            &[8, 4],
+            &nan.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let weights = t.model_mut().get_weights().unwrap();
+        let (r, _) = t.train_step(&xn, &labels).unwrap();
+        assert!(!r.applied, "{:?}: a NaN batch is skipped", P::POLICY);
+        assert_eq!(
+            moving(t.model()),
+            after,
+            "{:?}: the skipped step left them",
+            P::POLICY
+        );
+        let again = t.model_mut().get_weights().unwrap();
+        for ((n, a), (_, b)) in weights.iter().zip(&again) {
+            assert_eq!(values(a), values(b), "{n}");
+        }
+        // The optimizer has slots for the trainable variables only.
+        let slots: Vec<String> = t
+            .optimizer()
+            .inner()
+            .state()
+            .into_iter()
+            .map(|(v, _, _)| v)
+            .collect();
+        assert!(slots.iter().all(|v| !v.contains("moving")), "{slots:?}");
+        assert!(slots.iter().any(|v| v == "norm/gamma"), "{slots:?}");
+        // Inference uses the moving statistics and no dropout: deterministic.
+        let a = t.model().forward_f32(&x).unwrap();
+        let b = t.model().forward_f32(&x).unwrap();
+        assert_eq!(values(&a), values(&b));
+        let rows = mp_layers::format_summary("Net", P::POLICY, &{
+            let mut r = vec![];
+            t.model().summary_rows("", &mut r);
+            r
+        });
+        assert!(rows.contains("Non-trainable params: 12"), "{rows}");
+    }
+
+    #[test]
+    fn skipped_steps_leave_the_moving_statistics_bit_identical() {
+        skipped_steps_leave_the_statistics::<Float32>();
+        skipped_steps_leave_the_statistics::<MixedBFloat16>();
+        skipped_steps_leave_the_statistics::<MixedFloat16>();
+    }
+
+    /// Dropout: active only in training, the same mask for a step number, another for the next.
+    #[test]
+    fn dropout_is_reproducible_and_only_in_training() {
+        let mut d = Dropout::<Float32>::new(0.5).with_seed(3);
+        d.build(&[1000]).unwrap();
+        let x = Tensor::<F32>::from_f32(&[2, 1000], &vec![1.0; 2000]).unwrap();
+        assert_eq!(values(&d.forward(&x).unwrap()), vec![1.0; 2000]);
+        d.begin_step(41);
+        let a = values(&d.forward_train(&x).unwrap());
+        let kept = a.iter().filter(|&&v| v == 2.0).count();
+        assert!(a.iter().all(|&v| v == 0.0 || v == 2.0));
+        assert!((800..1200).contains(&kept), "{kept}");
+        let g = values(&d.backward(&x, true).unwrap().unwrap());
+        assert_eq!(a, g, "backward uses the forward's mask");
+        d.begin_step(41);
+        assert_eq!(
+            values(&d.forward_train(&x).unwrap()),
+            a,
+            "same step, same mask"
+        );
+        d.begin_step(42);
+        assert_ne!(
+            values(&d.forward_train(&x).unwrap()),
+            a,
+            "next step, new mask"
+        );
+        let mut bad = Dropout::<Float32>::new(1.0);
+        bad.set_name("drop_1");
+        let e = bad.build(&[4]).unwrap_err().to_string();
+        assert!(e.contains("drop_1") && e.contains("rate 1"), "{e}");
+    }
+}

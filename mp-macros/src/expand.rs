@@ -310,6 +310,19 @@ fn expand(model: &Model<'_>) -> TokenStream {
                 #(#as_layers::param_count(&self.#ids))+*
             }
 
+            fn non_trainable_param_count(&self) -> usize {
+                #(#as_layers::non_trainable_param_count(&self.#ids))+*
+            }
+
+            fn begin_step(&mut self, step: u64) {
+                #(#as_layers::begin_step(&mut self.#ids, step);)*
+            }
+
+            fn end_step(&mut self, applied: bool) -> #mp::Result<()> {
+                #(#as_layers::end_step(&mut self.#ids, applied)?;)*
+                ::core::result::Result::Ok(())
+            }
+
             fn summary_rows(&self, path: &str, rows: &mut ::std::vec::Vec<#mp::SummaryRow>) {
                 #(#as_layers::summary_rows(
                     &self.#ids,

@@ -100,6 +100,8 @@ fn train_step<P: PolicyKind>(
     model.backward_from_softmax_input_f32(&scaled_grad)?;
     let _ = optimizer.get_unscaled_gradients(&mut ModelVars(model))?;
     let outcome = optimizer.apply_gradients(&mut ModelVars(model))?;
+    // Layers with state of their own (BatchNormalization) commit it only for an applied step.
+    model.end_step(outcome.applied)?;
     Ok((loss, outcome.applied))
 }
 

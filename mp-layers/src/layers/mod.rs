@@ -1,9 +1,12 @@
 //! The layers, one file per family: [`dense`] (`Dense`), [`conv`] (`Conv2D`), [`pooling`]
-//! (`MaxPooling2D`, `AveragePooling2D`, `GlobalAveragePooling2D`), [`activation`]
-//! (`Activation`, `Softmax`, `Flatten`).
+//! (`MaxPooling2D`, `AveragePooling2D`, `GlobalAveragePooling2D`), [`norm`]
+//! (`BatchNormalization`), [`dropout`] (`Dropout`), [`activation`] (`Activation`, `Softmax`,
+//! `Flatten`).
 
 pub mod activation;
 pub mod conv;
 pub mod dense;
+pub mod dropout;
+pub mod norm;
 pub mod pooling;
 mod util;

@@ -281,6 +281,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         labels: &[L],
     ) -> Result<(StepResult, Tensor<F32>)> {
         self.model.zero_grad()?;
+        self.model.begin_step(self.progress.step);
         let probs = self.model.forward_train_f32(x)?;
         let loss = self.loss.loss(&probs, labels)?;
         let scale = self.optimizer.loss_scale();
@@ -309,6 +310,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 (applied, check.first_nonfinite)
             }
         };
+        // Layer state of the step (moving statistics) is committed only when it was applied.
+        self.model.end_step(applied)?;
         self.progress.step += 1;
         let scaled = matches!(self.optimizer, TrainOptimizer::Scaled(_));
         if applied || scaled {

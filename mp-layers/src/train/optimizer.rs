@@ -7,7 +7,7 @@ use mp_optim::{LossScaleOptimizer, Optimizer, VariableSet};
 use crate::error::Error;
 use crate::layer::Layer;
 
-/// A model's variables as an optimizer sees them.
+/// A model's variables as an optimizer sees them: the trainable ones.
 #[derive(Debug)]
 pub struct ModelVars<'a, M: Layer>(pub &'a mut M);
 
@@ -18,10 +18,13 @@ impl<M: Layer> VariableSet for ModelVars<'_, M> {
     ) -> mp_optim::Result<()> {
         // The optimizer's own error travels through the model's visit as itself and comes out
         // unchanged; a model's error is kept whole as the source.
-        match self
-            .0
-            .visit_variables("", &mut |name, v| f(name, v).map_err(Error::Optim))
-        {
+        match self.0.visit_variables("", &mut |name, v| {
+            if v.trainable() {
+                f(name, v).map_err(Error::Optim)
+            } else {
+                Ok(())
+            }
+        }) {
             Ok(()) => Ok(()),
             Err(Error::Optim(e)) => Err(e),
             Err(other) => Err(mp_optim::Error::Variables(Box::new(other))),

@@ -1,0 +1,116 @@
+//! A residual convolutional network with BatchNormalization on MNIST images, under any policy.
+//!
+//! ```sh
+//! cargo run --release -p examples --bin mnist_cnn -- [--policy mixed_bfloat16] [--epochs 5]
+//!     [--batch-size 128] [--seed 0] [--validation-split 0.1] [--train-samples N]
+//! ```
+//!
+//! The network is [`examples::MnistCnn`]; Adam with learning rate [`examples::CNN_LEARNING_RATE`]
+//! and BatchNormalization momentum [`examples::CNN_BN_MOMENTUM`]. The images are
+//! `(n, 28, 28, 1)` float32 in `[0, 1]`. Each epoch prints its validation accuracy (with the
+//! moving statistics, as `evaluate` uses them); the test accuracy comes from `evaluate`.
+
+use std::time::Instant;
+
+use examples::{Args, CNN_LEARNING_RATE, MnistCnn};
+use mp_core::{Policy, PolicyKind, PolicyVisitor};
+use mp_layers::{FitOptions, Layer, Model, SparseCategoricalCrossentropy, Trainer, Verbose};
+use mp_optim::Adam;
+use ndarray::s;
+
+const OPTIONS: &[&str] = &[
+    "policy",
+    "batch-size",
+    "epochs",
+    "validation-split",
+    "seed",
+    "train-samples",
+];
+
+struct Run {
+    options: FitOptions,
+    train_samples: Option<usize>,
+}
+
+impl PolicyVisitor for Run {
+    type Output = anyhow::Result<()>;
+
+    fn visit<P: PolicyKind>(self) -> anyhow::Result<()> {
+        let ((x_train, y_train), (x_test, y_test)) = mp_data::mnist::load_data()?;
+        let mut x_train = mp_data::mnist::to_images(&x_train);
+        let mut y_train = mp_data::mnist::to_labels(&y_train);
+        if let Some(n) = self.train_samples {
+            let n = n.min(y_train.len());
+            x_train = x_train.slice(s![..n, .., .., ..]).to_owned();
+            y_train = y_train.slice(s![..n]).to_owned();
+        }
+        let x_test = mp_data::mnist::to_images(&x_test);
+        let y_test = mp_data::mnist::to_labels(&y_test);
+        println!(
+            "x_train: {:?} float32, x_test: {:?}",
+            x_train.dim(),
+            x_test.dim()
+        );
+        let mut model = MnistCnn::<P>::issue();
+        model.build(&[28, 28, 1])?;
+        println!("{}", model.summary());
+        let mut trainer = Trainer::compile(
+            model,
+            Adam::new(CNN_LEARNING_RATE)?,
+            SparseCategoricalCrossentropy::new(),
+        );
+        let started = Instant::now();
+        let history = trainer.fit(x_train.view(), y_train.view(), &self.options)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let scores = trainer.evaluate(
+            x_test.view(),
+            y_test.view(),
+            self.options.batch_size,
+            Verbose::Lines,
+        )?;
+        let val: Vec<String> = history
+            .epochs
+            .iter()
+            .map(|e| e.val_accuracy.map_or("-".into(), |a| format!("{a:.4}")))
+            .collect();
+        println!("Test loss: {:.4}", scores.loss);
+        println!("Test accuracy: {:.4}", scores.accuracy);
+        println!(
+            "policy {} seed {}: {:.0}s training, validation accuracy per epoch [{}], test \
+             accuracy {:.4}",
+            P::POLICY,
+            self.options.seed,
+            seconds,
+            val.join(", "),
+            scores.accuracy
+        );
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::from_env(&[])?;
+    args.check_known(OPTIONS)?;
+    let policy: Policy = match args.raw("policy") {
+        Some(p) => p.parse()?,
+        None => mp_kernels::calibrate::recommended_policy()?,
+    };
+    println!("Policy: {policy:#}");
+    println!("CPU: {}", mp_kernels::peak::describe_cpu());
+    let options = FitOptions {
+        batch_size: args.get("batch-size", 128)?,
+        epochs: args.get("epochs", 5)?,
+        validation_split: args.get("validation-split", 0.1)?,
+        seed: args.get("seed", 0)?,
+        shuffle: true,
+        verbose: Verbose::Auto,
+    };
+    let train_samples = match args.raw("train-samples") {
+        Some(_) => Some(args.get("train-samples", 0usize)?),
+        None => None,
+    };
+    policy.dispatch(Run {
+        options,
+        train_samples,
+    })
+}

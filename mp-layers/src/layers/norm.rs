@@ -1,0 +1,318 @@
+//! `BatchNormalization`: inputs and outputs in the compute dtype, statistics and normalisation
+//! in float32 (as Keras 3 runs normalisation under mixed precision), moving statistics committed
+//! only by applied steps.
+
+use std::marker::PhantomData;
+
+use mp_core::{F32, PolicyKind, Tensor, Variable};
+use mp_kernels::ops::{self, Norm};
+
+use crate::error::{Error, Result};
+use crate::layer::Layer;
+
+/// Batch normalization over the last axis (the channels of NHWC images, the features of a
+/// `[batch, features]` input), like Keras's `BatchNormalization`.
+///
+/// - Variables (float32 under every policy): `gamma` (ones) and `beta` (zeros), trainable;
+///   `moving_mean` (zeros) and `moving_variance` (ones), non-trainable: never seen by the
+///   optimizer, counted as non-trainable in `summary`, saved in checkpoints.
+/// - Training (`forward_train`): the batch's mean and (biased) variance per channel, in float32,
+///   normalise the batch; `y = gamma (x - mean) / sqrt(var + epsilon) + beta` in float32,
+///   rounded once to the compute dtype.
+/// - The moving statistics move towards the batch's (`moving = moving * momentum + batch * (1 -
+///   momentum)`) only in [`Layer::end_step`] of a step the optimizer applied: a step skipped for
+///   non-finite gradients (an overflowing float16 batch, NaN data) leaves them bit-identical,
+///   where PyTorch's running statistics take the update anyway (pytorch/pytorch#90342).
+/// - Inference (`forward`, so `evaluate` and `predict`) normalises with the moving statistics.
+///
+/// Keras's defaults: momentum 0.99, epsilon 1e-3.
+pub struct BatchNormalization<P: PolicyKind> {
+    momentum: f32,
+    epsilon: f32,
+    name: String,
+    output_shape: Option<Vec<usize>>,
+    gamma: Option<Variable>,
+    beta: Option<Variable>,
+    moving_mean: Option<Variable>,
+    moving_variance: Option<Variable>,
+    /// The last `forward_train`'s input and batch statistics, for backward.
+    saved: Option<Saved<P>>,
+    /// The batch statistics of the step in flight, committed by an applied `end_step`.
+    pending: Option<(Tensor<F32>, Tensor<F32>)>,
+    _policy: PhantomData<P>,
+}
+
+/// What backward needs of a training forward: the input, the batch mean and variance.
+struct Saved<P: PolicyKind> {
+    x: Tensor<P::Compute>,
+    mean: Tensor<F32>,
+    var: Tensor<F32>,
+}
+
+impl<P: PolicyKind> std::fmt::Debug for BatchNormalization<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchNormalization")
+            .field("name", &self.name)
+            .field("momentum", &self.momentum)
+            .field("epsilon", &self.epsilon)
+            .field("policy", &P::POLICY)
+            .finish()
+    }
+}
+
+impl<P: PolicyKind> Default for BatchNormalization<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: PolicyKind> BatchNormalization<P> {
+    /// Keras's defaults: momentum 0.99, epsilon 1e-3.
+    pub fn new() -> Self {
+        BatchNormalization {
+            momentum: 0.99,
+            epsilon: 1e-3,
+            name: "batch_normalization".to_string(),
+            output_shape: None,
+            gamma: None,
+            beta: None,
+            moving_mean: None,
+            moving_variance: None,
+            saved: None,
+            pending: None,
+            _policy: PhantomData,
+        }
+    }
+
+    /// The momentum of the moving statistics (in `[0, 1]`; checked at `build`).
+    pub fn momentum(mut self, momentum: f32) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    /// Added to the variance (finite and positive; checked at `build`).
+    pub fn epsilon(mut self, epsilon: f32) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+
+    /// The moving mean (float32, one per channel), once built.
+    pub fn moving_mean(&self) -> Option<&Variable> {
+        self.moving_mean.as_ref()
+    }
+
+    /// The moving variance (float32, one per channel), once built.
+    pub fn moving_variance(&self) -> Option<&Variable> {
+        self.moving_variance.as_ref()
+    }
+
+    fn not_built(&self) -> Error {
+        Error::NotBuilt {
+            layer: self.name.clone(),
+        }
+    }
+
+    fn channels(&self) -> Result<usize> {
+        self.gamma
+            .as_ref()
+            .map(|g| g.value().len())
+            .ok_or_else(|| self.not_built())
+    }
+
+    fn check_input(&self, x: &Tensor<P::Compute>) -> Result<()> {
+        let shape = self.output_shape.as_ref().ok_or_else(|| self.not_built())?;
+        if x.rank() != shape.len() + 1 || x.shape()[1..] != shape[..] {
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            return Err(Error::ShapeMismatch {
+                layer: self.name.clone(),
+                expected: format!("(batch, {})", dims.join(", ")),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn params<'a>(&'a self, mean: &'a Tensor<F32>, var: &'a Tensor<F32>) -> Result<Norm<'a>> {
+        match (&self.gamma, &self.beta) {
+            (Some(gamma), Some(beta)) => Ok(Norm {
+                mean,
+                var,
+                gamma: gamma.value(),
+                beta: beta.value(),
+                epsilon: self.epsilon,
+            }),
+            _ => Err(self.not_built()),
+        }
+    }
+}
+
+impl<P: PolicyKind> Layer for BatchNormalization<P> {
+    type Policy = P;
+    type Output = P::Compute;
+
+    fn type_name(&self) -> &'static str {
+        "BatchNormalization"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
+
+    fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(Error::InvalidArgument {
+                what: format!("{}: momentum {} is not in [0, 1]", self.name, self.momentum),
+            });
+        }
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{}: epsilon {} is not finite and positive",
+                    self.name, self.epsilon
+                ),
+            });
+        }
+        let Some(&channels) = input_shape.last().filter(|&&c| c > 0) else {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{}: BatchNormalization needs inputs with a non-empty last axis, got \
+                     {input_shape:?} per sample",
+                    self.name
+                ),
+            });
+        };
+        if let Some(shape) = &self.output_shape {
+            if shape != input_shape {
+                return Err(Error::IncompatibleShapes {
+                    layer: self.name.clone(),
+                    previous: "the layer before".into(),
+                    expected: shape.clone(),
+                    got: input_shape.to_vec(),
+                });
+            }
+            return Ok(shape.clone());
+        }
+        let full = |v: f32| Tensor::<F32>::full(&[channels], v);
+        self.gamma = Some(Variable::new("gamma", full(1.0)?)?);
+        self.beta = Some(Variable::new("beta", full(0.0)?)?);
+        self.moving_mean = Some(Variable::non_trainable("moving_mean", full(0.0)?)?);
+        self.moving_variance = Some(Variable::non_trainable("moving_variance", full(1.0)?)?);
+        self.output_shape = Some(input_shape.to_vec());
+        Ok(input_shape.to_vec())
+    }
+
+    fn output_shape(&self) -> Option<&[usize]> {
+        self.output_shape.as_deref()
+    }
+
+    fn forward(&self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        self.check_input(x)?;
+        let (Some(mean), Some(var)) = (&self.moving_mean, &self.moving_variance) else {
+            return Err(self.not_built());
+        };
+        Ok(ops::normalize(x, self.params(mean.value(), var.value())?)?)
+    }
+
+    fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        self.check_input(x)?;
+        let (mean, var) = ops::moments(x)?;
+        let y = ops::normalize(x, self.params(&mean, &var)?)?;
+        self.pending = Some((mean.clone(), var.clone()));
+        self.saved = Some(Saved {
+            x: x.clone(),
+            mean,
+            var,
+        });
+        Ok(y)
+    }
+
+    fn backward(
+        &mut self,
+        dy: &Tensor<P::Compute>,
+        _need_dx: bool,
+    ) -> Result<Option<Tensor<P::Compute>>> {
+        let Saved { x, mean, var } = self.saved.take().ok_or_else(|| Error::InvalidState {
+            layer: self.name.clone(),
+            what: "backward called without a preceding forward_train".into(),
+        })?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                layer: self.name.clone(),
+                expected: format!("a gradient of shape {:?}", x.shape()),
+                got: dy.shape().to_vec(),
+            });
+        }
+        let (Some(gamma), Some(beta)) = (self.gamma.as_mut(), self.beta.as_mut()) else {
+            return Err(Error::NotBuilt {
+                layer: self.name.clone(),
+            });
+        };
+        // Backward does not read beta; a shared (O(1)) copy frees beta's gradient to be written.
+        let beta_value = beta.value().clone();
+        let (gamma_value, dgamma) = gamma.value_and_grad_mut();
+        let params = Norm {
+            mean: &mean,
+            var: &var,
+            gamma: gamma_value,
+            beta: &beta_value,
+            epsilon: self.epsilon,
+        };
+        let dbeta = beta.grad_mut();
+        let dx = ops::normalize_backward(&x, dy, params, dgamma, dbeta)?;
+        Ok(Some(dx))
+    }
+
+    fn end_step(&mut self, applied: bool) -> Result<()> {
+        let Some((mean, var)) = self.pending.take() else {
+            return Ok(());
+        };
+        if !applied {
+            return Ok(());
+        }
+        let (Some(mm), Some(mv)) = (self.moving_mean.as_mut(), self.moving_variance.as_mut())
+        else {
+            return Err(Error::NotBuilt {
+                layer: self.name.clone(),
+            });
+        };
+        ops::moving_average(mm.value_mut(), &mean, self.momentum)?;
+        ops::moving_average(mv.value_mut(), &var, self.momentum)?;
+        Ok(())
+    }
+
+    fn visit_variables(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()> {
+        for (name, v) in [
+            ("gamma", &mut self.gamma),
+            ("beta", &mut self.beta),
+            ("moving_mean", &mut self.moving_mean),
+            ("moving_variance", &mut self.moving_variance),
+        ] {
+            if let Some(v) = v.as_mut() {
+                f(&format!("{prefix}{name}"), v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn saved_bytes(&self) -> usize {
+        self.saved.as_ref().map_or(0, |s| {
+            s.x.size_in_bytes() + s.mean.size_in_bytes() + s.var.size_in_bytes()
+        })
+    }
+
+    fn param_count(&self) -> usize {
+        self.channels().map_or(0, |c| 4 * c)
+    }
+
+    fn non_trainable_param_count(&self) -> usize {
+        self.channels().map_or(0, |c| 2 * c)
+    }
+}
