@@ -9,9 +9,10 @@
 //!
 //! The crate's rooms:
 //! - [`layer`]: the [`Layer`] and [`Model`] traits and the dtype conversions between layers;
-//! - [`layers`]: the layers, one file per family;
-//! - [`train`]: the [`Trainer`] (`fit`, `evaluate`, `predict`), its options and logs, losses,
-//!   metrics and progress output;
+//! - [`layers`]: the layers, one file per family (`Dense`, `Conv2D`, pooling,
+//!   `BatchNormalization`, `Dropout`, activations, `Flatten`);
+//! - [`train`]: the [`Trainer`] (`fit`, `evaluate`, `predict` on inputs of any rank), its
+//!   options and logs, callbacks, losses, metrics and progress output;
 //! - [`checkpoint`]: checkpoints of a whole training state, in the safetensors format;
 //! - [`error`]: the error type.
 

@@ -771,3 +771,130 @@ mod batch_norm {
         assert!(e.contains("drop_1") && e.contains("rate 1"), "{e}");
     }
 }
+
+mod resume {
+    use super::*;
+    use mp_layers::{
+        Activation, BatchNormalization, Checkpointing, Dense, Dropout, FitOptions, Model, Softmax,
+        SparseCategoricalCrossentropy, Trainer, Verbose, model,
+    };
+    use mp_optim::Adam;
+    use ndarray::{Array1, Array4};
+
+    #[model]
+    struct Block {
+        conv: Conv2D,
+        bn: BatchNormalization,
+    }
+
+    #[model]
+    struct SmallCnn {
+        conv: Conv2D,
+        bn: BatchNormalization,
+        relu: Activation,
+        #[residual]
+        block: Block,
+        pool: MaxPooling2D,
+        drop: Dropout,
+        gap: GlobalAveragePooling2D,
+        logits: Dense,
+        #[dtype = "float32"]
+        probs: Softmax,
+    }
+
+    fn small<P: PolicyKind>() -> SmallCnn<P> {
+        SmallCnn::new(
+            Conv2D::new(6, [3, 3]).padding(Padding::Same),
+            BatchNormalization::new().momentum(0.8),
+            Activation::relu(),
+            Block::new(
+                Conv2D::new(6, [3, 3]).padding(Padding::Same),
+                BatchNormalization::new(),
+            ),
+            MaxPooling2D::new([2, 2]),
+            Dropout::new(0.2),
+            GlobalAveragePooling2D::new(),
+            Dense::new(3),
+            Softmax::new(),
+        )
+    }
+
+    /// Three classes of 8x8 images: a bright row, column or diagonal.
+    fn data(n: usize, seed: u64) -> (Array4<f32>, Array1<u32>) {
+        let mut rng = Rng::new(seed);
+        let mut x = Array4::<f32>::zeros((n, 8, 8, 1));
+        let mut y = Array1::<u32>::zeros(n);
+        for i in 0..n {
+            let class = (i % 3) as u32;
+            let k = rng.below(8) as usize;
+            for j in 0..8 {
+                let (r, c) = match class {
+                    0 => (k, j),
+                    1 => (j, k),
+                    _ => (j, j),
+                };
+                x[[i, r, c, 0]] = 1.0;
+            }
+            for v in x.slice_mut(ndarray::s![i, .., .., ..]).iter_mut() {
+                *v += 0.1 * rng.normal();
+            }
+            y[i] = class;
+        }
+        (x, y)
+    }
+
+    fn all_bits<M: Model>(m: &mut M) -> Vec<(String, Vec<u32>)> {
+        let mut out = vec![];
+        m.visit_variables("", &mut |p, v| {
+            let bits = v.value().as_slice()?.iter().map(|f| f.to_bits()).collect();
+            out.push((p.to_string(), bits));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    /// Two epochs straight, and one epoch, a checkpoint, a new trainer resumed from it and one
+    /// more: bit-identical weights, moving statistics included (dropout masks follow the step).
+    fn resumes_bit_exactly<P: PolicyKind>() {
+        let (x, y) = data(48, 11);
+        let opts = |epochs| FitOptions {
+            batch_size: 8,
+            epochs,
+            validation_split: 0.25,
+            seed: 3,
+            verbose: Verbose::Silent,
+            ..Default::default()
+        };
+        let trainer = || {
+            Trainer::compile(
+                small::<P>(),
+                Adam::new(1e-2).unwrap(),
+                SparseCategoricalCrossentropy::new(),
+            )
+        };
+        let mut straight = trainer();
+        let history = straight.fit(x.view(), y.view(), &opts(2)).unwrap();
+        let mut first = trainer();
+        first.fit(x.view(), y.view(), &opts(1)).unwrap();
+        let bytes = first.checkpoint_bytes().unwrap();
+        let mut resumed = trainer();
+        resumed.model_mut().build(&[8, 8, 1]).unwrap();
+        resumed.resume_from_bytes("cnn", &bytes).unwrap();
+        resumed.fit(x.view(), y.view(), &opts(1)).unwrap();
+        let (a, b) = (
+            all_bits(straight.model_mut()),
+            all_bits(resumed.model_mut()),
+        );
+        assert!(a.iter().any(|(n, _)| n == "bn/moving_mean"));
+        assert_eq!(a, b, "{:?}", P::POLICY);
+        assert!(history.epochs[1].loss.is_finite());
+    }
+
+    #[test]
+    fn a_cnn_resumes_bit_exactly_under_every_policy() {
+        resumes_bit_exactly::<Float32>();
+        resumes_bit_exactly::<MixedBFloat16>();
+        resumes_bit_exactly::<MixedFloat16>();
+    }
+}

@@ -47,7 +47,7 @@
 //! every tensor's name, dtype and shape against the model (and the optimizer's slots against the
 //! variables) and reports every mismatch by name ([`Error::Mismatch`]), all before assigning
 //! anything: on any error the model, the optimizer and the trainer are unchanged. I/O errors
-//! ([`Error::Io`]) name the operation and the path and keep the [`io::Error`] as their
+//! ([`Error::Io`]) name the operation and the path and keep the [`std::io::Error`] as their
 //! `source()`.
 //!
 //! # Checkpoint folders

@@ -13,7 +13,7 @@ pub enum Verbose {
     Lines,
 }
 
-/// The options of [`Trainer::fit`], with Keras's defaults.
+/// The options of [`Trainer::fit`](super::Trainer::fit), with Keras's defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FitOptions {
     /// Samples per gradient update (Keras: 32).
@@ -100,7 +100,7 @@ pub struct TrainingProgress {
     pub rng_state: u64,
 }
 
-/// Loss and accuracy from [`Trainer::evaluate`].
+/// Loss and accuracy from [`Trainer::evaluate`](super::Trainer::evaluate).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scores {
     /// Mean loss.

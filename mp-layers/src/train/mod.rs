@@ -341,11 +341,12 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         ))
     }
 
-    /// Trains for `options.epochs` epochs on `x` (`[samples, features]`, float32) and integer
+    /// Trains for `options.epochs` epochs on `x` (float32, `[samples, ...]` of any rank:
+    /// `[samples, features]`, or `[samples, height, width, channels]` images) and integer
     /// labels `y`, as Keras's `fit`: the last `validation_split` of the samples (before
     /// shuffling) is held out and evaluated after each epoch; the rest is reshuffled every epoch.
     ///
-    /// Training continues from [`Trainer::progress`]: after [`Trainer::resume`] it runs
+    /// Training continues from [`Trainer::progress`]: after [`Checkpointing::resume`](crate::Checkpointing::resume) it runs
     /// `options.epochs` more epochs from the restored one, with the restored shuffling state, so
     /// the result is bit-for-bit that of an uninterrupted run. The [callbacks](Callback) run
     /// when training starts and at the end of every epoch, in the order they were added.
