@@ -3,7 +3,8 @@
 //! - `mnist_fit`: the guide's first half — the model, the dtypes it prints, `fit`, `evaluate`;
 //! - `mnist_custom_loop`: the guide's custom training loop with a `LossScaleOptimizer`;
 //! - `mnist_cnn`: a residual convolutional network with BatchNormalization on MNIST images;
-//! - `bench`: the measuring binary behind `cargo xtask bench`.
+//! - `bench`: the measuring binary behind `cargo xtask bench` (`train`, `gemm`, `cnn`,
+//!   `step-gemms`).
 //!
 //! This library holds what they share: the guide's model, the CNN, and a small argument parser.
 
@@ -12,6 +13,7 @@ use mp_layers::{
     Softmax, model,
 };
 
+pub mod bench_cnn;
 pub mod bench_step_gemms;
 pub mod bench_train;
 

@@ -4,9 +4,10 @@
 //! The references take the layer's own rounded inputs (the input and the kernel in the compute
 //! dtype, as the layer uses them) and, for the ReLU mask, the layer's output, so the bounds
 //! measure the layer's float32 arithmetic and its one rounding to the compute dtype:
-//! - output and input gradient: `(K + 3) u S + u_T |ref|`, K the GEMM depth (patch length, or
-//!   filters plus window taps for the input gradient), `S` the sum of the terms' magnitudes,
-//!   u = 2^-24 and `u_T` the compute dtype's unit roundoff (2^-8 bfloat16, 2^-11 float16);
+//! - output and input gradient: `(K + 3) u S + u_T |ref| + s_T`, K the GEMM depth (patch
+//!   length, or filters plus window taps for the input gradient), `S` the sum of the terms'
+//!   magnitudes, u = 2^-24, `u_T` the compute dtype's unit roundoff (2^-8 bfloat16, 2^-11
+//!   float16) and `s_T` half its smallest subnormal (the absolute rounding error near zero);
 //! - kernel and bias gradients (float32): `(pixels + 3) u S`.
 
 use mp_core::{DType, DTypeKind, Element, Float32, MixedBFloat16, MixedFloat16, PolicyKind, Rng};
@@ -22,6 +23,15 @@ fn unit_roundoff(d: DType) -> f64 {
         DType::F32 => U,
         DType::BF16 => 1.0 / 256.0,
         DType::F16 => 1.0 / 2048.0,
+    }
+}
+
+/// Half the smallest subnormal of `d`: the absolute rounding error near zero.
+fn half_subnormal(d: DType) -> f64 {
+    match d {
+        DType::F32 => f64::from(f32::from_bits(1)) / 2.0,
+        DType::BF16 => f64::from(f32::from_bits(1 << 16)) / 2.0,
+        DType::F16 => 2f64.powi(-25),
     }
 }
 
@@ -67,6 +77,7 @@ fn same_pad(n: usize, k: usize, s: usize, d: usize) -> (usize, usize) {
 
 fn conv_case<P: PolicyKind>(rng: &mut Rng) {
     let u_t = unit_roundoff(Compute::<P>::DTYPE);
+    let s_t = half_subnormal(Compute::<P>::DTYPE);
     let (k, s, d) = (
         [pick(rng, 1, 4), pick(rng, 1, 4)],
         [pick(rng, 1, 3), pick(rng, 1, 3)],
@@ -192,12 +203,12 @@ fn conv_case<P: PolicyKind>(rng: &mut Rng) {
     let patch = (k[0] * k[1] * c) as f64;
     let pixels = (n * oh * ow) as f64;
     let b: Vec<f64> = (0..y_ref.len())
-        .map(|i| (patch + 3.0) * U * y_abs[i] + u_t * y_ref[i].abs())
+        .map(|i| (patch + 3.0) * U * y_abs[i] + u_t * y_ref[i].abs() + s_t)
         .collect();
     check(&format!("{what} y"), &yv, &y_ref, &b);
     let taps = (k[0] * k[1]) as f64;
     let b: Vec<f64> = (0..dx_ref.len())
-        .map(|i| (f as f64 + taps + 3.0) * U * dx_abs[i] + u_t * dx_ref[i].abs())
+        .map(|i| (f as f64 + taps + 3.0) * U * dx_abs[i] + u_t * dx_ref[i].abs() + s_t)
         .collect();
     check(&format!("{what} dx"), &values(&dx), &dx_ref, &b);
     let mut grads: Vec<(String, Vec<f64>)> = vec![];
@@ -585,7 +596,8 @@ mod batch_norm {
             }
         }
         // float32 statistics over `rows` values, then one rounding to the compute dtype.
-        let tol = |r: f64, scale: f64| (rows as f64 + 16.0) * 4.0 * U * scale + u_t * r.abs();
+        let s_t = half_subnormal(Compute::<P>::DTYPE);
+        let tol = |r: f64, scale: f64| (rows as f64 + 16.0) * 4.0 * U * scale + u_t * r.abs() + s_t;
         let what = format!("{:?} {n}x{h}x{w}x{c}", P::POLICY);
         let yv = values(&y);
         for i in 0..yr.len() {

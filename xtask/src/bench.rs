@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// The benchmark groups the measuring binary knows.
-const GROUPS: &[&str] = &["train", "gemm"];
+const GROUPS: &[&str] = &["train", "gemm", "cnn"];
 
 /// Runs `cargo xtask bench [GROUP] [OPTIONS]`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {

@@ -14,6 +14,8 @@ pub struct Inputs {
     pub gemm: Option<Value>,
     /// `target/bench/train.json`, if that group ran.
     pub train: Option<Value>,
+    /// `target/bench/cnn.json`, if that group ran (its section comes written, in `markdown`).
+    pub cnn: Option<Value>,
 }
 
 /// Reads whatever JSON the groups that ran wrote.
@@ -32,6 +34,7 @@ pub fn read_inputs(dir: &Path, groups: &[String]) -> Result<Inputs> {
     Ok(Inputs {
         gemm: read("gemm")?,
         train: read("train")?,
+        cnn: read("cnn")?,
     })
 }
 
@@ -152,6 +155,10 @@ pub fn markdown(inputs: &Inputs) -> String {
                     .map_or("-".to_string(), |x| format!("{x:.2}x")),
             );
         }
+    }
+    if let Some(md) = inputs.cnn.as_ref().and_then(|c| c["markdown"].as_str()) {
+        s.push('\n');
+        s.push_str(md);
     }
     s
 }
@@ -375,7 +382,9 @@ mod tests {
         let md = markdown(&Inputs {
             gemm: None,
             train: Some(sample()),
+            cnn: Some(json!({"markdown": "## The mnist_cnn network\n"})),
         });
+        assert!(md.contains("## The mnist_cnn network"), "{md}");
         assert!(
             md.contains("| mixed_float16 | avx512-6x64 | 64 | 2.5 |"),
             "{md}"

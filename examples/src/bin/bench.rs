@@ -30,6 +30,10 @@ subcommands:
   train [--quick] [--rounds N] [--batches N,N] [--units N] [--budget-gib G] [--out PATH]
       training throughput and memory of the guide's model per policy (default batches 8192,1024,
       4096 units, 5 rounds, JSON to target/bench/train.json; --quick: batches 64,16, 128 units)
+  cnn [--quick] [--rounds N] [--batch N] [--out PATH]
+      the mnist_cnn step per policy (default batch 256) and a Conv2D(64, 3x3) on 28x28x64 alone:
+      ms, vs float32, fraction of the GEMM path's peak, activation memory (JSON to
+      target/bench/cnn.json; --quick: batch 8, 2 rounds)
   step-gemms [--batch N] [--units N] [--reps N]
       every GEMM of one training step of the guide's model, timed alone per dtype (where a
       step's time goes; default batch 8192, 4096 units, median of 3)
@@ -44,6 +48,7 @@ fn main() -> Result<()> {
         Some("gemm") => gemm_cmd(&args[1..]),
         Some("train") => examples::bench_train::train_cmd(&args[1..]),
         Some("step-gemms") => examples::bench_step_gemms::step_gemms_cmd(&args[1..]),
+        Some("cnn") => examples::bench_cnn::cnn_cmd(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

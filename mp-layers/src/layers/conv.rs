@@ -3,15 +3,15 @@
 
 use std::marker::PhantomData;
 
-use mp_core::{DType, DTypeKind, F32, PolicyKind, Rng, Tensor, Variable};
+use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::activation::Activation;
 use mp_kernels::conv::{Geometry, Padding, Window};
 use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops::{self, Mat};
 
-use super::util::name_seed;
+use super::util::{KernelCast, glorot_uniform, name_seed};
 use crate::error::{Error, Result};
-use crate::layer::{Layer, convert, convert_ref, same_dtype};
+use crate::layer::{Layer, convert, convert_ref};
 
 /// A 2-D convolution, like Keras's `Conv2D` (`data_format="channels_last"`).
 ///
@@ -51,7 +51,7 @@ pub struct Conv2D<P: PolicyKind> {
     kernel: Option<Variable>,
     bias: Option<Variable>,
     /// The kernel cast to the compute dtype by the last `forward_train` (16-bit policies).
-    kernel_cast: Option<Tensor<P::Compute>>,
+    kernel_cast: KernelCast<P::Compute>,
     saved_x: Option<Tensor<P::Compute>>,
     saved_y: Option<Tensor<P::Compute>>,
     _policy: PhantomData<P>,
@@ -85,7 +85,7 @@ impl<P: PolicyKind> Conv2D<P> {
             output_shape: None,
             kernel: None,
             bias: None,
-            kernel_cast: None,
+            kernel_cast: KernelCast::new(),
             saved_x: None,
             saved_y: None,
             _policy: PhantomData,
@@ -195,34 +195,10 @@ impl<P: PolicyKind> Conv2D<P> {
         Ok(y)
     }
 
-    /// Casts the float32 kernel to the compute dtype into the reused buffer.
-    fn refresh_kernel_cast(&mut self) -> Result<()> {
-        let Some(kernel) = self.kernel.as_ref() else {
-            return Err(self.not_built());
-        };
-        if P::Compute::DTYPE == DType::F32 {
-            return Ok(());
-        }
-        let cast = match &mut self.kernel_cast {
-            Some(c) if c.shape() == kernel.shape() && c.device() == kernel.value().device() => c,
-            slot => slot.insert(ops::for_overwrite(kernel.shape(), kernel.value().device())?),
-        };
-        ops::cast_into(kernel.value(), cast)?;
-        Ok(())
-    }
-
-    /// The kernel in the compute dtype: the variable itself under float32, else the cast copy.
+    /// The kernel in the compute dtype for this step.
     fn kernel_compute(&self) -> Result<&Tensor<P::Compute>> {
         let kernel = self.kernel.as_ref().ok_or_else(|| self.not_built())?;
-        if let Some(k) = same_dtype::<F32, P::Compute>(kernel.value()) {
-            return Ok(k);
-        }
-        self.kernel_cast
-            .as_ref()
-            .ok_or_else(|| Error::InvalidState {
-                layer: self.name.clone(),
-                what: "the kernel was not cast for this step".into(),
-            })
+        self.kernel_cast.get(kernel, &self.name)
     }
 }
 
@@ -282,30 +258,9 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
         }
         let [kh, kw] = self.window.size;
         let (fan_in, fan_out) = (kh * kw * c, kh * kw * self.filters);
-        let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
-        let mut rng = Rng::new(self.seed.unwrap_or_else(|| name_seed(&self.name)));
-        let n = fan_in
-            .checked_mul(self.filters)
-            .filter(|n| n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
-            .ok_or_else(|| Error::InvalidArgument {
-                what: format!(
-                    "{}: a {kh}x{kw}x{c}x{} float32 kernel cannot be allocated",
-                    self.name, self.filters
-                ),
-            })?;
-        let mut values = Vec::new();
-        values
-            .try_reserve_exact(n)
-            .map_err(|_| Error::InvalidArgument {
-                what: format!(
-                    "{}: a {kh}x{kw}x{c}x{} float32 kernel ({:.1} GiB) cannot be allocated",
-                    self.name,
-                    self.filters,
-                    n as f64 * 4.0 / (1u64 << 30) as f64
-                ),
-            })?;
-        values.extend((0..n).map(|_| rng.uniform(-limit, limit)));
-        let kernel = Tensor::<F32>::from_vec(&[kh, kw, c, self.filters], values)?;
+        let seed = self.seed.unwrap_or_else(|| name_seed(&self.name));
+        let shape = [kh, kw, c, self.filters];
+        let kernel = glorot_uniform(&self.name, seed, &shape, fan_in, fan_out)?;
         self.kernel = Some(Variable::new("kernel", kernel)?);
         if self.use_bias {
             self.bias = Some(Variable::new(
@@ -329,7 +284,8 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
     }
 
     fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
-        self.refresh_kernel_cast()?;
+        let kernel = self.kernel.as_ref().ok_or_else(|| self.not_built())?;
+        self.kernel_cast.refresh(kernel)?;
         let y = self.compute(x, self.kernel_compute()?)?;
         self.saved_x = Some(x.clone());
         self.saved_y = if self.relu { Some(y.clone()) } else { None };

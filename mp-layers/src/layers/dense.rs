@@ -3,14 +3,14 @@
 
 use std::marker::PhantomData;
 
-use mp_core::{DType, DTypeKind, F32, PolicyKind, Rng, Tensor, Variable};
+use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::activation::Activation;
 use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops::{self, Mat};
 
-use super::util::{check_features, name_seed};
+use super::util::{KernelCast, check_features, glorot_uniform, name_seed};
 use crate::error::{Error, Result};
-use crate::layer::{Layer, convert_ref, same_dtype};
+use crate::layer::{Layer, convert_ref};
 
 /// A densely connected layer, like Keras's `Dense`.
 ///
@@ -43,8 +43,8 @@ pub struct Dense<P: PolicyKind> {
     output_shape: Option<Vec<usize>>,
     kernel: Option<Variable>,
     bias: Option<Variable>,
-    /// The kernel cast to the compute dtype by the last `forward_train` (low-precision policies).
-    kernel_cast: Option<Tensor<P::Compute>>,
+    /// The kernel cast to the compute dtype by the last `forward_train` (16-bit policies).
+    kernel_cast: KernelCast<P::Compute>,
     saved_x: Option<Tensor<P::Compute>>,
     saved_y: Option<Tensor<P::Compute>>,
     _policy: PhantomData<P>,
@@ -75,7 +75,7 @@ impl<P: PolicyKind> Dense<P> {
             output_shape: None,
             kernel: None,
             bias: None,
-            kernel_cast: None,
+            kernel_cast: KernelCast::new(),
             saved_x: None,
             saved_y: None,
             _policy: PhantomData,
@@ -149,36 +149,10 @@ impl<P: PolicyKind> Dense<P> {
         Ok(y)
     }
 
-    /// Casts the float32 kernel to the compute dtype into the reused buffer.
-    fn refresh_kernel_cast(&mut self) -> Result<()> {
-        let Some(kernel) = self.kernel.as_ref() else {
-            return Err(Error::NotBuilt {
-                layer: self.name.clone(),
-            });
-        };
-        if P::Compute::DTYPE == DType::F32 {
-            return Ok(()); // float32 compute: the variable is used directly
-        }
-        let cast = match &mut self.kernel_cast {
-            Some(c) if c.shape() == kernel.shape() && c.device() == kernel.value().device() => c,
-            slot => slot.insert(ops::for_overwrite(kernel.shape(), kernel.value().device())?),
-        };
-        ops::cast_into(kernel.value(), cast)?;
-        Ok(())
-    }
-
-    /// The kernel in the compute dtype: the variable itself under float32, else the cast copy.
+    /// The kernel in the compute dtype for this step.
     fn kernel_compute(&self) -> Result<&Tensor<P::Compute>> {
         let (_, kernel) = self.built()?;
-        if let Some(k) = same_dtype::<F32, P::Compute>(kernel.value()) {
-            return Ok(k);
-        }
-        self.kernel_cast
-            .as_ref()
-            .ok_or_else(|| Error::InvalidState {
-                layer: self.name.clone(),
-                what: "the kernel was not cast for this step".into(),
-            })
+        self.kernel_cast.get(kernel, &self.name)
     }
 }
 
@@ -231,25 +205,9 @@ impl<P: PolicyKind> Layer for Dense<P> {
             }
             return Ok(vec![self.units]);
         }
-        // glorot_uniform: U(-limit, limit), limit = sqrt(6 / (fan_in + fan_out)).
-        let limit = (6.0 / (input_dim + self.units) as f64).sqrt() as f32;
-        let mut rng = Rng::new(self.seed.unwrap_or_else(|| name_seed(&self.name)));
-        let too_large = || Error::InvalidArgument {
-            what: format!(
-                "{}: a {input_dim} x {} float32 kernel ({:.1} GiB) cannot be allocated",
-                self.name,
-                self.units,
-                input_dim as f64 * self.units as f64 * 4.0 / (1u64 << 30) as f64
-            ),
-        };
-        let n = input_dim
-            .checked_mul(self.units)
-            .filter(|n| n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
-            .ok_or_else(too_large)?;
-        let mut values = Vec::new();
-        values.try_reserve_exact(n).map_err(|_| too_large())?;
-        values.extend((0..n).map(|_| rng.uniform(-limit, limit)));
-        let kernel = Tensor::<F32>::from_vec(&[input_dim, self.units], values)?;
+        let seed = self.seed.unwrap_or_else(|| name_seed(&self.name));
+        let shape = [input_dim, self.units];
+        let kernel = glorot_uniform(&self.name, seed, &shape, input_dim, self.units)?;
         self.kernel = Some(Variable::new("kernel", kernel)?);
         if self.use_bias {
             self.bias = Some(Variable::new("bias", Tensor::<F32>::zeros(&[self.units])?)?);
@@ -270,7 +228,10 @@ impl<P: PolicyKind> Layer for Dense<P> {
     }
 
     fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
-        self.refresh_kernel_cast()?;
+        let kernel = self.kernel.as_ref().ok_or_else(|| Error::NotBuilt {
+            layer: self.name.clone(),
+        })?;
+        self.kernel_cast.refresh(kernel)?;
         let y = self.compute(x, self.kernel_compute()?)?;
         self.saved_x = Some(x.clone());
         self.saved_y = if self.relu { Some(y.clone()) } else { None };
