@@ -19,7 +19,9 @@
 use mp_core::Element;
 use rayon::prelude::*;
 
+use crate::cpu::Cpu;
 use crate::error::{Error, Result};
+use crate::gemm::{Gemm, GemmInput, GemmOutput, MatMut, MatRef};
 use crate::threads;
 
 /// How a window meets the border (Keras's `padding`).
@@ -308,6 +310,170 @@ fn per_image2<A: Send, B: Send>(
             f(i, a, b);
         }
     }
+}
+
+/// Bytes of patches (im2col rows, or their gradient) a convolution forms at a time: whole
+/// images, as many as fit, so the temporaries stay this size whatever the batch (a batch of 256
+/// 28x28x64 images would otherwise need 0.9 GiB of float32 patch gradients).
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Images per chunk for patches of `elem` bytes each.
+fn images_per_chunk(g: &Geometry, elem: usize) -> usize {
+    let per_image = g.output[0] * g.output[1] * g.patch_len() * elem;
+    (CHUNK_BYTES / per_image.max(1)).clamp(1, g.batch.max(1))
+}
+
+/// The geometry of images `b0..b0 + n` of `g`'s batch.
+fn chunk(g: &Geometry, n: usize) -> Geometry {
+    Geometry { batch: n, ..*g }
+}
+
+/// `y = epilogue(patches(x) · kernel)`: a convolution, `kernel` `[patch_len, filters]`
+/// row-major, `y` `[pixels, filters]`. The patches are formed a chunk of images at a time (a
+/// 1x1 stride-1 convolution uses `x` itself).
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `x`, `kernel` or `y`; the GEMM's errors.
+pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
+    cpu: &Cpu,
+    g: &Geometry,
+    x: &[T],
+    kernel: &[T],
+    filters: usize,
+    y: &mut [O],
+    gemm: Gemm<'_>,
+) -> Result<()> {
+    const OP: &str = "conv2d";
+    check_len(OP, "x", x.len(), g.input_len())?;
+    check_len(OP, "kernel", kernel.len(), g.patch_len() * filters)?;
+    check_len(OP, "y", y.len(), g.pixels() * filters)?;
+    let w = MatRef::new(kernel, g.patch_len(), filters);
+    if g.is_pointwise() {
+        return cpu.gemm(
+            MatRef::new(x, g.pixels(), g.channels),
+            w,
+            MatMut::new(y, g.pixels(), filters),
+            gemm,
+        );
+    }
+    let per = images_per_chunk(g, std::mem::size_of::<T>());
+    let pix = g.output[0] * g.output[1];
+    let mut cols = vec![T::ZERO; per * pix * g.patch_len()];
+    for b0 in (0..g.batch).step_by(per) {
+        let n = per.min(g.batch - b0);
+        let c = chunk(g, n);
+        let cols = &mut cols[..c.cols_len()];
+        im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
+        let out = &mut y[b0 * pix * filters..(b0 + n) * pix * filters];
+        cpu.gemm(
+            MatRef::new(cols, c.pixels(), g.patch_len()),
+            w,
+            MatMut::new(out, c.pixels(), filters),
+            gemm,
+        )?;
+    }
+    Ok(())
+}
+
+/// The input gradient of [`conv2d`]: `dx = col2im(dy · kernelᵀ)`, the patch gradients formed in
+/// float32 a chunk of images at a time and summed back in float32 into `dx`.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `dy`, `kernel` or `dx`; the GEMM's errors.
+pub(crate) fn conv2d_backward_input<T: GemmInput>(
+    cpu: &Cpu,
+    g: &Geometry,
+    dy: &[T],
+    kernel: &[T],
+    filters: usize,
+    dx: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "conv2d_backward_input";
+    check_len(OP, "dy", dy.len(), g.pixels() * filters)?;
+    check_len(OP, "kernel", kernel.len(), g.patch_len() * filters)?;
+    check_len(OP, "dx", dx.len(), g.input_len())?;
+    let wt = MatRef::new(kernel, g.patch_len(), filters).t();
+    if g.is_pointwise() {
+        return cpu.gemm(
+            MatRef::new(dy, g.pixels(), filters),
+            wt,
+            MatMut::new(dx, g.pixels(), g.channels),
+            Gemm::new(),
+        );
+    }
+    let per = images_per_chunk(g, 4);
+    let pix = g.output[0] * g.output[1];
+    let mut dcols = vec![0.0f32; per * pix * g.patch_len()];
+    for b0 in (0..g.batch).step_by(per) {
+        let n = per.min(g.batch - b0);
+        let c = chunk(g, n);
+        let dcols = &mut dcols[..c.cols_len()];
+        cpu.gemm(
+            MatRef::new(
+                &dy[b0 * pix * filters..(b0 + n) * pix * filters],
+                c.pixels(),
+                filters,
+            ),
+            wt,
+            MatMut::new(dcols, c.pixels(), g.patch_len()),
+            Gemm::new(),
+        )?;
+        col2im(
+            &c,
+            dcols,
+            &mut dx[b0 * g.image_len()..(b0 + n) * g.image_len()],
+        )?;
+    }
+    Ok(())
+}
+
+/// The kernel gradient of [`conv2d`]: `dw += patches(x)ᵀ · dy` in float32 (`dw` `[patch_len,
+/// filters]`), the patches formed a chunk of images at a time, chunks added in order.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming `x`, `dy` or `dw`; the GEMM's errors.
+pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
+    cpu: &Cpu,
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    filters: usize,
+    dw: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "conv2d_backward_kernel";
+    check_len(OP, "x", x.len(), g.input_len())?;
+    check_len(OP, "dy", dy.len(), g.pixels() * filters)?;
+    check_len(OP, "dw", dw.len(), g.patch_len() * filters)?;
+    let acc = Gemm::new().accumulate();
+    if g.is_pointwise() {
+        let xs = MatRef::new(x, g.pixels(), g.channels).t();
+        return cpu.gemm(
+            xs,
+            MatRef::new(dy, g.pixels(), filters),
+            MatMut::new(dw, g.patch_len(), filters),
+            acc,
+        );
+    }
+    let per = images_per_chunk(g, std::mem::size_of::<T>());
+    let pix = g.output[0] * g.output[1];
+    let mut cols = vec![T::ZERO; per * pix * g.patch_len()];
+    for b0 in (0..g.batch).step_by(per) {
+        let n = per.min(g.batch - b0);
+        let c = chunk(g, n);
+        let cols = &mut cols[..c.cols_len()];
+        im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
+        cpu.gemm(
+            MatRef::new(cols, c.pixels(), g.patch_len()).t(),
+            MatRef::new(
+                &dy[b0 * pix * filters..(b0 + n) * pix * filters],
+                c.pixels(),
+                filters,
+            ),
+            MatMut::new(dw, g.patch_len(), filters),
+            acc,
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes the im2col matrix of `x` (`[batch, h, w, channels]`) into `cols`

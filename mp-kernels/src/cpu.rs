@@ -309,6 +309,57 @@ impl Cpu {
         conv::im2col(g, x, cols)
     }
 
+    /// A convolution: `y = epilogue(patches(x) · kernel)` (`kernel` `[patch_len, filters]`, `y`
+    /// `[pixels, filters]`), the patches formed a chunk of images at a time on this backend's
+    /// GEMM path for `T`.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x`, `kernel` or `y`; the GEMM's errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d<T: GemmInput, O: GemmOutput>(
+        &self,
+        g: &Geometry,
+        x: &[T],
+        kernel: &[T],
+        filters: usize,
+        y: &mut [O],
+        gemm: Gemm<'_>,
+    ) -> Result<()> {
+        conv::conv2d(self, g, x, kernel, filters, y, gemm)
+    }
+
+    /// The input gradient of [`Cpu::conv2d`] into `dx` (float32): the patch gradients formed in
+    /// float32 a chunk at a time and summed back.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `dy`, `kernel` or `dx`; the GEMM's errors.
+    pub fn conv2d_backward_input<T: GemmInput>(
+        &self,
+        g: &Geometry,
+        dy: &[T],
+        kernel: &[T],
+        filters: usize,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        conv::conv2d_backward_input(self, g, dy, kernel, filters, dx)
+    }
+
+    /// The kernel gradient of [`Cpu::conv2d`], added into `dw` (float32, `[patch_len,
+    /// filters]`).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x`, `dy` or `dw`; the GEMM's errors.
+    pub fn conv2d_backward_kernel<T: GemmInput>(
+        &self,
+        g: &Geometry,
+        x: &[T],
+        dy: &[T],
+        filters: usize,
+        dw: &mut [f32],
+    ) -> Result<()> {
+        conv::conv2d_backward_kernel(self, g, x, dy, filters, dw)
+    }
+
     /// The adjoint of [`Cpu::im2col`]: every entry of `dcols` added, in float32, to the input
     /// position it was copied from (the padding's dropped), into `dx`.
     ///

@@ -630,6 +630,135 @@ pub fn im2col<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<Tensor<D>> {
     Ok(cols)
 }
 
+/// Filters of a `[kh, kw, channels, filters]` (or `[patch_len, filters]`) kernel for `g`.
+fn conv_filters<D: DTypeKind>(op: &'static str, kernel: &Tensor<D>, g: &Geometry) -> Result<usize> {
+    let (rows, cols) = rows_cols(kernel.shape());
+    if rows != g.patch_len() {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs_name: "window [kh, kw, channels]",
+            lhs: vec![g.window.size[0], g.window.size[1], g.channels],
+            rhs_name: "kernel",
+            rhs: kernel.shape().to_vec(),
+        });
+    }
+    Ok(cols)
+}
+
+/// A convolution of `x` (`[batch, h, w, channels]`) with `kernel` (`[kh, kw, channels,
+/// filters]`, Keras's layout) into a new `[batch, out_h, out_w, filters]` tensor of dtype `O`,
+/// with the GEMM's epilogue (bias, ReLU) fused: the patches are formed a chunk of images at a
+/// time, so the temporaries stay a few MiB whatever the batch.
+///
+/// # Errors
+/// Shapes that do not fit `g` (naming both); `WrongDevice`; on CUDA, no kernel yet.
+pub fn conv2d<T: DTypeKind, O: DTypeKind>(
+    x: &Tensor<T>,
+    kernel: &Tensor<T>,
+    g: &Geometry,
+    gemm: Gemm<'_, Tensor<F32>>,
+) -> Result<Tensor<O>> {
+    const OP: &str = "conv2d";
+    check_image(OP, x, g)?;
+    let filters = conv_filters(OP, kernel, g)?;
+    if let Some(bias) = gemm.epilogue.bias() {
+        same_shape(OP, "bias", &[filters], bias.shape())?;
+    }
+    let mut y = for_overwrite::<O>(&[g.batch, g.output[0], g.output[1], filters], x.device())?;
+    match device(OP, &[x.device(), kernel.device()])? {
+        Device::Cpu => {
+            let epilogue = gemm.epilogue.try_map(|t| t.as_slice())?;
+            let g2 = Gemm {
+                alpha: gemm.alpha,
+                beta: gemm.beta,
+                epilogue,
+            };
+            Cpu::global()?.conv2d(
+                g,
+                x.as_slice()?,
+                kernel.as_slice()?,
+                filters,
+                y.as_mut_slice()?,
+                g2,
+            )?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(y)
+}
+
+/// The input gradient of [`conv2d`]: `[batch, h, w, channels]` float32.
+///
+/// # Errors
+/// As [`conv2d`], with `dy` checked against the output shape.
+pub fn conv2d_backward_input<T: DTypeKind>(
+    dy: &Tensor<T>,
+    kernel: &Tensor<T>,
+    g: &Geometry,
+) -> Result<Tensor<F32>> {
+    const OP: &str = "conv2d_backward_input";
+    let filters = conv_filters(OP, kernel, g)?;
+    same_shape(
+        OP,
+        "dy",
+        &[g.batch, g.output[0], g.output[1], filters],
+        dy.shape(),
+    )?;
+    let shape = [g.batch, g.input[0], g.input[1], g.channels];
+    let mut dx = for_overwrite::<F32>(&shape, dy.device())?;
+    match device(OP, &[dy.device(), kernel.device()])? {
+        Device::Cpu => Cpu::global()?.conv2d_backward_input(
+            g,
+            dy.as_slice()?,
+            kernel.as_slice()?,
+            filters,
+            dx.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
+/// The kernel gradient of [`conv2d`], added in float32 into `dw` (the kernel's shape).
+///
+/// # Errors
+/// As [`conv2d`], with `dy` and `dw` checked.
+pub fn conv2d_backward_kernel<T: DTypeKind>(
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+    g: &Geometry,
+    dw: &mut Tensor<F32>,
+) -> Result<()> {
+    const OP: &str = "conv2d_backward_kernel";
+    check_image(OP, x, g)?;
+    let filters = conv_filters(OP, dw, g)?;
+    same_shape(
+        OP,
+        "dy",
+        &[g.batch, g.output[0], g.output[1], filters],
+        dy.shape(),
+    )?;
+    match device(OP, &[x.device(), dy.device(), dw.device()])? {
+        Device::Cpu => Cpu::global()?.conv2d_backward_kernel(
+            g,
+            x.as_slice()?,
+            dy.as_slice()?,
+            filters,
+            dw.as_mut_slice()?,
+        ),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(not_on_cuda(OP)),
+    }
+}
+
 /// The adjoint of [`im2col`]: `dcols` (`[pixels, patch_len]`) summed, in float32, back into the
 /// input positions, `[batch, h, w, channels]`.
 ///

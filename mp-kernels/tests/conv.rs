@@ -482,3 +482,75 @@ fn the_op_surface_checks_ranks_and_shapes() {
     let e = ops::geometry("MaxPooling2D pool", &x, Window::new([0, 2])).unwrap_err();
     assert!(e.to_string().contains("MaxPooling2D pool") && e.to_string().contains("size [0, 2]"));
 }
+
+/// The chunked convolution (`Cpu::conv2d` and its two gradients, which form patches a few MiB
+/// of images at a time) against one im2col and one GEMM over the whole batch, on a batch that
+/// splits into several chunks and a remainder: the same sums, so within float32 rounding.
+fn chunked_matches_whole<T: GemmInput>(name: &str) {
+    let mut rng = rng(name);
+    let cpu = cpu();
+    let w = Window::new([3, 3]).padding(Padding::Same);
+    // 48x48x24 images: 2304 pixels x 216 patch values, 2 MiB float32 a image: chunks of 4.
+    let g = Geometry::new("test", [9, 48, 48, 24], w).unwrap();
+    let f = 10;
+    let (pixels, patch) = (g.pixels(), g.patch_len());
+    let x: Vec<T> = rand_vec(&mut rng, g.input_len());
+    let k: Vec<T> = rand_vec(&mut rng, patch * f);
+    let dy: Vec<T> = rand_vec(&mut rng, pixels * f);
+    let mut cols = vec![T::from_f32(0.0); g.cols_len()];
+    cpu.im2col(&g, &x, &mut cols).unwrap();
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                "{name} {what}[{i}]: {p} vs {q}"
+            );
+        }
+    };
+    let mut whole = vec![0.0f32; pixels * f];
+    cpu.gemm(
+        MatRef::new(&cols, pixels, patch),
+        MatRef::new(&k, patch, f),
+        MatMut::new(&mut whole, pixels, f),
+        Gemm::new(),
+    )
+    .unwrap();
+    let mut y = vec![f32::NAN; pixels * f];
+    cpu.conv2d(&g, &x, &k, f, &mut y, Gemm::new()).unwrap();
+    close("y", &y, &whole);
+    let mut dcols = vec![0.0f32; g.cols_len()];
+    cpu.gemm(
+        MatRef::new(&dy, pixels, f),
+        MatRef::new(&k, patch, f).t(),
+        MatMut::new(&mut dcols, pixels, patch),
+        Gemm::new(),
+    )
+    .unwrap();
+    let mut dx_whole = vec![0.0f32; g.input_len()];
+    cpu.col2im(&g, &dcols, &mut dx_whole).unwrap();
+    let mut dx = vec![f32::NAN; g.input_len()];
+    cpu.conv2d_backward_input(&g, &dy, &k, f, &mut dx).unwrap();
+    close("dx", &dx, &dx_whole);
+    let mut dw_whole = vec![0.5f32; patch * f];
+    cpu.gemm(
+        MatRef::new(&cols, pixels, patch).t(),
+        MatRef::new(&dy, pixels, f),
+        MatMut::new(&mut dw_whole, patch, f),
+        Gemm::new().accumulate(),
+    )
+    .unwrap();
+    let mut dw = vec![0.5f32; patch * f];
+    cpu.conv2d_backward_kernel(&g, &x, &dy, f, &mut dw).unwrap();
+    let scale = dw_whole.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (i, (p, q)) in dw.iter().zip(&dw_whole).enumerate() {
+        // The chunks' sums are added in another order than one GEMM's depth blocks.
+        assert!((p - q).abs() <= 1e-5 * scale, "{name} dw[{i}]: {p} vs {q}");
+    }
+}
+
+#[test]
+fn chunked_convolution_matches_one_gemm() {
+    chunked_matches_whole::<f32>("chunked f32");
+    chunked_matches_whole::<bf16>("chunked bf16");
+    chunked_matches_whole::<f16>("chunked f16");
+}

@@ -7,7 +7,7 @@ use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::activation::Activation;
 use mp_kernels::conv::{Geometry, Padding, Window};
 use mp_kernels::gemm::{Epilogue, Gemm};
-use mp_kernels::ops::{self, Mat};
+use mp_kernels::ops;
 
 use super::util::{KernelCast, glorot_uniform, name_seed};
 use crate::error::{Error, Result};
@@ -19,9 +19,10 @@ use crate::layer::{Layer, convert, convert_ref};
 /// - Variables: `kernel` (`[kh, kw, channels, filters]`, Keras's layout, glorot-uniform with
 ///   `fan_in = kh·kw·channels`, `fan_out = kh·kw·filters`) and `bias` (`filters`, zeros), both
 ///   float32 under every policy.
-/// - Forward: the input patches (im2col, in the compute dtype; a 1×1 stride-1 convolution uses
-///   the input itself) times the kernel cast to the compute dtype, one GEMM accumulating in
-///   float32 that adds the float32 bias (and applies ReLU) before rounding once.
+/// - Forward: the input patches (im2col, in the compute dtype, formed a few MiB of images at a
+///   time; a 1×1 stride-1 convolution uses the input itself) times the kernel cast to the
+///   compute dtype, GEMMs accumulating in float32 that add the float32 bias (and apply ReLU)
+///   before rounding once.
 /// - Backward: the kernel gradient `patchesᵀ · dy` comes out of the float32-accumulating GEMM
 ///   straight into the float32 gradient; the input gradient `dy · kernelᵀ` is formed in float32
 ///   and summed back into the input positions in float32 (col2im), then rounded once. Only the
@@ -183,16 +184,12 @@ impl<P: PolicyKind> Conv2D<P> {
         kernel: &Tensor<P::Compute>,
     ) -> Result<Tensor<P::Compute>> {
         let g = self.geometry(x)?;
-        let shape = [g.batch, g.output[0], g.output[1], self.filters];
-        let mut y = ops::for_overwrite(&shape, x.device())?;
-        let gemm = Gemm::new().epilogue(self.epilogue());
-        if g.is_pointwise() {
-            ops::gemm(Mat::of(x), Mat::of(kernel), &mut y, gemm)?;
-        } else {
-            let cols = ops::im2col(x, &g)?;
-            ops::gemm(Mat::of(&cols), Mat::of(kernel), &mut y, gemm)?;
-        }
-        Ok(y)
+        Ok(ops::conv2d(
+            x,
+            kernel,
+            &g,
+            Gemm::new().epilogue(self.epilogue()),
+        )?)
     }
 
     /// The kernel in the compute dtype for this step.
@@ -319,36 +316,11 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
             }
             None => dy,
         };
-        let cols_owned;
-        let cols = if g.is_pointwise() {
-            &x
-        } else {
-            cols_owned = ops::im2col(&x, &g)?;
-            &cols_owned
-        };
-        let dx = if !need_dx {
-            None
-        } else if g.is_pointwise() {
-            // A plain GEMM: dx = dz · kernelᵀ in the compute dtype, as Dense.
-            let mut dx = ops::for_overwrite(x.shape(), x.device())?;
-            ops::gemm(
-                Mat::of(dz),
-                Mat::of(self.kernel_compute()?).t(),
-                &mut dx,
-                Gemm::new(),
-            )?;
-            Some(dx)
-        } else {
-            // dcols = dz · kernelᵀ in float32, summed back into the input positions in float32.
-            let mut dcols = ops::for_overwrite::<F32>(&[g.pixels(), g.patch_len()], x.device())?;
-            ops::gemm(
-                Mat::of(dz),
-                Mat::of(self.kernel_compute()?).t(),
-                &mut dcols,
-                Gemm::new(),
-            )?;
-            let dx = ops::col2im(&dcols, &g)?;
+        let dx = if need_dx {
+            let dx = ops::conv2d_backward_input(dz, self.kernel_compute()?, &g)?;
             Some(convert::<F32, P::Compute>(dx)?)
+        } else {
+            None
         };
         let Some(kernel) = self.kernel.as_mut() else {
             return Err(Error::NotBuilt {
@@ -356,12 +328,7 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
             });
         };
         // d kernel += patchesᵀ · dz, accumulated in float32 straight into the gradient.
-        ops::gemm(
-            Mat::of(cols).t(),
-            Mat::of(dz),
-            kernel.grad_mut(),
-            Gemm::new().accumulate(),
-        )?;
+        ops::conv2d_backward_kernel(&x, dz, &g, kernel.grad_mut())?;
         if let Some(bias) = self.bias.as_mut() {
             ops::bias_grad_accumulate(dz, bias.grad_mut())?;
         }
