@@ -474,6 +474,98 @@ impl Cpu {
     // Loss scaling
     // ---------------------------------------------------------------------------------------
 
+    /// Per-column mean and biased variance of a `[rows, cols]` matrix, in float32 (see
+    /// [`crate::norm::moments`]).
+    ///
+    /// # Errors
+    /// As [`crate::norm::moments`].
+    pub fn moments<T: Element>(
+        &self,
+        x: &[T],
+        rows: usize,
+        cols: usize,
+        mean: &mut [f32],
+        var: &mut [f32],
+    ) -> Result<()> {
+        crate::norm::moments(x, rows, cols, mean, var)
+    }
+
+    /// `gamma (x - mean) / sqrt(var + epsilon) + beta` per column, in float32 (see
+    /// [`crate::norm::normalize`]).
+    ///
+    /// # Errors
+    /// As [`crate::norm::normalize`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn normalize<T: Element>(
+        &self,
+        x: &[T],
+        rows: usize,
+        cols: usize,
+        mean: &[f32],
+        var: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        epsilon: f32,
+        y: &mut [T],
+    ) -> Result<()> {
+        crate::norm::normalize(x, rows, cols, mean, var, gamma, beta, epsilon, y)
+    }
+
+    /// The training-mode gradient of [`Cpu::normalize`] (see
+    /// [`crate::norm::normalize_backward`]).
+    ///
+    /// # Errors
+    /// As [`crate::norm::normalize_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn normalize_backward<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        rows: usize,
+        cols: usize,
+        mean: &[f32],
+        var: &[f32],
+        gamma: &[f32],
+        epsilon: f32,
+        dx: &mut [T],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) -> Result<()> {
+        crate::norm::normalize_backward(
+            x, dy, rows, cols, mean, var, gamma, epsilon, dx, dgamma, dbeta,
+        )
+    }
+
+    /// Inverted dropout (see [`crate::dropout::dropout`]).
+    ///
+    /// # Errors
+    /// As [`crate::dropout::dropout`].
+    pub fn dropout<T: Element>(
+        &self,
+        x: &[T],
+        rate: f32,
+        seed: u64,
+        offset: u64,
+        y: &mut [T],
+    ) -> Result<()> {
+        crate::dropout::dropout(x, rate, seed, offset, y)
+    }
+
+    /// The gradient of [`Cpu::dropout`] (see [`crate::dropout::dropout_backward`]).
+    ///
+    /// # Errors
+    /// As [`crate::dropout::dropout_backward`].
+    pub fn dropout_backward<T: Element>(
+        &self,
+        dy: &[T],
+        rate: f32,
+        seed: u64,
+        offset: u64,
+        dx: &mut [T],
+    ) -> Result<()> {
+        crate::dropout::dropout_backward(dy, rate, seed, offset, dx)
+    }
+
     /// `value = value * momentum + batch * (1 - momentum)`, Keras's update of moving
     /// statistics, in float32 in that order.
     ///

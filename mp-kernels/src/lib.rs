@@ -9,8 +9,11 @@
 //!   (`C = alpha * op(A) * op(B) + beta * C` for float32, bfloat16 and float16 inputs, always
 //!   accumulating in float32, with a fused bias + ReLU epilogue), [`cast`], [`activation`] (ReLU,
 //!   sigmoid, tanh), [`softmax`] (softmax and softmax cross-entropy, float32 math), [`reduce`]
-//!   (bias gradient, argmax, sums), [`scale`] (scale by a scalar, fused unscale + all-finite
-//!   check), [`optim`] (fused SGD, RMSprop and Adam updates);
+//!   (bias gradient, argmax, sums), [`scale`] (scale by a scalar, elementwise addition, fused
+//!   unscale + all-finite check), [`optim`] (fused SGD, RMSprop and Adam updates), [`conv`]
+//!   (convolution by im2col + GEMM in chunks, pooling, over NHWC images), [`norm`]
+//!   (BatchNormalization statistics and normalisation in float32), [`dropout`] (counter-based
+//!   masks);
 //! - [`calibrate`]: the GEMM path per input dtype, chosen by measurement once per machine;
 //! - [`peak`]: the machine's measured float32 FMA and `vdpbf16ps` peaks;
 //! - `cuda` (behind the `cuda` feature): the same kernels on NVIDIA GPUs, from PTX committed

@@ -901,7 +901,7 @@ pub fn moments<D: DTypeKind>(x: &Tensor<D>) -> Result<(Tensor<F32>, Tensor<F32>)
     let mut mean = for_overwrite::<F32>(&[cols], x.device())?;
     let mut var = for_overwrite::<F32>(&[cols], x.device())?;
     match x.device() {
-        Device::Cpu => crate::norm::moments(
+        Device::Cpu => Cpu::global()?.moments(
             x.as_slice()?,
             rows,
             cols,
@@ -965,7 +965,7 @@ pub fn normalize<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>) -> Result<Tensor<D>> 
     ];
     let mut y = for_overwrite::<D>(x.shape(), x.device())?;
     match device(OP, &devices)? {
-        Device::Cpu => crate::norm::normalize(
+        Device::Cpu => Cpu::global()?.normalize(
             x.as_slice()?,
             rows,
             cols,
@@ -1007,7 +1007,7 @@ pub fn normalize_backward<D: DTypeKind>(
         OP,
         &[x.device(), dy.device(), p.gamma.device(), dgamma.device()],
     )? {
-        Device::Cpu => crate::norm::normalize_backward(
+        Device::Cpu => Cpu::global()?.normalize_backward(
             x.as_slice()?,
             dy.as_slice()?,
             rows,
@@ -1055,7 +1055,7 @@ pub fn moving_average(value: &mut Tensor<F32>, batch: &Tensor<F32>, momentum: f3
 pub fn dropout<D: DTypeKind>(x: &Tensor<D>, rate: f32, seed: u64) -> Result<Tensor<D>> {
     let mut y = for_overwrite::<D>(x.shape(), x.device())?;
     match x.device() {
-        Device::Cpu => crate::dropout::dropout(x.as_slice()?, rate, seed, 0, y.as_mut_slice()?)?,
+        Device::Cpu => Cpu::global()?.dropout(x.as_slice()?, rate, seed, 0, y.as_mut_slice()?)?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => return Err(cuda_missing(n)),
         #[cfg(feature = "cuda")]
@@ -1072,7 +1072,7 @@ pub fn dropout_backward<D: DTypeKind>(dy: &Tensor<D>, rate: f32, seed: u64) -> R
     let mut dx = for_overwrite::<D>(dy.shape(), dy.device())?;
     match dy.device() {
         Device::Cpu => {
-            crate::dropout::dropout_backward(dy.as_slice()?, rate, seed, 0, dx.as_mut_slice()?)?
+            Cpu::global()?.dropout_backward(dy.as_slice()?, rate, seed, 0, dx.as_mut_slice()?)?
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => return Err(cuda_missing(n)),
