@@ -19,9 +19,8 @@
 use mp_core::Element;
 use rayon::prelude::*;
 
-use crate::cpu::Cpu;
 use crate::error::{Error, Result};
-use crate::gemm::{Gemm, GemmInput, GemmOutput, MatMut, MatRef};
+use crate::gemm::{Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef, gemm_views};
 use crate::threads;
 
 /// How a window meets the border (Keras's `padding`).
@@ -335,7 +334,7 @@ fn chunk(g: &Geometry, n: usize) -> Geometry {
 /// # Errors
 /// [`Error::LengthMismatch`] naming `x`, `kernel` or `y`; the GEMM's errors.
 pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
-    cpu: &Cpu,
+    paths: GemmPaths,
     g: &Geometry,
     x: &[T],
     kernel: &[T],
@@ -349,7 +348,8 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
     check_len(OP, "y", y.len(), g.pixels() * filters)?;
     let w = MatRef::new(kernel, g.patch_len(), filters);
     if g.is_pointwise() {
-        return cpu.gemm(
+        return gemm_views(
+            paths.get(T::DTYPE),
             MatRef::new(x, g.pixels(), g.channels),
             w,
             MatMut::new(y, g.pixels(), filters),
@@ -365,7 +365,8 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
         let cols = &mut cols[..c.cols_len()];
         im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
         let out = &mut y[b0 * pix * filters..(b0 + n) * pix * filters];
-        cpu.gemm(
+        gemm_views(
+            paths.get(T::DTYPE),
             MatRef::new(cols, c.pixels(), g.patch_len()),
             w,
             MatMut::new(out, c.pixels(), filters),
@@ -381,7 +382,7 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
 /// # Errors
 /// [`Error::LengthMismatch`] naming `dy`, `kernel` or `dx`; the GEMM's errors.
 pub(crate) fn conv2d_backward_input<T: GemmInput>(
-    cpu: &Cpu,
+    paths: GemmPaths,
     g: &Geometry,
     dy: &[T],
     kernel: &[T],
@@ -394,7 +395,8 @@ pub(crate) fn conv2d_backward_input<T: GemmInput>(
     check_len(OP, "dx", dx.len(), g.input_len())?;
     let wt = MatRef::new(kernel, g.patch_len(), filters).t();
     if g.is_pointwise() {
-        return cpu.gemm(
+        return gemm_views(
+            paths.get(T::DTYPE),
             MatRef::new(dy, g.pixels(), filters),
             wt,
             MatMut::new(dx, g.pixels(), g.channels),
@@ -408,7 +410,8 @@ pub(crate) fn conv2d_backward_input<T: GemmInput>(
         let n = per.min(g.batch - b0);
         let c = chunk(g, n);
         let dcols = &mut dcols[..c.cols_len()];
-        cpu.gemm(
+        gemm_views(
+            paths.get(T::DTYPE),
             MatRef::new(
                 &dy[b0 * pix * filters..(b0 + n) * pix * filters],
                 c.pixels(),
@@ -433,7 +436,7 @@ pub(crate) fn conv2d_backward_input<T: GemmInput>(
 /// # Errors
 /// [`Error::LengthMismatch`] naming `x`, `dy` or `dw`; the GEMM's errors.
 pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
-    cpu: &Cpu,
+    paths: GemmPaths,
     g: &Geometry,
     x: &[T],
     dy: &[T],
@@ -447,7 +450,8 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
     let acc = Gemm::new().accumulate();
     if g.is_pointwise() {
         let xs = MatRef::new(x, g.pixels(), g.channels).t();
-        return cpu.gemm(
+        return gemm_views(
+            paths.get(T::DTYPE),
             xs,
             MatRef::new(dy, g.pixels(), filters),
             MatMut::new(dw, g.patch_len(), filters),
@@ -462,7 +466,8 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
         let c = chunk(g, n);
         let cols = &mut cols[..c.cols_len()];
         im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
-        cpu.gemm(
+        gemm_views(
+            paths.get(T::DTYPE),
             MatRef::new(cols, c.pixels(), g.patch_len()).t(),
             MatRef::new(
                 &dy[b0 * pix * filters..(b0 + n) * pix * filters],

@@ -325,7 +325,7 @@ impl Cpu {
         y: &mut [O],
         gemm: Gemm<'_>,
     ) -> Result<()> {
-        conv::conv2d(self, g, x, kernel, filters, y, gemm)
+        conv::conv2d(self.gemm, g, x, kernel, filters, y, gemm)
     }
 
     /// The input gradient of [`Cpu::conv2d`] into `dx` (float32): the patch gradients formed in
@@ -341,7 +341,7 @@ impl Cpu {
         filters: usize,
         dx: &mut [f32],
     ) -> Result<()> {
-        conv::conv2d_backward_input(self, g, dy, kernel, filters, dx)
+        conv::conv2d_backward_input(self.gemm, g, dy, kernel, filters, dx)
     }
 
     /// The kernel gradient of [`Cpu::conv2d`], added into `dw` (float32, `[patch_len,
@@ -357,7 +357,7 @@ impl Cpu {
         filters: usize,
         dw: &mut [f32],
     ) -> Result<()> {
-        conv::conv2d_backward_kernel(self, g, x, dy, filters, dw)
+        conv::conv2d_backward_kernel(self.gemm, g, x, dy, filters, dw)
     }
 
     /// The adjoint of [`Cpu::im2col`]: every entry of `dcols` added, in float32, to the input
