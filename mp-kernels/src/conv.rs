@@ -376,42 +376,53 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
     Ok(())
 }
 
-/// The input gradient of [`conv2d`]: `dx = col2im(dy · kernelᵀ)`, the patch gradients formed in
-/// float32 a chunk of images at a time and summed back in float32 into `dx`.
+/// The input gradient of [`conv2d`], written in `O` (rounded once from float32 sums).
+///
+/// A stride-1 convolution's input gradient is itself a stride-1 convolution: of `dy` with the
+/// kernel flipped in space and its channel axes swapped ([`transposed`]). That path forms
+/// patches of `dy` and lets the GEMM write `dx` from its float32 accumulators, with no float32
+/// `dx` and no scatter. Strided convolutions form the patch gradients `dy · kernelᵀ` in float32
+/// and sum them back with [`col2im`], a chunk of images at a time.
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `dy`, `kernel` or `dx`; the GEMM's errors.
-pub(crate) fn conv2d_backward_input<T: GemmInput>(
+pub(crate) fn conv2d_backward_input<T: GemmInput, O: GemmOutput>(
     paths: GemmPaths,
     g: &Geometry,
     dy: &[T],
     kernel: &[T],
     filters: usize,
-    dx: &mut [f32],
+    dx: &mut [O],
 ) -> Result<()> {
     const OP: &str = "conv2d_backward_input";
     check_len(OP, "dy", dy.len(), g.pixels() * filters)?;
     check_len(OP, "kernel", kernel.len(), g.patch_len() * filters)?;
     check_len(OP, "dx", dx.len(), g.input_len())?;
-    let wt = MatRef::new(kernel, g.patch_len(), filters).t();
+    let path = paths.get(T::DTYPE);
     if g.is_pointwise() {
         return gemm_views(
-            paths.get(T::DTYPE),
+            path,
             MatRef::new(dy, g.pixels(), filters),
-            wt,
+            MatRef::new(kernel, g.patch_len(), filters).t(),
             MatMut::new(dx, g.pixels(), g.channels),
             Gemm::new(),
         );
     }
+    if g.window.strides == [1, 1] {
+        let (gt, flipped) = transposed(g, kernel, filters);
+        return conv2d(paths, &gt, dy, &flipped, g.channels, dx, Gemm::new());
+    }
+    let wt = MatRef::new(kernel, g.patch_len(), filters).t();
     let per = images_per_chunk(g, 4);
     let pix = g.output[0] * g.output[1];
     let mut dcols = vec![0.0f32; per * pix * g.patch_len()];
+    let mut sums = vec![0.0f32; per * g.image_len()];
     for b0 in (0..g.batch).step_by(per) {
         let n = per.min(g.batch - b0);
         let c = chunk(g, n);
         let dcols = &mut dcols[..c.cols_len()];
         gemm_views(
-            paths.get(T::DTYPE),
+            path,
             MatRef::new(
                 &dy[b0 * pix * filters..(b0 + n) * pix * filters],
                 c.pixels(),
@@ -421,13 +432,49 @@ pub(crate) fn conv2d_backward_input<T: GemmInput>(
             MatMut::new(dcols, c.pixels(), g.patch_len()),
             Gemm::new(),
         )?;
-        col2im(
-            &c,
-            dcols,
-            &mut dx[b0 * g.image_len()..(b0 + n) * g.image_len()],
-        )?;
+        let sums = &mut sums[..n * g.image_len()];
+        col2im(&c, dcols, sums)?;
+        for (d, s) in dx[b0 * g.image_len()..(b0 + n) * g.image_len()]
+            .iter_mut()
+            .zip(sums.iter())
+        {
+            *d = O::from_f32(*s);
+        }
     }
     Ok(())
+}
+
+/// The stride-1 convolution whose output is the input gradient of `g` (stride 1): its input is
+/// `dy` (`[batch, out_h, out_w, filters]`), its output `dx`'s `[h, w]`, the same window size and
+/// dilation, padded by `(size - 1) * dilation - pad` before, and its kernel `[size_h * size_w *
+/// filters, channels]` holds `kernel` with the taps reversed and the channel axes swapped.
+fn transposed<T: Element>(g: &Geometry, kernel: &[T], filters: usize) -> (Geometry, Vec<T>) {
+    let [kh, kw] = g.window.size;
+    let [dh, dw] = g.window.dilation;
+    let c = g.channels;
+    let gt = Geometry {
+        batch: g.batch,
+        input: g.output,
+        channels: filters,
+        window: Window::new(g.window.size).dilation(g.window.dilation),
+        // Stride-1 padding never exceeds the window's span less one (see `Geometry::new`).
+        pad: [(kh - 1) * dh - g.pad[0], (kw - 1) * dw - g.pad[1]],
+        output: g.input,
+    };
+    let mut flipped = vec![T::ZERO; kernel.len()];
+    for ki in 0..kh {
+        for kj in 0..kw {
+            let src_tap = (kh - 1 - ki) * kw + (kw - 1 - kj);
+            let dst_tap = ki * kw + kj;
+            for ch in 0..c {
+                for f in 0..filters {
+                    flipped[(dst_tap * filters + f) * c + ch] =
+                        kernel[(src_tap * c + ch) * filters + f];
+                }
+            }
+        }
+    }
+    (gt, flipped)
 }
 
 /// The kernel gradient of [`conv2d`]: `dw += patches(x)ᵀ · dy` in float32 (`dw` `[patch_len,

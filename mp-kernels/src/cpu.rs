@@ -328,18 +328,19 @@ impl Cpu {
         conv::conv2d(self.gemm, g, x, kernel, filters, y, gemm)
     }
 
-    /// The input gradient of [`Cpu::conv2d`] into `dx` (float32): the patch gradients formed in
-    /// float32 a chunk at a time and summed back.
+    /// The input gradient of [`Cpu::conv2d`] into `dx`, rounded once from float32 sums: for a
+    /// stride of 1, the convolution of `dy` with the flipped kernel; otherwise the patch
+    /// gradients formed in float32 a chunk at a time and summed back.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] naming `dy`, `kernel` or `dx`; the GEMM's errors.
-    pub fn conv2d_backward_input<T: GemmInput>(
+    pub fn conv2d_backward_input<T: GemmInput, O: GemmOutput>(
         &self,
         g: &Geometry,
         dy: &[T],
         kernel: &[T],
         filters: usize,
-        dx: &mut [f32],
+        dx: &mut [O],
     ) -> Result<()> {
         conv::conv2d_backward_input(self.gemm, g, dy, kernel, filters, dx)
     }

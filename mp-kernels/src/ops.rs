@@ -690,15 +690,16 @@ pub fn conv2d<T: DTypeKind, O: DTypeKind>(
     Ok(y)
 }
 
-/// The input gradient of [`conv2d`]: `[batch, h, w, channels]` float32.
+/// The input gradient of [`conv2d`]: `[batch, h, w, channels]` in `O`, rounded once from
+/// float32 sums.
 ///
 /// # Errors
 /// As [`conv2d`], with `dy` checked against the output shape.
-pub fn conv2d_backward_input<T: DTypeKind>(
+pub fn conv2d_backward_input<T: DTypeKind, O: DTypeKind>(
     dy: &Tensor<T>,
     kernel: &Tensor<T>,
     g: &Geometry,
-) -> Result<Tensor<F32>> {
+) -> Result<Tensor<O>> {
     const OP: &str = "conv2d_backward_input";
     let filters = conv_filters(OP, kernel, g)?;
     same_shape(
@@ -708,7 +709,7 @@ pub fn conv2d_backward_input<T: DTypeKind>(
         dy.shape(),
     )?;
     let shape = [g.batch, g.input[0], g.input[1], g.channels];
-    let mut dx = for_overwrite::<F32>(&shape, dy.device())?;
+    let mut dx = for_overwrite::<O>(&shape, dy.device())?;
     match device(OP, &[dy.device(), kernel.device()])? {
         Device::Cpu => Cpu::global()?.conv2d_backward_input(
             g,

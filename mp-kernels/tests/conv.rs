@@ -11,7 +11,10 @@
 //!   GEMM with depth `K` (the patch length, or the batch's pixels for the kernel gradient),
 //!   `S = sum |x w|` of the output's terms (the 16-bit paths multiply exactly in float32);
 //! - input gradient (`dy · Wᵀ` then col2im): `(F + taps + 3) u S`, F filters, taps the window's
-//!   positions;
+//!   positions; the stride-1 path (`dy` convolved with the flipped kernel, depth `F · taps`):
+//!   `(F · taps + 3) u S`;
+//! - any of these rounded to a 16-bit output: that bound times `1 + u_T`, plus `u_T |ref|` and
+//!   half the type's smallest subnormal (`u_T` the output type's unit roundoff);
 //! - max pooling: exact, the index of the chosen element too; its gradient exact up to
 //!   `(overlaps + 1) u S`;
 //! - average pooling: `(count + 2) u S + u_T |ref|` forward (`u_T` rounding to the output type),
@@ -198,6 +201,80 @@ fn conv_case<T: GemmInput>(rng: &mut Rng, cpu: &Cpu, g: Option<Geometry>) {
         &dx_ref,
         &bound(&dx_abs, filters as f64 + taps_n),
     );
+
+    // The fused entry points: forward and input gradient into float32 and into `T` (rounded
+    // once more), the kernel gradient added into float32. A stride-1 input gradient is the
+    // convolution of `dy` with the flipped kernel, a GEMM of depth `taps * filters`.
+    let mut y = vec![f32::NAN; pixels * filters];
+    cpu.conv2d(&g, &x, &w, filters, &mut y, Gemm::new())
+        .unwrap();
+    let y_bound = bound(&y_abs, patch as f64);
+    assert_close(&format!("{what} conv2d y"), &y, &y_ref, &y_bound);
+    let mut y_t = vec![T::from_f32(f32::NAN); pixels * filters];
+    cpu.conv2d(&g, &x, &w, filters, &mut y_t, Gemm::new())
+        .unwrap();
+    assert_close(
+        &format!("{what} conv2d y as {:?}", T::DTYPE),
+        &y_t.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+        &y_ref,
+        &rounded::<T>(&y_bound, &y_ref, unit::<T>()),
+    );
+    let depth = filters as f64 * taps_n;
+    let dx_bound = bound(&dx_abs, depth.max(filters as f64 + taps_n));
+    let mut dx = vec![f32::NAN; g.input_len()];
+    cpu.conv2d_backward_input(&g, &dy, &w, filters, &mut dx)
+        .unwrap();
+    assert_close(
+        &format!("{what} conv2d_backward_input dx"),
+        &dx,
+        &dx_ref,
+        &dx_bound,
+    );
+    let mut dx_t = vec![T::from_f32(f32::NAN); g.input_len()];
+    cpu.conv2d_backward_input(&g, &dy, &w, filters, &mut dx_t)
+        .unwrap();
+    assert_close(
+        &format!("{what} conv2d_backward_input dx as {:?}", T::DTYPE),
+        &dx_t.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+        &dx_ref,
+        &rounded::<T>(&dx_bound, &dx_ref, unit::<T>()),
+    );
+    let mut dw = vec![0.0f32; patch * filters];
+    cpu.conv2d_backward_kernel(&g, &x, &dy, filters, &mut dw)
+        .unwrap();
+    assert_close(
+        &format!("{what} conv2d_backward_kernel dw"),
+        &dw,
+        &dw_ref,
+        &bound(&dw_abs, pixels as f64),
+    );
+}
+
+/// The unit roundoff of `T`.
+fn unit<T: Element>() -> f64 {
+    match T::DTYPE {
+        mp_core::DType::F16 => 1.0 / 2048.0,
+        mp_core::DType::BF16 => 1.0 / 256.0,
+        _ => U,
+    }
+}
+
+/// Half the smallest subnormal of `T`: the absolute error of rounding below its normal range.
+fn eta<T: Element>() -> f64 {
+    match T::DTYPE {
+        mp_core::DType::F16 => (-25f64).exp2(),
+        mp_core::DType::BF16 => (-134f64).exp2(),
+        _ => (-150f64).exp2(),
+    }
+}
+
+/// A float32 bound widened by one rounding to `T` (unit roundoff `u_t`, subnormals included).
+fn rounded<T: Element>(bound: &[f64], reference: &[f64], u_t: f64) -> Vec<f64> {
+    bound
+        .iter()
+        .zip(reference)
+        .map(|(b, r)| b * (1.0 + u_t) + u_t * r.abs() + eta::<T>())
+        .collect()
 }
 
 fn conv_sweep<T: GemmInput>(name: &str) {
@@ -286,11 +363,7 @@ fn pool_case<T: Element>(rng: &mut Rng, g: Option<Geometry>) {
             abs[p * c + ch] += xd[input * c + ch].abs();
         }
     }
-    let u_t = match T::DTYPE {
-        mp_core::DType::F32 => U,
-        mp_core::DType::BF16 => 1.0 / 256.0,
-        mp_core::DType::F16 => 1.0 / 2048.0,
-    };
+    let u_t = unit::<T>();
     let mean: Vec<f64> = (0..g.output_len())
         .map(|o| sum[o] / count[o / c] as f64)
         .collect();

@@ -11,7 +11,7 @@ use mp_kernels::ops;
 
 use super::util::{KernelCast, glorot_uniform, name_seed};
 use crate::error::{Error, Result};
-use crate::layer::{Layer, convert, convert_ref};
+use crate::layer::{Layer, convert_ref};
 
 /// A 2-D convolution, like Keras's `Conv2D` (`data_format="channels_last"`).
 ///
@@ -24,8 +24,10 @@ use crate::layer::{Layer, convert, convert_ref};
 ///   compute dtype, GEMMs accumulating in float32 that add the float32 bias (and apply ReLU)
 ///   before rounding once.
 /// - Backward: the kernel gradient `patchesᵀ · dy` comes out of the float32-accumulating GEMM
-///   straight into the float32 gradient; the input gradient `dy · kernelᵀ` is formed in float32
-///   and summed back into the input positions in float32 (col2im), then rounded once. Only the
+///   straight into the float32 gradient. The input gradient of a stride-1 convolution is the
+///   convolution of `dy` with the flipped kernel, whose GEMM rounds `dx` once into the compute
+///   dtype (no float32 copy of `dx`); with larger strides `dy · kernelᵀ` is formed in float32 and
+///   summed back into the input positions in float32 (col2im), then rounded once. Only the
 ///   input is kept for backward (the patches are formed again), so a 3×3 convolution keeps a
 ///   ninth of what keeping the patches would.
 ///
@@ -317,8 +319,11 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
             None => dy,
         };
         let dx = if need_dx {
-            let dx = ops::conv2d_backward_input(dz, self.kernel_compute()?, &g)?;
-            Some(convert::<F32, P::Compute>(dx)?)
+            Some(ops::conv2d_backward_input::<_, P::Compute>(
+                dz,
+                self.kernel_compute()?,
+                &g,
+            )?)
         } else {
             None
         };
