@@ -21,6 +21,7 @@ use mp_optim::Adam;
 use ndarray::{Array1, Array4};
 use serde_json::json;
 
+use crate::bench_train::median;
 use crate::{CNN_LEARNING_RATE, MnistCnn};
 
 /// Options of `bench cnn`.
@@ -148,16 +149,6 @@ impl<P: PolicyKind> Variant for Conv<P> {
         self.layer.forward_train(&self.x)?;
         self.layer.backward(&self.dy, true)?;
         Ok(())
-    }
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
 }
 

@@ -183,7 +183,8 @@ fn variants(units: usize, batch: usize) -> Result<Vec<Box<dyn Variant>>> {
     ])
 }
 
-fn median(xs: &mut [f64]) -> f64 {
+/// The median (sorts `xs`).
+pub(crate) fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 {

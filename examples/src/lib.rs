@@ -14,6 +14,7 @@ use mp_layers::{
 };
 
 pub mod bench_cnn;
+pub mod bench_dp;
 pub mod bench_step_gemms;
 pub mod bench_train;
 
@@ -154,6 +155,32 @@ impl<P: mp_core::PolicyKind> MnistCnn<P> {
             predictions: Softmax::new(),
         }
     }
+}
+
+/// A synthetic classification task a model must learn: `samples` points of `features`
+/// float32 values in `classes` Gaussian clusters (unit noise around centres drawn once from the
+/// seed, 2.0 apart per axis on average), with integer labels. The same seed gives the same data
+/// on every rank.
+pub fn clusters(
+    samples: usize,
+    features: usize,
+    classes: usize,
+    seed: u64,
+) -> (ndarray::Array2<f32>, ndarray::Array1<u32>) {
+    let mut rng = mp_core::Rng::new(seed);
+    let centres: Vec<f32> = (0..classes * features)
+        .map(|_| rng.uniform(-1.0, 1.0))
+        .collect();
+    let mut x = ndarray::Array2::<f32>::zeros((samples, features));
+    let mut y = ndarray::Array1::<u32>::zeros(samples);
+    for (i, mut row) in x.rows_mut().into_iter().enumerate() {
+        let label = rng.below(classes as u64) as usize;
+        y[i] = label as u32;
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = centres[label * features + j] + 0.5 * rng.normal();
+        }
+    }
+    (x, y)
 }
 
 /// `--name value` command-line options, parsed by hand (the examples need nothing more).

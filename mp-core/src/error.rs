@@ -69,6 +69,14 @@ pub enum Error {
         /// Where it is.
         got: crate::Device,
     },
+    /// A collective between the ranks of a data-parallel job that cannot be made.
+    #[error("{op}: {what}")]
+    Communication {
+        /// The collective.
+        op: &'static str,
+        /// What is wrong.
+        what: String,
+    },
     /// A CUDA device was asked for in a build without the `cuda` feature.
     #[error(
         "cuda device {ordinal} requested, but mp was built without CUDA support: enable the \

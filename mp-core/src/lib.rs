@@ -27,6 +27,7 @@
 
 pub mod compat;
 pub mod cuda;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod loss_scale;

@@ -78,6 +78,16 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// Another rank of a data-parallel job failed this step (its own error is on its side); the
+    /// step was not applied anywhere.
+    #[error(
+        "rank(s) {ranks:?} of the data-parallel job failed this step: stopping every rank (the \
+         step was not applied; see those ranks' errors)"
+    )]
+    ReplicaFailed {
+        /// The ranks that failed.
+        ranks: Vec<usize>,
+    },
     /// An error from mp-core.
     #[error(transparent)]
     Core(#[from] mp_core::Error),

@@ -247,6 +247,19 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
             Some(c) => c,
             None => check_gradients(vars)?,
         };
+        self.apply_checked(vars, check)
+    }
+
+    /// [`LossScaleOptimizer::apply_gradients`] on a decision made elsewhere: applies the inner
+    /// optimizer if `check` says every gradient is finite, else skips; updates the loss scale
+    /// either way. A data-parallel trainer passes the check every rank agreed on, so that all
+    /// ranks skip or apply together and their scales stay equal.
+    pub fn apply_checked(
+        &mut self,
+        vars: &mut dyn VariableSet,
+        check: GradientCheck,
+    ) -> Result<StepOutcome> {
+        self.pending = None;
         let scale_before = self.loss_scale.scale();
         if check.all_finite {
             // The inner optimizer validates before writing; on its error nothing changed, so the

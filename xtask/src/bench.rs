@@ -5,23 +5,30 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// The benchmark groups the measuring binary knows.
-const GROUPS: &[&str] = &["train", "gemm", "cnn"];
+const GROUPS: &[&str] = &["train", "gemm", "cnn", "dp"];
 
 /// Runs `cargo xtask bench [GROUP] [OPTIONS]`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let (groups, options) = split_args(args)?;
     let root = crate::root();
-    let built = crate::cargo::executables(
-        &root,
-        &[
-            "build",
-            "--release",
-            "--package",
-            "examples",
-            "--bin",
-            "bench",
-        ],
-    )?;
+    let mut build = vec![
+        "build",
+        "--release",
+        "--package",
+        "examples",
+        "--bin",
+        "bench",
+    ];
+    // The data-parallel group runs 2 ranks under mpirun: with Open MPI installed, the binary
+    // gets the `mpi` feature (else that group reports why it was skipped).
+    let mpi = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if mpi {
+        build.extend(["--features", "mpi"]);
+    }
+    let built = crate::cargo::executables(&root, &build)?;
     let exe = built
         .into_iter()
         .find(|(name, _)| name == "bench")

@@ -16,6 +16,8 @@ pub struct Inputs {
     pub train: Option<Value>,
     /// `target/bench/cnn.json`, if that group ran (its section comes written, in `markdown`).
     pub cnn: Option<Value>,
+    /// `target/bench/dp.json`, if that group ran (its section comes written, in `markdown`).
+    pub dp: Option<Value>,
 }
 
 /// Reads whatever JSON the groups that ran wrote.
@@ -35,6 +37,7 @@ pub fn read_inputs(dir: &Path, groups: &[String]) -> Result<Inputs> {
         gemm: read("gemm")?,
         train: read("train")?,
         cnn: read("cnn")?,
+        dp: read("dp")?,
     })
 }
 
@@ -156,9 +159,11 @@ pub fn markdown(inputs: &Inputs) -> String {
             );
         }
     }
-    if let Some(md) = inputs.cnn.as_ref().and_then(|c| c["markdown"].as_str()) {
-        s.push('\n');
-        s.push_str(md);
+    for section in [&inputs.cnn, &inputs.dp] {
+        if let Some(md) = section.as_ref().and_then(|c| c["markdown"].as_str()) {
+            s.push('\n');
+            s.push_str(md);
+        }
     }
     s
 }
@@ -383,7 +388,9 @@ mod tests {
             gemm: None,
             train: Some(sample()),
             cnn: Some(json!({"markdown": "## The mnist_cnn network\n"})),
+            dp: Some(json!({"markdown": "## Data parallel\n"})),
         });
+        assert!(md.contains("## Data parallel"), "{md}");
         assert!(md.contains("## The mnist_cnn network"), "{md}");
         assert!(
             md.contains("| mixed_float16 | avx512-6x64 | 64 | 2.5 |"),

@@ -34,6 +34,11 @@ subcommands:
       the mnist_cnn step per policy (default batch 256) and a Conv2D(64, 3x3) on 28x28x64 alone:
       ms, vs float32, fraction of the GEMM path's peak, activation memory (JSON to
       target/bench/cnn.json; --quick: batch 8, 2 rounds)
+  dp [--quick] [--rounds N] [--steps N] [--batch N] [--units N] [--out PATH]
+      data-parallel training of the guide's model: 2 ranks x 1 thread (mpirun) against 1 process
+      x 2 threads, per policy; the all-reduce's bytes and time per step (needs the `mpi` feature
+      and Open MPI; default batch 8192, 4096 units, 3 rounds of 4 steps; JSON to
+      target/bench/dp.json; --quick: batch 64, 128 units)
   step-gemms [--batch N] [--units N] [--reps N]
       every GEMM of one training step of the guide's model, timed alone per dtype (where a
       step's time goes; default batch 8192, 4096 units, median of 3)
@@ -49,6 +54,7 @@ fn main() -> Result<()> {
         Some("train") => examples::bench_train::train_cmd(&args[1..]),
         Some("step-gemms") => examples::bench_step_gemms::step_gemms_cmd(&args[1..]),
         Some("cnn") => examples::bench_cnn::cnn_cmd(&args[1..]),
+        Some("dp") => examples::bench_dp::dp_cmd(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

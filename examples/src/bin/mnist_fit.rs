@@ -7,10 +7,16 @@
 //!
 //! The policy defaults to the one the compatibility check recommends for this machine. MNIST is
 //! fetched and verified on first use (into `$MP_DATA_DIR` or `~/.cache/mp/mnist`).
+//!
+//! Data-parallel on N processes (built with `--features mpi`; Open MPI's `mpirun` on one
+//! machine, or with `--hostfile` on several): `mpirun -np 2 target/release/mnist_fit ...`. The
+//! ranks split every global batch of `--batch-size` and print from rank 0.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use examples::{Args, Digits};
+use mp_core::dist::Communicator;
 use mp_core::{DTypeKind, Policy, PolicyKind, PolicyVisitor};
 use mp_layers::{FitOptions, Layer, Model, SparseCategoricalCrossentropy, Trainer, Verbose};
 use mp_optim::RmsProp;
@@ -27,12 +33,17 @@ const OPTIONS: &[&str] = &[
 struct Run {
     units: usize,
     options: FitOptions,
+    comm: Arc<dyn Communicator>,
 }
 
 impl PolicyVisitor for Run {
     type Output = anyhow::Result<()>;
 
     fn visit<P: PolicyKind>(self) -> anyhow::Result<()> {
+        let lead = self.comm.rank() == 0;
+        macro_rules! println {
+            ($($t:tt)*) => { if lead { std::println!($($t)*) } };
+        }
         let ((x_train, y_train), (x_test, y_test)) = mp_data::mnist::load_data()?;
         let x_train = mp_data::mnist::to_features(&x_train);
         let x_test = mp_data::mnist::to_features(&x_test);
@@ -61,7 +72,16 @@ impl PolicyVisitor for Run {
             model,
             RmsProp::default(),
             SparseCategoricalCrossentropy::new(),
-        );
+        )
+        .with_communicator(self.comm.clone());
+        if self.comm.size() > 1 {
+            println!(
+                "data parallel: {} ranks over {}, {} samples of each global batch per rank",
+                self.comm.size(),
+                self.comm.name(),
+                self.options.batch_size / self.comm.size()
+            );
+        }
         if let mp_layers::TrainOptimizer::Scaled(s) = trainer.optimizer() {
             println!("loss scaling: {}", s.loss_scale_state());
         }
@@ -72,7 +92,11 @@ impl PolicyVisitor for Run {
             x_test.view(),
             y_test.view(),
             self.options.batch_size,
-            Verbose::Lines,
+            if lead {
+                Verbose::Lines
+            } else {
+                Verbose::Silent
+            },
         )?;
         println!("Test loss: {:.4}", scores.loss);
         println!("Test accuracy: {:.4}", scores.accuracy);
@@ -95,6 +119,12 @@ impl PolicyVisitor for Run {
 fn main() -> anyhow::Result<()> {
     let args = Args::from_env(&[])?;
     args.check_known(OPTIONS)?;
+    // `mpirun` started this process as one of several ranks: train data-parallel.
+    let comm = mp_core::dist::from_env()?;
+    let lead = comm.rank() == 0;
+    macro_rules! println {
+        ($($t:tt)*) => { if lead { std::println!($($t)*) } };
+    }
     let policy: Policy = match args.raw("policy") {
         Some(p) => p.parse()?,
         None => mp_kernels::calibrate::recommended_policy()?,
@@ -113,5 +143,6 @@ fn main() -> anyhow::Result<()> {
     policy.dispatch(Run {
         units: args.get("units", 4096)?,
         options,
+        comm,
     })
 }

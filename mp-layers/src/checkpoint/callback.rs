@@ -97,7 +97,8 @@ impl ModelCheckpoint {
                 })?;
             improved = trainer.update_best(best, value);
         }
-        if self.keep_last == 0 && !improved {
+        // Data-parallel, the replicas are identical and rank 0 writes for all of them.
+        if (self.keep_last == 0 && !improved) || trainer.rank() != 0 {
             return Ok(());
         }
         fs::create_dir_all(&self.dir).map_err(|e| io_error("creating", &self.dir, e))?;

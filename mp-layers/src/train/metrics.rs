@@ -37,6 +37,17 @@ impl Mean {
     pub fn reset_state(&mut self) {
         *self = Self::default();
     }
+
+    /// The weighted sum and the weight: what ranks add up.
+    pub(crate) fn sums(&self) -> [f64; 2] {
+        [self.total, self.count]
+    }
+
+    /// Adds sums from [`Mean::sums`] (of other ranks).
+    pub(crate) fn merge_sums(&mut self, [total, count]: [f64; 2]) {
+        self.total += total;
+        self.count += count;
+    }
 }
 
 /// Keras's `SparseCategoricalAccuracy`: how often the arg-max class equals the label.
@@ -91,5 +102,16 @@ impl SparseCategoricalAccuracy {
     /// Forgets everything.
     pub fn reset_state(&mut self) {
         *self = Self::default();
+    }
+
+    /// Correct and total counts: what ranks add up.
+    pub(crate) fn sums(&self) -> [f64; 2] {
+        [self.correct as f64, self.total as f64]
+    }
+
+    /// Adds counts from [`SparseCategoricalAccuracy::sums`] (of other ranks).
+    pub(crate) fn merge_sums(&mut self, [correct, total]: [f64; 2]) {
+        self.correct += correct as u64;
+        self.total += total as u64;
     }
 }

@@ -7,10 +7,13 @@ pub mod losses;
 pub mod metrics;
 mod monitor;
 mod optimizer;
+mod parallel;
 mod progress;
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use mp_core::dist::Communicator;
 use mp_core::{Device, F32, LossScale, PolicyKind, Rng, Tensor};
 use mp_kernels::softmax::Label;
 use mp_optim::{LossScaleOptimizer, Optimizer};
@@ -24,8 +27,10 @@ pub use self::losses::SparseCategoricalCrossentropy;
 pub use self::metrics::{Mean, SparseCategoricalAccuracy};
 pub use self::monitor::{BestMetric, METRICS, Mode};
 pub use self::optimizer::{ModelVars, TrainOptimizer};
+pub use self::parallel::CommStats;
 
 use self::data::{check_data, check_labels, first_nonfinite_gradient, gather, nonfinite_origin};
+use self::parallel::Replicas;
 use self::progress::Reporter;
 use crate::error::{Error, Result};
 use crate::layer::{Compute, Model};
@@ -47,6 +52,8 @@ pub struct Trainer<M: Model, O: Optimizer> {
     nonfinite_run: (u64, Option<String>),
     /// How many consecutive skipped steps stop `fit` (see [`Trainer::with_max_nonfinite_steps`]).
     max_nonfinite_steps: u64,
+    /// The other ranks of a data-parallel job (none by default).
+    replicas: Replicas,
 }
 
 /// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
@@ -86,7 +93,38 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             device: Device::Cpu,
             nonfinite_run: (0, None),
             max_nonfinite_steps: MAX_NONFINITE_STEPS,
+            replicas: Replicas::default(),
         }
+    }
+
+    /// Trains data-parallel over `comm`'s ranks (see [`mp_core::dist`]; [`mp_core::dist::from_env`]
+    /// gives the one `mpirun` launched this process with). Every rank runs the same program:
+    /// `fit` starts every replica from rank 0's weights, gives each rank its shard of every
+    /// global batch (`batch_size` is the global batch, split in rank order), sums the
+    /// gradients so that the update is the one a single process would make over the global
+    /// batch, and makes every rank skip or apply each step together; loss, metrics and
+    /// validation are over the global batch on every rank. Progress is printed and
+    /// [`ModelCheckpoint`](crate::checkpoint::ModelCheckpoint) writes on rank 0 only.
+    ///
+    /// With a single rank (the default, [`mp_core::dist::Local`]) nothing changes.
+    pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.replicas = Replicas::new(comm);
+        self
+    }
+
+    /// The communicator of the data-parallel job ([`mp_core::dist::Local`] by default).
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        self.replicas.comm()
+    }
+
+    /// This process's rank in the data-parallel job (0 alone).
+    pub fn rank(&self) -> usize {
+        self.replicas.rank()
+    }
+
+    /// What the last training step's collectives moved and took (zero alone).
+    pub fn comm_stats(&self) -> CommStats {
+        self.replicas.last
     }
 
     /// How many consecutive steps with non-finite gradients stop training with
@@ -275,43 +313,60 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// One training step on a batch already in the model's compute dtype: forward, loss,
     /// backward (scaled when loss scaling), unscale, check and apply. Returns the batch loss and
     /// the float32 predictions.
+    ///
+    /// Data-parallel ([`Trainer::with_communicator`]), `x` and `labels` are this rank's shard
+    /// (it may be empty), every rank calls `train_step` for every step, and the returned loss is
+    /// the global batch's.
     pub fn train_step<L: Label>(
         &mut self,
         x: &Tensor<Compute<M>>,
         labels: &[L],
     ) -> Result<(StepResult, Tensor<F32>)> {
-        self.model.zero_grad()?;
-        self.model.begin_step(self.progress.step);
-        let probs = self.model.forward_train_f32(x)?;
-        let loss = self.loss.loss(&probs, labels)?;
         let scale = self.optimizer.loss_scale();
-        if !self.loss.is_from_logits() && self.model.ends_in_softmax() {
-            let dz = self.loss.softmax_input_gradient(&probs, labels, scale)?;
-            self.model.backward_from_softmax_input_f32(&dz)?;
+        let local = self.forward_backward(x, labels, scale);
+        let (loss, probs) = if self.replicas.is_parallel() {
+            // Every rank takes part in the agreement, a failed one too, so that none is left
+            // waiting in the gradient sum.
+            let agreed =
+                (self.replicas).agree(local.as_ref().ok().map(|(l, _)| (labels.len(), *l)));
+            let (_, probs) = local?;
+            let agreed = agreed?;
+            let samples = agreed.samples.max(1) as f64;
+            let share = (labels.len() as f64 / samples) as f32;
+            self.replicas.all_reduce_gradients(&mut self.model, share)?;
+            ((agreed.loss_sum / samples) as f32, probs)
         } else {
-            let dy = self.loss.gradient(&probs, labels, scale)?;
-            self.model.backward_f32(&dy)?;
-        }
+            local?
+        };
+        // Every rank checks the same summed gradients, and the ranks still sum their
+        // non-finite flags before deciding: one decision for all.
+        let elsewhere = || Some("the gradients of another rank".to_string());
         let (applied, nonfinite) = match &mut self.optimizer {
             TrainOptimizer::Plain(o) => {
                 // The same finite check as loss scaling, without the scale: a non-finite
                 // gradient never reaches the weights under float32 or mixed_bfloat16 either.
-                match first_nonfinite_gradient(&mut self.model)? {
-                    None => {
-                        o.apply_gradients(&mut ModelVars(&mut self.model))?;
-                        (true, None)
-                    }
-                    Some(var) => (false, Some(var)),
+                let found = first_nonfinite_gradient(&mut self.model)?;
+                if self.replicas.any(found.is_some())? {
+                    (false, found.or_else(elsewhere))
+                } else {
+                    o.apply_gradients(&mut ModelVars(&mut self.model))?;
+                    (true, None)
                 }
             }
             TrainOptimizer::Scaled(s) => {
-                let check = s.get_unscaled_gradients(&mut ModelVars(&mut self.model))?;
-                let applied = s.apply_gradients(&mut ModelVars(&mut self.model))?.applied;
-                (applied, check.first_nonfinite)
+                let mut check = s.get_unscaled_gradients(&mut ModelVars(&mut self.model))?;
+                if self.replicas.any(!check.all_finite)? && check.all_finite {
+                    check.all_finite = false;
+                    check.first_nonfinite = elsewhere();
+                }
+                let nonfinite = check.first_nonfinite.clone();
+                let outcome = s.apply_checked(&mut ModelVars(&mut self.model), check)?;
+                (outcome.applied, nonfinite)
             }
         };
         // Layer state of the step (moving statistics) is committed only when it was applied.
         self.model.end_step(applied)?;
+        self.replicas.average_state(&mut self.model)?;
         self.progress.step += 1;
         let scaled = matches!(self.optimizer, TrainOptimizer::Scaled(_));
         if applied || scaled {
@@ -339,6 +394,35 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             },
             probs,
         ))
+    }
+
+    /// This rank's forward and backward: the loss of its batch and the float32 predictions,
+    /// the gradients (times `scale`) left in the variables. An empty shard of a data-parallel
+    /// step computes nothing and leaves zero gradients.
+    fn forward_backward<L: Label>(
+        &mut self,
+        x: &Tensor<Compute<M>>,
+        labels: &[L],
+        scale: f32,
+    ) -> Result<(f32, Tensor<F32>)> {
+        self.model.zero_grad()?;
+        // Dropout masks differ between ranks (and are the single process's own alone).
+        let (rank, size) = (self.replicas.rank() as u64, self.replicas.size() as u64);
+        self.model.begin_step(self.progress.step * size + rank);
+        if labels.is_empty() && self.replicas.is_parallel() {
+            let classes = self.classes()?;
+            return Ok((0.0, Tensor::<F32>::from_f32(&[0, classes], &[])?));
+        }
+        let probs = self.model.forward_train_f32(x)?;
+        let loss = self.loss.loss(&probs, labels)?;
+        if !self.loss.is_from_logits() && self.model.ends_in_softmax() {
+            let dz = self.loss.softmax_input_gradient(&probs, labels, scale)?;
+            self.model.backward_from_softmax_input_f32(&dz)?;
+        } else {
+            let dy = self.loss.gradient(&probs, labels, scale)?;
+            self.model.backward_f32(&dy)?;
+        }
+        Ok((loss, probs))
     }
 
     /// Trains for `options.epochs` epochs on `x` (float32, `[samples, ...]` of any rank:
@@ -389,6 +473,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         }
         self.ensure_built(sample_shape(&x))?;
         check_labels(&y, self.classes()?)?;
+        // Replicas start equal: rank 0's weights everywhere.
+        self.replicas.broadcast_variables(&mut self.model)?;
         for cb in callbacks.iter_mut() {
             cb.on_train_begin(self, !val.is_empty())?;
         }
@@ -406,8 +492,13 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             if options.shuffle {
                 rng.shuffle(&mut order);
             }
-            let mut reporter =
-                Reporter::new(options.verbose, epoch, first_epoch + options.epochs, steps);
+            // Progress from rank 0 only; every rank sees the same (global) figures.
+            let verbose = if self.replicas.rank() == 0 {
+                options.verbose
+            } else {
+                Verbose::Silent
+            };
+            let mut reporter = Reporter::new(verbose, epoch, first_epoch + options.epochs, steps);
             let mut loss_mean = Mean::new();
             let mut accuracy = SparseCategoricalAccuracy::new();
             let mut skipped = 0;
@@ -415,13 +506,22 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             for (step, range) in
                 mp_core::rng::batch_ranges(order.len(), options.batch_size).enumerate()
             {
-                let idx = &order[range];
+                let global = &order[range];
+                let idx = self.replicas.shard(global);
                 let xb = gather::<Compute<M>>(&x, idx, self.device)?;
                 labels.clear();
                 labels.extend(idx.iter().map(|&i| y[i]));
                 let (result, probs) = self.train_step(&xb, &labels)?;
-                loss_mean.update_state(result.loss, idx.len() as f64);
-                accuracy.update_state(&probs, &labels)?;
+                loss_mean.update_state(result.loss, global.len() as f64);
+                if self.replicas.is_parallel() {
+                    let mut step = SparseCategoricalAccuracy::new();
+                    step.update_state(&probs, &labels)?;
+                    let mut sums = step.sums();
+                    self.replicas.sum(&mut sums)?;
+                    accuracy.merge_sums(sums);
+                } else {
+                    accuracy.update_state(&probs, &labels)?;
+                }
                 skipped += u64::from(!result.applied);
                 reporter.step(step + 1, loss_mean.result(), accuracy.result(), started);
             }
@@ -448,9 +548,16 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             };
             reporter.finish(&logs);
             self.progress.epoch = epoch + 1;
+            let mut ended = Ok(());
             for cb in callbacks.iter_mut() {
-                cb.on_epoch_end(self, &logs)?;
+                ended = cb.on_epoch_end(self, &logs);
+                if ended.is_err() {
+                    break;
+                }
             }
+            // A callback that failed on one rank (rank 0 writing a checkpoint) stops them all.
+            self.replicas.all_succeeded(ended.is_ok(), &mut [])?;
+            ended?;
             history.epochs.push(logs);
         }
         Ok(history)
@@ -465,7 +572,9 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     ) -> Result<Scores> {
         let mut loss_mean = Mean::new();
         let mut accuracy = SparseCategoricalAccuracy::new();
-        let idx: Vec<usize> = range.collect();
+        let all: Vec<usize> = range.collect();
+        // Data-parallel, each rank evaluates its shard and the sums are added up.
+        let idx = self.replicas.shard(&all);
         let mut labels = vec![];
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
             let batch = &idx[r];
@@ -475,6 +584,16 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             let probs = self.model.forward_f32(&xb)?;
             loss_mean.update_state(self.loss.loss(&probs, &labels)?, batch.len() as f64);
             accuracy.update_state(&probs, &labels)?;
+        }
+        if self.replicas.is_parallel() {
+            let [a, b] = loss_mean.sums();
+            let [c, d] = accuracy.sums();
+            let mut sums = [a, b, c, d];
+            self.replicas.sum(&mut sums)?;
+            loss_mean = Mean::new();
+            loss_mean.merge_sums([sums[0], sums[1]]);
+            accuracy = SparseCategoricalAccuracy::new();
+            accuracy.merge_sums([sums[2], sums[3]]);
         }
         Ok(Scores {
             loss: loss_mean.result(),
