@@ -43,6 +43,8 @@ fn two_ranks_stay_identical_match_one_process_and_skip_together() {
         "2 ranks over mpi",
         "bit-identical on every rank after each epoch: [true, true, true]",
         "skipped steps 1 on every rank",
+        "bit-identical to the uninterrupted run: true",
+        "rank 1: a failed checkpoint on rank 0 stopped fit with: rank(s) [0]",
         "dp_check: ok",
     ] {
         assert!(

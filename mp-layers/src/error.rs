@@ -78,11 +78,11 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
-    /// Another rank of a data-parallel job failed this step (its own error is on its side); the
-    /// step was not applied anywhere.
+    /// Other ranks of a data-parallel job failed (their own errors are on their side): every
+    /// rank stops, and a training step they failed in was applied on none.
     #[error(
-        "rank(s) {ranks:?} of the data-parallel job failed this step: stopping every rank (the \
-         step was not applied; see those ranks' errors)"
+        "rank(s) {ranks:?} of the data-parallel job failed (see their errors): every rank stops, \
+         and a training step they failed in was applied on none"
     )]
     ReplicaFailed {
         /// The ranks that failed.

@@ -8,7 +8,10 @@
 //! On a synthetic task (Gaussian clusters, the guide's model with small layers):
 //! 1. float32: after every epoch the weights are bit-identical on every rank; after training,
 //!    rank 0 trains the same model in one process on the same global batches and compares;
-//! 2. mixed_float16: one sample of rank 1's shard is NaN; every rank must skip that step, with
+//! 2. resuming from a checkpoint on the same ranks continues the run bit for bit;
+//! 3. a rank that fails (rank 0 cannot write its checkpoint) stops every rank with an error
+//!    naming it, without a hang;
+//! 4. mixed_float16: one sample of rank 1's shard is NaN; every rank must skip that step, with
 //!    the same loss scale and skipped-step counts everywhere.
 //!
 //! `--kill-test DIR` instead trains until killed, writing a checkpoint to `DIR` every epoch and
@@ -23,8 +26,8 @@ use examples::{Args, Digits, clusters};
 use mp_core::dist::{self, Communicator};
 use mp_core::{Float32, MixedFloat16, PolicyKind};
 use mp_layers::{
-    Callback, EpochLogs, FitOptions, Model, ModelCheckpoint, SparseCategoricalCrossentropy,
-    TrainOptimizer, Trainer, Verbose,
+    Callback, Checkpointing, EpochLogs, FitOptions, Layer, Model, ModelCheckpoint,
+    SparseCategoricalCrossentropy, TrainOptimizer, Trainer, Verbose,
 };
 use mp_optim::{Optimizer, RmsProp};
 
@@ -186,7 +189,67 @@ fn main() -> anyhow::Result<()> {
         bail!("the data-parallel weights are further than 1e-5 (relative) from one process's");
     }
 
-    // 2. mixed_float16: a NaN in one rank's shard skips the step on every rank.
+    // 2. Resume on the same ranks: 2 epochs with a checkpoint, a fresh trainer resumes from it
+    //    on every rank and trains the third: the weights of the uninterrupted run, bit for bit.
+    let mut dir = if rank == 0 {
+        let d = std::env::temp_dir().join(format!("mp-dp-check-{}", std::process::id()));
+        d.display().to_string().into_bytes()
+    } else {
+        vec![]
+    };
+    comm.broadcast_bytes(&mut dir, 0)?;
+    let dir = std::path::PathBuf::from(String::from_utf8(dir)?);
+    let mut first = compile::<Float32>(units)
+        .with_communicator(comm.clone())
+        .with_callback(ModelCheckpoint::new(&dir).keep_last(1));
+    first.fit(x.view(), y.view(), &options(batch, epochs - 1))?;
+    let mut resumed = compile::<Float32>(units).with_communicator(comm.clone());
+    resumed.model_mut().build(&[FEATURES])?;
+    let from = resumed
+        .resume_latest(&dir)?
+        .context("no checkpoint written")?;
+    resumed.fit(x.view(), y.view(), &options(batch, 1))?;
+    let same_resumed = weights(&mut resumed)?
+        .iter()
+        .zip(&w_dp)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    say(format!(
+        "resumed on {size} ranks from {} after {} epochs, then 1 more: bit-identical to the \
+         uninterrupted run: {same_resumed}",
+        from.file_name().unwrap_or_default().to_string_lossy(),
+        epochs - 1
+    ));
+    comm.barrier()?;
+    if rank == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if !identical(&*comm, &[f32::from(u8::from(same_resumed))])? || !same_resumed {
+        bail!("the resumed run differs from the uninterrupted one");
+    }
+
+    // 3. A rank that fails (rank 0 cannot write its checkpoint) stops every rank, no hang.
+    let blocked = std::env::temp_dir().join(format!("mp-dp-check-file-{}", std::process::id()));
+    std::fs::write(&blocked, b"a file, not a directory")?;
+    let mut failing = compile::<Float32>(units)
+        .with_communicator(comm.clone())
+        .with_callback(ModelCheckpoint::new(blocked.join("checkpoints")));
+    let err = failing
+        .fit(x.view(), y.view(), &options(batch, 1))
+        .expect_err("a failed checkpoint on rank 0 must stop fit");
+    let _ = std::fs::remove_file(&blocked);
+    let expected = if rank == 0 {
+        matches!(err, mp_layers::Error::Callback { .. })
+    } else {
+        matches!(&err, mp_layers::Error::ReplicaFailed { ranks } if ranks == &[0])
+    };
+    println!("rank {rank}: a failed checkpoint on rank 0 stopped fit with: {err}");
+    let mut wrong = [f64::from(u8::from(!expected))];
+    comm.all_reduce_sum_f64(&mut wrong)?;
+    if wrong[0] != 0.0 {
+        bail!("a rank stopped with an unexpected error");
+    }
+
+    // 4. mixed_float16: a NaN in one rank's shard skips the step on every rank.
     if size > 1 {
         let mut xn = x.clone();
         // Replay fit's shuffle: the training samples (before the validation split) in the order
