@@ -16,6 +16,8 @@
 //! Work is split across the kernel threads by whole images, so every sum is taken in the same
 //! order whatever the thread count: results are bit-identical run to run.
 
+use std::ops::Range;
+
 use mp_core::Element;
 use rayon::prelude::*;
 
@@ -316,10 +318,30 @@ fn per_image2<A: Send, B: Send>(
 /// 28x28x64 images would otherwise need 0.9 GiB of float32 patch gradients).
 const CHUNK_BYTES: usize = 8 << 20;
 
-/// Images per chunk for patches of `elem` bytes each.
-fn images_per_chunk(g: &Geometry, elem: usize) -> usize {
+/// The same for one kernel thread working alone on its images ([`thread_parts`]): about what
+/// its share of a 1 MiB L2 holds beside the GEMM's packed panels, so the patches it writes are
+/// still in its cache when its GEMM reads them.
+const THREAD_CHUNK_BYTES: usize = 1 << 20;
+
+/// Images per chunk for patches of `elem` bytes each (at least one), for the threads together
+/// or, `serial`, for one thread alone.
+fn images_per_chunk(g: &Geometry, elem: usize, serial: bool) -> usize {
     let per_image = g.output[0] * g.output[1] * g.patch_len() * elem;
-    (CHUNK_BYTES / per_image.max(1)).clamp(1, g.batch.max(1))
+    let budget = if serial {
+        THREAD_CHUNK_BYTES
+    } else {
+        CHUNK_BYTES
+    };
+    (budget / per_image.max(1)).clamp(1, g.batch.max(1))
+}
+
+/// Contiguous ranges of a batch of `batch` images, one per kernel thread, when the batch has
+/// enough images that each thread working alone on its own beats the threads sharing every
+/// GEMM: at least 4 per thread (a fixed partition for a thread count, so results stay
+/// bit-identical run to run).
+fn thread_parts(batch: usize) -> Option<Vec<Range<usize>>> {
+    let threads = threads::num_threads();
+    (threads > 1 && batch >= 4 * threads).then(|| threads::static_ranges(batch, threads, 1))
 }
 
 /// The geometry of images `b0..b0 + n` of `g`'s batch.
@@ -356,24 +378,47 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
             gemm,
         );
     }
-    let per = images_per_chunk(g, std::mem::size_of::<T>());
     let pix = g.output[0] * g.output[1];
-    let mut cols = vec![T::ZERO; per * pix * g.patch_len()];
-    for b0 in (0..g.batch).step_by(per) {
-        let n = per.min(g.batch - b0);
-        let c = chunk(g, n);
-        let cols = &mut cols[..c.cols_len()];
-        im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
-        let out = &mut y[b0 * pix * filters..(b0 + n) * pix * filters];
-        gemm_views(
-            paths.get(T::DTYPE),
-            MatRef::new(cols, c.pixels(), g.patch_len()),
-            w,
-            MatMut::new(out, c.pixels(), filters),
-            gemm,
-        )?;
+    let path = paths.get(T::DTYPE);
+    // Images `images` into their rows of `y` (`out`), a chunk of images at a time.
+    let run = |images: Range<usize>, out: &mut [O], serial: bool| -> Result<()> {
+        let per = images_per_chunk(g, std::mem::size_of::<T>(), serial);
+        let mut cols = vec![T::ZERO; per.min(images.len()) * pix * g.patch_len()];
+        for b0 in images.clone().step_by(per) {
+            let n = per.min(images.end - b0);
+            let c = chunk(g, n);
+            let cols = &mut cols[..c.cols_len()];
+            im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
+            let at = (b0 - images.start) * pix * filters;
+            gemm_views(
+                path,
+                MatRef::new(cols, c.pixels(), g.patch_len()),
+                w,
+                MatMut::new(&mut out[at..at + n * pix * filters], c.pixels(), filters),
+                gemm,
+            )?;
+        }
+        Ok(())
+    };
+    let Some(parts) = thread_parts(g.batch) else {
+        return run(0..g.batch, y, false);
+    };
+    let mut slices = Vec::with_capacity(parts.len());
+    let mut rest = y;
+    for r in parts {
+        let (mine, others) = rest.split_at_mut(r.len() * pix * filters);
+        slices.push((r, mine));
+        rest = others;
     }
-    Ok(())
+    threads::pool()
+        .install(|| {
+            slices
+                .into_par_iter()
+                .map(|(r, out)| threads::serial(|| run(r, out, true)))
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .collect()
 }
 
 /// The input gradient of [`conv2d`], written in `O` (rounded once from float32 sums).
@@ -413,7 +458,7 @@ pub(crate) fn conv2d_backward_input<T: GemmInput, O: GemmOutput>(
         return conv2d(paths, &gt, dy, &flipped, g.channels, dx, Gemm::new());
     }
     let wt = MatRef::new(kernel, g.patch_len(), filters).t();
-    let per = images_per_chunk(g, 4);
+    let per = images_per_chunk(g, 4, false);
     let pix = g.output[0] * g.output[1];
     let mut dcols = vec![0.0f32; per * pix * g.patch_len()];
     let mut sums = vec![0.0f32; per * g.image_len()];
@@ -505,25 +550,52 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
             acc,
         );
     }
-    let per = images_per_chunk(g, std::mem::size_of::<T>());
+    // Each kernel thread takes a contiguous range of images and sums its own dwᵀ = dyᵀ ·
+    // patches over them, a few images at a time, so that the patches it forms stay in its
+    // cache while its (single-threaded) GEMM packs them as B, along the depth (the pixels),
+    // from their rows as they are. The threads' sums are added in thread order.
+    let patch = g.patch_len();
     let pix = g.output[0] * g.output[1];
-    let mut cols = vec![T::ZERO; per * pix * g.patch_len()];
-    for b0 in (0..g.batch).step_by(per) {
-        let n = per.min(g.batch - b0);
-        let c = chunk(g, n);
-        let cols = &mut cols[..c.cols_len()];
-        im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
-        gemm_views(
-            paths.get(T::DTYPE),
-            MatRef::new(cols, c.pixels(), g.patch_len()).t(),
-            MatRef::new(
-                &dy[b0 * pix * filters..(b0 + n) * pix * filters],
-                c.pixels(),
-                filters,
-            ),
-            MatMut::new(dw, g.patch_len(), filters),
-            acc,
-        )?;
+    let part = |images: Range<usize>, serial: bool| -> Result<Vec<f32>> {
+        let per = images_per_chunk(g, std::mem::size_of::<T>(), serial);
+        let mut cols = vec![T::ZERO; per.min(images.len()) * pix * patch];
+        let mut dwt = vec![0.0f32; filters * patch];
+        for b0 in images.clone().step_by(per) {
+            let n = per.min(images.end - b0);
+            let c = chunk(g, n);
+            let cols = &mut cols[..c.cols_len()];
+            im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
+            gemm_views(
+                paths.get(T::DTYPE),
+                MatRef::new(
+                    &dy[b0 * pix * filters..(b0 + n) * pix * filters],
+                    c.pixels(),
+                    filters,
+                )
+                .t(),
+                MatRef::new(cols, c.pixels(), patch),
+                MatMut::new(&mut dwt, filters, patch),
+                acc,
+            )?;
+        }
+        Ok(dwt)
+    };
+    let sums: Vec<Result<Vec<f32>>> = match thread_parts(g.batch) {
+        None => vec![part(0..g.batch, false)],
+        Some(parts) => threads::pool().install(|| {
+            parts
+                .into_par_iter()
+                .map(|r| threads::serial(|| part(r, true)))
+                .collect()
+        }),
+    };
+    for dwt in sums {
+        let dwt = dwt?;
+        for (e, row) in dw.chunks_exact_mut(filters).enumerate() {
+            for (f, d) in row.iter_mut().enumerate() {
+                *d += dwt[f * patch + e];
+            }
+        }
     }
     Ok(())
 }

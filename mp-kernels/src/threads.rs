@@ -5,6 +5,7 @@
 //! thread count, a fixed reduction order within each part), so results are bit-identical from run
 //! to run for a fixed thread count.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
@@ -40,9 +41,30 @@ fn requested(value: Option<&str>, cap: usize) -> std::result::Result<Option<usiz
 }
 
 /// The number of threads CPU kernels use: `MP_NUM_THREADS` if set (at most four per core), else
-/// the number of available cores.
+/// the number of available cores; 1 inside [`serial`].
 pub fn num_threads() -> usize {
-    pool().current_num_threads()
+    if SERIAL.with(Cell::get) {
+        1
+    } else {
+        pool().current_num_threads()
+    }
+}
+
+thread_local! {
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every kernel it calls on this thread alone ([`num_threads`] is 1 inside): what
+/// a kernel that splits its work over the pool itself runs each part with.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
 }
 
 /// The shared pool, built on first use.

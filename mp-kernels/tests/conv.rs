@@ -290,6 +290,19 @@ fn conv_sweep<T: GemmInput>(name: &str) {
         cpu,
         Geometry::new("test", [5, 19, 17, 13], big).ok(),
     );
+    // Batches large enough that each kernel thread takes its own images (forward, the stride-1
+    // input gradient and the kernel gradient), strided and dilated too.
+    conv_case::<T>(
+        &mut rng,
+        cpu,
+        Geometry::new("test", [9, 11, 13, 7], big).ok(),
+    );
+    let strided = Window::new([3, 2]).strides([2, 1]).dilation([1, 2]);
+    conv_case::<T>(
+        &mut rng,
+        cpu,
+        Geometry::new("test", [10, 12, 9, 5], strided).ok(),
+    );
 }
 
 #[test]
