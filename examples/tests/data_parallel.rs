@@ -34,7 +34,18 @@ fn mpirun() -> Command {
 
 #[test]
 fn two_ranks_stay_identical_match_one_process_and_skip_together() {
-    let out = mpirun().arg(DP_CHECK).output().unwrap();
+    dp_check(&[]);
+}
+
+/// 2601 training samples in global batches of 260: the last batch has one sample, so rank 0's
+/// shard of it is empty (it computes nothing and still takes part).
+#[test]
+fn an_empty_shard_takes_part_in_the_step() {
+    dp_check(&["--samples", "2890", "--batch-size", "260"]);
+}
+
+fn dp_check(args: &[&str]) {
+    let out = mpirun().arg(DP_CHECK).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");

@@ -105,6 +105,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// batch, and makes every rank skip or apply each step together; loss, metrics and
     /// validation are over the global batch on every rank. Progress is printed and
     /// [`ModelCheckpoint`](crate::checkpoint::ModelCheckpoint) writes on rank 0 only.
+    /// `evaluate` splits its data between the ranks and sums their scores; `predict` runs on
+    /// each rank's whole input.
     ///
     /// With a single rank (the default, [`mp_core::dist::Local`]) nothing changes.
     pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
