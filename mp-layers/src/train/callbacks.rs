@@ -1,6 +1,7 @@
 //! Callbacks of `fit` (Keras's `keras.callbacks`): code that runs at fixed points of training
 //! with the whole [`Trainer`] in hand, so that it can save it (`checkpoint::ModelCheckpoint`),
-//! read it, or stop training with an error.
+//! read it, stop training ([`Trainer::stop_training`], as `EarlyStopping` does), or stop it
+//! with an error.
 
 use super::{EpochLogs, Trainer, TrainingProgress};
 use crate::error::Result;
@@ -24,6 +25,13 @@ pub trait Callback<M: Model, O: Optimizer>: Send {
     /// Runs at the end of every epoch, after validation, with the epoch's logs; the trainer's
     /// [`Trainer::progress`] already counts the epoch.
     fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> Result<()>;
+
+    /// Runs once when `fit` has run its epochs (or was stopped by
+    /// [`Trainer::stop_training`]), before it returns the history; not after an error.
+    fn on_train_end(&mut self, trainer: &mut Trainer<M, O>) -> Result<()> {
+        let _ = trainer;
+        Ok(())
+    }
 }
 
 impl<M, O, F> Callback<M, O> for F

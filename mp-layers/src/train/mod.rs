@@ -2,6 +2,7 @@
 
 mod callbacks;
 mod data;
+mod early_stopping;
 mod logs;
 pub mod losses;
 pub mod metrics;
@@ -20,6 +21,7 @@ use mp_optim::{LossScaleOptimizer, Optimizer};
 use ndarray::{Array2, ArrayView, ArrayView1, ArrayViewD, Dimension};
 
 pub use self::callbacks::Callback;
+pub use self::early_stopping::EarlyStopping;
 pub use self::logs::{
     EpochLogs, FitOptions, History, Scores, StepResult, TrainingProgress, Verbose,
 };
@@ -54,6 +56,8 @@ pub struct Trainer<M: Model, O: Optimizer> {
     max_nonfinite_steps: u64,
     /// The other ranks of a data-parallel job (none by default).
     replicas: Replicas,
+    /// Whether a callback asked `fit` to stop after this epoch.
+    stop: bool,
 }
 
 /// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
@@ -94,7 +98,19 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             nonfinite_run: (0, None),
             max_nonfinite_steps: MAX_NONFINITE_STEPS,
             replicas: Replicas::default(),
+            stop: false,
         }
+    }
+
+    /// Asks `fit` to stop after the epoch that is ending (Keras's `model.stop_training =
+    /// True`): what a callback's `on_epoch_end` calls. `fit` clears the request when it starts.
+    pub fn stop_training(&mut self) {
+        self.stop = true;
+    }
+
+    /// Whether a callback asked `fit` to stop ([`Trainer::stop_training`]).
+    pub fn stop_requested(&self) -> bool {
+        self.stop
     }
 
     /// Trains data-parallel over `comm`'s ranks (see [`mp_core::dist`]; [`mp_core::dist::from_env`]
@@ -477,6 +493,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         check_labels(&y, self.classes()?)?;
         // Replicas start equal: rank 0's weights everywhere.
         self.replicas.broadcast_variables(&mut self.model)?;
+        self.stop = false;
         for cb in callbacks.iter_mut() {
             cb.on_train_begin(self, !val.is_empty())?;
         }
@@ -561,6 +578,12 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             self.replicas.all_succeeded(ended.is_ok(), &mut [])?;
             ended?;
             history.epochs.push(logs);
+            if self.stop {
+                break;
+            }
+        }
+        for cb in callbacks.iter_mut() {
+            cb.on_train_end(self)?;
         }
         Ok(history)
     }
