@@ -27,6 +27,7 @@
 pub mod error;
 pub mod loss_scale_optimizer;
 pub mod optimizer;
+pub mod schedule;
 
 pub use error::{Error, Result};
 pub use loss_scale_optimizer::{
@@ -35,3 +36,4 @@ pub use loss_scale_optimizer::{
 pub use optimizer::{
     Adam, AdamRule, Optim, Optimizer, RmsProp, RmsPropRule, Sgd, SgdRule, UpdateRule, VariableSet,
 };
+pub use schedule::LearningRateSchedule;

@@ -17,7 +17,7 @@ use std::time::Instant;
 use mp_core::dist::Communicator;
 use mp_core::{Device, F32, LossScale, PolicyKind, Rng, Tensor};
 use mp_kernels::softmax::Label;
-use mp_optim::{LossScaleOptimizer, Optimizer};
+use mp_optim::{LearningRateSchedule, LossScaleOptimizer, Optimizer};
 use ndarray::{Array2, ArrayView, ArrayView1, ArrayViewD, Dimension};
 
 pub use self::callbacks::Callback;
@@ -58,6 +58,8 @@ pub struct Trainer<M: Model, O: Optimizer> {
     replicas: Replicas,
     /// Whether a callback asked `fit` to stop after this epoch.
     stop: bool,
+    /// The learning rate as a function of the applied updates, if any.
+    schedule: Option<LearningRateSchedule>,
 }
 
 /// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
@@ -99,7 +101,21 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             max_nonfinite_steps: MAX_NONFINITE_STEPS,
             replicas: Replicas::default(),
             stop: false,
+            schedule: None,
         }
+    }
+
+    /// Sets the learning rate before every step from `schedule`, read at the optimizer's count
+    /// of applied updates: a step the loss-scale optimizer skips does not advance it, and a
+    /// resumed run (the count is in the checkpoint) continues it.
+    ///
+    /// # Errors
+    /// A schedule whose rates are not finite and non-negative, or whose warmup exceeds its
+    /// total ([`mp_optim::Error::InvalidHyperparameter`]).
+    pub fn with_learning_rate_schedule(mut self, schedule: LearningRateSchedule) -> Result<Self> {
+        schedule.validate()?;
+        self.schedule = Some(schedule);
+        Ok(self)
     }
 
     /// Asks `fit` to stop after the epoch that is ending (Keras's `model.stop_training =
@@ -340,6 +356,10 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         x: &Tensor<Compute<M>>,
         labels: &[L],
     ) -> Result<(StepResult, Tensor<F32>)> {
+        if let Some(schedule) = &self.schedule {
+            let lr = schedule.at(self.optimizer.inner().iterations());
+            self.optimizer.inner_mut().set_learning_rate(lr)?;
+        }
         let scale = self.optimizer.loss_scale();
         let local = self.forward_backward(x, labels, scale);
         let (loss, probs) = if self.replicas.is_parallel() {
@@ -460,7 +480,47 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     ) -> Result<History> {
         // The callbacks get the whole trainer, so they are held apart while `fit` runs.
         let mut callbacks = std::mem::take(&mut self.callbacks);
-        let history = self.fit_with(x.into_dyn(), y, options, &mut callbacks);
+        let history = self.fit_with(x.into_dyn(), y, None, options, &mut callbacks);
+        callbacks.append(&mut self.callbacks);
+        self.callbacks = callbacks;
+        history
+    }
+
+    /// [`Trainer::fit`] evaluating `validation` (`x` and labels, the samples shaped as in `x`)
+    /// after every epoch instead of holding out part of `x` (Keras's `validation_data`);
+    /// `options.validation_split` must then be 0.
+    ///
+    /// # Errors
+    /// As [`Trainer::fit`]; a validation split given too; validation data that does not fit
+    /// the model (its sample shape or its labels).
+    pub fn fit_with_validation<L: Label, Dx: Dimension, Dv: Dimension>(
+        &mut self,
+        x: ArrayView<'_, f32, Dx>,
+        y: ArrayView1<'_, L>,
+        validation: (ArrayView<'_, f32, Dv>, ArrayView1<'_, L>),
+        options: &FitOptions,
+    ) -> Result<History> {
+        if options.validation_split != 0.0 {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "validation data and validation_split {} both given: use one",
+                    options.validation_split
+                ),
+            });
+        }
+        let (xv, yv) = (validation.0.into_dyn(), validation.1);
+        check_data(&xv, &yv)?;
+        if sample_shape(&xv) != sample_shape(&x.view().into_dyn()) {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "validation samples of shape {:?}, training samples of shape {:?}",
+                    sample_shape(&xv),
+                    &x.shape()[1..]
+                ),
+            });
+        }
+        let mut callbacks = std::mem::take(&mut self.callbacks);
+        let history = self.fit_with(x.into_dyn(), y, Some((xv, yv)), options, &mut callbacks);
         callbacks.append(&mut self.callbacks);
         self.callbacks = callbacks;
         history
@@ -470,6 +530,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         &mut self,
         x: ArrayViewD<'_, f32>,
         y: ArrayView1<'_, L>,
+        validation: Option<(ArrayViewD<'_, f32>, ArrayView1<'_, L>)>,
         options: &FitOptions,
         callbacks: &mut [Box<dyn Callback<M, O>>],
     ) -> Result<History> {
@@ -479,7 +540,12 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 what: "batch_size must be at least 1".into(),
             });
         }
-        let (train, val) = mp_core::rng::validation_split(y.len(), options.validation_split)?;
+        let (train, split) = mp_core::rng::validation_split(y.len(), options.validation_split)?;
+        // What is evaluated after each epoch: the held-out tail of `x`, or the data given.
+        let (xv, yv, val) = match &validation {
+            Some((xv, yv)) => (xv.view(), yv.view(), 0..yv.len()),
+            None => (x.view(), y.view(), split),
+        };
         if train.is_empty() {
             return Err(Error::InvalidArgument {
                 what: format!(
@@ -491,6 +557,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         }
         self.ensure_built(sample_shape(&x))?;
         check_labels(&y, self.classes()?)?;
+        check_labels(&yv, self.classes()?)?;
         // Replicas start equal: rank 0's weights everywhere.
         self.replicas.broadcast_variables(&mut self.model)?;
         self.stop = false;
@@ -548,7 +615,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             let (val_loss, val_accuracy) = if val.is_empty() {
                 (None, None)
             } else {
-                let s = self.evaluate_range(&x, &y, val.clone(), options.batch_size)?;
+                let s = self.evaluate_range(&xv, &yv, val.clone(), options.batch_size)?;
                 (Some(s.loss), Some(s.accuracy))
             };
             let logs = EpochLogs {

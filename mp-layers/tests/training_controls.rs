@@ -1,12 +1,13 @@
-//! `EarlyStopping`: Keras's rule (patience, min_delta, restore_best_weights) against logs given
-//! by hand, and `fit` stopped by it on real training.
+//! Training controls: `EarlyStopping` (Keras's rule: patience, min_delta, restore_best_weights)
+//! against logs given by hand and stopping `fit` on real training; learning-rate schedules
+//! advanced by applied steps only.
 
-use mp_core::{Float32, Rng};
+use mp_core::{Float32, MixedFloat16, PolicyKind, Rng, Tensor};
 use mp_layers::{
     BestMetric, Callback, Dense, EarlyStopping, EpochLogs, FitOptions, Layer, Model, Softmax,
     SparseCategoricalCrossentropy, Trainer, Verbose, model,
 };
-use mp_optim::Adam;
+use mp_optim::{Adam, LearningRateSchedule, Optimizer};
 use ndarray::{Array1, Array2};
 
 #[model]
@@ -18,6 +19,10 @@ struct Net {
 }
 
 fn trainer() -> Trainer<Net<Float32>, Adam> {
+    trainer_in::<Float32>()
+}
+
+fn trainer_in<P: PolicyKind>() -> Trainer<Net<P>, Adam> {
     let mut t = Trainer::compile(
         Net {
             hidden: Dense::new(16).relu(),
@@ -194,4 +199,92 @@ fn fit_stops_early_and_ends_with_the_best_weights() {
         "evaluate after fit gives the best val_loss {best}, got {} (history {val:?})",
         scores.loss
     );
+}
+
+#[test]
+fn a_schedule_advances_with_applied_steps_only() {
+    let schedule = LearningRateSchedule::warmup_linear(1e-2, 4, 10).unwrap();
+    let mut t = trainer_in::<MixedFloat16>()
+        .with_learning_rate_schedule(schedule)
+        .unwrap();
+    let (x, y) = blobs(8, 5);
+    let labels: Vec<u32> = y.to_vec();
+    let good = Tensor::<mp_core::F16>::from_f32(&[8, 4], x.as_slice().unwrap()).unwrap();
+    let mut poisoned = x.clone();
+    poisoned[[3, 1]] = f32::NAN;
+    let bad = Tensor::<mp_core::F16>::from_f32(&[8, 4], poisoned.as_slice().unwrap()).unwrap();
+    let mut seen = vec![];
+    for batch in [&good, &good, &bad, &good, &bad, &good] {
+        let (result, _) = t.train_step(batch, &labels).unwrap();
+        seen.push((result.applied, t.optimizer().inner().learning_rate()));
+    }
+    // The rate of each step is the schedule at the updates applied before it: a skipped step
+    // neither counts nor moves the next step's rate.
+    let expected = [
+        (true, schedule.at(0)),
+        (true, schedule.at(1)),
+        (false, schedule.at(2)),
+        (true, schedule.at(2)),
+        (false, schedule.at(3)),
+        (true, schedule.at(3)),
+    ];
+    assert_eq!(seen, expected);
+    assert_eq!(t.optimizer().inner().iterations(), 4);
+    let e = trainer()
+        .with_learning_rate_schedule(LearningRateSchedule::Constant(f32::INFINITY))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("learning rate must be finite"), "{e}");
+}
+
+#[test]
+fn validation_data_is_evaluated_after_every_epoch_instead_of_a_split() {
+    let (x, y) = blobs(400, 11);
+    let (xv, yv) = blobs(120, 12);
+    let mut t = trainer();
+    let options = FitOptions {
+        batch_size: 40,
+        epochs: 3,
+        validation_split: 0.0,
+        shuffle: true,
+        seed: 2,
+        verbose: Verbose::Silent,
+    };
+    let history = t
+        .fit_with_validation(x.view(), y.view(), (xv.view(), yv.view()), &options)
+        .unwrap();
+    assert_eq!(history.epochs.len(), 3);
+    // Every sample of x trained (no split): 10 steps of 40.
+    assert!(history.epochs.iter().all(|e| e.steps == 10));
+    let last = history.epochs.last().unwrap();
+    let scores = t
+        .evaluate(xv.view(), yv.view(), 40, Verbose::Silent)
+        .unwrap();
+    assert_eq!(last.val_loss, Some(scores.loss));
+    assert_eq!(last.val_accuracy, Some(scores.accuracy));
+
+    let split = FitOptions {
+        validation_split: 0.2,
+        ..options.clone()
+    };
+    let e = t
+        .fit_with_validation(x.view(), y.view(), (xv.view(), yv.view()), &split)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("validation data and validation_split 0.2 both given"),
+        "{e}"
+    );
+    let narrow = xv.slice(ndarray::s![.., ..3]);
+    let e = t
+        .fit_with_validation(x.view(), y.view(), (narrow, yv.view()), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("validation samples of shape [3]"), "{e}");
+    let bad_labels = Array1::from_elem(120, 7u32);
+    let e = t
+        .fit_with_validation(x.view(), y.view(), (xv.view(), bad_labels.view()), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains('7'), "{e}");
 }
