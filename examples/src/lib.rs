@@ -51,9 +51,22 @@ impl<P: mp_core::PolicyKind> Digits<P> {
 /// with 0.9).
 pub const CNN_BN_MOMENTUM: f32 = 0.9;
 
-/// The learning rate of [`MnistCnn`]'s Adam: 3e-4 (1e-3 trains as well on batch statistics but
-/// evaluates less steadily with the moving ones).
+/// The peak learning rate of [`MnistCnn`]'s Adam: 3e-4 (1e-3 trains as well on batch statistics
+/// but evaluates less steadily with the moving ones).
 pub const CNN_LEARNING_RATE: f32 = 3e-4;
+
+/// The learning-rate schedule of [`MnistCnn`]: [`CNN_LEARNING_RATE`] decayed to 0 along a
+/// cosine over all `total_steps` updates, without warmup. Under a constant rate the moving
+/// statistics lagged the weights in the last epoch (seed 2 lost 2.8 points of test accuracy
+/// in every policy); the decay lets them settle.
+///
+/// # Errors
+/// None for these constants; the `Result` is the schedule's validation.
+pub fn cnn_learning_rate_schedule(
+    total_steps: usize,
+) -> mp_optim::Result<mp_optim::LearningRateSchedule> {
+    mp_optim::LearningRateSchedule::warmup_cosine(CNN_LEARNING_RATE, 0, total_steps as u64)
+}
 
 /// One residual block of [`MnistCnn`]: `Conv2D(f, 3x3, same) -> BN -> ReLU -> Conv2D(f, 3x3,
 /// same) -> BN`, added to its input by the `#[residual]` field that holds it.

@@ -5,14 +5,16 @@
 //!     [--batch-size 128] [--seed 0] [--validation-split 0.1] [--train-samples N]
 //! ```
 //!
-//! The network is [`examples::MnistCnn`]; Adam with learning rate [`examples::CNN_LEARNING_RATE`]
-//! and BatchNormalization momentum [`examples::CNN_BN_MOMENTUM`]. The images are
+//! The network is [`examples::MnistCnn`]; Adam whose learning rate decays from
+//! [`examples::CNN_LEARNING_RATE`] to 0 along a cosine over the whole run
+//! ([`examples::cnn_learning_rate_schedule`]), and BatchNormalization momentum
+//! [`examples::CNN_BN_MOMENTUM`]. The images are
 //! `(n, 28, 28, 1)` float32 in `[0, 1]`. Each epoch prints its validation accuracy (with the
 //! moving statistics, as `evaluate` uses them); the test accuracy comes from `evaluate`.
 
 use std::time::Instant;
 
-use examples::{Args, CNN_LEARNING_RATE, MnistCnn};
+use examples::{Args, CNN_LEARNING_RATE, MnistCnn, cnn_learning_rate_schedule};
 use mp_core::{Policy, PolicyKind, PolicyVisitor};
 use mp_layers::{FitOptions, Layer, Model, SparseCategoricalCrossentropy, Trainer, Verbose};
 use mp_optim::Adam;
@@ -54,11 +56,13 @@ impl PolicyVisitor for Run {
         let mut model = MnistCnn::<P>::issue();
         model.build(&[28, 28, 1])?;
         println!("{}", model.summary());
+        let total_steps = self.options.steps_per_epoch(y_train.len())? * self.options.epochs;
         let mut trainer = Trainer::compile(
             model,
             Adam::new(CNN_LEARNING_RATE)?,
             SparseCategoricalCrossentropy::new(),
-        );
+        )
+        .with_learning_rate_schedule(cnn_learning_rate_schedule(total_steps)?)?;
         let started = Instant::now();
         let history = trainer.fit(x_train.view(), y_train.view(), &self.options)?;
         let seconds = started.elapsed().as_secs_f64();

@@ -30,6 +30,24 @@ pub struct FitOptions {
     pub verbose: Verbose,
 }
 
+impl FitOptions {
+    /// The gradient updates in one epoch of `n` samples with these options: the samples left
+    /// after `validation_split`, divided by `batch_size`, rounded up (the last batch may be
+    /// short). What a learning-rate schedule's total is made of.
+    ///
+    /// # Errors
+    /// A `validation_split` outside `[0, 1)` or a `batch_size` of 0, named.
+    pub fn steps_per_epoch(&self, n: usize) -> crate::Result<usize> {
+        if self.batch_size == 0 {
+            return Err(crate::Error::InvalidArgument {
+                what: "batch_size must be at least 1".into(),
+            });
+        }
+        let (train, _) = mp_core::rng::validation_split(n, self.validation_split)?;
+        Ok(train.len().div_ceil(self.batch_size))
+    }
+}
+
 impl Default for FitOptions {
     fn default() -> Self {
         FitOptions {
