@@ -54,18 +54,24 @@ extern "C" __global__ void rmsprop_f32(float* var, const float* g, float* v, flo
     }
 }
 
+// AdamW decay first when weight_decay != 0: var = var - var * weight_decay * lr (Keras 3).
 // m += (g - m) * (1 - beta1); v += (g^2 - v) * (1 - beta2); var -= m * alpha / (sqrt(v) + eps).
 extern "C" __global__ void adam_f32(float* var, const float* g, float* m, float* v, u64 n,
                                     float alpha, float one_minus_beta1, float one_minus_beta2,
-                                    float epsilon, const u32* skip) {
+                                    float epsilon, float lr, float weight_decay,
+                                    const u32* skip) {
     MP_SKIP();
     MP_FOR_EACH(i, n) {
         const float gi = g[i];
+        float xi = var[i];
+        if (weight_decay != 0.0f) {
+            xi = __fsub_rn(xi, __fmul_rn(__fmul_rn(xi, weight_decay), lr));
+        }
         const float mi = __fadd_rn(m[i], __fmul_rn(__fsub_rn(gi, m[i]), one_minus_beta1));
         const float vi =
             __fadd_rn(v[i], __fmul_rn(__fsub_rn(__fmul_rn(gi, gi), v[i]), one_minus_beta2));
         m[i] = mi;
         v[i] = vi;
-        var[i] = __fsub_rn(var[i], __fdiv_rn(__fmul_rn(mi, alpha), __fadd_rn(__fsqrt_rn(vi), epsilon)));
+        var[i] = __fsub_rn(xi, __fdiv_rn(__fmul_rn(mi, alpha), __fadd_rn(__fsqrt_rn(vi), epsilon)));
     }
 }

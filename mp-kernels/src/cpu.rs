@@ -466,6 +466,13 @@ impl Cpu {
         reduce::sum(self.isa, x)
     }
 
+    /// The sum of the squares of `x`, in float64: blocks of 4096 elements summed in order, so
+    /// the result does not depend on the thread count. `0.0` when empty; NaN and infinities
+    /// propagate. What a gradient's L2 norm is made of.
+    pub fn sum_squares(&self, x: &[f32]) -> f64 {
+        reduce::sum_squares(x)
+    }
+
     /// The mean of `x` as [`Cpu::sum`] computes it, divided in float64 (NaN when empty).
     pub fn mean<T: Element>(&self, x: &[T]) -> f32 {
         reduce::mean(self.isa, x)
@@ -620,6 +627,21 @@ impl Cpu {
     /// `(1.0 / scale as f64) as f32`, exact for power-of-two scales.
     pub fn unscale_and_check(&self, grads: &mut [f32], inv_scale: f32) -> bool {
         scale::unscale_and_check(self.isa, grads, inv_scale)
+    }
+
+    /// Clips every element of `x` into `[lo, hi]`; NaN stays NaN (IEEE comparisons).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `lo > hi` or either is NaN; nothing is written.
+    pub fn clip(&self, x: &mut [f32], lo: f32, hi: f32) -> Result<()> {
+        if lo.is_nan() || hi.is_nan() || lo > hi {
+            return Err(Error::InvalidArgument {
+                op: "clip",
+                what: format!("the bounds [{lo}, {hi}] are not ordered numbers"),
+            });
+        }
+        scale::clip(x, lo, hi);
+        Ok(())
     }
 
     /// Whether every element is finite (`true` when empty).

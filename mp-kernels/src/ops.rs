@@ -1173,6 +1173,52 @@ pub fn unscale_and_check(grads: &mut Tensor<F32>, inv_scale: f32, flag: &mut Fin
     }
 }
 
+/// `x = x * s` in float32 (the gradient scaling of norm clipping).
+///
+/// # Errors
+/// A CUDA failure.
+pub fn scale(x: &mut Tensor<F32>, s: f32) -> Result<()> {
+    match x.device() {
+        Device::Cpu => {
+            Cpu::global()?.scale(x.as_mut_slice()?, s);
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::scale(&*gpu(n)?, x.cuda_buf_mut()?, s),
+    }
+}
+
+/// The sum of the squares of `x`, accumulated in float64 ([`Cpu::sum_squares`]): a squared L2
+/// norm. NaN and infinities propagate.
+///
+/// # Errors
+/// On CUDA, no kernel yet.
+pub fn sum_squares(x: &Tensor<F32>) -> Result<f64> {
+    match x.device() {
+        Device::Cpu => Ok(Cpu::global()?.sum_squares(x.as_slice()?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(not_on_cuda("sum_squares")),
+    }
+}
+
+/// Clips every element of `x` into `[lo, hi]` (per-value gradient clipping); NaN stays NaN.
+///
+/// # Errors
+/// Bounds that are not ordered numbers; on CUDA, no kernel yet.
+pub fn clip(x: &mut Tensor<F32>, lo: f32, hi: f32) -> Result<()> {
+    match x.device() {
+        Device::Cpu => Cpu::global()?.clip(x.as_mut_slice()?, lo, hi),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(not_on_cuda("clip")),
+    }
+}
+
 /// Clears `flag` if any element of `x` is NaN or infinite.
 ///
 /// # Errors

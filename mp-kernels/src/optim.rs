@@ -14,6 +14,8 @@
 //! - Adam: `m += (g - m) * (1 - beta1)`, `v += (g^2 - v) * (1 - beta2)`,
 //!   `var -= m * alpha / (sqrt(v) + epsilon)`, where the optimizer passes
 //!   `alpha = lr * sqrt(1 - beta2^t) / (1 - beta1^t)` ([`AdamParams::new`] computes it in float64).
+//!   With decoupled weight decay (AdamW, [`AdamParams::with_weight_decay`]) the variable is first
+//!   decayed as Keras 3 does, `var = var - var * weight_decay * lr`, then updated.
 //!
 //! The `1 - rho`, `1 - beta` factors are parameters, computed by the optimizer in float64 from
 //! its float64 hyperparameters and rounded once (Keras rounds the Python float `1 - rho`).
@@ -77,6 +79,10 @@ pub struct AdamParams {
     pub one_minus_beta2: f32,
     /// Added to `sqrt(v)` in the denominator.
     pub epsilon: f32,
+    /// The learning rate, which scales the decoupled weight decay.
+    pub lr: f32,
+    /// The decoupled weight decay (0: plain Adam, and the variable is not read for it).
+    pub weight_decay: f32,
 }
 
 impl AdamParams {
@@ -90,7 +96,16 @@ impl AdamParams {
             one_minus_beta1: (1.0 - beta1) as f32,
             one_minus_beta2: (1.0 - beta2) as f32,
             epsilon: epsilon as f32,
+            lr: lr as f32,
+            weight_decay: 0.0,
         }
+    }
+
+    /// The same step with decoupled weight decay `weight_decay` (AdamW): `var - var *
+    /// weight_decay * lr` before the update.
+    pub fn with_weight_decay(mut self, weight_decay: f32) -> Self {
+        self.weight_decay = weight_decay;
+        self
     }
 }
 
@@ -256,6 +271,11 @@ mod kernels {
 
         #[inline(always)]
         pub(crate) fn adam(var: f32, g: f32, m: &mut f32, v: &mut f32, p: AdamParams) -> f32 {
+            let var = if p.weight_decay != 0.0 {
+                var - var * p.weight_decay * p.lr
+            } else {
+                var
+            };
             *m += (g - *m) * p.one_minus_beta1;
             *v += (g * g - *v) * p.one_minus_beta2;
             var - (*m * p.alpha) / (v.sqrt() + p.epsilon)
@@ -605,6 +625,8 @@ mod kernels {
                 _mm512_set1_ps(p.one_minus_beta2),
             );
             let (alpha, eps) = (_mm512_set1_ps(p.alpha), _mm512_set1_ps(p.epsilon));
+            let decay = p.weight_decay != 0.0;
+            let (wd, lr) = (_mm512_set1_ps(p.weight_decay), _mm512_set1_ps(p.lr));
             // SAFETY: equal lengths (caller).
             unsafe {
                 drive512(
@@ -619,6 +641,11 @@ mod kernels {
                             _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(g, g), *v), b2),
                         );
                         let den = _mm512_add_ps(_mm512_sqrt_ps(*v), eps);
+                        let x = if decay {
+                            _mm512_sub_ps(x, _mm512_mul_ps(_mm512_mul_ps(x, wd), lr))
+                        } else {
+                            x
+                        };
                         _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(*m, alpha), den))
                     },
                 )
@@ -639,6 +666,8 @@ mod kernels {
                 _mm256_set1_ps(p.one_minus_beta2),
             );
             let (alpha, eps) = (_mm256_set1_ps(p.alpha), _mm256_set1_ps(p.epsilon));
+            let decay = p.weight_decay != 0.0;
+            let (wd, lr) = (_mm256_set1_ps(p.weight_decay), _mm256_set1_ps(p.lr));
             // SAFETY: equal lengths (caller).
             unsafe {
                 drive256(
@@ -653,6 +682,11 @@ mod kernels {
                             _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(g, g), *v), b2),
                         );
                         let den = _mm256_add_ps(_mm256_sqrt_ps(*v), eps);
+                        let x = if decay {
+                            _mm256_sub_ps(x, _mm256_mul_ps(_mm256_mul_ps(x, wd), lr))
+                        } else {
+                            x
+                        };
                         _mm256_sub_ps(x, _mm256_div_ps(_mm256_mul_ps(*m, alpha), den))
                     },
                 )

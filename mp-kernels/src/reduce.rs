@@ -204,6 +204,28 @@ pub(crate) fn sum<T: Element>(isa: Isa, x: &[T]) -> f32 {
     sum_f64(isa.or_scalar(), x) as f32
 }
 
+/// See [`crate::Cpu::sum_squares`].
+pub(crate) fn sum_squares(x: &[f32]) -> f64 {
+    ordered_sum(x.len(), SUM_BLOCK, x.len(), |r| {
+        // Eight float64 accumulators, lanewise, so the loop vectorises and is not one serial
+        // chain of adds.
+        let mut acc = [0.0f64; 8];
+        let mut chunks = x[r].chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                let v = f64::from(v);
+                *a += v * v;
+            }
+        }
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| f64::from(v).powi(2))
+            .sum();
+        acc.iter().sum::<f64>() + tail
+    })
+}
+
 /// See [`crate::Cpu::mean`].
 pub(crate) fn mean<T: Element>(isa: Isa, x: &[T]) -> f32 {
     (sum_f64(isa.or_scalar(), x) / x.len() as f64) as f32

@@ -42,6 +42,20 @@ pub(crate) fn add_assign<T: Element>(x: &[T], y: &mut [T]) {
     });
 }
 
+/// See [`crate::Cpu::clip`].
+pub(crate) fn clip(x: &mut [f32], lo: f32, hi: f32) {
+    par_each(x, |x| {
+        for v in x.iter_mut() {
+            // Comparisons, not `max`/`min`: a NaN fails both and stays NaN.
+            if *v < lo {
+                *v = lo;
+            } else if *v > hi {
+                *v = hi;
+            }
+        }
+    });
+}
+
 /// See [`crate::Cpu::moving_average`].
 pub(crate) fn moving_average(value: &mut [f32], batch: &[f32], momentum: f32) {
     for (v, b) in value.iter_mut().zip(batch) {

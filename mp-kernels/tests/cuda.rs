@@ -126,19 +126,21 @@ fn optimizer_updates_match_the_cpu_and_skip_on_the_flag() {
     cuda::rmsprop_update(&gpu, &mut dv, &dg, &mut dvel, None, rp, Some(&flag)).unwrap();
     assert_eq!(dv.to_host().unwrap(), cv);
     assert_eq!(dvel.to_host().unwrap(), cvel);
-    // Adam and SGD with Nesterov momentum.
-    let ap = AdamParams::new(1e-3, 0.9, 0.999, 1e-7, 3);
-    let (mut cv, mut cm, mut cs) = (var.clone(), vec![0.1f32; n], vec![0.2f32; n]);
-    cpu()
-        .adam_update(&mut cv, &g, &mut cm, &mut cs, ap)
-        .unwrap();
-    let mut dv = gpu.upload(&var).unwrap();
-    let (mut dm, mut ds) = (
-        gpu.upload(&vec![0.1f32; n]).unwrap(),
-        gpu.upload(&vec![0.2f32; n]).unwrap(),
-    );
-    cuda::adam_update(&gpu, &mut dv, &dg, &mut dm, &mut ds, ap, None).unwrap();
-    assert_eq!(dv.to_host().unwrap(), cv);
+    // Adam, AdamW and SGD with Nesterov momentum.
+    for wd in [0.0, 0.004] {
+        let ap = AdamParams::new(1e-3, 0.9, 0.999, 1e-7, 3).with_weight_decay(wd);
+        let (mut cv, mut cm, mut cs) = (var.clone(), vec![0.1f32; n], vec![0.2f32; n]);
+        cpu()
+            .adam_update(&mut cv, &g, &mut cm, &mut cs, ap)
+            .unwrap();
+        let mut dv = gpu.upload(&var).unwrap();
+        let (mut dm, mut ds) = (
+            gpu.upload(&vec![0.1f32; n]).unwrap(),
+            gpu.upload(&vec![0.2f32; n]).unwrap(),
+        );
+        cuda::adam_update(&gpu, &mut dv, &dg, &mut dm, &mut ds, ap, None).unwrap();
+        assert_eq!(dv.to_host().unwrap(), cv, "weight_decay {wd}");
+    }
     let sp = SgdParams {
         lr: 0.01,
         momentum: 0.9,

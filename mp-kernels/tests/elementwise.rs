@@ -1284,6 +1284,10 @@ mod keras {
 
     pub fn adam(var: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], p: AdamParams) {
         for i in 0..var.len() {
+            if p.weight_decay != 0.0 {
+                // Keras 3's `_apply_weight_decay`: variable - variable * wd * lr.
+                var[i] -= var[i] * p.weight_decay * p.lr;
+            }
             m[i] += (g[i] - m[i]) * p.one_minus_beta1;
             v[i] += (g[i] * g[i] - v[i]) * p.one_minus_beta2;
             var[i] -= m[i] * p.alpha / (v[i].sqrt() + p.epsilon);
@@ -1457,43 +1461,46 @@ fn optimizers_follow_keras_bit_for_bit_and_match_float64() {
                 close_arrays(&ctx, &var, &rv);
                 close_arrays(&ctx, &v, &rvv);
             }
-            // Adam.
-            let (mut var, mut m, mut v) = (var0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
-            let (mut kv, mut km, mut kvv) = (var0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
-            let mut rv: Vec<f64> = var0.iter().map(|&v| f64::from(v)).collect();
-            let (mut rm, mut rvv) = (vec![0.0f64; n], vec![0.0f64; n]);
-            for (t, g) in grads.iter().enumerate() {
-                let t = t as u64 + 1;
-                let p = AdamParams::new(0.001, 0.9, 0.999, 1e-7, t);
-                cpu(isa)
-                    .adam_update(&mut var, g, &mut m, &mut v, p)
-                    .unwrap();
-                keras::adam(&mut kv, g, &mut km, &mut kvv, p);
-                let alpha =
-                    0.001 * (1.0 - 0.999f64.powi(t as i32)).sqrt() / (1.0 - 0.9f64.powi(t as i32));
-                for i in 0..n {
-                    let g = f64::from(g[i]);
-                    rm[i] += (g - rm[i]) * 0.1;
-                    rvv[i] += (g * g - rvv[i]) * 0.001;
-                    rv[i] -= alpha * rm[i] / (rvv[i].sqrt() + 1e-7);
+            // Adam, and AdamW (decoupled weight decay).
+            for wd in [0.0f32, 0.05] {
+                let (mut var, mut m, mut v) = (var0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+                let (mut kv, mut km, mut kvv) = (var0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+                let mut rv: Vec<f64> = var0.iter().map(|&v| f64::from(v)).collect();
+                let (mut rm, mut rvv) = (vec![0.0f64; n], vec![0.0f64; n]);
+                for (t, g) in grads.iter().enumerate() {
+                    let t = t as u64 + 1;
+                    let p = AdamParams::new(0.001, 0.9, 0.999, 1e-7, t).with_weight_decay(wd);
+                    cpu(isa)
+                        .adam_update(&mut var, g, &mut m, &mut v, p)
+                        .unwrap();
+                    keras::adam(&mut kv, g, &mut km, &mut kvv, p);
+                    let alpha = 0.001 * (1.0 - 0.999f64.powi(t as i32)).sqrt()
+                        / (1.0 - 0.9f64.powi(t as i32));
+                    for i in 0..n {
+                        let g = f64::from(g[i]);
+                        rv[i] -= rv[i] * f64::from(wd) * 0.001;
+                        rm[i] += (g - rm[i]) * 0.1;
+                        rvv[i] += (g * g - rvv[i]) * 0.001;
+                        rv[i] -= alpha * rm[i] / (rvv[i].sqrt() + 1e-7);
+                    }
                 }
+                let ctx = format!("{isa:?} adam weight_decay={wd} n={n}");
+                assert!(
+                    var.iter().zip(&kv).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ctx}"
+                );
+                assert!(
+                    m.iter().zip(&km).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ctx}"
+                );
+                assert!(
+                    v.iter().zip(&kvv).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ctx}"
+                );
+                close_arrays(&ctx, &var, &rv);
+                close_arrays(&ctx, &m, &rm);
+                close_arrays(&ctx, &v, &rvv);
             }
-            let ctx = format!("{isa:?} adam n={n}");
-            assert!(
-                var.iter().zip(&kv).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{ctx}"
-            );
-            assert!(
-                m.iter().zip(&km).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{ctx}"
-            );
-            assert!(
-                v.iter().zip(&kvv).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{ctx}"
-            );
-            close_arrays(&ctx, &var, &rv);
-            close_arrays(&ctx, &m, &rm);
-            close_arrays(&ctx, &v, &rvv);
         }
     }
 }
@@ -1598,4 +1605,38 @@ fn optimizers_propagate_non_finite_gradients() {
 fn dtype_facts_used_by_the_bounds() {
     assert_eq!(unit::<f32>(), U32);
     assert_eq!(DType::BF16.unit_roundoff(), 2f64.powi(-8));
+}
+
+#[test]
+fn sum_squares_and_clip_match_float64() {
+    let mut rng = Rng::new(test_seed("sum_squares_and_clip"));
+    for n in [0usize, 1, 7, 4095, 4097, 70_001] {
+        let x: Vec<f32> = rng.uniform_vec(n, -3.0, 3.0);
+        let want: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let got = global().sum_squares(&x);
+        assert!(
+            (got - want).abs() <= 1e-12 * want.max(1e-300),
+            "n={n}: {got} vs {want}"
+        );
+        // The same bits with one thread or two (blocks are summed in a fixed order).
+        let one = mp_kernels::threads::serial(|| global().sum_squares(&x));
+        assert_eq!(one.to_bits(), got.to_bits(), "n={n}");
+        let mut c = x.clone();
+        global().clip(&mut c, -1.25, 0.5).unwrap();
+        for (c, x) in c.iter().zip(&x) {
+            assert_eq!(*c, x.clamp(-1.25, 0.5));
+        }
+    }
+    let mut x = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.25];
+    assert!(global().sum_squares(&x).is_nan());
+    assert_eq!(global().sum_squares(&x[1..]), f64::INFINITY);
+    global().clip(&mut x, -1.0, 1.0).unwrap();
+    assert!(x[0].is_nan(), "NaN stays NaN");
+    assert_eq!(&x[1..], &[1.0, -1.0, 0.25]);
+    for (lo, hi) in [(1.0, -1.0), (f32::NAN, 1.0), (0.0, f32::NAN)] {
+        let mut y = [2.0f32];
+        let e = global().clip(&mut y, lo, hi).unwrap_err().to_string();
+        assert!(e.contains("clip") && e.contains("not ordered"), "{e}");
+        assert_eq!(y, [2.0]);
+    }
 }

@@ -1,7 +1,7 @@
 //! # mp-optim
 //!
 //! Optimizers that update float32 [`Variable`](mp_core::Variable)s — [`Sgd`], [`RmsProp`],
-//! [`Adam`], with Keras's defaults and semantics, their arithmetic in mp-kernels' fused update
+//! [`Adam`], [`AdamW`], with Keras's defaults and semantics, their arithmetic in mp-kernels' fused update
 //! kernels — and [`LossScaleOptimizer`], which scales the loss, unscales and checks the
 //! gradients in one pass, skips non-finite steps without touching anything, and refuses to skip
 //! forever.
@@ -34,6 +34,7 @@ pub use loss_scale_optimizer::{
     DEFAULT_MAX_SKIPS_AT_FLOOR, GradientCheck, LossScaleOptimizer, ScalingState, StepOutcome,
 };
 pub use optimizer::{
-    Adam, AdamRule, Optim, Optimizer, RmsProp, RmsPropRule, Sgd, SgdRule, UpdateRule, VariableSet,
+    Adam, AdamRule, AdamW, AdamWRule, Clip, Optim, Optimizer, RmsProp, RmsPropRule, Sgd, SgdRule,
+    UpdateRule, VariableSet,
 };
 pub use schedule::LearningRateSchedule;

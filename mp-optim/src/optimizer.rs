@@ -87,9 +87,10 @@ pub trait Optimizer: Send {
     }
 }
 
-/// The update a [`Slots::update`] caller applies: `(value, gradient, state buffers)`.
+/// The update a [`Slots::update`] caller applies: `(variable path, value, gradient, state
+/// buffers)`.
 pub(crate) type UpdateFn<'a> =
-    dyn FnMut(&mut Tensor<F32>, &Tensor<F32>, &mut [Tensor<F32>]) -> Result<()> + 'a;
+    dyn FnMut(&str, &mut Tensor<F32>, &Tensor<F32>, &mut [Tensor<F32>]) -> Result<()> + 'a;
 
 /// Per-variable state buffers, created at the first step and checked at every later one.
 #[derive(Debug, Default, Clone)]
@@ -148,7 +149,8 @@ impl Slots {
         Ok(())
     }
 
-    /// Calls `f(value, grad, state)` for each variable, in order (after [`Slots::prepare`]).
+    /// Calls `f(path, value, grad, state)` for each variable, in order (after
+    /// [`Slots::prepare`]).
     pub(crate) fn update(
         &mut self,
         vars: &mut dyn VariableSet,
@@ -156,9 +158,9 @@ impl Slots {
     ) -> Result<()> {
         let mut i = 0;
         let buffers = &mut self.buffers;
-        vars.for_each_variable(&mut |_, v| {
+        vars.for_each_variable(&mut |path, v| {
             let (value, grad) = v.value_and_grad_mut();
-            f(value, grad, &mut buffers[i])?;
+            f(path, value, grad, &mut buffers[i])?;
             i += 1;
             Ok(())
         })
@@ -300,10 +302,11 @@ pub trait UpdateRule: Clone + std::fmt::Debug + Send {
     /// The hyperparameters other than the learning rate, as `(name, value)`.
     fn config(&self) -> Vec<(&'static str, f64)>;
 
-    /// One variable's update at step `t` (counted from 1) with learning rate `lr`; `slots` are
-    /// the variable's buffers in [`UpdateRule::slots`] order.
+    /// One variable's update at step `t` (counted from 1) with learning rate `lr`; `path` is
+    /// the variable's path and `slots` its buffers in [`UpdateRule::slots`] order.
     fn update(
         &self,
+        path: &str,
         lr: f32,
         t: u64,
         var: &mut Tensor<F32>,
@@ -312,14 +315,94 @@ pub trait UpdateRule: Clone + std::fmt::Debug + Send {
     ) -> Result<()>;
 }
 
-/// An optimizer made of an [`UpdateRule`]: [`Sgd`], [`RmsProp`] and [`Adam`] are this with
-/// their rules.
+/// How an optimizer clips the gradients it is given before updating (Keras's `clipvalue`,
+/// `clipnorm` and `global_clipnorm`, of which at most one may be set).
+///
+/// Under a [`LossScaleOptimizer`](crate::LossScaleOptimizer) the inner optimizer only sees
+/// unscaled gradients, and only when every one is finite: the clip threshold is in the units
+/// of the real gradients, whatever the loss scale, and a non-finite step is skipped before
+/// clipping could turn its infinities into finite numbers. (PyTorch users must call
+/// `GradScaler.unscale_` themselves before `clip_grad_norm_` for the same effect.)
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Clip {
+    /// No clipping.
+    #[default]
+    None,
+    /// Each element into `[-c, c]`.
+    Value(f32),
+    /// Each variable's gradient scaled down to L2 norm `c` when its norm is larger.
+    Norm(f32),
+    /// All gradients scaled by one factor so that their joint L2 norm is at most `c`
+    /// (`torch.nn.utils.clip_grad_norm_`, Keras's `global_clipnorm`).
+    GlobalNorm(f32),
+}
+
+impl Clip {
+    fn validate(self, optimizer: &'static str) -> Result<Clip> {
+        let (what, c) = match self {
+            Clip::None => return Ok(self),
+            Clip::Value(c) => ("clipvalue", c),
+            Clip::Norm(c) => ("clipnorm", c),
+            Clip::GlobalNorm(c) => ("global_clipnorm", c),
+        };
+        if c.is_finite() && c > 0.0 {
+            Ok(self)
+        } else {
+            Err(Error::InvalidHyperparameter {
+                optimizer,
+                what: format!("{what} must be finite and positive, got {c:?}"),
+            })
+        }
+    }
+
+    /// Clips the gradients of `vars` in place and returns their global L2 norm before clipping
+    /// (computed for the norm clips only).
+    fn apply(self, vars: &mut dyn VariableSet) -> Result<Option<f64>> {
+        let shrink = |g: &mut Tensor<F32>, norm: f64, c: f32| -> Result<()> {
+            if norm > f64::from(c) {
+                ops::scale(g, (f64::from(c) / norm) as f32)?;
+            }
+            Ok(())
+        };
+        match self {
+            Clip::None => Ok(None),
+            Clip::Value(c) => {
+                vars.for_each_variable(&mut |_, v| Ok(ops::clip(v.grad_mut(), -c, c)?))?;
+                Ok(None)
+            }
+            Clip::Norm(c) => {
+                let mut total = 0.0;
+                vars.for_each_variable(&mut |_, v| {
+                    let sq = ops::sum_squares(v.grad())?;
+                    total += sq;
+                    shrink(v.grad_mut(), sq.sqrt(), c)
+                })?;
+                Ok(Some(total.sqrt()))
+            }
+            Clip::GlobalNorm(c) => {
+                let mut total = 0.0;
+                vars.for_each_variable(&mut |_, v| {
+                    total += ops::sum_squares(v.grad())?;
+                    Ok(())
+                })?;
+                let norm = total.sqrt();
+                vars.for_each_variable(&mut |_, v| shrink(v.grad_mut(), norm, c))?;
+                Ok(Some(norm))
+            }
+        }
+    }
+}
+
+/// An optimizer made of an [`UpdateRule`]: [`Sgd`], [`RmsProp`], [`Adam`] and [`AdamW`] are
+/// this with their rules.
 #[derive(Debug, Clone)]
 pub struct Optim<R: UpdateRule> {
     rule: R,
     learning_rate: f32,
     iterations: u64,
     slots: Slots,
+    clip: Clip,
+    gradient_norm: Option<f64>,
 }
 
 impl<R: UpdateRule> Optim<R> {
@@ -330,12 +413,34 @@ impl<R: UpdateRule> Optim<R> {
             learning_rate: check_rate(R::NAME, "learning_rate", learning_rate)?,
             iterations: 0,
             slots: Slots::default(),
+            clip: Clip::None,
+            gradient_norm: None,
         })
     }
 
     /// The update rule and its hyperparameters.
     pub fn rule(&self) -> &R {
         &self.rule
+    }
+
+    /// Clips the gradients before every update ([`Clip`]).
+    ///
+    /// # Errors
+    /// A threshold that is not finite and positive, named.
+    pub fn with_clip(mut self, clip: Clip) -> Result<Self> {
+        self.clip = clip.validate(R::NAME)?;
+        Ok(self)
+    }
+
+    /// The clipping in force.
+    pub fn clip(&self) -> Clip {
+        self.clip
+    }
+
+    /// The global L2 norm of the gradients of the last update, before clipping (with
+    /// [`Clip::Norm`] or [`Clip::GlobalNorm`]; `None` otherwise or before the first update).
+    pub fn gradient_norm(&self) -> Option<f64> {
+        self.gradient_norm
     }
 }
 
@@ -356,15 +461,16 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
     fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
         let slots = self.rule.slots();
         self.slots.prepare(R::NAME, slots.len(), vars)?;
+        self.gradient_norm = self.clip.apply(vars)?;
         let (rule, lr, t) = (&self.rule, self.learning_rate, self.iterations + 1);
-        self.slots.update(vars, &mut |w, g, state| {
+        self.slots.update(vars, &mut |path, w, g, state| {
             if state.len() != slots.len() {
                 return Err(Error::StateMismatch {
                     optimizer: R::NAME,
                     what: format!("expected the slots {slots:?}, found {}", state.len()),
                 });
             }
-            rule.update(lr, t, w, g, state)
+            rule.update(path, lr, t, w, g, state)
         })?;
         self.iterations += 1;
         Ok(())
@@ -448,6 +554,7 @@ impl UpdateRule for SgdRule {
     }
     fn update(
         &self,
+        _path: &str,
         lr: f32,
         _t: u64,
         var: &mut Tensor<F32>,
@@ -534,6 +641,7 @@ impl UpdateRule for RmsPropRule {
     }
     fn update(
         &self,
+        _path: &str,
         lr: f32,
         _t: u64,
         var: &mut Tensor<F32>,
@@ -621,6 +729,27 @@ impl UpdateRule for AdamRule {
     }
     fn update(
         &self,
+        _path: &str,
+        lr: f32,
+        t: u64,
+        var: &mut Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &mut [Tensor<F32>],
+    ) -> Result<()> {
+        self.step(Self::NAME, 0.0, lr, t, var, grad, slots)
+    }
+}
+
+impl AdamRule {
+    /// One Adam step, with decoupled weight decay `weight_decay` when it is not 0.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the rule's update plus its name and decay"
+    )]
+    fn step(
+        &self,
+        optimizer: &'static str,
+        weight_decay: f32,
         lr: f32,
         t: u64,
         var: &mut Tensor<F32>,
@@ -629,7 +758,7 @@ impl UpdateRule for AdamRule {
     ) -> Result<()> {
         let [m, v] = slots else {
             return Err(Error::StateMismatch {
-                optimizer: Self::NAME,
+                optimizer,
                 what: format!("expected the slots m and v, found {}", slots.len()),
             });
         };
@@ -639,8 +768,129 @@ impl UpdateRule for AdamRule {
             self.beta_2,
             self.epsilon,
             t,
-        );
+        )
+        .with_weight_decay(weight_decay);
         Ok(ops::adam_update(var, grad, m, v, p, None)?)
+    }
+}
+
+/// Adam with decoupled weight decay, as Keras's `AdamW` (Loshchilov & Hutter): before each
+/// Adam update, every variable not excluded is decayed as `w = w - w * weight_decay * lr`,
+/// with the learning rate of that step (a schedule's, when one drives it). The decay is in
+/// the same fused kernel pass as the update. A step the loss-scale optimizer skips decays
+/// nothing.
+///
+/// Keras's defaults: learning rate 0.001, weight decay 0.004, betas 0.9 and 0.999, epsilon
+/// 1e-7. PyTorch's `AdamW` defaults to weight decay 0.01 and epsilon 1e-8.
+///
+/// ```
+/// use mp_optim::AdamW;
+/// // Decay the kernels only: biases and normalisation parameters keep their values.
+/// let opt = AdamW::new(1e-3)?
+///     .with_weight_decay(0.05)?
+///     .exclude_from_weight_decay(&["bias", "gamma", "beta"]);
+/// assert!(opt.rule().decays("dense_1/kernel"));
+/// assert!(!opt.rule().decays("dense_1/bias"));
+/// # Ok::<(), mp_optim::Error>(())
+/// ```
+pub type AdamW = Optim<AdamWRule>;
+
+/// The rule of [`AdamW`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamWRule {
+    adam: AdamRule,
+    weight_decay: f32,
+    exclude: Vec<String>,
+}
+
+impl AdamWRule {
+    /// Whether the variable at `path` is decayed: no exclusion is a substring of its path.
+    pub fn decays(&self, path: &str) -> bool {
+        self.weight_decay != 0.0 && !self.exclude.iter().any(|e| path.contains(e.as_str()))
+    }
+
+    /// The decoupled weight decay.
+    pub fn weight_decay(&self) -> f32 {
+        self.weight_decay
+    }
+}
+
+impl AdamW {
+    /// AdamW with Keras's defaults and learning rate `learning_rate`.
+    pub fn new(learning_rate: f32) -> Result<Self> {
+        let Optim { rule: adam, .. } = Adam::new(learning_rate)?;
+        Optim::with_rule(
+            AdamWRule {
+                adam,
+                weight_decay: 0.004,
+                exclude: vec![],
+            },
+            learning_rate,
+        )
+    }
+
+    /// Sets the weight decay (finite, non-negative; 0 makes this Adam).
+    pub fn with_weight_decay(mut self, weight_decay: f32) -> Result<Self> {
+        self.rule.weight_decay = check_rate("AdamW", "weight_decay", weight_decay)?;
+        Ok(self)
+    }
+
+    /// Leaves out of the decay every variable whose path contains one of `names` (Keras's
+    /// `exclude_from_weight_decay(var_names=...)`): `["bias", "gamma", "beta"]` keeps biases
+    /// and normalisation parameters undecayed, as BERT and ViT recipes do.
+    pub fn exclude_from_weight_decay(mut self, names: &[&str]) -> Self {
+        self.rule
+            .exclude
+            .extend(names.iter().map(|n| (*n).to_string()));
+        self
+    }
+
+    /// Sets beta_1 and beta_2 (each in [0, 1)).
+    pub fn with_betas(mut self, beta_1: f64, beta_2: f64) -> Result<Self> {
+        self.rule.adam.beta_1 = check_unit("AdamW", "beta_1", beta_1, false)?;
+        self.rule.adam.beta_2 = check_unit("AdamW", "beta_2", beta_2, false)?;
+        Ok(self)
+    }
+
+    /// Sets epsilon (finite, positive).
+    pub fn with_epsilon(mut self, epsilon: f64) -> Result<Self> {
+        self.rule.adam.epsilon = check_epsilon("AdamW", epsilon as f32)? as f64;
+        Ok(self)
+    }
+}
+
+impl Default for AdamW {
+    /// Keras's defaults: 0.001, weight decay 0.004, 0.9, 0.999, 1e-7.
+    fn default() -> Self {
+        AdamW::new(0.001).expect("valid defaults")
+    }
+}
+
+impl UpdateRule for AdamWRule {
+    const NAME: &'static str = "AdamW";
+    fn slots(&self) -> &'static [&'static str] {
+        &["m", "v"]
+    }
+    fn config(&self) -> Vec<(&'static str, f64)> {
+        let mut c = self.adam.config();
+        c.push(("weight_decay", f64::from(self.weight_decay)));
+        c
+    }
+    fn update(
+        &self,
+        path: &str,
+        lr: f32,
+        t: u64,
+        var: &mut Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &mut [Tensor<F32>],
+    ) -> Result<()> {
+        let wd = if self.decays(path) {
+            self.weight_decay
+        } else {
+            0.0
+        };
+        self.adam.step(Self::NAME, wd, lr, t, var, grad, slots)
     }
 }
 
@@ -706,6 +956,7 @@ mod tests {
     #[test]
     fn every_optimizer_resumes_bit_exactly() {
         resumes_exactly(&|| Box::new(Adam::default()));
+        resumes_exactly(&|| Box::new(AdamW::default().exclude_from_weight_decay(&["bias"])));
         resumes_exactly(&|| Box::new(RmsProp::default().with_momentum(0.5).unwrap()));
         resumes_exactly(&|| Box::new(RmsProp::default()));
         resumes_exactly(&|| Box::new(Sgd::new(0.1).unwrap().with_momentum(0.9).unwrap()));

@@ -1,7 +1,7 @@
 //! Optimizers against steps computed by hand, and the loss-scale optimizer's guarantees.
 
 use mp_core::{LossScale, Rng, Tensor, Variable};
-use mp_optim::{Adam, Error, LossScaleOptimizer, Optimizer, RmsProp, Sgd, VariableSet};
+use mp_optim::{Adam, AdamW, Error, LossScaleOptimizer, Optimizer, RmsProp, Sgd, VariableSet};
 
 fn vars(values: &[&[f32]]) -> Vec<Variable> {
     values
@@ -101,6 +101,98 @@ fn adam_by_hand_with_keras_defaults() {
         close(value(&v[0])[0], w, 1e-6);
     }
     assert_eq!(opt.iterations(), 3);
+}
+
+#[test]
+fn adamw_decays_the_included_variables_with_each_steps_rate() {
+    // One decayed kernel and one excluded bias, a learning rate changed between steps (as a
+    // schedule does), against float64: w -= w * wd * lr, then Adam's step.
+    let mut v = vec![
+        Variable::new(
+            "dense/kernel",
+            Tensor::from_vec(&[3], vec![1.5, -2.0, 0.25]).unwrap(),
+        )
+        .unwrap(),
+        Variable::new(
+            "dense/bias",
+            Tensor::from_vec(&[2], vec![0.75, -0.5]).unwrap(),
+        )
+        .unwrap(),
+    ];
+    let wd = 0.1f64;
+    let mut opt = AdamW::new(0.01)
+        .unwrap()
+        .with_weight_decay(wd as f32)
+        .unwrap()
+        .exclude_from_weight_decay(&["bias"]);
+    assert_eq!(opt.name(), "AdamW");
+    let grads: [&[f32]; 2] = [&[0.5, -0.25, 0.125], &[1.0, -2.0]];
+    let mut want: Vec<Vec<f64>> = v
+        .iter()
+        .map(|v| value(v).iter().map(|&x| f64::from(x)).collect())
+        .collect();
+    let mut m = [vec![0.0f64; 3], vec![0.0; 2]];
+    let mut s = [vec![0.0f64; 3], vec![0.0; 2]];
+    for (t, lr) in [(1, 0.01f32), (2, 0.005), (3, 0.0025)] {
+        opt.set_learning_rate(lr).unwrap();
+        set_grads(&mut v, &grads);
+        opt.apply_gradients(&mut v).unwrap();
+        let lr = f64::from(lr);
+        let alpha = lr * (1.0 - 0.999f64.powi(t)).sqrt() / (1.0 - 0.9f64.powi(t));
+        for k in 0..2 {
+            for i in 0..want[k].len() {
+                if k == 0 {
+                    want[k][i] -= want[k][i] * wd * lr;
+                }
+                let g = f64::from(grads[k][i]);
+                m[k][i] += (g - m[k][i]) * 0.1;
+                s[k][i] += (g * g - s[k][i]) * 0.001;
+                want[k][i] -= alpha * m[k][i] / (s[k][i].sqrt() + 1e-7);
+            }
+        }
+        for k in 0..2 {
+            for (got, want) in value(&v[k]).iter().zip(&want[k]) {
+                close(*got, *want, 1e-6);
+            }
+        }
+    }
+    // The bias moved by Adam's steps only: the same as plain Adam on it.
+    let mut plain = vec![
+        Variable::new(
+            "dense/bias",
+            Tensor::from_vec(&[2], vec![0.75, -0.5]).unwrap(),
+        )
+        .unwrap(),
+    ];
+    let mut adam = Adam::new(0.01).unwrap();
+    for lr in [0.01, 0.005, 0.0025] {
+        adam.set_learning_rate(lr).unwrap();
+        set_grads(&mut plain, &[grads[1]]);
+        adam.apply_gradients(&mut plain).unwrap();
+    }
+    assert_eq!(value(&plain[0]), value(&v[1]));
+    assert_eq!(
+        opt.config().last(),
+        Some(&("weight_decay", f64::from(0.1f32)))
+    );
+    assert!(AdamW::default().with_weight_decay(f32::NAN).is_err());
+    assert!(AdamW::default().with_weight_decay(-0.01).is_err());
+}
+
+#[test]
+fn a_skipped_adamw_step_decays_nothing() {
+    let mut v = vars(&[&[1.0, -1.0]]);
+    let mut opt = LossScaleOptimizer::new(AdamW::new(0.1).unwrap().with_weight_decay(0.5).unwrap());
+    let before = value(&v[0]);
+    set_grads(&mut v, &[&[f32::NAN, opt.loss_scale()]]);
+    opt.get_unscaled_gradients(&mut v).unwrap();
+    assert!(!opt.apply_gradients(&mut v).unwrap().applied);
+    assert_eq!(value(&v[0]), before);
+    set_grads(&mut v, &[&[0.0, 0.0]]);
+    opt.get_unscaled_gradients(&mut v).unwrap();
+    assert!(opt.apply_gradients(&mut v).unwrap().applied);
+    // A zero gradient leaves Adam's step at 0: only the decay moved the weights.
+    assert_eq!(value(&v[0]), vec![1.0 - 1.0 * 0.5 * 0.1, -1.0 + 0.5 * 0.1]);
 }
 
 #[test]
@@ -301,4 +393,106 @@ fn variable_sets_visit_in_order() {
     })
     .unwrap();
     assert_eq!(names, vec!["layer_0/kernel", "layer_1/kernel"]);
+}
+
+fn sgd_with(clip: mp_optim::Clip) -> Sgd {
+    Sgd::new(1.0).unwrap().with_clip(clip).unwrap()
+}
+
+#[test]
+fn gradient_clipping_matches_float64() {
+    use mp_optim::Clip;
+    let mut rng = Rng::new(mp_core::rng::test_seed("gradient_clipping"));
+    // Lengths that are not multiples of any block: one gradient with norm well above the
+    // threshold, one well below.
+    let g0: Vec<f32> = rng.uniform_vec(4099, -1.0, 1.0);
+    let g1: Vec<f32> = rng.uniform_vec(7, -0.01, 0.01);
+    let norm = |g: &[f32]| g.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let (n0, n1) = (norm(&g0), norm(&g1));
+    let global = (n0 * n0 + n1 * n1).sqrt();
+    let c = 2.5f32;
+    assert!(n0 > 2.5 && n1 < 2.5);
+    // With SGD at rate 1 from zero weights, the weights are minus the clipped gradients.
+    let run = |clip: Clip| {
+        let mut v = vars(&[&vec![0.0; g0.len()], &[0.0; 7]]);
+        set_grads(&mut v, &[&g0, &g1]);
+        let mut opt = sgd_with(clip);
+        opt.apply_gradients(&mut v).unwrap();
+        (value(&v[0]), value(&v[1]), opt.gradient_norm())
+    };
+    let check = |got: &[f32], g: &[f32], factor: f64| {
+        for (w, g) in got.iter().zip(g) {
+            let want = -f64::from(*g) * factor;
+            assert!(
+                (f64::from(*w) - want).abs() <= 1e-6 * want.abs() + 1e-12,
+                "{w} vs {want}"
+            );
+        }
+    };
+    let (w0, w1, n) = run(Clip::GlobalNorm(c));
+    let f = f64::from(c) / global;
+    check(&w0, &g0, f);
+    check(&w1, &g1, f);
+    assert!((n.unwrap() - global).abs() <= 1e-12 * global);
+    let clipped = w0
+        .iter()
+        .chain(&w1)
+        .map(|&x| f64::from(x).powi(2))
+        .sum::<f64>();
+    assert!(
+        (clipped.sqrt() - f64::from(c)).abs() < 1e-5,
+        "{}",
+        clipped.sqrt()
+    );
+    let (w0, w1, _) = run(Clip::Norm(c));
+    check(&w0, &g0, f64::from(c) / n0);
+    assert_eq!(
+        w1,
+        g1.iter().map(|g| -g).collect::<Vec<_>>(),
+        "below the norm: unchanged"
+    );
+    let (w0, _, n) = run(Clip::Value(0.5));
+    assert!(n.is_none());
+    for (w, g) in w0.iter().zip(&g0) {
+        assert_eq!(*w, -g.clamp(-0.5, 0.5));
+    }
+    // A threshold above the norm leaves the gradients bit-identical.
+    let (w0, _, _) = run(Clip::GlobalNorm(1e6));
+    assert_eq!(w0, g0.iter().map(|g| -g).collect::<Vec<_>>());
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        for clip in [Clip::Value(bad), Clip::Norm(bad), Clip::GlobalNorm(bad)] {
+            let e = Sgd::default().with_clip(clip).unwrap_err().to_string();
+            assert!(e.contains("must be finite and positive"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn clipping_under_loss_scaling_sees_unscaled_finite_gradients() {
+    use mp_optim::Clip;
+    let g = [3.0f32, -4.0]; // norm 5
+    // The same clipped step with loss scale 1 and 2^15: the threshold is in real units.
+    let mut results = vec![];
+    for scale in [1.0f32, 32768.0] {
+        let mut v = vars(&[&[0.0, 0.0]]);
+        let mut opt = LossScaleOptimizer::with_loss_scale(
+            sgd_with(Clip::GlobalNorm(1.0)),
+            LossScale::fixed(scale).unwrap(),
+        );
+        set_grads(&mut v, &[&[g[0] * scale, g[1] * scale]]);
+        opt.get_unscaled_gradients(&mut v).unwrap();
+        assert!(opt.apply_gradients(&mut v).unwrap().applied);
+        assert_eq!(opt.inner().gradient_norm(), Some(5.0));
+        results.push(value(&v[0]));
+    }
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0], vec![-0.6, 0.8]);
+    // An infinite gradient is skipped, not clipped into a finite step.
+    let mut v = vars(&[&[0.0, 0.0]]);
+    let mut opt = LossScaleOptimizer::new(sgd_with(Clip::GlobalNorm(1.0)));
+    set_grads(&mut v, &[&[f32::INFINITY, 1.0]]);
+    opt.get_unscaled_gradients(&mut v).unwrap();
+    assert!(!opt.apply_gradients(&mut v).unwrap().applied);
+    assert_eq!(value(&v[0]), vec![0.0, 0.0]);
+    assert_eq!(opt.inner().gradient_norm(), None);
 }

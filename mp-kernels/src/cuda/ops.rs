@@ -835,9 +835,12 @@ pub fn adam_update(
         .arg(&p.one_minus_beta1)
         .arg(&p.one_minus_beta2)
         .arg(&p.epsilon)
+        .arg(&p.lr)
+        .arg(&p.weight_decay)
         .arg(&skip);
     // SAFETY: `adam_f32(float* var, const float* g, float* m, float* v, u64 n, float alpha,
-    // float one_minus_beta1, float one_minus_beta2, float epsilon, const u32* skip)`.
+    // float one_minus_beta1, float one_minus_beta2, float epsilon, float lr, float weight_decay,
+    // const u32* skip)`.
     unsafe { b.launch(cfg) }.map_err(driver_err(OP))?;
     Ok(())
 }
