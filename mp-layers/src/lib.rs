@@ -40,7 +40,7 @@ pub use layers::pooling::{AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D
 pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;
 pub use train::{
-    BestMetric, Callback, EarlyStopping, EpochLogs, FitOptions, History, Mean, ModelVars, Scores,
-    SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepResult, TrainOptimizer, Trainer,
-    TrainingProgress, Verbose,
+    BestMetric, Callback, EarlyStopping, EpochLogs, FitOptions, History, Mean, MicroBatch,
+    ModelVars, Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepResult,
+    TrainOptimizer, Trainer, TrainingProgress, Verbose,
 };

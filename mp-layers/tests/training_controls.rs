@@ -172,6 +172,7 @@ fn fit_stops_early_and_ends_with_the_best_weights() {
         shuffle: true,
         seed: 1,
         verbose: Verbose::Silent,
+        gradient_accumulation_steps: 1,
     };
     let history = t.fit(x.view(), y.view(), &options).unwrap();
     assert_eq!(history.epochs.len(), 2, "stopped after the second epoch");
@@ -249,6 +250,7 @@ fn validation_data_is_evaluated_after_every_epoch_instead_of_a_split() {
         shuffle: true,
         seed: 2,
         verbose: Verbose::Silent,
+        gradient_accumulation_steps: 1,
     };
     let history = t
         .fit_with_validation(x.view(), y.view(), (xv.view(), yv.view()), &options)

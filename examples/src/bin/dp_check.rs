@@ -101,6 +101,7 @@ fn options(batch_size: usize, epochs: usize) -> FitOptions {
         shuffle: true,
         seed: SEED,
         verbose: Verbose::Silent,
+        gradient_accumulation_steps: 1,
     }
 }
 

@@ -870,6 +870,7 @@ fn fit_options(batch_size: usize, epochs: usize) -> FitOptions {
         shuffle: false,
         seed: 0,
         verbose: Verbose::Silent,
+        gradient_accumulation_steps: 1,
     }
 }
 

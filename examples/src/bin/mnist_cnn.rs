@@ -56,7 +56,7 @@ impl PolicyVisitor for Run {
         let mut model = MnistCnn::<P>::issue();
         model.build(&[28, 28, 1])?;
         println!("{}", model.summary());
-        let total_steps = self.options.steps_per_epoch(y_train.len())? * self.options.epochs;
+        let total_steps = self.options.updates_per_epoch(y_train.len())? * self.options.epochs;
         let mut trainer = Trainer::compile(
             model,
             Adam::new(CNN_LEARNING_RATE)?,
@@ -108,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         seed: args.get("seed", 0)?,
         shuffle: true,
         verbose: Verbose::Auto,
+        gradient_accumulation_steps: 1,
     };
     let train_samples = match args.raw("train-samples") {
         Some(_) => Some(args.get("train-samples", 0usize)?),

@@ -139,6 +139,7 @@ fn main() -> anyhow::Result<()> {
         seed: args.get("seed", 0)?,
         shuffle: true,
         verbose: Verbose::Auto,
+        gradient_accumulation_steps: 1,
     };
     policy.dispatch(Run {
         units: args.get("units", 4096)?,

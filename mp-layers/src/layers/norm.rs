@@ -23,6 +23,9 @@ use crate::layer::Layer;
 ///   momentum)`) only in [`Layer::end_step`] of a step the optimizer applied: a step skipped for
 ///   non-finite gradients (an overflowing float16 batch, NaN data) leaves them bit-identical,
 ///   where PyTorch's running statistics take the update anyway (pytorch/pytorch#90342).
+///   Every `forward_train` since the last `end_step` is kept and committed in order (the
+///   micro-batches of a gradient-accumulation window); a custom loop calls `end_step` once
+///   per update.
 /// - Inference (`forward`, so `evaluate` and `predict`) normalises with the moving statistics.
 ///
 /// Keras's defaults: momentum 0.99, epsilon 1e-3.
@@ -37,8 +40,9 @@ pub struct BatchNormalization<P: PolicyKind> {
     moving_variance: Option<Variable>,
     /// The last `forward_train`'s input and batch statistics, for backward.
     saved: Option<Saved<P>>,
-    /// The batch statistics of the step in flight, committed by an applied `end_step`.
-    pending: Option<(Tensor<F32>, Tensor<F32>)>,
+    /// The batch statistics of each `forward_train` of the step in flight (one per
+    /// micro-batch), committed by an applied `end_step`.
+    pending: Vec<(Tensor<F32>, Tensor<F32>)>,
     _policy: PhantomData<P>,
 }
 
@@ -79,7 +83,7 @@ impl<P: PolicyKind> BatchNormalization<P> {
             moving_mean: None,
             moving_variance: None,
             saved: None,
-            pending: None,
+            pending: vec![],
             _policy: PhantomData,
         }
     }
@@ -221,7 +225,7 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
         self.check_input(x)?;
         let (mean, var) = ops::moments(x)?;
         let y = ops::normalize(x, self.params(&mean, &var)?)?;
-        self.pending = Some((mean.clone(), var.clone()));
+        self.pending.push((mean.clone(), var.clone()));
         self.saved = Some(Saved {
             x: x.clone(),
             mean,
@@ -267,10 +271,8 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
     }
 
     fn end_step(&mut self, applied: bool) -> Result<()> {
-        let Some((mean, var)) = self.pending.take() else {
-            return Ok(());
-        };
-        if !applied {
+        let pending = std::mem::take(&mut self.pending);
+        if !applied || pending.is_empty() {
             return Ok(());
         }
         let (Some(mm), Some(mv)) = (self.moving_mean.as_mut(), self.moving_variance.as_mut())
@@ -279,8 +281,12 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
                 layer: self.name.clone(),
             });
         };
-        ops::moving_average(mm.value_mut(), &mean, self.momentum)?;
-        ops::moving_average(mv.value_mut(), &var, self.momentum)?;
+        // One moving-average update per forward pass of the step (several under gradient
+        // accumulation), in order, as Keras updates them.
+        for (mean, var) in &pending {
+            ops::moving_average(mm.value_mut(), mean, self.momentum)?;
+            ops::moving_average(mv.value_mut(), var, self.momentum)?;
+        }
         Ok(())
     }
 

@@ -54,13 +54,17 @@ pub(crate) fn first_nonfinite_gradient<M: Model>(model: &mut M) -> Result<Option
 /// Where a skipped step's first non-finite value appeared: the input batch, the model output
 /// (the loss), or the named gradient.
 pub(crate) fn nonfinite_origin<D: mp_core::DTypeKind>(
-    x: &Tensor<D>,
+    inputs: &[&Tensor<D>],
     loss: f32,
     gradient: Option<String>,
 ) -> Result<String> {
-    let mut flag = mp_kernels::ops::Finite::new(x.device())?;
-    mp_kernels::ops::check_finite(x, &mut flag)?;
-    Ok(if !flag.get()? {
+    let mut finite = true;
+    for x in inputs {
+        let mut flag = mp_kernels::ops::Finite::new(x.device())?;
+        mp_kernels::ops::check_finite(x, &mut flag)?;
+        finite &= flag.get()?;
+    }
+    Ok(if !finite {
         "the input batch".to_string()
     } else if !loss.is_finite() {
         "the model output (the loss is not finite)".to_string()

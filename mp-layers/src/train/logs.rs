@@ -28,23 +28,49 @@ pub struct FitOptions {
     pub seed: u64,
     /// What to print.
     pub verbose: Verbose,
+    /// Batches whose gradients are summed into one optimizer update (gradient accumulation;
+    /// 1: an update per batch). Each window of this many batches, and the shorter one that
+    /// may end an epoch, is one [`Trainer::train_window`](super::Trainer::train_window): one
+    /// loss scale, one finiteness decision, one update, equal to the update of one batch made
+    /// of the window's samples. Keras 3 puts this on the optimizer
+    /// (`gradient_accumulation_steps`).
+    pub gradient_accumulation_steps: usize,
 }
 
 impl FitOptions {
-    /// The gradient updates in one epoch of `n` samples with these options: the samples left
-    /// after `validation_split`, divided by `batch_size`, rounded up (the last batch may be
-    /// short). What a learning-rate schedule's total is made of.
+    /// The optimizer updates in one epoch of `n` samples with these options: the samples left
+    /// after `validation_split` in batches of `batch_size` (the last may be short), in
+    /// windows of `gradient_accumulation_steps` batches (the last may be short). What a
+    /// learning-rate schedule's total is made of.
     ///
     /// # Errors
-    /// A `validation_split` outside `[0, 1)` or a `batch_size` of 0, named.
-    pub fn steps_per_epoch(&self, n: usize) -> crate::Result<usize> {
-        if self.batch_size == 0 {
-            return Err(crate::Error::InvalidArgument {
-                what: "batch_size must be at least 1".into(),
-            });
-        }
+    /// A `validation_split` outside `[0, 1)`, a `batch_size` or `gradient_accumulation_steps`
+    /// of 0, named.
+    pub fn updates_per_epoch(&self, n: usize) -> crate::Result<usize> {
+        self.check()?;
         let (train, _) = mp_core::rng::validation_split(n, self.validation_split)?;
-        Ok(train.len().div_ceil(self.batch_size))
+        Ok(train
+            .len()
+            .div_ceil(self.batch_size)
+            .div_ceil(self.gradient_accumulation_steps))
+    }
+
+    /// The counts that must be at least 1.
+    pub(crate) fn check(&self) -> crate::Result<()> {
+        for (what, v) in [
+            ("batch_size", self.batch_size),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+        ] {
+            if v == 0 {
+                return Err(crate::Error::InvalidArgument {
+                    what: format!("{what} must be at least 1"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -57,6 +83,7 @@ impl Default for FitOptions {
             shuffle: true,
             seed: 0,
             verbose: Verbose::Auto,
+            gradient_accumulation_steps: 1,
         }
     }
 }
@@ -76,9 +103,10 @@ pub struct EpochLogs {
     pub val_accuracy: Option<f32>,
     /// The loss scale at the end of the epoch (with loss scaling).
     pub loss_scale: Option<f32>,
-    /// Steps skipped in this epoch because of non-finite gradients.
+    /// Optimizer updates skipped in this epoch because of non-finite gradients (each a whole
+    /// window under gradient accumulation).
     pub skipped_steps: u64,
-    /// Steps run.
+    /// Batches run.
     pub steps: usize,
     /// Wall time of the epoch (training and validation), in seconds.
     pub seconds: f64,

@@ -62,6 +62,10 @@ pub struct Trainer<M: Model, O: Optimizer> {
     schedule: Option<LearningRateSchedule>,
 }
 
+/// One micro-batch of a [`Trainer::train_window`]: the inputs in the model's compute dtype and
+/// their labels.
+pub type MicroBatch<'a, M, L> = (&'a Tensor<Compute<M>>, &'a [L]);
+
 /// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
 /// (with it, the loss-scale optimizer's floor rule decides).
 pub const MAX_NONFINITE_STEPS: u64 = 20;
@@ -356,25 +360,60 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         x: &Tensor<Compute<M>>,
         labels: &[L],
     ) -> Result<(StepResult, Tensor<F32>)> {
+        let (result, mut probs) = self.train_window(&[(x, labels)])?;
+        let probs = probs.pop().ok_or_else(|| Error::InvalidArgument {
+            what: "a training step returned no predictions".into(),
+        })?;
+        Ok((result, probs))
+    }
+
+    /// One optimizer update from several micro-batches (gradient accumulation): forward and
+    /// backward on each in turn, their gradients summed, each weighted by its share of the
+    /// window's samples, so that the update is that of one batch made of them all. Then one
+    /// unscale, one finiteness decision and one update for the window: under loss scaling
+    /// every micro-batch uses the same scale, a non-finite gradient in any of them skips the
+    /// whole window, and the scale changes once, after it. Layer state (moving statistics)
+    /// is committed for every micro-batch, in order, only when the window is applied.
+    ///
+    /// Returns the window's mean loss and each micro-batch's float32 predictions.
+    /// [`Trainer::train_step`] is a window of one. Data-parallel, each `(x, labels)` is this
+    /// rank's shard of a micro-batch, and the windows are summed over the ranks once.
+    ///
+    /// # Errors
+    /// An empty window; as [`Trainer::train_step`].
+    pub fn train_window<L: Label>(
+        &mut self,
+        micro: &[MicroBatch<'_, M, L>],
+    ) -> Result<(StepResult, Vec<Tensor<F32>>)> {
+        if micro.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "a training window needs at least one micro-batch".into(),
+            });
+        }
         if let Some(schedule) = &self.schedule {
             let lr = schedule.at(self.optimizer.inner().iterations());
             self.optimizer.inner_mut().set_learning_rate(lr)?;
         }
         let scale = self.optimizer.loss_scale();
-        let local = self.forward_backward(x, labels, scale);
+        let samples: usize = micro.iter().map(|(_, l)| l.len()).sum();
+        let local = self.forward_backward(micro, samples, scale);
+        if local.is_err() {
+            // What the window's forward passes left pending is not committed later.
+            let _ = self.model.end_step(false);
+        }
         let (loss, probs) = if self.replicas.is_parallel() {
             // Every rank takes part in the agreement, a failed one too, so that none is left
             // waiting in the gradient sum.
-            let agreed =
-                (self.replicas).agree(local.as_ref().ok().map(|(l, _)| (labels.len(), *l)));
+            let agreed = (self.replicas).agree(local.as_ref().ok().map(|(l, _)| (samples, *l)));
             let (_, probs) = local?;
             let agreed = agreed?;
-            let samples = agreed.samples.max(1) as f64;
-            let share = (labels.len() as f64 / samples) as f32;
+            let total = agreed.samples.max(1) as f64;
+            let share = (samples as f64 / total) as f32;
             self.replicas.all_reduce_gradients(&mut self.model, share)?;
-            ((agreed.loss_sum / samples) as f32, probs)
+            ((agreed.loss_sum / total) as f32, probs)
         } else {
-            local?
+            let (loss_sum, probs) = local?;
+            ((loss_sum / samples.max(1) as f64) as f32, probs)
         };
         // Every rank checks the same summed gradients, and the ranks still sum their
         // non-finite flags before deciding: one decision for all.
@@ -405,7 +444,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         // Layer state of the step (moving statistics) is committed only when it was applied.
         self.model.end_step(applied)?;
         self.replicas.average_state(&mut self.model)?;
-        self.progress.step += 1;
+        self.progress.step += micro.len() as u64;
         let scaled = matches!(self.optimizer, TrainOptimizer::Scaled(_));
         if applied || scaled {
             // Under loss scaling a skipped step also lowers the scale; the loss-scale
@@ -415,7 +454,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             let (run, origin) = &mut self.nonfinite_run;
             *run += 1;
             if origin.is_none() {
-                *origin = Some(nonfinite_origin(x, loss, nonfinite)?);
+                let inputs: Vec<&Tensor<Compute<M>>> = micro.iter().map(|(x, _)| *x).collect();
+                *origin = Some(nonfinite_origin(&inputs, loss, nonfinite)?);
             }
             if *run >= self.max_nonfinite_steps {
                 let steps = *run;
@@ -434,33 +474,49 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         ))
     }
 
-    /// This rank's forward and backward: the loss of its batch and the float32 predictions,
-    /// the gradients (times `scale`) left in the variables. An empty shard of a data-parallel
-    /// step computes nothing and leaves zero gradients.
+    /// This rank's forward and backward over a window of `samples` samples: the sum of the
+    /// micro-batches' losses weighted by their sizes, and their float32 predictions; the
+    /// gradients (the window's mean, times `scale`) left in the variables. An empty shard of a
+    /// data-parallel step computes nothing and adds no gradient.
     fn forward_backward<L: Label>(
         &mut self,
-        x: &Tensor<Compute<M>>,
-        labels: &[L],
+        micro: &[MicroBatch<'_, M, L>],
+        samples: usize,
         scale: f32,
-    ) -> Result<(f32, Tensor<F32>)> {
+    ) -> Result<(f64, Vec<Tensor<F32>>)> {
         self.model.zero_grad()?;
-        // Dropout masks differ between ranks (and are the single process's own alone).
+        // Dropout masks differ between ranks and micro-batches (and are the single process's
+        // own alone).
         let (rank, size) = (self.replicas.rank() as u64, self.replicas.size() as u64);
-        self.model.begin_step(self.progress.step * size + rank);
-        if labels.is_empty() && self.replicas.is_parallel() {
-            let classes = self.classes()?;
-            return Ok((0.0, Tensor::<F32>::from_f32(&[0, classes], &[])?));
+        let mut loss_sum = 0.0f64;
+        let mut all_probs = Vec::with_capacity(micro.len());
+        for (j, (x, labels)) in micro.iter().enumerate() {
+            self.model
+                .begin_step((self.progress.step + j as u64) * size + rank);
+            if labels.is_empty() && (self.replicas.is_parallel() || micro.len() > 1) {
+                let classes = self.classes()?;
+                all_probs.push(Tensor::<F32>::from_f32(&[0, classes], &[])?);
+                continue;
+            }
+            // This micro-batch's share of the window's mean; exactly `scale` for one.
+            let factor = if labels.len() == samples {
+                scale
+            } else {
+                (f64::from(scale) * labels.len() as f64 / samples as f64) as f32
+            };
+            let probs = self.model.forward_train_f32(x)?;
+            let loss = self.loss.loss(&probs, labels)?;
+            if !self.loss.is_from_logits() && self.model.ends_in_softmax() {
+                let dz = self.loss.softmax_input_gradient(&probs, labels, factor)?;
+                self.model.backward_from_softmax_input_f32(&dz)?;
+            } else {
+                let dy = self.loss.gradient(&probs, labels, factor)?;
+                self.model.backward_f32(&dy)?;
+            }
+            loss_sum += f64::from(loss) * labels.len() as f64;
+            all_probs.push(probs);
         }
-        let probs = self.model.forward_train_f32(x)?;
-        let loss = self.loss.loss(&probs, labels)?;
-        if !self.loss.is_from_logits() && self.model.ends_in_softmax() {
-            let dz = self.loss.softmax_input_gradient(&probs, labels, scale)?;
-            self.model.backward_from_softmax_input_f32(&dz)?;
-        } else {
-            let dy = self.loss.gradient(&probs, labels, scale)?;
-            self.model.backward_f32(&dy)?;
-        }
-        Ok((loss, probs))
+        Ok((loss_sum, all_probs))
     }
 
     /// Trains for `options.epochs` epochs on `x` (float32, `[samples, ...]` of any rank:
@@ -535,11 +591,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         callbacks: &mut [Box<dyn Callback<M, O>>],
     ) -> Result<History> {
         check_data(&x, &y)?;
-        if options.batch_size == 0 {
-            return Err(Error::InvalidArgument {
-                what: "batch_size must be at least 1".into(),
-            });
-        }
+        options.check()?;
         let (train, split) = mp_core::rng::validation_split(y.len(), options.validation_split)?;
         // What is evaluated after each epoch: the held-out tail of `x`, or the data given.
         let (xv, yv, val) = match &validation {
@@ -588,28 +640,44 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             let mut loss_mean = Mean::new();
             let mut accuracy = SparseCategoricalAccuracy::new();
             let mut skipped = 0;
-            let mut labels = vec![];
-            for (step, range) in
-                mp_core::rng::batch_ranges(order.len(), options.batch_size).enumerate()
-            {
-                let global = &order[range];
-                let idx = self.replicas.shard(global);
-                let xb = gather::<Compute<M>>(&x, idx, self.device)?;
-                labels.clear();
-                labels.extend(idx.iter().map(|&i| y[i]));
-                let (result, probs) = self.train_step(&xb, &labels)?;
-                loss_mean.update_state(result.loss, global.len() as f64);
+            let ranges: Vec<_> =
+                mp_core::rng::batch_ranges(order.len(), options.batch_size).collect();
+            let mut done = 0;
+            for window in ranges.chunks(options.gradient_accumulation_steps) {
+                // This rank's shard of each batch of the window, gathered and converted.
+                let mut inputs = Vec::with_capacity(window.len());
+                let mut labels = Vec::with_capacity(window.len());
+                let mut window_samples = 0;
+                for range in window {
+                    let global = &order[range.clone()];
+                    window_samples += global.len();
+                    let idx = self.replicas.shard(global);
+                    inputs.push(gather::<Compute<M>>(&x, idx, self.device)?);
+                    labels.push(idx.iter().map(|&i| y[i]).collect::<Vec<L>>());
+                }
+                let micro: Vec<MicroBatch<'_, M, L>> = inputs
+                    .iter()
+                    .zip(&labels)
+                    .map(|(x, l)| (x, &l[..]))
+                    .collect();
+                let (result, probs) = self.train_window(&micro)?;
+                loss_mean.update_state(result.loss, window_samples as f64);
                 if self.replicas.is_parallel() {
                     let mut step = SparseCategoricalAccuracy::new();
-                    step.update_state(&probs, &labels)?;
+                    for (p, l) in probs.iter().zip(&labels) {
+                        step.update_state(p, l)?;
+                    }
                     let mut sums = step.sums();
                     self.replicas.sum(&mut sums)?;
                     accuracy.merge_sums(sums);
                 } else {
-                    accuracy.update_state(&probs, &labels)?;
+                    for (p, l) in probs.iter().zip(&labels) {
+                        accuracy.update_state(p, l)?;
+                    }
                 }
                 skipped += u64::from(!result.applied);
-                reporter.step(step + 1, loss_mean.result(), accuracy.result(), started);
+                done += window.len();
+                reporter.step(done, loss_mean.result(), accuracy.result(), started);
             }
             self.progress.rng_state = rng.state();
             let (val_loss, val_accuracy) = if val.is_empty() {

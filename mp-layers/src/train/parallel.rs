@@ -107,9 +107,9 @@ impl Replicas {
 
     /// The ranks' step: this rank's samples and loss in (`None` when it failed), the global
     /// batch's out. A rank that failed makes every other rank's result an error naming it.
-    pub(crate) fn agree(&mut self, local: Option<(usize, f32)>) -> Result<Agreement> {
+    pub(crate) fn agree(&mut self, local: Option<(usize, f64)>) -> Result<Agreement> {
         let started = Instant::now();
-        let (n, loss_sum) = local.map_or((0.0, 0.0), |(n, l)| (n as f64, l as f64 * n as f64));
+        let (n, loss_sum) = local.map_or((0.0, 0.0), |(n, l)| (n as f64, l));
         let mut buf = [n, loss_sum];
         let outcome = self.all_succeeded(local.is_some(), &mut buf);
         self.last = CommStats {
