@@ -13,7 +13,8 @@
 //!   unscale + all-finite check), [`optim`] (fused SGD, RMSprop and Adam updates), [`conv`]
 //!   (convolution by im2col + GEMM in chunks, pooling, over NHWC images), [`norm`]
 //!   (BatchNormalization statistics and normalisation in float32), [`dropout`] (counter-based
-//!   masks);
+//!   masks); and, as free functions, [`layer_norm`] (LayerNormalization, float32 statistics) and
+//!   [`gelu`] (exact and tanh GELU);
 //! - [`calibrate`]: the GEMM path per input dtype, chosen by measurement once per machine;
 //! - [`peak`]: the machine's measured float32 FMA and `vdpbf16ps` peaks;
 //! - `cuda` (behind the `cuda` feature): the same kernels on NVIDIA GPUs, from PTX committed
@@ -35,8 +36,10 @@ pub mod cpu_time;
 pub mod cuda;
 pub mod dropout;
 pub mod error;
+pub mod gelu;
 pub mod gemm;
 pub mod isa;
+pub mod layer_norm;
 pub mod norm;
 pub mod ops;
 pub mod optim;

@@ -1029,6 +1029,142 @@ pub fn normalize_backward<D: DTypeKind>(
     Ok(dx)
 }
 
+/// Layer normalization of `x` over its last axis ([`crate::layer_norm::layer_norm`]): every
+/// leading axis is a row. Returns `y` in `x`'s dtype and each row's float32 `mean` and
+/// `inv_std` (shape `[rows]`), what [`layer_norm_backward`] takes.
+///
+/// # Errors
+/// `gamma` or `beta` not `[features]`; a bad `epsilon`; `WrongDevice`; on CUDA, no kernel yet.
+pub fn layer_norm<D: DTypeKind>(
+    x: &Tensor<D>,
+    gamma: &Tensor<F32>,
+    beta: &Tensor<F32>,
+    epsilon: f32,
+) -> Result<(Tensor<D>, Tensor<F32>, Tensor<F32>)> {
+    const OP: &str = "layer_norm";
+    let (rows, cols) = rows_cols(x.shape());
+    same_shape(OP, "gamma", &[cols], gamma.shape())?;
+    same_shape(OP, "beta", &[cols], beta.shape())?;
+    let devices = [x.device(), gamma.device(), beta.device()];
+    let dev = device(OP, &devices)?;
+    let mut y = for_overwrite::<D>(x.shape(), dev)?;
+    let mut mean = for_overwrite::<F32>(&[rows], dev)?;
+    let mut inv_std = for_overwrite::<F32>(&[rows], dev)?;
+    match dev {
+        Device::Cpu => crate::layer_norm::layer_norm(
+            x.as_slice()?,
+            rows,
+            cols,
+            gamma.as_slice()?,
+            beta.as_slice()?,
+            epsilon,
+            y.as_mut_slice()?,
+            mean.as_mut_slice()?,
+            inv_std.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok((y, mean, inv_std))
+}
+
+/// The gradient of [`layer_norm`]: returns `dx` in `x`'s dtype and adds the float32 gradients
+/// of gamma and beta into `dgamma` and `dbeta`.
+///
+/// # Errors
+/// Shapes that do not match the forward's; `WrongDevice`; on CUDA, no kernel yet.
+pub fn layer_norm_backward<D: DTypeKind>(
+    x: &Tensor<D>,
+    dy: &Tensor<D>,
+    gamma: &Tensor<F32>,
+    mean: &Tensor<F32>,
+    inv_std: &Tensor<F32>,
+    dgamma: &mut Tensor<F32>,
+    dbeta: &mut Tensor<F32>,
+) -> Result<Tensor<D>> {
+    const OP: &str = "layer_norm_backward";
+    let (rows, cols) = rows_cols(x.shape());
+    same_shape(OP, "dy", x.shape(), dy.shape())?;
+    for (what, t) in [("gamma", gamma), ("dgamma", &*dgamma), ("dbeta", &*dbeta)] {
+        same_shape(OP, what, &[cols], t.shape())?;
+    }
+    same_shape(OP, "mean", &[rows], mean.shape())?;
+    same_shape(OP, "inv_std", &[rows], inv_std.shape())?;
+    let devices = [
+        x.device(),
+        dy.device(),
+        gamma.device(),
+        mean.device(),
+        inv_std.device(),
+        dgamma.device(),
+        dbeta.device(),
+    ];
+    let dev = device(OP, &devices)?;
+    let mut dx = for_overwrite::<D>(x.shape(), dev)?;
+    match dev {
+        Device::Cpu => crate::layer_norm::layer_norm_backward(
+            x.as_slice()?,
+            dy.as_slice()?,
+            rows,
+            cols,
+            gamma.as_slice()?,
+            mean.as_slice()?,
+            inv_std.as_slice()?,
+            dx.as_mut_slice()?,
+            dgamma.as_mut_slice()?,
+            dbeta.as_mut_slice()?,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
+/// GELU of `x` ([`crate::gelu`]), in `x`'s dtype.
+///
+/// # Errors
+/// On CUDA, no kernel yet.
+pub fn gelu<D: DTypeKind>(form: crate::gelu::Gelu, x: &Tensor<D>) -> Result<Tensor<D>> {
+    let mut y = for_overwrite::<D>(x.shape(), x.device())?;
+    match x.device() {
+        Device::Cpu => crate::gelu::gelu(form, x.as_slice()?, y.as_mut_slice()?)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda("gelu")),
+    }
+    Ok(y)
+}
+
+/// The gradient of [`gelu`] at the forward's input `x`: `dy * gelu'(x)`.
+///
+/// # Errors
+/// `dy` and `x` of different shapes; `WrongDevice`; on CUDA, no kernel yet.
+pub fn gelu_backward<D: DTypeKind>(
+    form: crate::gelu::Gelu,
+    dy: &Tensor<D>,
+    x: &Tensor<D>,
+) -> Result<Tensor<D>> {
+    const OP: &str = "gelu_backward";
+    same_shape(OP, "x", dy.shape(), x.shape())?;
+    let dev = device(OP, &[dy.device(), x.device()])?;
+    let mut dx = for_overwrite::<D>(x.shape(), dev)?;
+    match dev {
+        Device::Cpu => {
+            crate::gelu::gelu_backward(form, dy.as_slice()?, x.as_slice()?, dx.as_mut_slice()?)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => return Err(cuda_missing(n)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+    }
+    Ok(dx)
+}
+
 /// `value = value * momentum + batch * (1 - momentum)` in float32 (moving statistics).
 ///
 /// # Errors
