@@ -35,7 +35,7 @@ pub use layers::activation::{Activation, ActivationKind, Flatten, Softmax};
 pub use layers::conv::Conv2D;
 pub use layers::dense::Dense;
 pub use layers::dropout::Dropout;
-pub use layers::norm::BatchNormalization;
+pub use layers::norm::{BatchNormalization, LayerNormalization};
 pub use layers::pooling::{AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D};
 pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;

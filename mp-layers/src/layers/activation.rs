@@ -23,6 +23,11 @@ pub enum ActivationKind {
     Tanh,
     /// Softmax over the last axis, computed in float32.
     Softmax,
+    /// GELU, exact: `x Φ(x)` (Keras's `gelu`, PyTorch's `approximate='none'`), float32 math.
+    Gelu,
+    /// GELU in its tanh form (Keras's `gelu` with `approximate=True`, PyTorch's
+    /// `approximate='tanh'`), float32 math.
+    GeluTanh,
 }
 
 impl ActivationKind {
@@ -34,6 +39,16 @@ impl ActivationKind {
             ActivationKind::Sigmoid => "sigmoid",
             ActivationKind::Tanh => "tanh",
             ActivationKind::Softmax => "softmax",
+            ActivationKind::Gelu => "gelu",
+            ActivationKind::GeluTanh => "gelu_tanh",
+        }
+    }
+
+    fn gelu(self) -> Option<mp_kernels::gelu::Gelu> {
+        match self {
+            ActivationKind::Gelu => Some(mp_kernels::gelu::Gelu::Exact),
+            ActivationKind::GeluTanh => Some(mp_kernels::gelu::Gelu::Tanh),
+            _ => None,
         }
     }
 
@@ -43,7 +58,7 @@ impl ActivationKind {
             ActivationKind::Relu => Some(Act::Relu),
             ActivationKind::Sigmoid => Some(Act::Sigmoid),
             ActivationKind::Tanh => Some(Act::Tanh),
-            ActivationKind::Softmax => None,
+            ActivationKind::Softmax | ActivationKind::Gelu | ActivationKind::GeluTanh => None,
         }
     }
 }
@@ -57,11 +72,13 @@ impl FromStr for ActivationKind {
             "sigmoid" => ActivationKind::Sigmoid,
             "tanh" => ActivationKind::Tanh,
             "softmax" => ActivationKind::Softmax,
+            "gelu" => ActivationKind::Gelu,
+            "gelu_tanh" => ActivationKind::GeluTanh,
             _ => {
                 return Err(Error::InvalidArgument {
                     what: format!(
                         "unknown activation {s:?}: valid activations are \"linear\", \"relu\", \
-                         \"sigmoid\", \"tanh\" and \"softmax\""
+                         \"sigmoid\", \"tanh\", \"softmax\", \"gelu\" and \"gelu_tanh\""
                     ),
                 });
             }
@@ -79,7 +96,7 @@ pub struct Activation<P: PolicyKind> {
     kind: ActivationKind,
     name: String,
     shape: Option<Vec<usize>>,
-    /// What backward needs: the output (relu, sigmoid, tanh).
+    /// What backward needs: the output (relu, sigmoid, tanh), or the input (GELU).
     saved_y: Option<Tensor<P::Compute>>,
     /// Softmax keeps its float32 output.
     saved_p: Option<Tensor<F32>>,
@@ -134,6 +151,14 @@ impl<P: PolicyKind> Activation<P> {
     pub fn softmax() -> Self {
         Self::new(ActivationKind::Softmax)
     }
+    /// GELU, exact (float32 math).
+    pub fn gelu() -> Self {
+        Self::new(ActivationKind::Gelu)
+    }
+    /// GELU, tanh form (float32 math).
+    pub fn gelu_tanh() -> Self {
+        Self::new(ActivationKind::GeluTanh)
+    }
 
     /// The activation function.
     pub fn kind(&self) -> ActivationKind {
@@ -153,6 +178,9 @@ impl<P: PolicyKind> Activation<P> {
 
     /// The activation's output and, for softmax, the float32 probabilities kept for backward.
     fn apply(&self, x: &Tensor<P::Compute>) -> Result<Applied<P>> {
+        if let Some(form) = self.kind.gelu() {
+            return Ok((ops::gelu(form, x)?, None));
+        }
         match self.kind.elementwise() {
             Some(act) => {
                 let mut y = x.clone();
@@ -203,6 +231,8 @@ impl<P: PolicyKind> Layer for Activation<P> {
         let (y, p) = self.apply(x)?;
         match p {
             Some(p) => self.saved_p = Some(p),
+            // GELU's slope is a function of its input (a shared, O(1) copy).
+            None if self.kind.gelu().is_some() => self.saved_y = Some(x.clone()),
             None if self.kind != ActivationKind::Linear => self.saved_y = Some(y.clone()),
             None => self.saved_y = None,
         }
@@ -213,6 +243,13 @@ impl<P: PolicyKind> Layer for Activation<P> {
         dy: &Tensor<P::Compute>,
         _need_dx: bool,
     ) -> Result<Option<Tensor<P::Compute>>> {
+        if let Some(form) = self.kind.gelu() {
+            let x = self
+                .saved_y
+                .take()
+                .ok_or_else(|| missing_forward(&self.name))?;
+            return Ok(Some(ops::gelu_backward(form, dy, &x)?));
+        }
         match self.kind.elementwise() {
             Some(Act::Linear) => Ok(Some(dy.clone())),
             Some(act) => {

@@ -21,6 +21,8 @@ use crate::layer::{Layer, convert_ref};
 ///   the float32 bias (and applies ReLU) before rounding to the compute dtype once.
 /// - Backward: weight gradients come straight out of the float32-accumulating GEMM into the
 ///   float32 gradient buffers; the input gradient is computed only when asked.
+/// - Inputs of any rank: the last axis holds the features and the others fold into the GEMM's
+///   rows (`[batch, tokens, features]` is `batch × tokens` rows), as Keras's `Dense` does.
 ///
 /// ```
 /// use mp_core::{MixedBFloat16, Tensor, BF16};
@@ -186,7 +188,11 @@ impl<P: PolicyKind> Layer for Dense<P> {
                 got: input_shape.to_vec(),
             });
         };
-        if input_dim == 0 || input_shape.len() != 1 {
+        // Inputs of any rank: the last axis is the features, every other axis (a sequence's
+        // tokens) folds into the GEMM's rows, as Keras's Dense on rank-N inputs.
+        let mut out_shape = input_shape.to_vec();
+        *out_shape.last_mut().expect("not empty") = self.units;
+        if input_dim == 0 {
             return Err(Error::IncompatibleShapes {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
@@ -203,7 +209,8 @@ impl<P: PolicyKind> Layer for Dense<P> {
                     got: input_shape.to_vec(),
                 });
             }
-            return Ok(vec![self.units]);
+            self.output_shape = Some(out_shape.clone());
+            return Ok(out_shape);
         }
         let seed = self.seed.unwrap_or_else(|| name_seed(&self.name));
         let shape = [input_dim, self.units];
@@ -213,8 +220,8 @@ impl<P: PolicyKind> Layer for Dense<P> {
             self.bias = Some(Variable::new("bias", Tensor::<F32>::zeros(&[self.units])?)?);
         }
         self.input_dim = Some(input_dim);
-        self.output_shape = Some(vec![self.units]);
-        Ok(vec![self.units])
+        self.output_shape = Some(out_shape.clone());
+        Ok(out_shape)
     }
 
     fn output_shape(&self) -> Option<&[usize]> {

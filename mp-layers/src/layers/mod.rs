@@ -1,7 +1,7 @@
 //! The layers, one file per family: [`dense`] (`Dense`), [`conv`] (`Conv2D`), [`pooling`]
 //! (`MaxPooling2D`, `AveragePooling2D`, `GlobalAveragePooling2D`), [`norm`]
-//! (`BatchNormalization`), [`dropout`] (`Dropout`), [`activation`] (`Activation`, `Softmax`,
-//! `Flatten`).
+//! (`BatchNormalization`, `LayerNormalization`), [`dropout`] (`Dropout`), [`activation`]
+//! (`Activation` with GELU among its functions, `Softmax`, `Flatten`).
 
 pub mod activation;
 pub mod conv;

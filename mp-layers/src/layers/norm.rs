@@ -1,6 +1,6 @@
-//! `BatchNormalization`: inputs and outputs in the compute dtype, statistics and normalisation
-//! in float32 (as Keras 3 runs normalisation under mixed precision), moving statistics committed
-//! only by applied steps.
+//! `BatchNormalization` and `LayerNormalization`: inputs and outputs in the compute dtype,
+//! statistics and normalisation in float32 (as Keras 3 runs normalisation under mixed
+//! precision); BatchNormalization's moving statistics committed only by applied steps.
 
 use std::marker::PhantomData;
 
@@ -320,5 +320,223 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
 
     fn non_trainable_param_count(&self) -> usize {
         self.channels().map_or(0, |c| 2 * c)
+    }
+}
+
+/// Layer normalization over the last axis, like Keras's `LayerNormalization(axis=-1)`: each
+/// row (a token's features, a sample's units) is normalised by its own mean and variance, then
+/// scaled by `gamma` and shifted by `beta` per feature.
+///
+/// - Variables (float32 under every policy): `gamma` (ones) and `beta` (zeros).
+/// - Input and output in the compute dtype; the statistics and the normalisation are float32
+///   (Keras 3 runs normalisation in float32 under mixed precision: in float16 the variance of
+///   large activations overflows and LayerNorm goes NaN, tensorflow/models#10426), rounded
+///   once to the compute dtype.
+/// - The same computation in training and inference (no moving statistics).
+///
+/// Keras's default epsilon is 1e-3 (PyTorch's `nn.LayerNorm`: 1e-5).
+pub struct LayerNormalization<P: PolicyKind> {
+    epsilon: f32,
+    name: String,
+    output_shape: Option<Vec<usize>>,
+    gamma: Option<Variable>,
+    beta: Option<Variable>,
+    /// The last `forward_train`'s input and per-row statistics, for backward.
+    saved: Option<Normalized<P>>,
+}
+
+/// A layer normalization's output (or input), and each row's float32 mean and inverse
+/// standard deviation.
+type Normalized<P> = (Tensor<<P as PolicyKind>::Compute>, Tensor<F32>, Tensor<F32>);
+
+impl<P: PolicyKind> std::fmt::Debug for LayerNormalization<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerNormalization")
+            .field("name", &self.name)
+            .field("epsilon", &self.epsilon)
+            .field("policy", &P::POLICY)
+            .finish()
+    }
+}
+
+impl<P: PolicyKind> Default for LayerNormalization<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: PolicyKind> LayerNormalization<P> {
+    /// Keras's default: epsilon 1e-3.
+    pub fn new() -> Self {
+        LayerNormalization {
+            epsilon: 1e-3,
+            name: "layer_normalization".to_string(),
+            output_shape: None,
+            gamma: None,
+            beta: None,
+            saved: None,
+        }
+    }
+
+    /// Added to the variance (finite and positive; checked at `build`).
+    pub fn epsilon(mut self, epsilon: f32) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+
+    fn not_built(&self) -> Error {
+        Error::NotBuilt {
+            layer: self.name.clone(),
+        }
+    }
+
+    fn check_input(&self, x: &Tensor<P::Compute>) -> Result<()> {
+        let shape = self.output_shape.as_ref().ok_or_else(|| self.not_built())?;
+        if x.rank() != shape.len() + 1 || x.shape()[1..] != shape[..] {
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            return Err(Error::ShapeMismatch {
+                layer: self.name.clone(),
+                expected: format!("(batch, {})", dims.join(", ")),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn run(&self, x: &Tensor<P::Compute>) -> Result<Normalized<P>> {
+        self.check_input(x)?;
+        let (Some(gamma), Some(beta)) = (&self.gamma, &self.beta) else {
+            return Err(self.not_built());
+        };
+        Ok(ops::layer_norm(
+            x,
+            gamma.value(),
+            beta.value(),
+            self.epsilon,
+        )?)
+    }
+}
+
+impl<P: PolicyKind> Layer for LayerNormalization<P> {
+    type Policy = P;
+    type Output = P::Compute;
+
+    fn type_name(&self) -> &'static str {
+        "LayerNormalization"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
+
+    fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{}: epsilon {} is not finite and positive",
+                    self.name, self.epsilon
+                ),
+            });
+        }
+        let Some(&features) = input_shape.last().filter(|&&c| c > 0) else {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{}: LayerNormalization needs inputs with a non-empty last axis, got \
+                     {input_shape:?} per sample",
+                    self.name
+                ),
+            });
+        };
+        if let Some(shape) = &self.output_shape {
+            if shape != input_shape {
+                return Err(Error::IncompatibleShapes {
+                    layer: self.name.clone(),
+                    previous: "the layer before".into(),
+                    expected: shape.clone(),
+                    got: input_shape.to_vec(),
+                });
+            }
+            return Ok(shape.clone());
+        }
+        let full = |v: f32| Tensor::<F32>::full(&[features], v);
+        self.gamma = Some(Variable::new("gamma", full(1.0)?)?);
+        self.beta = Some(Variable::new("beta", full(0.0)?)?);
+        self.output_shape = Some(input_shape.to_vec());
+        Ok(input_shape.to_vec())
+    }
+
+    fn output_shape(&self) -> Option<&[usize]> {
+        self.output_shape.as_deref()
+    }
+
+    fn forward(&self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        Ok(self.run(x)?.0)
+    }
+
+    fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        let (y, mean, inv_std) = self.run(x)?;
+        self.saved = Some((x.clone(), mean, inv_std));
+        Ok(y)
+    }
+
+    fn backward(
+        &mut self,
+        dy: &Tensor<P::Compute>,
+        _need_dx: bool,
+    ) -> Result<Option<Tensor<P::Compute>>> {
+        let (x, mean, inv_std) = self.saved.take().ok_or_else(|| Error::InvalidState {
+            layer: self.name.clone(),
+            what: "backward called without a preceding forward_train".into(),
+        })?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                layer: self.name.clone(),
+                expected: format!("a gradient of shape {:?}", x.shape()),
+                got: dy.shape().to_vec(),
+            });
+        }
+        let (Some(gamma), Some(beta)) = (self.gamma.as_mut(), self.beta.as_mut()) else {
+            return Err(Error::NotBuilt {
+                layer: self.name.clone(),
+            });
+        };
+        let (gamma_value, dgamma) = gamma.value_and_grad_mut();
+        let dx = ops::layer_norm_backward(
+            &x,
+            dy,
+            gamma_value,
+            &mean,
+            &inv_std,
+            dgamma,
+            beta.grad_mut(),
+        )?;
+        Ok(Some(dx))
+    }
+
+    fn visit_variables(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
+    ) -> Result<()> {
+        for (name, v) in [("gamma", &mut self.gamma), ("beta", &mut self.beta)] {
+            if let Some(v) = v.as_mut() {
+                f(&format!("{prefix}{name}"), v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn saved_bytes(&self) -> usize {
+        self.saved.as_ref().map_or(0, |(x, m, s)| {
+            x.size_in_bytes() + m.size_in_bytes() + s.size_in_bytes()
+        })
+    }
+
+    fn param_count(&self) -> usize {
+        self.gamma.as_ref().map_or(0, |g| 2 * g.value().len())
     }
 }
