@@ -10,6 +10,57 @@ use mp_kernels::ops::{self, Norm};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
 
+/// What both normalisation layers check at `build`: a finite positive epsilon, a non-empty last
+/// axis (returned: the features), and, when already built (`built`), the same shape (then
+/// `None`: nothing to allocate).
+fn features(
+    type_name: &str,
+    layer: &str,
+    epsilon: f32,
+    built: Option<&[usize]>,
+    input_shape: &[usize],
+) -> Result<Option<usize>> {
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(Error::InvalidArgument {
+            what: format!("{layer}: epsilon {epsilon} is not finite and positive"),
+        });
+    }
+    let Some(&features) = input_shape.last().filter(|&&c| c > 0) else {
+        return Err(Error::InvalidArgument {
+            what: format!(
+                "{layer}: {type_name} needs inputs with a non-empty last axis, got \
+                 {input_shape:?} per sample"
+            ),
+        });
+    };
+    match built {
+        Some(shape) if shape != input_shape => Err(Error::IncompatibleShapes {
+            layer: layer.to_string(),
+            previous: "the layer before".into(),
+            expected: shape.to_vec(),
+            got: input_shape.to_vec(),
+        }),
+        Some(_) => Ok(None),
+        None => Ok(Some(features)),
+    }
+}
+
+/// That `x` is a batch of the per-sample shape the layer was built for.
+fn check_batch(layer: &str, built: Option<&[usize]>, x: &[usize]) -> Result<()> {
+    let shape = built.ok_or_else(|| Error::NotBuilt {
+        layer: layer.to_string(),
+    })?;
+    if x.len() != shape.len() + 1 || x[1..] != shape[..] {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        return Err(Error::ShapeMismatch {
+            layer: layer.to_string(),
+            expected: format!("(batch, {})", dims.join(", ")),
+            got: x.to_vec(),
+        });
+    }
+    Ok(())
+}
+
 /// Batch normalization over the last axis (the channels of NHWC images, the features of a
 /// `[batch, features]` input), like Keras's `BatchNormalization`.
 ///
@@ -124,16 +175,7 @@ impl<P: PolicyKind> BatchNormalization<P> {
     }
 
     fn check_input(&self, x: &Tensor<P::Compute>) -> Result<()> {
-        let shape = self.output_shape.as_ref().ok_or_else(|| self.not_built())?;
-        if x.rank() != shape.len() + 1 || x.shape()[1..] != shape[..] {
-            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-            return Err(Error::ShapeMismatch {
-                layer: self.name.clone(),
-                expected: format!("(batch, {})", dims.join(", ")),
-                got: x.shape().to_vec(),
-            });
-        }
-        Ok(())
+        check_batch(&self.name, self.output_shape.as_deref(), x.shape())
     }
 
     fn params<'a>(&'a self, mean: &'a Tensor<F32>, var: &'a Tensor<F32>) -> Result<Norm<'a>> {
@@ -172,34 +214,16 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
                 what: format!("{}: momentum {} is not in [0, 1]", self.name, self.momentum),
             });
         }
-        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "{}: epsilon {} is not finite and positive",
-                    self.name, self.epsilon
-                ),
-            });
-        }
-        let Some(&channels) = input_shape.last().filter(|&&c| c > 0) else {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "{}: BatchNormalization needs inputs with a non-empty last axis, got \
-                     {input_shape:?} per sample",
-                    self.name
-                ),
-            });
+        let Some(channels) = features(
+            "BatchNormalization",
+            &self.name,
+            self.epsilon,
+            self.output_shape.as_deref(),
+            input_shape,
+        )?
+        else {
+            return Ok(input_shape.to_vec());
         };
-        if let Some(shape) = &self.output_shape {
-            if shape != input_shape {
-                return Err(Error::IncompatibleShapes {
-                    layer: self.name.clone(),
-                    previous: "the layer before".into(),
-                    expected: shape.clone(),
-                    got: input_shape.to_vec(),
-                });
-            }
-            return Ok(shape.clone());
-        }
         let full = |v: f32| Tensor::<F32>::full(&[channels], v);
         self.gamma = Some(Variable::new("gamma", full(1.0)?)?);
         self.beta = Some(Variable::new("beta", full(0.0)?)?);
@@ -391,16 +415,7 @@ impl<P: PolicyKind> LayerNormalization<P> {
     }
 
     fn check_input(&self, x: &Tensor<P::Compute>) -> Result<()> {
-        let shape = self.output_shape.as_ref().ok_or_else(|| self.not_built())?;
-        if x.rank() != shape.len() + 1 || x.shape()[1..] != shape[..] {
-            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-            return Err(Error::ShapeMismatch {
-                layer: self.name.clone(),
-                expected: format!("(batch, {})", dims.join(", ")),
-                got: x.shape().to_vec(),
-            });
-        }
-        Ok(())
+        check_batch(&self.name, self.output_shape.as_deref(), x.shape())
     }
 
     fn run(&self, x: &Tensor<P::Compute>) -> Result<Normalized<P>> {
@@ -434,34 +449,16 @@ impl<P: PolicyKind> Layer for LayerNormalization<P> {
     }
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
-        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "{}: epsilon {} is not finite and positive",
-                    self.name, self.epsilon
-                ),
-            });
-        }
-        let Some(&features) = input_shape.last().filter(|&&c| c > 0) else {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "{}: LayerNormalization needs inputs with a non-empty last axis, got \
-                     {input_shape:?} per sample",
-                    self.name
-                ),
-            });
+        let Some(features) = features(
+            "LayerNormalization",
+            &self.name,
+            self.epsilon,
+            self.output_shape.as_deref(),
+            input_shape,
+        )?
+        else {
+            return Ok(input_shape.to_vec());
         };
-        if let Some(shape) = &self.output_shape {
-            if shape != input_shape {
-                return Err(Error::IncompatibleShapes {
-                    layer: self.name.clone(),
-                    previous: "the layer before".into(),
-                    expected: shape.clone(),
-                    got: input_shape.to_vec(),
-                });
-            }
-            return Ok(shape.clone());
-        }
         let full = |v: f32| Tensor::<F32>::full(&[features], v);
         self.gamma = Some(Variable::new("gamma", full(1.0)?)?);
         self.beta = Some(Variable::new("beta", full(0.0)?)?);
