@@ -3,6 +3,8 @@
 //! - `mnist_fit`: the guide's first half — the model, the dtypes it prints, `fit`, `evaluate`;
 //! - `mnist_custom_loop`: the guide's custom training loop with a `LossScaleOptimizer`;
 //! - `mnist_cnn`: a residual convolutional network with BatchNormalization on MNIST images;
+//! - `mnist_vit`: a small Vision Transformer on MNIST (patches, class token, pre-LN blocks);
+//! - `reverse_lm`: a causal decoder that learns to reverse sequences of random tokens;
 //! - `bench`: the measuring binary behind `cargo xtask bench` (`train`, `gemm`, `cnn`,
 //!   `step-gemms`).
 //!
@@ -17,6 +19,9 @@ pub mod bench_cnn;
 pub mod bench_dp;
 pub mod bench_step_gemms;
 pub mod bench_train;
+pub mod transformer;
+
+pub use transformer::{MnistVit, ReverseLm, ReverseTask};
 
 /// The guide's model: `784 -> Dense(units, relu) -> Dense(units, relu) -> Dense(10)` and a
 /// softmax kept in float32, so the model's output is float32 under every policy.

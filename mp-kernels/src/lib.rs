@@ -26,6 +26,7 @@
 //! bit-identical run to run for a fixed thread count.
 
 pub mod activation;
+pub mod attention;
 pub mod calibrate;
 pub mod cast;
 pub mod conv;
@@ -46,6 +47,7 @@ pub mod optim;
 pub mod peak;
 pub mod reduce;
 pub mod scale;
+pub mod sequence;
 pub mod softmax;
 pub mod threads;
 

@@ -37,6 +37,13 @@ use crate::gemm::{Gemm, MatMut, MatRef};
 use crate::optim::{AdamParams, RmspropParams, SgdParams};
 use crate::softmax::Label;
 
+mod sequence;
+pub use self::sequence::{
+    add_table, add_table_backward, attention, attention_backward, embedding, embedding_backward,
+    prepend_token, prepend_token_backward, scatter_rows, select_rows, sequence_pool,
+    sequence_pool_backward,
+};
+
 /// A tensor seen as a `[rows, cols]` matrix (the last axis is `cols`), possibly transposed.
 #[derive(Debug)]
 pub struct Mat<'a, D: DTypeKind> {

@@ -42,6 +42,10 @@ pub const EPSILON: f32 = 1e-7;
 pub trait Label: Copy + Send + Sync + fmt::Debug + fmt::Display + 'static {
     /// The class index, or `None` when negative or too large for `usize`.
     fn index(self) -> Option<usize>;
+
+    /// The label as a signed integer (to compare with an ignored class such as -1), `None`
+    /// when it does not fit `i64`.
+    fn value(self) -> Option<i64>;
 }
 
 macro_rules! impl_label {
@@ -50,6 +54,11 @@ macro_rules! impl_label {
             #[inline]
             fn index(self) -> Option<usize> {
                 usize::try_from(self).ok()
+            }
+
+            #[inline]
+            fn value(self) -> Option<i64> {
+                i64::try_from(self).ok()
             }
         }
     )*};

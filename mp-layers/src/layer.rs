@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 /// The compute dtype (marker type) of layer `L`.
 pub type Compute<L> = <<L as Layer>::Policy as PolicyKind>::Compute;
 
+/// The dtype of layer `L`'s input: its compute dtype, except for layers that take something
+/// else (an [`Embedding`](crate::Embedding) takes integer token ids, exact in float32).
+pub type Input<L> = <L as Layer>::Input;
+
 /// One row of a model summary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SummaryRow {
@@ -41,6 +45,10 @@ pub struct SummaryRow {
 pub trait Layer: Send + 'static {
     /// The layer's dtype policy.
     type Policy: PolicyKind;
+    /// The dtype of the layer's input: the compute dtype (`P::Compute`) for every layer but
+    /// those whose input is not an activation (token ids, kept in float32 so they stay exact).
+    /// A model's input is its first layer's.
+    type Input: DTypeKind;
     /// The dtype of the layer's output (the compute dtype for most layers).
     type Output: DTypeKind;
 
@@ -62,10 +70,10 @@ pub trait Layer: Send + 'static {
     fn output_shape(&self) -> Option<&[usize]>;
 
     /// Inference: computes the output and keeps nothing.
-    fn forward(&self, x: &Tensor<Compute<Self>>) -> Result<Tensor<Self::Output>>;
+    fn forward(&self, x: &Tensor<Self::Input>) -> Result<Tensor<Self::Output>>;
 
     /// Training: computes the output and keeps what [`Layer::backward`] needs.
-    fn forward_train(&mut self, x: &Tensor<Compute<Self>>) -> Result<Tensor<Self::Output>>;
+    fn forward_train(&mut self, x: &Tensor<Self::Input>) -> Result<Tensor<Self::Output>>;
 
     /// Given the gradient of the loss with respect to the last `forward_train` output, adds the
     /// gradients of the variables (in float32) to their `grad` and returns the gradient with
@@ -74,7 +82,7 @@ pub trait Layer: Send + 'static {
         &mut self,
         dy: &Tensor<Self::Output>,
         need_dx: bool,
-    ) -> Result<Option<Tensor<Compute<Self>>>>;
+    ) -> Result<Option<Tensor<Self::Input>>>;
 
     /// Whether the layer ends in a softmax computed in float32, so a cross-entropy loss can hand
     /// it the gradient with respect to the softmax's *input* (`p - onehot`, the fused form).
@@ -88,7 +96,7 @@ pub trait Layer: Send + 'static {
         &mut self,
         dz: &Tensor<F32>,
         need_dx: bool,
-    ) -> Result<Option<Tensor<Compute<Self>>>> {
+    ) -> Result<Option<Tensor<Self::Input>>> {
         let _ = (dz, need_dx);
         Err(Error::InvalidState {
             layer: self.name().to_string(),
@@ -156,12 +164,12 @@ pub trait Layer: Send + 'static {
 pub trait Model: Layer {
     /// Inference: the model's float32 output. (`#[model]` guarantees the output dtype is
     /// float32, so the conversion is a no-op.)
-    fn forward_f32(&self, x: &Tensor<Compute<Self>>) -> Result<Tensor<F32>> {
+    fn forward_f32(&self, x: &Tensor<Self::Input>) -> Result<Tensor<F32>> {
         convert::<Self::Output, F32>(self.forward(x)?)
     }
 
     /// Training forward: the float32 output; every layer keeps what backward needs.
-    fn forward_train_f32(&mut self, x: &Tensor<Compute<Self>>) -> Result<Tensor<F32>> {
+    fn forward_train_f32(&mut self, x: &Tensor<Self::Input>) -> Result<Tensor<F32>> {
         convert::<Self::Output, F32>(self.forward_train(x)?)
     }
 

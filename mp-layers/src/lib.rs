@@ -29,14 +29,17 @@ pub mod __private;
 pub use checkpoint::{Checkpointing, ModelCheckpoint};
 pub use error::{Error, Result};
 pub use layer::{
-    Compute, Converted, Layer, Model, SummaryRow, convert, convert_opt, convert_ref, format_summary,
+    Compute, Converted, Input, Layer, Model, SummaryRow, convert, convert_opt, convert_ref,
+    format_summary,
 };
 pub use layers::activation::{Activation, ActivationKind, Flatten, Softmax};
+pub use layers::attention::MultiHeadAttention;
 pub use layers::conv::Conv2D;
 pub use layers::dense::Dense;
 pub use layers::dropout::Dropout;
 pub use layers::norm::{BatchNormalization, LayerNormalization};
 pub use layers::pooling::{AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D};
+pub use layers::sequence::{ClassToken, Embedding, PositionEmbedding, SequencePooling};
 pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;
 pub use train::{

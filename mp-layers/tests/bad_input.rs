@@ -217,6 +217,7 @@ struct BrokenVisit;
 
 impl Layer for BrokenVisit {
     type Policy = Float32;
+    type Input = mp_core::F32;
     type Output = mp_core::F32;
     fn type_name(&self) -> &'static str {
         "BrokenVisit"

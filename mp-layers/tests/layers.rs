@@ -23,7 +23,7 @@ fn rand_tensor(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor<F32> 
 
 /// Checks a float32 layer's input and variable gradients against central differences of
 /// `L = sum(forward(x) * r)`. Returns the largest error relative to the gradient's scale.
-fn gradcheck<L: Layer<Policy = Float32, Output = F32>>(
+fn gradcheck<L: Layer<Policy = Float32, Input = F32, Output = F32>>(
     layer: &mut L,
     x: Tensor<F32>,
     eps: f32,

@@ -39,7 +39,7 @@ struct Layer<'a> {
     field: &'a Field<'a>,
     /// `Dense<P>`, `Softmax<::mp_layers::__private::mp_core::Float32>`.
     ty: Type,
-    /// `<Dense<P> as ::mp_layers::Layer>`, and below `::mp_layers::Compute<Dense<P>>`, spanned
+    /// `<Dense<P> as ::mp_layers::Layer>`, and below `::mp_layers::Input<Dense<P>>`, spanned
     /// on the field's type: a type that is not a layer is then reported at the field, once
     /// (rustc merges identical errors at one span) instead of once per use.
     as_layer: TokenStream,
@@ -51,7 +51,7 @@ impl<'a> Layer<'a> {
         let ty = with_policy(field.ty, field.policy);
         let span = field.ty.span();
         let as_layer = quote_spanned!(span=> <#ty as ::mp_layers::Layer>);
-        let compute = quote_spanned!(span=> ::mp_layers::Compute<#ty>);
+        let compute = quote_spanned!(span=> ::mp_layers::Input<#ty>);
         Layer {
             field,
             ty,
@@ -144,6 +144,7 @@ fn expand(model: &Model<'_>) -> TokenStream {
     let last_ty = &last.ty;
     let last_as_layer = &last.as_layer;
     let output_item = quote_spanned!(last.field.ty.span()=> type Output = #last_as_layer::Output;);
+    let first_compute = &layers[0].compute;
     // The field's name: what rustc underlines in its "required for ..." note.
     let span = last.field.ident.span();
     // Every token of the bound and of the `Model` impl's header carries the last field's span
@@ -233,6 +234,7 @@ fn expand(model: &Model<'_>) -> TokenStream {
         #[automatically_derived]
         impl<P: #core::PolicyKind> #mp::Layer for #ident<P> {
             type Policy = P;
+            type Input = #first_compute;
             #output_item
 
             fn type_name(&self) -> &'static str {
@@ -257,14 +259,14 @@ fn expand(model: &Model<'_>) -> TokenStream {
 
             fn forward(
                 &self,
-                x: &#core::Tensor<#mp::Compute<Self>>,
+                x: &#core::Tensor<<Self as #mp::Layer>::Input>,
             ) -> #mp::Result<#core::Tensor<<Self as #mp::Layer>::Output>> {
                 #forward
             }
 
             fn forward_train(
                 &mut self,
-                x: &#core::Tensor<#mp::Compute<Self>>,
+                x: &#core::Tensor<<Self as #mp::Layer>::Input>,
             ) -> #mp::Result<#core::Tensor<<Self as #mp::Layer>::Output>> {
                 #forward_train
             }
@@ -273,7 +275,7 @@ fn expand(model: &Model<'_>) -> TokenStream {
                 &mut self,
                 dy: &#core::Tensor<<Self as #mp::Layer>::Output>,
                 need_dx: bool,
-            ) -> #mp::Result<::core::option::Option<#core::Tensor<#mp::Compute<Self>>>> {
+            ) -> #mp::Result<::core::option::Option<#core::Tensor<<Self as #mp::Layer>::Input>>> {
                 #backward
             }
 
@@ -285,7 +287,7 @@ fn expand(model: &Model<'_>) -> TokenStream {
                 &mut self,
                 dz: &#core::Tensor<#core::F32>,
                 need_dx: bool,
-            ) -> #mp::Result<::core::option::Option<#core::Tensor<#mp::Compute<Self>>>> {
+            ) -> #mp::Result<::core::option::Option<#core::Tensor<<Self as #mp::Layer>::Input>>> {
                 #backward_softmax
             }
 
@@ -368,7 +370,7 @@ fn residual_rules(model: &Model<'_>, layers: &[Layer<'_>]) -> TokenStream {
             let policy = format_ident!("{}", p, span = span);
             let ty = with_policy_marker(l.field.ty, l.field.policy, &policy);
             quote_spanned! {span=>
-                check::<<#ty as ::mp_layers::Layer>::Output, ::mp_layers::Compute<#ty>>();
+                check::<<#ty as ::mp_layers::Layer>::Output, ::mp_layers::Input<#ty>>();
             }
         });
         out.extend(quote! {
@@ -408,11 +410,11 @@ fn with_policy_marker(ty: &Type, policy: FieldPolicy, marker: &syn::Ident) -> Ty
     }
 }
 
-/// The body of `forward` or `forward_train`: the model input cast to the first layer's compute
-/// dtype, then each layer with its input cast from the previous layer's output dtype (both
-/// no-ops when the dtypes agree). `layers` is not empty.
+/// The body of `forward` or `forward_train`: the model input (the first layer's input dtype)
+/// to the first layer, then each layer with its input cast from the previous layer's output
+/// dtype (a no-op when the dtypes agree). `layers` is not empty.
 fn forward_chain(layers: &[Layer<'_>], borrow: TokenStream, method: TokenStream) -> TokenStream {
-    let (_, private, core) = paths();
+    let (_, private, _) = paths();
     let mut out = TokenStream::new();
     for (i, l) in layers.iter().enumerate() {
         let (id, as_layer, compute) = (l.field.ident, &l.as_layer, &l.compute);
@@ -423,11 +425,7 @@ fn forward_chain(layers: &[Layer<'_>], borrow: TokenStream, method: TokenStream)
         });
         out.extend(match i.checked_sub(1) {
             None => quote! {
-                let h = #private::convert_ref::<
-                    <P as #core::PolicyKind>::Compute,
-                    #compute,
-                >(x)?;
-                let h = &*h;
+                let h = x;
                 let y = #as_layer::#method(#borrow self.#id, h)?;
                 #skip
             },
@@ -449,9 +447,9 @@ fn forward_chain(layers: &[Layer<'_>], borrow: TokenStream, method: TokenStream)
 /// The body of `backward` or `backward_from_softmax_input`: `start(need)` calls the last layer,
 /// then the layers run in reverse, each gradient cast to the previous layer's output dtype. The
 /// first layer gets the caller's `need_dx`, every other `true` (and must return a gradient);
-/// the result is cast to the model's compute dtype. `layers` is not empty.
+/// the result is the first layer's input gradient, the model's. `layers` is not empty.
 fn backward_chain(layers: &[Layer<'_>], start: impl Fn(TokenStream) -> TokenStream) -> TokenStream {
-    let (_, private, core) = paths();
+    let (_, private, _) = paths();
     let mut out = TokenStream::new();
     for (i, l) in layers.iter().enumerate().rev() {
         let (id, name) = (l.field.ident, &l.field.name);
@@ -484,10 +482,8 @@ fn backward_chain(layers: &[Layer<'_>], start: impl Fn(TokenStream) -> TokenStre
             });
         }
     }
-    let first_compute = &layers[0].compute;
-    out.extend(quote! {
-        #private::convert_opt::<#first_compute, <P as #core::PolicyKind>::Compute>(g)
-    });
+    // The model's input is its first layer's, so the gradient needs no cast.
+    out.extend(quote!(::core::result::Result::Ok(g)));
     out
 }
 

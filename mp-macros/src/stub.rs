@@ -23,6 +23,7 @@ pub(crate) fn stub(input: &DeriveInput) -> TokenStream {
         #[automatically_derived]
         impl<P: #core::PolicyKind> #mp::Layer for #ident<P> {
             type Policy = P;
+            type Input = <P as #core::PolicyKind>::Compute;
             type Output = #core::F32;
             fn type_name(&self) -> &'static str { #unreachable }
             fn name(&self) -> &str { #unreachable }

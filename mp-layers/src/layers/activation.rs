@@ -198,6 +198,7 @@ impl<P: PolicyKind> Activation<P> {
 
 impl<P: PolicyKind> Layer for Activation<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {
@@ -342,6 +343,7 @@ impl<P: PolicyKind> Default for Softmax<P> {
 
 impl<P: PolicyKind> Layer for Softmax<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {
@@ -439,6 +441,7 @@ impl<P: PolicyKind> Default for Flatten<P> {
 
 impl<P: PolicyKind> Layer for Flatten<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {

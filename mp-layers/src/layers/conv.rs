@@ -203,6 +203,7 @@ impl<P: PolicyKind> Conv2D<P> {
 
 impl<P: PolicyKind> Layer for Conv2D<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {

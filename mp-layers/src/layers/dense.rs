@@ -160,6 +160,7 @@ impl<P: PolicyKind> Dense<P> {
 
 impl<P: PolicyKind> Layer for Dense<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {

@@ -73,6 +73,7 @@ impl<P: PolicyKind> Dropout<P> {
 
 impl<P: PolicyKind> Layer for Dropout<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {

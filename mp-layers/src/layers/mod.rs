@@ -1,12 +1,16 @@
 //! The layers, one file per family: [`dense`] (`Dense`), [`conv`] (`Conv2D`), [`pooling`]
 //! (`MaxPooling2D`, `AveragePooling2D`, `GlobalAveragePooling2D`), [`norm`]
 //! (`BatchNormalization`, `LayerNormalization`), [`dropout`] (`Dropout`), [`activation`]
-//! (`Activation` with GELU among its functions, `Softmax`, `Flatten`).
+//! (`Activation` with GELU among its functions, `Softmax`, `Flatten`), [`sequence`]
+//! (`Embedding`, `PositionEmbedding`, `ClassToken`, `SequencePooling`), [`attention`]
+//! (`MultiHeadAttention`).
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod dense;
 pub mod dropout;
 pub mod norm;
 pub mod pooling;
+pub mod sequence;
 mod util;

@@ -194,6 +194,7 @@ impl<P: PolicyKind> BatchNormalization<P> {
 
 impl<P: PolicyKind> Layer for BatchNormalization<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {
@@ -434,6 +435,7 @@ impl<P: PolicyKind> LayerNormalization<P> {
 
 impl<P: PolicyKind> Layer for LayerNormalization<P> {
     type Policy = P;
+    type Input = P::Compute;
     type Output = P::Compute;
 
     fn type_name(&self) -> &'static str {

@@ -191,6 +191,7 @@ macro_rules! pooling_layer {
 
         impl<P: PolicyKind> Layer for $ty<P> {
             type Policy = P;
+            type Input = P::Compute;
             type Output = P::Compute;
 
             fn type_name(&self) -> &'static str {

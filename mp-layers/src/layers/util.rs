@@ -36,11 +36,17 @@ pub(crate) fn glorot_uniform(
     fan_out: usize,
 ) -> Result<Tensor<F32>> {
     let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+    uniform(layer, seed, shape, limit)
+}
+
+/// A float32 variable of `shape` drawn from `U(-limit, limit)` (Keras's `RandomUniform`), or an
+/// error naming `layer` and the size when it cannot be allocated.
+pub(crate) fn uniform(layer: &str, seed: u64, shape: &[usize], limit: f32) -> Result<Tensor<F32>> {
     let mut rng = Rng::new(seed);
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let too_large = |n: f64| Error::InvalidArgument {
         what: format!(
-            "{layer}: a {} float32 kernel ({:.1} GiB) cannot be allocated",
+            "{layer}: a {} float32 variable ({:.1} GiB) cannot be allocated",
             dims.join(" x "),
             n * 4.0 / (1u64 << 30) as f64
         ),

@@ -35,7 +35,7 @@ use self::data::{check_data, check_labels, first_nonfinite_gradient, gather, non
 use self::parallel::Replicas;
 use self::progress::Reporter;
 use crate::error::{Error, Result};
-use crate::layer::{Compute, Model};
+use crate::layer::{Input, Model};
 
 /// A compiled model: the model, its optimizer (with loss scaling under `mixed_float16`, as
 /// Keras) and its loss. Keras's `model.compile(...)` followed by `fit`, `evaluate`, `predict`.
@@ -64,7 +64,7 @@ pub struct Trainer<M: Model, O: Optimizer> {
 
 /// One micro-batch of a [`Trainer::train_window`]: the inputs in the model's compute dtype and
 /// their labels.
-pub type MicroBatch<'a, M, L> = (&'a Tensor<Compute<M>>, &'a [L]);
+pub type MicroBatch<'a, M, L> = (&'a Tensor<Input<M>>, &'a [L]);
 
 /// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
 /// (with it, the loss-scale optimizer's floor rule decides).
@@ -357,7 +357,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// the global batch's.
     pub fn train_step<L: Label>(
         &mut self,
-        x: &Tensor<Compute<M>>,
+        x: &Tensor<Input<M>>,
         labels: &[L],
     ) -> Result<(StepResult, Tensor<F32>)> {
         let (result, mut probs) = self.train_window(&[(x, labels)])?;
@@ -454,7 +454,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             let (run, origin) = &mut self.nonfinite_run;
             *run += 1;
             if origin.is_none() {
-                let inputs: Vec<&Tensor<Compute<M>>> = micro.iter().map(|(x, _)| *x).collect();
+                let inputs: Vec<&Tensor<Input<M>>> = micro.iter().map(|(x, _)| *x).collect();
                 *origin = Some(nonfinite_origin(&inputs, loss, nonfinite)?);
             }
             if *run >= self.max_nonfinite_steps {
@@ -652,7 +652,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                     let global = &order[range.clone()];
                     window_samples += global.len();
                     let idx = self.replicas.shard(global);
-                    inputs.push(gather::<Compute<M>>(&x, idx, self.device)?);
+                    inputs.push(gather::<Input<M>>(&x, idx, self.device)?);
                     labels.push(idx.iter().map(|&i| y[i]).collect::<Vec<L>>());
                 }
                 let micro: Vec<MicroBatch<'_, M, L>> = inputs
@@ -738,7 +738,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         let mut labels = vec![];
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
             let batch = &idx[r];
-            let xb = gather::<Compute<M>>(x, batch, self.device)?;
+            let xb = gather::<Input<M>>(x, batch, self.device)?;
             labels.clear();
             labels.extend(batch.iter().map(|&i| y[i]));
             let probs = self.model.forward_f32(&xb)?;
@@ -811,7 +811,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         let mut rows: Vec<f32> = Vec::with_capacity(samples * classes);
         let idx: Vec<usize> = (0..samples).collect();
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
-            let xb = gather::<Compute<M>>(&x, &idx[r], self.device)?;
+            let xb = gather::<Input<M>>(&x, &idx[r], self.device)?;
             let probs = self.model.forward_f32(&xb)?;
             rows.extend(probs.to_device(mp_core::Device::Cpu)?.to_f32_vec()?);
         }
