@@ -99,8 +99,7 @@ impl SparseCategoricalCrossentropy {
         Self::dims(y_pred, labels)?;
         match self.kept(labels) {
             None => f(y_pred, labels),
-            Some((rows, kept)) if kept.is_empty() => {
-                let _ = rows;
+            Some((_, kept)) if kept.is_empty() => {
                 Ok(Tensor::<F32>::zeros_on(y_pred.shape(), y_pred.device())?)
             }
             Some((rows, kept)) => {
