@@ -8,7 +8,8 @@
 //! - `bench`: the measuring binary behind `cargo xtask bench` (`train`, `gemm`, `cnn`,
 //!   `step-gemms`).
 //!
-//! This library holds what they share: the guide's model, the CNN, and a small argument parser.
+//! This library holds what they share: the guide's model, the CNN, the transformers, the image
+//! examples' command line and report ([`mnist_run`]), and a small argument parser.
 
 use mp_layers::{
     Activation, BatchNormalization, Conv2D, Dense, GlobalAveragePooling2D, MaxPooling2D, Padding,
@@ -19,6 +20,7 @@ pub mod bench_cnn;
 pub mod bench_dp;
 pub mod bench_step_gemms;
 pub mod bench_train;
+pub mod mnist_run;
 pub mod transformer;
 
 pub use transformer::{MnistVit, ReverseLm, ReverseTask};

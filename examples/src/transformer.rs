@@ -111,6 +111,16 @@ pub const VIT_HEADS: usize = 4;
 pub const VIT_MLP: usize = 128;
 /// The ViT's peak learning rate (AdamW).
 pub const VIT_LEARNING_RATE: f32 = 1e-3;
+/// The ViT's patches per image (a 4x4 grid of 7x7 patches), its tokens but the class token.
+pub const VIT_PATCHES: usize = 16;
+/// The values of one patch (7x7 pixels), the ViT's input features per token.
+pub const VIT_PATCH_VALUES: usize = 49;
+/// The ViT's encoder blocks ([`MnistVit`]'s `attention_i`/`mlp_i` pairs).
+pub const VIT_BLOCKS: usize = 4;
+/// The ViT's classes (the digits).
+pub const VIT_CLASSES: usize = 10;
+/// Variables the ViT's AdamW does not decay (substrings of their paths).
+pub const VIT_NO_DECAY: &[&str] = &["bias", "gamma", "beta", "positions", "class_token"];
 
 impl<P: PolicyKind> MnistVit<P> {
     /// The ViT, not yet built; each sublayer seeded on its own.
@@ -120,7 +130,7 @@ impl<P: PolicyKind> MnistVit<P> {
         MnistVit {
             patches: Dense::new(VIT_WIDTH).with_seed(1),
             class_token: ClassToken::new(),
-            positions: PositionEmbedding::new(17).with_seed(2),
+            positions: PositionEmbedding::new(VIT_PATCHES + 1).with_seed(2),
             attention_1: attn(1),
             mlp_1: mlp(1),
             attention_2: attn(2),
@@ -131,7 +141,7 @@ impl<P: PolicyKind> MnistVit<P> {
             mlp_4: mlp(4),
             norm: LayerNormalization::new(),
             pool: SequencePooling::class_token(),
-            logits: Dense::new(10).with_seed(3),
+            logits: Dense::new(VIT_CLASSES).with_seed(3),
             predictions: Softmax::new(),
         }
     }
@@ -153,7 +163,7 @@ pub fn vit_learning_rate_schedule(
 /// patch's pixels row-major.
 pub fn to_patches(images: ArrayView3<'_, f32>) -> Array3<f32> {
     let n = images.dim().0;
-    Array3::from_shape_fn((n, 16, 49), |(i, p, q)| {
+    Array3::from_shape_fn((n, VIT_PATCHES, VIT_PATCH_VALUES), |(i, p, q)| {
         let (pr, pc) = (p / 4, p % 4);
         let (r, c) = (q / 7, q % 7);
         images[[i, pr * 7 + r, pc * 7 + c]]

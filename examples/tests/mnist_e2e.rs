@@ -72,9 +72,9 @@ fn one_epoch<P: PolicyKind>(d: &Data) -> f32 {
         "{}: test loss {:.4}, test accuracy {:.4}",
         P::POLICY,
         scores.loss,
-        scores.accuracy
+        scores.accuracy()
     );
-    scores.accuracy
+    scores.accuracy()
 }
 
 #[test]

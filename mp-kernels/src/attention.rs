@@ -192,6 +192,36 @@ fn dot<T: Element>(a: &[T], b: &[T]) -> f32 {
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 
+/// Checks the configuration, every `[batch, seq, heads, head_dim]` slice's length (`lens`),
+/// the probabilities' and the mask, for `op`.
+fn check_args(
+    op: &'static str,
+    a: &Attention,
+    lens: &[(&'static str, usize)],
+    probs: usize,
+    mask: Option<&[f32]>,
+) -> Result<()> {
+    a.check(op)?;
+    for &(what, len) in lens {
+        check_len(op, what, len, a.len())?;
+    }
+    check_len(op, "probs", probs, a.probs_len())?;
+    check_mask(op, a, mask)
+}
+
+/// Runs `run` on every sample's item of `work`, on the kernel threads when there is enough.
+fn per_sample<W: Send>(
+    a: &Attention,
+    work: impl Iterator<Item = W> + Send,
+    run: impl Fn(W) + Sync + Send,
+) {
+    if a.batch > 1 && a.len() * a.seq >= 1 << 15 {
+        threads::pool().install(|| work.par_bridge().for_each(run));
+    } else {
+        work.for_each(run);
+    }
+}
+
 /// The forward pass: writes `out` (`q`'s layout) and the float32 probabilities (before dropout)
 /// `probs`. `mask` is an optional key padding mask `[batch, seq]` of 1 and 0.
 ///
@@ -207,17 +237,13 @@ pub fn attention<T: Element>(
     out: &mut [T],
     probs: &mut [f32],
 ) -> Result<()> {
-    a.check(OP)?;
-    for (what, len) in [
+    let lens = [
         ("q", q.len()),
         ("k", k.len()),
         ("v", v.len()),
         ("out", out.len()),
-    ] {
-        check_len(OP, what, len, a.len())?;
-    }
-    check_len(OP, "probs", probs.len(), a.probs_len())?;
-    check_mask(OP, a, mask)?;
+    ];
+    check_args(OP, a, &lens, probs.len(), mask)?;
     if a.is_empty() {
         return Ok(());
     }
@@ -283,11 +309,7 @@ pub fn attention<T: Element>(
         .chunks_mut(sample)
         .zip(probs.chunks_mut(h * s * s))
         .enumerate();
-    if a.batch > 1 && a.len() * s >= 1 << 15 {
-        threads::pool().install(|| work.par_bridge().for_each(run));
-    } else {
-        work.for_each(run);
-    }
+    per_sample(a, work, run);
     Ok(())
 }
 
@@ -309,8 +331,7 @@ pub fn attention_backward<T: Element>(
     dk: &mut [T],
     dv: &mut [T],
 ) -> Result<()> {
-    a.check(OP_BACKWARD)?;
-    for (what, len) in [
+    let lens = [
         ("q", q.len()),
         ("k", k.len()),
         ("v", v.len()),
@@ -318,11 +339,8 @@ pub fn attention_backward<T: Element>(
         ("dq", dq.len()),
         ("dk", dk.len()),
         ("dv", dv.len()),
-    ] {
-        check_len(OP_BACKWARD, what, len, a.len())?;
-    }
-    check_len(OP_BACKWARD, "probs", probs.len(), a.probs_len())?;
-    check_mask(OP_BACKWARD, a, mask)?;
+    ];
+    check_args(OP_BACKWARD, a, &lens, probs.len(), mask)?;
     if a.is_empty() {
         return Ok(());
     }
@@ -403,10 +421,6 @@ pub fn attention_backward<T: Element>(
         .zip(dk.chunks_mut(sample))
         .zip(dv.chunks_mut(sample))
         .enumerate();
-    if a.batch > 1 && a.len() * s >= 1 << 15 {
-        threads::pool().install(|| work.par_bridge().for_each(run));
-    } else {
-        work.for_each(run);
-    }
+    per_sample(a, work, run);
     Ok(())
 }

@@ -41,6 +41,7 @@ pub mod gelu;
 pub mod gemm;
 pub mod isa;
 pub mod layer_norm;
+pub mod losses;
 pub mod norm;
 pub mod ops;
 pub mod optim;

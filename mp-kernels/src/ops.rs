@@ -37,7 +37,9 @@ use crate::gemm::{Gemm, MatMut, MatRef};
 use crate::optim::{AdamParams, RmspropParams, SgdParams};
 use crate::softmax::Label;
 
+mod losses;
 mod sequence;
+pub use self::losses::{categorical_crossentropy_softmax_grad, dense_loss, dense_loss_grad};
 pub use self::sequence::{
     add_table, add_table_backward, attention, attention_backward, embedding, embedding_backward,
     prepend_token, prepend_token_backward, scatter_rows, select_rows, sequence_pool,
@@ -101,6 +103,20 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
     match shape.split_last() {
         Some((&cols, lead)) => (lead.iter().product(), cols),
         None => (1, 1),
+    }
+}
+
+/// `Ok` on the CPU; on a CUDA device the error that this op has no kernel there yet.
+fn on_cpu(op: &'static str, dev: Device) -> Result<()> {
+    match dev {
+        Device::Cpu => Ok(()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => {
+            let _ = op;
+            Err(cuda_missing(n))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Err(not_on_cuda(op)),
     }
 }
 

@@ -43,7 +43,8 @@ pub use layers::sequence::{ClassToken, Embedding, PositionEmbedding, SequencePoo
 pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;
 pub use train::{
-    BestMetric, Callback, EarlyStopping, EpochLogs, FitOptions, History, Mean, MicroBatch,
-    ModelVars, Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepResult,
-    TrainOptimizer, Trainer, TrainingProgress, Verbose,
+    BestMetric, BinaryCrossentropy, Callback, CategoricalCrossentropy, EarlyStopping, EpochLogs,
+    FitOptions, History, Loss, LossInfo, Mean, MeanSquaredError, Metric, MicroBatch, ModelVars,
+    Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepResult, TrainOptimizer,
+    Trainer, TrainingProgress, Verbose,
 };

@@ -13,7 +13,7 @@
 use mp_core::{DType, DTypeKind, Element, F32, Float32, MixedBFloat16, MixedFloat16};
 use mp_core::{PolicyKind, Rng, Tensor, Variable};
 use mp_layers::{
-    ClassToken, Dense, Embedding, FitOptions, Layer, MultiHeadAttention, PositionEmbedding,
+    ClassToken, Dense, Embedding, FitOptions, Layer, Loss, MultiHeadAttention, PositionEmbedding,
     SequencePooling, Softmax, SparseCategoricalCrossentropy, Trainer, Verbose, model,
 };
 use mp_optim::Adam;
@@ -471,13 +471,13 @@ fn token_model_learns<P: PolicyKind>() {
         .evaluate(x.view(), y.view(), 64, Verbose::Silent)
         .unwrap();
     assert!(
-        scores.accuracy > 0.95,
+        scores.accuracy() > 0.95,
         "{}: accuracy {}",
         P::POLICY,
-        scores.accuracy
+        scores.accuracy()
     );
     let probs = trainer.predict(x.view(), 64).unwrap();
-    assert_eq!(probs.dim(), (n, 2));
+    assert_eq!(probs.shape(), &[n, 2]);
     let mut bad = x.clone();
     bad[[3, 2]] = 8.0;
     let err = trainer

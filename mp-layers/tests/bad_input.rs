@@ -177,7 +177,7 @@ fn predict_checks_its_input_like_evaluate() {
     trainer.fit(x.view(), y.view(), &silent(8, 1)).unwrap();
     // Zero rows: an empty (0, classes) result, not (0, 0).
     let none = Array2::<f32>::zeros((0, 5));
-    assert_eq!(trainer.predict(none.view(), 8).unwrap().dim(), (0, 3));
+    assert_eq!(trainer.predict(none.view(), 8).unwrap().shape(), &[0, 3]);
     // The wrong number of columns: an error naming both shapes, with or without rows.
     for rows in [0, 4] {
         let wrong = Array2::<f32>::zeros((rows, 7));

@@ -104,9 +104,9 @@ fn logs_bits(l: &EpochLogs) -> (usize, u32, u32, Option<u32>, Option<u32>, Optio
     (
         l.epoch,
         l.loss.to_bits(),
-        l.accuracy.to_bits(),
+        l.get("accuracy").unwrap().to_bits(),
         l.val_loss.map(f32::to_bits),
-        l.val_accuracy.map(f32::to_bits),
+        l.get("val_accuracy").map(f32::to_bits),
         l.loss_scale.map(f32::to_bits),
         l.skipped_steps,
     )

@@ -70,11 +70,11 @@ fn fit_spirals<P: PolicyKind>() -> f32 {
     eprintln!(
         "{:?}: train accuracy {} (last epoch {}), loss {}",
         P::POLICY,
-        scores.accuracy,
-        last.accuracy,
+        scores.accuracy(),
+        last.get("accuracy").unwrap(),
         scores.loss
     );
-    scores.accuracy
+    scores.accuracy()
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn validation_split_history_and_predict() {
     assert_eq!(trainer.progress().epoch, 3);
     assert_eq!(trainer.progress().step, 15);
     let p = trainer.predict(x.view(), 7).unwrap();
-    assert_eq!(p.dim(), (100, 2));
+    assert_eq!(p.shape(), &[100, 2]);
     for row in p.rows() {
         assert!((row.sum() - 1.0).abs() < 1e-5);
     }

@@ -40,9 +40,9 @@ fn logs(epoch: usize, val_loss: f32) -> EpochLogs {
     EpochLogs {
         epoch,
         loss: 1.0,
-        accuracy: 0.5,
+        metrics: vec![("accuracy", 0.5)],
         val_loss: Some(val_loss),
-        val_accuracy: Some(0.5),
+        val_metrics: vec![("accuracy", 0.5)],
         loss_scale: None,
         skipped_steps: 0,
         steps: 1,
@@ -118,7 +118,7 @@ fn nan_never_improves_and_accuracy_must_rise() {
     cb.on_train_begin(&mut t, true).unwrap();
     for (epoch, acc) in [0.5, 0.6, 0.6].into_iter().enumerate() {
         let mut l = logs(epoch, 1.0);
-        l.val_accuracy = Some(acc);
+        l.val_metrics = vec![("accuracy", acc)];
         cb.on_epoch_end(&mut t, &l).unwrap();
     }
     assert!(t.stop_requested(), "an equal accuracy is no improvement");
@@ -263,7 +263,7 @@ fn validation_data_is_evaluated_after_every_epoch_instead_of_a_split() {
         .evaluate(xv.view(), yv.view(), 40, Verbose::Silent)
         .unwrap();
     assert_eq!(last.val_loss, Some(scores.loss));
-    assert_eq!(last.val_accuracy, Some(scores.accuracy));
+    assert_eq!(last.get("val_accuracy"), Some(scores.accuracy()));
 
     let split = FitOptions {
         validation_split: 0.2,

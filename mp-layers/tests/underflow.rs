@@ -3,7 +3,8 @@
 
 use mp_core::{F16, F32, LossScale, MixedFloat16, Rng, Tensor};
 use mp_layers::{
-    Dense, Layer, ModelVars, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, convert,
+    Dense, Layer, Loss, ModelVars, SparseCategoricalAccuracy, SparseCategoricalCrossentropy,
+    convert,
 };
 use mp_optim::{LossScaleOptimizer, Sgd};
 

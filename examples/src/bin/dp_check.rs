@@ -144,8 +144,8 @@ fn main() -> anyhow::Result<()> {
         "float32: loss {:.4}, accuracy {:.4}, val_accuracy {:.4} after {epochs} epochs; weights \
          bit-identical on every rank after each epoch: {same:?}",
         last.loss,
-        last.accuracy,
-        last.val_accuracy.unwrap_or(f32::NAN)
+        last.get("accuracy").unwrap(),
+        last.get("val_accuracy").unwrap_or(f32::NAN)
     ));
     if same.len() != epochs || same.contains(&false) {
         bail!("the replicas' weights differ after an epoch: {same:?}");

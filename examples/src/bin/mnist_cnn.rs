@@ -12,40 +12,23 @@
 //! `(n, 28, 28, 1)` float32 in `[0, 1]`. Each epoch prints its validation accuracy (with the
 //! moving statistics, as `evaluate` uses them); the test accuracy comes from `evaluate`.
 
-use std::time::Instant;
-
-use examples::{Args, CNN_LEARNING_RATE, MnistCnn, cnn_learning_rate_schedule};
-use mp_core::{Policy, PolicyKind, PolicyVisitor};
-use mp_layers::{FitOptions, Layer, Model, SparseCategoricalCrossentropy, Trainer, Verbose};
+use examples::mnist_run::ImageArgs;
+use examples::{CNN_LEARNING_RATE, MnistCnn, cnn_learning_rate_schedule};
+use mp_core::{PolicyKind, PolicyVisitor};
+use mp_layers::{Layer, Model, SparseCategoricalCrossentropy, Trainer};
 use mp_optim::Adam;
-use ndarray::s;
 
-const OPTIONS: &[&str] = &[
-    "policy",
-    "batch-size",
-    "epochs",
-    "validation-split",
-    "seed",
-    "train-samples",
-];
-
-struct Run {
-    options: FitOptions,
-    train_samples: Option<usize>,
-}
+struct Run(ImageArgs);
 
 impl PolicyVisitor for Run {
     type Output = anyhow::Result<()>;
 
     fn visit<P: PolicyKind>(self) -> anyhow::Result<()> {
         let ((x_train, y_train), (x_test, y_test)) = mp_data::mnist::load_data()?;
-        let mut x_train = mp_data::mnist::to_images(&x_train);
-        let mut y_train = mp_data::mnist::to_labels(&y_train);
-        if let Some(n) = self.train_samples {
-            let n = n.min(y_train.len());
-            x_train = x_train.slice(s![..n, .., .., ..]).to_owned();
-            y_train = y_train.slice(s![..n]).to_owned();
-        }
+        let (x_train, y_train) = self.0.limit(
+            mp_data::mnist::to_images(&x_train),
+            mp_data::mnist::to_labels(&y_train),
+        );
         let x_test = mp_data::mnist::to_images(&x_test);
         let y_test = mp_data::mnist::to_labels(&y_test);
         println!(
@@ -56,66 +39,23 @@ impl PolicyVisitor for Run {
         let mut model = MnistCnn::<P>::issue();
         model.build(&[28, 28, 1])?;
         println!("{}", model.summary());
-        let total_steps = self.options.updates_per_epoch(y_train.len())? * self.options.epochs;
+        let options = &self.0.options;
+        let total_steps = options.updates_per_epoch(y_train.len())? * options.epochs;
         let mut trainer = Trainer::compile(
             model,
             Adam::new(CNN_LEARNING_RATE)?,
             SparseCategoricalCrossentropy::new(),
         )
         .with_learning_rate_schedule(cnn_learning_rate_schedule(total_steps)?)?;
-        let started = Instant::now();
-        let history = trainer.fit(x_train.view(), y_train.view(), &self.options)?;
-        let seconds = started.elapsed().as_secs_f64();
-        let scores = trainer.evaluate(
-            x_test.view(),
-            y_test.view(),
-            self.options.batch_size,
-            Verbose::Lines,
-        )?;
-        let val: Vec<String> = history
-            .epochs
-            .iter()
-            .map(|e| e.val_accuracy.map_or("-".into(), |a| format!("{a:.4}")))
-            .collect();
-        println!("Test loss: {:.4}", scores.loss);
-        println!("Test accuracy: {:.4}", scores.accuracy);
-        println!(
-            "policy {} seed {}: {:.0}s training, validation accuracy per epoch [{}], test \
-             accuracy {:.4}",
-            P::POLICY,
-            self.options.seed,
-            seconds,
-            val.join(", "),
-            scores.accuracy
-        );
-        Ok(())
+        self.0.fit_and_report(
+            &mut trainer,
+            (x_train.view(), y_train.view()),
+            (x_test.view(), y_test.view()),
+        )
     }
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::from_env(&[])?;
-    args.check_known(OPTIONS)?;
-    let policy: Policy = match args.raw("policy") {
-        Some(p) => p.parse()?,
-        None => mp_kernels::calibrate::recommended_policy()?,
-    };
-    println!("Policy: {policy:#}");
-    println!("CPU: {}", mp_kernels::peak::describe_cpu());
-    let options = FitOptions {
-        batch_size: args.get("batch-size", 128)?,
-        epochs: args.get("epochs", 5)?,
-        validation_split: args.get("validation-split", 0.1)?,
-        seed: args.get("seed", 0)?,
-        shuffle: true,
-        verbose: Verbose::Auto,
-        gradient_accumulation_steps: 1,
-    };
-    let train_samples = match args.raw("train-samples") {
-        Some(_) => Some(args.get("train-samples", 0usize)?),
-        None => None,
-    };
-    policy.dispatch(Run {
-        options,
-        train_samples,
-    })
+    let args = ImageArgs::from_env()?;
+    args.policy.dispatch(Run(args))
 }

@@ -13,7 +13,7 @@ use examples::{Args, Digits};
 use mp_core::{F32, Policy, PolicyKind, PolicyVisitor, Tensor};
 use mp_data::Dataset;
 use mp_layers::{
-    Compute, Layer, Mean, Model, ModelVars, SparseCategoricalAccuracy,
+    Compute, Layer, Loss, Mean, Model, ModelVars, SparseCategoricalAccuracy,
     SparseCategoricalCrossentropy, convert,
 };
 use mp_optim::{LossScaleOptimizer, RmsProp};

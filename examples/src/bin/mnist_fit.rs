@@ -99,7 +99,7 @@ impl PolicyVisitor for Run {
             },
         )?;
         println!("Test loss: {:.4}", scores.loss);
-        println!("Test accuracy: {:.4}", scores.accuracy);
+        println!("Test accuracy: {:.4}", scores.accuracy());
         let per_epoch: Vec<String> = history
             .epochs
             .iter()
@@ -110,7 +110,7 @@ impl PolicyVisitor for Run {
             P::POLICY,
             train_seconds,
             per_epoch.join(", "),
-            scores.accuracy
+            scores.accuracy()
         );
         Ok(())
     }

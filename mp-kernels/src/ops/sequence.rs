@@ -5,24 +5,10 @@
 
 use mp_core::{DTypeKind, Device, F32, Tensor};
 
-use super::{device, for_overwrite, same_shape};
+use super::{device, for_overwrite, on_cpu, same_shape};
 use crate::attention::Attention;
 use crate::error::{Error, Result};
 use crate::sequence::Pool;
-
-/// `Ok` on the CPU; on a CUDA device the error that this op has no kernel there yet.
-fn on_cpu(op: &'static str, dev: Device) -> Result<()> {
-    match dev {
-        Device::Cpu => Ok(()),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(n) => {
-            let _ = op;
-            Err(super::cuda_missing(n))
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Err(super::not_on_cuda(op)),
-    }
-}
 
 /// `[batch, seq, dim]` of a sequence tensor, or an error naming `op`.
 fn seq_dims(op: &'static str, shape: &[usize]) -> Result<(usize, usize, usize)> {

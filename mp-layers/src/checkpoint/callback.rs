@@ -83,9 +83,9 @@ impl ModelCheckpoint {
     /// What the callback does at the end of an epoch: update the best value, remove stale
     /// temporary files, write the epoch's checkpoint and drop the oldest beyond `keep_last`,
     /// write the best one if it is.
-    fn save<M: Model, O: Optimizer>(
+    fn save<M: Model, O: Optimizer, Lo>(
         &self,
-        trainer: &mut Trainer<M, O>,
+        trainer: &mut Trainer<M, O, Lo>,
         logs: &EpochLogs,
     ) -> Result<()> {
         let mut improved = false;
@@ -123,16 +123,24 @@ impl ModelCheckpoint {
     }
 }
 
-impl<M: Model, O: Optimizer> Callback<M, O> for ModelCheckpoint {
+impl<M: Model, O: Optimizer, Lo> Callback<M, O, Lo> for ModelCheckpoint {
     /// Checks the metric exists (and, for a validation metric, that there is validation data).
-    fn on_train_begin(&mut self, _: &mut Trainer<M, O>, has_validation: bool) -> crate::Result<()> {
+    fn on_train_begin(
+        &mut self,
+        trainer: &mut Trainer<M, O, Lo>,
+        has_validation: bool,
+    ) -> crate::Result<()> {
         match &self.best {
-            Some(best) => best.check("checkpoint", has_validation),
+            Some(best) => best.check("checkpoint", has_validation, &trainer.metric_names()),
             None => Ok(()),
         }
     }
 
-    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> crate::Result<()> {
+    fn on_epoch_end(
+        &mut self,
+        trainer: &mut Trainer<M, O, Lo>,
+        logs: &EpochLogs,
+    ) -> crate::Result<()> {
         Ok(self.save(trainer, logs)?)
     }
 }

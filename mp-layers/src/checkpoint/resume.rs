@@ -60,7 +60,7 @@ pub trait Checkpointing {
     fn resume_from_bytes(&mut self, file: &str, bytes: &[u8]) -> Result<()>;
 }
 
-impl<M: Model, O: Optimizer> Checkpointing for Trainer<M, O> {
+impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
     fn checkpoint_bytes(&mut self) -> Result<Vec<u8>> {
         let weights = self.model_mut().get_weights()?;
         let slot_state = self.optimizer().inner().state();

@@ -20,8 +20,8 @@ use crate::train::{BestMetric, Mode, TrainOptimizer, Trainer, TrainingProgress};
 
 /// `mp.state` for `trainer`, whose weights are the tensors `weights` (in the model's order)
 /// and whose optimizer slots are `slots` (`[variable path, slot name, tensor name]`).
-pub(super) fn to_json<M: Model, O: Optimizer>(
-    trainer: &Trainer<M, O>,
+pub(super) fn to_json<M: Model, O: Optimizer, Lo>(
+    trainer: &Trainer<M, O, Lo>,
     weights: Vec<String>,
     slots: Vec<(String, String, String)>,
 ) -> Result<String> {

@@ -3,44 +3,49 @@
 //! read it, stop training ([`Trainer::stop_training`], as `EarlyStopping` does), or stop it
 //! with an error.
 
-use super::{EpochLogs, Trainer, TrainingProgress};
+use super::{EpochLogs, SparseCategoricalCrossentropy, Trainer, TrainingProgress};
 use crate::error::Result;
 use crate::layer::Model;
 use mp_optim::Optimizer;
 
-/// A callback of [`Trainer::fit`], added with [`Trainer::with_callback`]. Callbacks run in the
+/// A callback of [`Trainer::fit`], added with [`Trainer::with_callback`], for a trainer of
+/// model `M`, optimizer `O` and loss `Lo`. Callbacks run in the
 /// order they were added. An error from one stops `fit` with that error (the epoch's weights
 /// stay as trained).
 ///
 /// A closure `FnMut(&EpochLogs, &TrainingProgress) -> Result<()>` is a callback that runs at
 /// the end of every epoch.
-pub trait Callback<M: Model, O: Optimizer>: Send {
+pub trait Callback<M: Model, O: Optimizer, Lo = SparseCategoricalCrossentropy>: Send {
     /// Runs once when `fit` starts, before the first step: a place to check the configuration
     /// against the run (`has_validation`: whether `fit` holds out validation data).
-    fn on_train_begin(&mut self, trainer: &mut Trainer<M, O>, has_validation: bool) -> Result<()> {
+    fn on_train_begin(
+        &mut self,
+        trainer: &mut Trainer<M, O, Lo>,
+        has_validation: bool,
+    ) -> Result<()> {
         let _ = (trainer, has_validation);
         Ok(())
     }
 
     /// Runs at the end of every epoch, after validation, with the epoch's logs; the trainer's
     /// [`Trainer::progress`] already counts the epoch.
-    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> Result<()>;
+    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O, Lo>, logs: &EpochLogs) -> Result<()>;
 
     /// Runs once when `fit` has run its epochs (or was stopped by
     /// [`Trainer::stop_training`]), before it returns the history; not after an error.
-    fn on_train_end(&mut self, trainer: &mut Trainer<M, O>) -> Result<()> {
+    fn on_train_end(&mut self, trainer: &mut Trainer<M, O, Lo>) -> Result<()> {
         let _ = trainer;
         Ok(())
     }
 }
 
-impl<M, O, F> Callback<M, O> for F
+impl<M, O, Lo, F> Callback<M, O, Lo> for F
 where
     M: Model,
     O: Optimizer,
     F: FnMut(&EpochLogs, &TrainingProgress) -> Result<()> + Send,
 {
-    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> Result<()> {
+    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O, Lo>, logs: &EpochLogs) -> Result<()> {
         self(logs, &trainer.progress())
     }
 }

@@ -2,39 +2,24 @@
 //! and where a non-finite value came from.
 
 use mp_core::{Device, F32, Tensor};
-use mp_kernels::softmax::Label;
-use ndarray::{ArrayView1, ArrayViewD, Axis};
+use ndarray::{ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
 use crate::layer::{Model, convert};
 use crate::train::ModelVars;
 
-/// Every label is a class of the model, checked before the first step; the error names the
-/// label's row in the data.
-pub(crate) fn check_labels<L: Label>(y: &ArrayView1<'_, L>, classes: usize) -> Result<()> {
-    match y
-        .iter()
-        .enumerate()
-        .find(|(_, l)| l.index().is_none_or(|i| i >= classes))
-    {
-        None => Ok(()),
-        Some((row, l)) => Err(Error::InvalidArgument {
-            what: format!(
-                "label {l} in row {row} of the data is out of range: the model has {classes} \
-                 classes (0 to {})",
-                classes.saturating_sub(1)
-            ),
-        }),
-    }
-}
-
-pub(crate) fn check_data<L>(x: &ArrayViewD<'_, f32>, y: &ArrayView1<'_, L>) -> Result<()> {
+/// `x` and `y` hold the same number of samples (their first axis), at least one.
+pub(crate) fn check_data<T>(x: &ArrayViewD<'_, f32>, y: &ArrayViewD<'_, T>) -> Result<()> {
     let samples = x.shape().first().copied().unwrap_or(0);
-    if samples != y.len() {
+    let targets = y.shape().first().copied().unwrap_or(0);
+    if samples != targets {
         return Err(Error::ShapeMismatch {
             layer: "fit".into(),
-            expected: format!("one label per sample ({samples} samples)"),
-            got: vec![y.len()],
+            expected: format!(
+                "targets for each of the {samples} samples along their first axis (one label \
+                 per sample, or a row of targets per sample)"
+            ),
+            got: y.shape().to_vec(),
         });
     }
     if samples == 0 {
@@ -43,6 +28,12 @@ pub(crate) fn check_data<L>(x: &ArrayViewD<'_, f32>, y: &ArrayView1<'_, L>) -> R
         });
     }
     Ok(())
+}
+
+/// The targets `y` (`[samples, ...]`) flat in row-major order, and how many per sample.
+pub(crate) fn targets_of<T: Copy>(y: &ArrayViewD<'_, T>) -> (Vec<T>, usize) {
+    let per = y.shape().get(1..).map_or(1, |s| s.iter().product());
+    (y.iter().copied().collect(), per)
 }
 
 /// The path of the first variable whose gradient holds NaN or infinity, if any (the loss-scale

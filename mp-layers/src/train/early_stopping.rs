@@ -92,10 +92,14 @@ impl EarlyStopping {
     }
 }
 
-impl<M: Model, O: Optimizer> Callback<M, O> for EarlyStopping {
+impl<M: Model, O: Optimizer, Lo> Callback<M, O, Lo> for EarlyStopping {
     /// Checks the metric and forgets any earlier run.
-    fn on_train_begin(&mut self, _: &mut Trainer<M, O>, has_validation: bool) -> Result<()> {
-        self.monitor.check("early stopping", has_validation)?;
+    fn on_train_begin(
+        &mut self,
+        trainer: &mut Trainer<M, O, Lo>,
+        has_validation: bool,
+    ) -> Result<()> {
+        (self.monitor).check("early stopping", has_validation, &trainer.metric_names())?;
         self.best = None;
         self.best_epoch = None;
         self.best_weights = None;
@@ -106,7 +110,7 @@ impl<M: Model, O: Optimizer> Callback<M, O> for EarlyStopping {
         Ok(())
     }
 
-    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O>, logs: &EpochLogs) -> Result<()> {
+    fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O, Lo>, logs: &EpochLogs) -> Result<()> {
         self.last_epoch = Some(logs.epoch);
         self.seen += 1;
         // A missing value (a validation metric without validation data) is refused at begin;
@@ -130,7 +134,7 @@ impl<M: Model, O: Optimizer> Callback<M, O> for EarlyStopping {
     }
 
     /// Restores the best epoch's weights when asked and the best epoch was not the last.
-    fn on_train_end(&mut self, trainer: &mut Trainer<M, O>) -> Result<()> {
+    fn on_train_end(&mut self, trainer: &mut Trainer<M, O, Lo>) -> Result<()> {
         if let (Some(weights), Some(best)) = (&self.best_weights, self.best_epoch)
             && self.last_epoch != Some(best)
         {

@@ -95,12 +95,13 @@ pub struct EpochLogs {
     pub epoch: usize,
     /// Mean training loss.
     pub loss: f32,
-    /// Training accuracy.
-    pub accuracy: f32,
+    /// The training metrics, by name, in the trainer's order
+    /// ([`Trainer::with_metrics`](super::Trainer::with_metrics); `accuracy` by default).
+    pub metrics: Vec<(&'static str, f32)>,
     /// Validation loss, when there is validation data.
     pub val_loss: Option<f32>,
-    /// Validation accuracy.
-    pub val_accuracy: Option<f32>,
+    /// The same metrics on the validation data (empty without it).
+    pub val_metrics: Vec<(&'static str, f32)>,
     /// The loss scale at the end of the epoch (with loss scaling).
     pub loss_scale: Option<f32>,
     /// Optimizer updates skipped in this epoch because of non-finite gradients (each a whole
@@ -112,6 +113,26 @@ pub struct EpochLogs {
     pub seconds: f64,
 }
 
+impl EpochLogs {
+    /// A value of the logs by its Keras key: `loss`, `val_loss`, `loss_scale`, a metric's name
+    /// (`accuracy`, ...) or `val_` and a metric's name; `None` for a key these logs lack.
+    pub fn get(&self, key: &str) -> Option<f32> {
+        match key {
+            "loss" => Some(self.loss),
+            "val_loss" => self.val_loss,
+            "loss_scale" => self.loss_scale,
+            _ => match key.strip_prefix("val_") {
+                Some(name) => find(&self.val_metrics, name),
+                None => find(&self.metrics, key),
+            },
+        }
+    }
+}
+
+fn find(metrics: &[(&'static str, f32)], name: &str) -> Option<f32> {
+    metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
+
 /// Per-epoch metrics, as Keras's `History`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct History {
@@ -120,18 +141,10 @@ pub struct History {
 }
 
 impl History {
-    /// The values of one metric per epoch (`loss`, `accuracy`, `val_loss`, `val_accuracy`,
-    /// `loss_scale`), `None` for an unknown name.
-    pub fn get(&self, metric: &str) -> Option<Vec<f32>> {
-        let pick: fn(&EpochLogs) -> Option<f32> = match metric {
-            "loss" => |e| Some(e.loss),
-            "accuracy" => |e| Some(e.accuracy),
-            "val_loss" => |e| e.val_loss,
-            "val_accuracy" => |e| e.val_accuracy,
-            "loss_scale" => |e| e.loss_scale,
-            _ => return None,
-        };
-        self.epochs.iter().map(pick).collect()
+    /// The values of one key of the logs per epoch ([`EpochLogs::get`]: `loss`, `accuracy`,
+    /// `val_loss`, `val_accuracy`, `loss_scale`, ...), `None` for a key the logs lack.
+    pub fn get(&self, key: &str) -> Option<Vec<f32>> {
+        self.epochs.iter().map(|e| e.get(key)).collect()
     }
 }
 
@@ -146,13 +159,28 @@ pub struct TrainingProgress {
     pub rng_state: u64,
 }
 
-/// Loss and accuracy from [`Trainer::evaluate`](super::Trainer::evaluate).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The loss and metrics from [`Trainer::evaluate`](super::Trainer::evaluate).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Scores {
     /// Mean loss.
     pub loss: f32,
-    /// Accuracy.
-    pub accuracy: f32,
+    /// The metrics, by name, in the trainer's order.
+    pub metrics: Vec<(&'static str, f32)>,
+}
+
+impl Scores {
+    /// A metric by name (`loss` too); `None` for one that was not computed.
+    pub fn get(&self, name: &str) -> Option<f32> {
+        match name {
+            "loss" => Some(self.loss),
+            _ => find(&self.metrics, name),
+        }
+    }
+
+    /// The `accuracy` metric, NaN when it was not computed (a regression).
+    pub fn accuracy(&self) -> f32 {
+        self.get("accuracy").unwrap_or(f32::NAN)
+    }
 }
 
 /// What one training step did.

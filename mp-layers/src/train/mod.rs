@@ -16,35 +16,45 @@ use std::time::Instant;
 
 use mp_core::dist::Communicator;
 use mp_core::{Device, F32, LossScale, PolicyKind, Rng, Tensor};
-use mp_kernels::softmax::Label;
 use mp_optim::{LearningRateSchedule, LossScaleOptimizer, Optimizer};
-use ndarray::{Array2, ArrayView, ArrayView1, ArrayViewD, Dimension};
+use ndarray::{ArrayD, ArrayView, ArrayViewD, Dimension};
 
 pub use self::callbacks::Callback;
 pub use self::early_stopping::EarlyStopping;
 pub use self::logs::{
     EpochLogs, FitOptions, History, Scores, StepResult, TrainingProgress, Verbose,
 };
-pub use self::losses::SparseCategoricalCrossentropy;
-pub use self::metrics::{Mean, SparseCategoricalAccuracy};
-pub use self::monitor::{BestMetric, METRICS, Mode};
+pub use self::losses::{
+    BinaryCrossentropy, CategoricalCrossentropy, Loss, LossInfo, MeanSquaredError,
+    SparseCategoricalCrossentropy,
+};
+pub use self::metrics::{Mean, Metric, SparseCategoricalAccuracy};
+pub use self::monitor::{BestMetric, Mode};
 pub use self::optimizer::{ModelVars, TrainOptimizer};
 pub use self::parallel::CommStats;
 
-use self::data::{check_data, check_labels, first_nonfinite_gradient, gather, nonfinite_origin};
+use self::data::{check_data, first_nonfinite_gradient, gather, nonfinite_origin, targets_of};
+use self::metrics::MetricSums;
 use self::parallel::Replicas;
 use self::progress::Reporter;
 use crate::error::{Error, Result};
 use crate::layer::{Input, Model};
 
 /// A compiled model: the model, its optimizer (with loss scaling under `mixed_float16`, as
-/// Keras) and its loss. Keras's `model.compile(...)` followed by `fit`, `evaluate`, `predict`.
-pub struct Trainer<M: Model, O: Optimizer> {
+/// Keras), its loss and metrics. Keras's `model.compile(...)` followed by `fit`, `evaluate`,
+/// `predict`.
+///
+/// The loss `Lo` is any [`Loss`]: with [`SparseCategoricalCrossentropy`] (the default type)
+/// the targets are integer labels, with [`CategoricalCrossentropy`], [`BinaryCrossentropy`]
+/// and [`MeanSquaredError`] they are float32 values, one per output.
+pub struct Trainer<M: Model, O: Optimizer, Lo = SparseCategoricalCrossentropy> {
     model: M,
     optimizer: TrainOptimizer<O>,
-    loss: SparseCategoricalCrossentropy,
+    loss: Lo,
+    /// The metrics `fit` and `evaluate` report (the loss's defaults unless set).
+    metrics: Vec<Metric>,
     progress: TrainingProgress,
-    callbacks: Vec<Box<dyn Callback<M, O>>>,
+    callbacks: Vec<Box<dyn Callback<M, O, Lo>>>,
     /// The best value so far of a metric, and which metric (kept by callbacks with
     /// [`Trainer::update_best`], saved in checkpoints).
     pub(crate) best: Option<(BestMetric, f32)>,
@@ -62,30 +72,34 @@ pub struct Trainer<M: Model, O: Optimizer> {
     schedule: Option<LearningRateSchedule>,
 }
 
-/// One micro-batch of a [`Trainer::train_window`]: the inputs in the model's compute dtype and
-/// their labels.
-pub type MicroBatch<'a, M, L> = (&'a Tensor<Input<M>>, &'a [L]);
+/// One micro-batch of a [`Trainer::train_window`]: the inputs in the model's input dtype and
+/// their targets (labels, or values, as the loss takes them).
+pub type MicroBatch<'a, M, T> = (&'a Tensor<Input<M>>, &'a [T]);
 
 /// Consecutive steps with non-finite gradients after which `fit` stops, without loss scaling
 /// (with it, the loss-scale optimizer's floor rule decides).
 pub const MAX_NONFINITE_STEPS: u64 = 20;
 
-impl<M: Model, O: Optimizer> std::fmt::Debug for Trainer<M, O> {
+impl<M: Model, O: Optimizer, Lo: std::fmt::Debug> std::fmt::Debug for Trainer<M, O, Lo> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("model", &self.model.model_name())
             .field("optimizer", &self.optimizer.inner().name())
+            .field("loss", &self.loss)
             .field("loss_scale", &self.optimizer.loss_scale())
             .field("progress", &self.progress)
             .finish()
     }
 }
 
-impl<M: Model, O: Optimizer> Trainer<M, O> {
+impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// Compiles `model` with `optimizer` and `loss`. Under `mixed_float16` the optimizer is
     /// wrapped in a [`LossScaleOptimizer`] with a dynamic scale (Keras's rule); under `float32`
     /// and `mixed_bfloat16` it is not, unless asked with [`Trainer::with_loss_scale`].
-    pub fn compile(model: M, optimizer: O, loss: SparseCategoricalCrossentropy) -> Self {
+    pub fn compile(model: M, optimizer: O, loss: Lo) -> Self
+    where
+        Lo: LossInfo,
+    {
         let policy = <M::Policy as PolicyKind>::POLICY;
         let optimizer = match policy.default_loss_scale() {
             Some(scale) => {
@@ -96,6 +110,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         Trainer {
             model,
             optimizer,
+            metrics: loss.default_metrics(),
             loss,
             progress: TrainingProgress::default(),
             callbacks: vec![],
@@ -107,6 +122,44 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             stop: false,
             schedule: None,
         }
+    }
+
+    /// Sets the metrics `fit` and `evaluate` report (Keras's `compile(metrics=[...])`), in
+    /// this order, instead of the loss's defaults (`accuracy` for the classification losses,
+    /// none for [`MeanSquaredError`]).
+    ///
+    /// # Errors
+    /// A metric that does not apply to the loss's targets, naming both.
+    pub fn with_metrics(mut self, metrics: &[Metric]) -> Result<Self>
+    where
+        Lo: LossInfo,
+    {
+        if let Some(m) = metrics.iter().find(|m| !self.loss.supports(**m)) {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "metric {:?} does not apply to loss {}",
+                    m.name(),
+                    self.loss.name()
+                ),
+            });
+        }
+        self.metrics = metrics.to_vec();
+        Ok(self)
+    }
+
+    /// The metrics `fit` and `evaluate` report, in order.
+    pub fn metrics(&self) -> &[Metric] {
+        &self.metrics
+    }
+
+    /// The names of [`Trainer::metrics`], as the logs key them.
+    pub fn metric_names(&self) -> Vec<&'static str> {
+        self.metrics().iter().map(|m| m.name()).collect()
+    }
+
+    /// The loss.
+    pub fn loss(&self) -> &Lo {
+        &self.loss
     }
 
     /// Sets the learning rate before every step from `schedule`, read at the optimizer's count
@@ -228,13 +281,13 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// Adds a callback of `fit` (see [`Callback`]), run after those added before: for example
     /// `checkpoint::ModelCheckpoint`, which writes a checkpoint at the end of every
     /// epoch.
-    pub fn with_callback(mut self, callback: impl Callback<M, O> + 'static) -> Self {
+    pub fn with_callback(mut self, callback: impl Callback<M, O, Lo> + 'static) -> Self {
         self.add_callback(callback);
         self
     }
 
     /// [`Trainer::with_callback`] on a trainer in place.
-    pub fn add_callback(&mut self, callback: impl Callback<M, O> + 'static) {
+    pub fn add_callback(&mut self, callback: impl Callback<M, O, Lo> + 'static) {
         self.callbacks.push(Box::new(callback));
     }
 
@@ -318,14 +371,32 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         Ok(())
     }
 
-    /// The number of classes the built model outputs.
-    fn classes(&self) -> Result<usize> {
+    /// The shape of the built model's output per sample.
+    fn output_shape(&self) -> Result<Vec<usize>> {
         self.model
             .output_shape()
-            .and_then(|s| s.last().copied())
+            .map(<[usize]>::to_vec)
             .ok_or_else(|| Error::NotBuilt {
                 layer: self.model.model_name().to_string(),
             })
+    }
+
+    /// Builds the model for `x`'s samples and checks every target against its output: the
+    /// targets flat, and how many there are per sample.
+    fn prepare<T: Copy>(
+        &mut self,
+        x: &ArrayViewD<'_, f32>,
+        y: &ArrayViewD<'_, T>,
+    ) -> Result<(Vec<T>, usize)>
+    where
+        Lo: Loss<T>,
+    {
+        check_data(x, y)?;
+        self.ensure_built(sample_shape(x))?;
+        let (targets, per_sample) = targets_of(y);
+        self.loss
+            .check_targets(&targets, per_sample, &self.output_shape()?)?;
+        Ok((targets, per_sample))
     }
 
     /// On a GPU under a 16-bit policy, warns once when hidden Dense widths, Conv2D filters or the
@@ -355,12 +426,15 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     /// Data-parallel ([`Trainer::with_communicator`]), `x` and `labels` are this rank's shard
     /// (it may be empty), every rank calls `train_step` for every step, and the returned loss is
     /// the global batch's.
-    pub fn train_step<L: Label>(
+    pub fn train_step<T: Copy>(
         &mut self,
         x: &Tensor<Input<M>>,
-        labels: &[L],
-    ) -> Result<(StepResult, Tensor<F32>)> {
-        let (result, mut probs) = self.train_window(&[(x, labels)])?;
+        targets: &[T],
+    ) -> Result<(StepResult, Tensor<F32>)>
+    where
+        Lo: Loss<T>,
+    {
+        let (result, mut probs) = self.train_window(&[(x, targets)])?;
         let probs = probs.pop().ok_or_else(|| Error::InvalidArgument {
             what: "a training step returned no predictions".into(),
         })?;
@@ -369,7 +443,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
 
     /// One optimizer update from several micro-batches (gradient accumulation): forward and
     /// backward on each in turn, their gradients summed, each weighted by its share of the
-    /// window's samples, so that the update is that of one batch made of them all. Then one
+    /// window's [weight](Loss::weight) (its samples; the rows its loss is over when the loss
+    /// ignores some), so that the update is that of one batch made of them all. Then one
     /// unscale, one finiteness decision and one update for the window: under loss scaling
     /// every micro-batch uses the same scale, a non-finite gradient in any of them skips the
     /// whole window, and the scale changes once, after it. Layer state (moving statistics)
@@ -381,10 +456,13 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
     ///
     /// # Errors
     /// An empty window; as [`Trainer::train_step`].
-    pub fn train_window<L: Label>(
+    pub fn train_window<T: Copy>(
         &mut self,
-        micro: &[MicroBatch<'_, M, L>],
-    ) -> Result<(StepResult, Vec<Tensor<F32>>)> {
+        micro: &[MicroBatch<'_, M, T>],
+    ) -> Result<(StepResult, Vec<Tensor<F32>>)>
+    where
+        Lo: Loss<T>,
+    {
         if micro.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "a training window needs at least one micro-batch".into(),
@@ -395,8 +473,8 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             self.optimizer.inner_mut().set_learning_rate(lr)?;
         }
         let scale = self.optimizer.loss_scale();
-        let samples: usize = micro.iter().map(|(_, l)| l.len()).sum();
-        let local = self.forward_backward(micro, samples, scale);
+        let weight: usize = micro.iter().map(|(_, t)| self.loss.weight(t)).sum();
+        let local = self.forward_backward(micro, weight, scale);
         if local.is_err() {
             // What the window's forward passes left pending is not committed later.
             let _ = self.model.end_step(false);
@@ -404,16 +482,16 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         let (loss, probs) = if self.replicas.is_parallel() {
             // Every rank takes part in the agreement, a failed one too, so that none is left
             // waiting in the gradient sum.
-            let agreed = (self.replicas).agree(local.as_ref().ok().map(|(l, _)| (samples, *l)));
+            let agreed = (self.replicas).agree(local.as_ref().ok().map(|(l, _)| (weight, *l)));
             let (_, probs) = local?;
             let agreed = agreed?;
             let total = agreed.samples.max(1) as f64;
-            let share = (samples as f64 / total) as f32;
+            let share = (weight as f64 / total) as f32;
             self.replicas.all_reduce_gradients(&mut self.model, share)?;
             ((agreed.loss_sum / total) as f32, probs)
         } else {
             let (loss_sum, probs) = local?;
-            ((loss_sum / samples.max(1) as f64) as f32, probs)
+            ((loss_sum / weight.max(1) as f64) as f32, probs)
         };
         // Every rank checks the same summed gradients, and the ranks still sum their
         // non-finite flags before deciding: one decision for all.
@@ -474,88 +552,116 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         ))
     }
 
-    /// This rank's forward and backward over a window of `samples` samples: the sum of the
-    /// micro-batches' losses weighted by their sizes, and their float32 predictions; the
-    /// gradients (the window's mean, times `scale`) left in the variables. An empty shard of a
-    /// data-parallel step computes nothing and adds no gradient.
-    fn forward_backward<L: Label>(
+    /// This rank's forward and backward over a window of total [weight](Loss::weight)
+    /// `weight`: the sum of the micro-batches' losses times their weights, and their float32
+    /// predictions; the gradients (the window's mean, times `scale`) left in the variables. An
+    /// empty shard of a data-parallel step computes nothing and adds no gradient.
+    fn forward_backward<T: Copy>(
         &mut self,
-        micro: &[MicroBatch<'_, M, L>],
-        samples: usize,
+        micro: &[MicroBatch<'_, M, T>],
+        weight: usize,
         scale: f32,
-    ) -> Result<(f64, Vec<Tensor<F32>>)> {
+    ) -> Result<(f64, Vec<Tensor<F32>>)>
+    where
+        Lo: Loss<T>,
+    {
         self.model.zero_grad()?;
         // Dropout masks differ between ranks and micro-batches (and are the single process's
         // own alone).
         let (rank, size) = (self.replicas.rank() as u64, self.replicas.size() as u64);
         let mut loss_sum = 0.0f64;
         let mut all_probs = Vec::with_capacity(micro.len());
-        for (j, (x, labels)) in micro.iter().enumerate() {
+        for (j, (x, targets)) in micro.iter().enumerate() {
             self.model
                 .begin_step((self.progress.step + j as u64) * size + rank);
-            if labels.is_empty() && (self.replicas.is_parallel() || micro.len() > 1) {
-                let classes = self.classes()?;
-                all_probs.push(Tensor::<F32>::from_f32(&[0, classes], &[])?);
+            if targets.is_empty() && (self.replicas.is_parallel() || micro.len() > 1) {
+                let mut shape = self.output_shape()?;
+                shape.insert(0, 0);
+                all_probs.push(Tensor::<F32>::from_f32(&shape, &[])?);
                 continue;
             }
             // This micro-batch's share of the window's mean; exactly `scale` for one.
-            let factor = if labels.len() == samples {
+            let w = self.loss.weight(targets);
+            let factor = if w == weight {
                 scale
             } else {
-                (f64::from(scale) * labels.len() as f64 / samples as f64) as f32
+                (f64::from(scale) * w as f64 / weight.max(1) as f64) as f32
             };
             let probs = self.model.forward_train_f32(x)?;
-            let loss = self.loss.loss(&probs, labels)?;
-            if !self.loss.is_from_logits() && self.model.ends_in_softmax() {
-                let dz = self.loss.softmax_input_gradient(&probs, labels, factor)?;
-                self.model.backward_from_softmax_input_f32(&dz)?;
+            let loss = if w == 0 {
+                0.0
             } else {
-                let dy = self.loss.gradient(&probs, labels, factor)?;
-                self.model.backward_f32(&dy)?;
+                self.loss.loss(&probs, targets)?
+            };
+            let fused = if self.model.ends_in_softmax() {
+                self.loss.fused_softmax_gradient(&probs, targets, factor)
+            } else {
+                None
+            };
+            match fused {
+                Some(dz) => self.model.backward_from_softmax_input_f32(&dz?)?,
+                None => {
+                    let dy = self.loss.gradient(&probs, targets, factor)?;
+                    self.model.backward_f32(&dy)?;
+                }
             }
-            loss_sum += f64::from(loss) * labels.len() as f64;
+            loss_sum += f64::from(loss) * w as f64;
             all_probs.push(probs);
         }
         Ok((loss_sum, all_probs))
     }
 
     /// Trains for `options.epochs` epochs on `x` (float32, `[samples, ...]` of any rank:
-    /// `[samples, features]`, or `[samples, height, width, channels]` images) and integer
-    /// labels `y`, as Keras's `fit`: the last `validation_split` of the samples (before
-    /// shuffling) is held out and evaluated after each epoch; the rest is reshuffled every epoch.
+    /// `[samples, features]`, `[samples, height, width, channels]` images, `[samples, tokens]`
+    /// token ids) and targets `y` (`[samples, ...]`: integer labels, one per sample or one per
+    /// token, or float32 values, as the loss takes them), as Keras's `fit`: the last
+    /// `validation_split` of the samples (before shuffling) is held out and evaluated after
+    /// each epoch; the rest is reshuffled every epoch.
     ///
     /// Training continues from [`Trainer::progress`]: after [`Checkpointing::resume`](crate::Checkpointing::resume) it runs
     /// `options.epochs` more epochs from the restored one, with the restored shuffling state, so
     /// the result is bit-for-bit that of an uninterrupted run. The [callbacks](Callback) run
     /// when training starts and at the end of every epoch, in the order they were added.
-    pub fn fit<L: Label, Dx: Dimension>(
+    ///
+    /// # Errors
+    /// Data and targets that do not fit each other, the model or the loss (named, before the
+    /// first step); a metric that does not apply to the loss; what a step or a callback
+    /// returns.
+    pub fn fit<T: Copy, Dx: Dimension, Dy: Dimension>(
         &mut self,
         x: ArrayView<'_, f32, Dx>,
-        y: ArrayView1<'_, L>,
+        y: ArrayView<'_, T, Dy>,
         options: &FitOptions,
-    ) -> Result<History> {
-        // The callbacks get the whole trainer, so they are held apart while `fit` runs.
-        let mut callbacks = std::mem::take(&mut self.callbacks);
-        let history = self.fit_with(x.into_dyn(), y, None, options, &mut callbacks);
-        callbacks.append(&mut self.callbacks);
-        self.callbacks = callbacks;
-        history
+    ) -> Result<History>
+    where
+        Lo: Loss<T>,
+    {
+        self.fit_with(x.into_dyn(), y.into_dyn(), None, options)
     }
 
-    /// [`Trainer::fit`] evaluating `validation` (`x` and labels, the samples shaped as in `x`)
-    /// after every epoch instead of holding out part of `x` (Keras's `validation_data`);
+    /// [`Trainer::fit`] evaluating `validation` (`x` and targets, shaped as `fit`'s) after
+    /// every epoch instead of holding out part of `x` (Keras's `validation_data`);
     /// `options.validation_split` must then be 0.
     ///
     /// # Errors
     /// As [`Trainer::fit`]; a validation split given too; validation data that does not fit
-    /// the model (its sample shape or its labels).
-    pub fn fit_with_validation<L: Label, Dx: Dimension, Dv: Dimension>(
+    /// the model (its sample shape or its targets).
+    pub fn fit_with_validation<
+        T: Copy,
+        Dx: Dimension,
+        Dy: Dimension,
+        Dv: Dimension,
+        Dw: Dimension,
+    >(
         &mut self,
         x: ArrayView<'_, f32, Dx>,
-        y: ArrayView1<'_, L>,
-        validation: (ArrayView<'_, f32, Dv>, ArrayView1<'_, L>),
+        y: ArrayView<'_, T, Dy>,
+        validation: (ArrayView<'_, f32, Dv>, ArrayView<'_, T, Dw>),
         options: &FitOptions,
-    ) -> Result<History> {
+    ) -> Result<History>
+    where
+        Lo: Loss<T>,
+    {
         if options.validation_split != 0.0 {
             return Err(Error::InvalidArgument {
                 what: format!(
@@ -564,7 +670,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 ),
             });
         }
-        let (xv, yv) = (validation.0.into_dyn(), validation.1);
+        let (xv, yv) = (validation.0.into_dyn(), validation.1.into_dyn());
         check_data(&xv, &yv)?;
         if sample_shape(&xv) != sample_shape(&x.view().into_dyn()) {
             return Err(Error::InvalidArgument {
@@ -575,41 +681,68 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
                 ),
             });
         }
+        self.fit_with(x.into_dyn(), y.into_dyn(), Some((xv, yv)), options)
+    }
+
+    fn fit_with<T: Copy>(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        y: ArrayViewD<'_, T>,
+        validation: Option<(ArrayViewD<'_, f32>, ArrayViewD<'_, T>)>,
+        options: &FitOptions,
+    ) -> Result<History>
+    where
+        Lo: Loss<T>,
+    {
+        // The callbacks get the whole trainer, so they are held apart while `fit` runs.
         let mut callbacks = std::mem::take(&mut self.callbacks);
-        let history = self.fit_with(x.into_dyn(), y, Some((xv, yv)), options, &mut callbacks);
+        let history = self.fit_epochs(x, y, validation, options, &mut callbacks);
         callbacks.append(&mut self.callbacks);
         self.callbacks = callbacks;
         history
     }
 
-    fn fit_with<L: Label>(
+    fn fit_epochs<T: Copy>(
         &mut self,
         x: ArrayViewD<'_, f32>,
-        y: ArrayView1<'_, L>,
-        validation: Option<(ArrayViewD<'_, f32>, ArrayView1<'_, L>)>,
+        y: ArrayViewD<'_, T>,
+        validation: Option<(ArrayViewD<'_, f32>, ArrayViewD<'_, T>)>,
         options: &FitOptions,
-        callbacks: &mut [Box<dyn Callback<M, O>>],
-    ) -> Result<History> {
-        check_data(&x, &y)?;
+        callbacks: &mut [Box<dyn Callback<M, O, Lo>>],
+    ) -> Result<History>
+    where
+        Lo: Loss<T>,
+    {
         options.check()?;
-        let (train, split) = mp_core::rng::validation_split(y.len(), options.validation_split)?;
+        let (y, per) = self.prepare(&x, &y)?;
+        let samples = y.len() / per.max(1);
+        let (train, split) = mp_core::rng::validation_split(samples, options.validation_split)?;
         // What is evaluated after each epoch: the held-out tail of `x`, or the data given.
         let (xv, yv, val) = match &validation {
-            Some((xv, yv)) => (xv.view(), yv.view(), 0..yv.len()),
-            None => (x.view(), y.view(), split),
+            Some((xv, yv)) => {
+                let (yv, per_v) = self.prepare(xv, yv)?;
+                if per_v != per {
+                    return Err(Error::InvalidArgument {
+                        what: format!(
+                            "validation targets have {per_v} values per sample, training \
+                             targets {per}"
+                        ),
+                    });
+                }
+                let n = yv.len() / per.max(1);
+                (xv.view(), yv, 0..n)
+            }
+            None => (x.view(), y.clone(), split),
         };
         if train.is_empty() {
             return Err(Error::InvalidArgument {
                 what: format!(
-                    "no training samples left: {} samples with validation_split {}",
-                    y.len(),
+                    "no training samples left: {samples} samples with validation_split {}",
                     options.validation_split
                 ),
             });
         }
-        self.ensure_built(sample_shape(&x))?;
-        check_labels(&y, self.classes()?)?;
-        check_labels(&yv, self.classes()?)?;
+        let metrics = self.metrics.clone();
         // Replicas start equal: rank 0's weights everywhere.
         self.replicas.broadcast_variables(&mut self.model)?;
         self.stop = false;
@@ -638,7 +771,7 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             };
             let mut reporter = Reporter::new(verbose, epoch, first_epoch + options.epochs, steps);
             let mut loss_mean = Mean::new();
-            let mut accuracy = SparseCategoricalAccuracy::new();
+            let mut scores = MetricSums::new(&metrics);
             let mut skipped = 0;
             let ranges: Vec<_> =
                 mp_core::rng::batch_ranges(order.len(), options.batch_size).collect();
@@ -646,52 +779,48 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             for window in ranges.chunks(options.gradient_accumulation_steps) {
                 // This rank's shard of each batch of the window, gathered and converted.
                 let mut inputs = Vec::with_capacity(window.len());
-                let mut labels = Vec::with_capacity(window.len());
+                let mut targets = Vec::with_capacity(window.len());
                 let mut window_samples = 0;
                 for range in window {
                     let global = &order[range.clone()];
                     window_samples += global.len();
                     let idx = self.replicas.shard(global);
                     inputs.push(gather::<Input<M>>(&x, idx, self.device)?);
-                    labels.push(idx.iter().map(|&i| y[i]).collect::<Vec<L>>());
+                    targets.push(pick(&y, per, idx));
                 }
-                let micro: Vec<MicroBatch<'_, M, L>> = inputs
+                let micro: Vec<MicroBatch<'_, M, T>> = inputs
                     .iter()
-                    .zip(&labels)
-                    .map(|(x, l)| (x, &l[..]))
+                    .zip(&targets)
+                    .map(|(x, t)| (x, &t[..]))
                     .collect();
                 let (result, probs) = self.train_window(&micro)?;
                 loss_mean.update_state(result.loss, window_samples as f64);
-                if self.replicas.is_parallel() {
-                    let mut step = SparseCategoricalAccuracy::new();
-                    for (p, l) in probs.iter().zip(&labels) {
-                        step.update_state(p, l)?;
-                    }
-                    let mut sums = step.sums();
-                    self.replicas.sum(&mut sums)?;
-                    accuracy.merge_sums(sums);
-                } else {
-                    for (p, l) in probs.iter().zip(&labels) {
-                        accuracy.update_state(p, l)?;
+                let mut step = MetricSums::new(&metrics);
+                for (p, t) in probs.iter().zip(&targets) {
+                    if !t.is_empty() {
+                        step.update(&self.loss, p, t)?;
                     }
                 }
+                let mut sums = step.flat();
+                self.replicas.sum(&mut sums)?;
+                scores.merge_flat(&sums);
                 skipped += u64::from(!result.applied);
                 done += window.len();
-                reporter.step(done, loss_mean.result(), accuracy.result(), started);
+                reporter.step(done, loss_mean.result(), &scores.results(), started);
             }
             self.progress.rng_state = rng.state();
-            let (val_loss, val_accuracy) = if val.is_empty() {
-                (None, None)
+            let (val_loss, val_metrics) = if val.is_empty() {
+                (None, vec![])
             } else {
-                let s = self.evaluate_range(&xv, &yv, val.clone(), options.batch_size)?;
-                (Some(s.loss), Some(s.accuracy))
+                let s = self.evaluate_range(&xv, &yv, per, val.clone(), options.batch_size)?;
+                (Some(s.loss), s.metrics)
             };
             let logs = EpochLogs {
                 epoch,
                 loss: loss_mean.result(),
-                accuracy: accuracy.result(),
+                metrics: scores.results(),
                 val_loss,
-                val_accuracy,
+                val_metrics,
                 loss_scale: match &self.optimizer {
                     TrainOptimizer::Scaled(s) => Some(s.loss_scale()),
                     TrainOptimizer::Plain(_) => None,
@@ -723,82 +852,97 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
         Ok(history)
     }
 
-    fn evaluate_range<L: Label>(
+    /// The loss and metrics over the samples `range` of `x` and the flat targets `y` (`per`
+    /// per sample).
+    fn evaluate_range<T: Copy>(
         &self,
         x: &ArrayViewD<'_, f32>,
-        y: &ArrayView1<'_, L>,
+        y: &[T],
+        per: usize,
         range: std::ops::Range<usize>,
         batch_size: usize,
-    ) -> Result<Scores> {
-        let mut loss_mean = Mean::new();
-        let mut accuracy = SparseCategoricalAccuracy::new();
+    ) -> Result<Scores>
+    where
+        Lo: Loss<T>,
+    {
+        let metrics = self.metrics.clone();
+        let mut loss_sum = 0.0f64;
+        let mut weight = 0usize;
+        let mut scores = MetricSums::new(&metrics);
         let all: Vec<usize> = range.collect();
         // Data-parallel, each rank evaluates its shard and the sums are added up.
         let idx = self.replicas.shard(&all);
-        let mut labels = vec![];
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
             let batch = &idx[r];
             let xb = gather::<Input<M>>(x, batch, self.device)?;
-            labels.clear();
-            labels.extend(batch.iter().map(|&i| y[i]));
+            let targets = pick(y, per, batch);
             let probs = self.model.forward_f32(&xb)?;
-            loss_mean.update_state(self.loss.loss(&probs, &labels)?, batch.len() as f64);
-            accuracy.update_state(&probs, &labels)?;
+            // Each batch weighs what its loss is a mean over, as in a training window.
+            let w = self.loss.weight(&targets);
+            if w > 0 {
+                loss_sum += f64::from(self.loss.loss(&probs, &targets)?) * w as f64;
+                weight += w;
+            }
+            scores.update(&self.loss, &probs, &targets)?;
         }
-        if self.replicas.is_parallel() {
-            let [a, b] = loss_mean.sums();
-            let [c, d] = accuracy.sums();
-            let mut sums = [a, b, c, d];
-            self.replicas.sum(&mut sums)?;
-            loss_mean = Mean::new();
-            loss_mean.merge_sums([sums[0], sums[1]]);
-            accuracy = SparseCategoricalAccuracy::new();
-            accuracy.merge_sums([sums[2], sums[3]]);
-        }
+        let mut sums = vec![loss_sum, weight as f64];
+        sums.extend(scores.flat());
+        self.replicas.sum(&mut sums)?;
+        let mut total = MetricSums::new(&metrics);
+        total.merge_flat(&sums[2..]);
         Ok(Scores {
-            loss: loss_mean.result(),
-            accuracy: accuracy.result(),
+            loss: if sums[1] == 0.0 {
+                0.0
+            } else {
+                (sums[0] / sums[1]) as f32
+            },
+            metrics: total.results(),
         })
     }
 
-    /// Loss and accuracy on `x`, `y`, as Keras's `evaluate`; prints
+    /// The loss and metrics on `x`, `y` (shaped as `fit`'s), as Keras's `evaluate`; prints
     /// `313/313 - 1s - loss: ... - accuracy: ...` unless silent.
-    pub fn evaluate<L: Label, Dx: Dimension>(
+    ///
+    /// # Errors
+    /// As [`Trainer::fit`]'s checks of the data; a `batch_size` of 0.
+    pub fn evaluate<T: Copy, Dx: Dimension, Dy: Dimension>(
         &mut self,
         x: ArrayView<'_, f32, Dx>,
-        y: ArrayView1<'_, L>,
+        y: ArrayView<'_, T, Dy>,
         batch_size: usize,
         verbose: Verbose,
-    ) -> Result<Scores> {
+    ) -> Result<Scores>
+    where
+        Lo: Loss<T>,
+    {
         let x = x.into_dyn();
-        check_data(&x, &y)?;
         if batch_size == 0 {
             return Err(Error::InvalidArgument {
                 what: "batch_size must be at least 1".into(),
             });
         }
-        self.ensure_built(sample_shape(&x))?;
-        check_labels(&y, self.classes()?)?;
+        let (y, per) = self.prepare(&x, &y.into_dyn())?;
         let started = Instant::now();
-        let scores = self.evaluate_range(&x, &y, 0..y.len(), batch_size)?;
+        let samples = y.len() / per.max(1);
+        let scores = self.evaluate_range(&x, &y, per, 0..samples, batch_size)?;
         if verbose != Verbose::Silent {
-            let steps = mp_core::rng::num_batches(y.len(), batch_size);
+            let steps = mp_core::rng::num_batches(samples, batch_size);
             println!(
-                "{steps}/{steps} - {:.0}s - loss: {:.4} - accuracy: {:.4}",
+                "{steps}/{steps} - {:.0}s - {}",
                 started.elapsed().as_secs_f64(),
-                scores.loss,
-                scores.accuracy
+                progress::format_metrics(scores.loss, &scores.metrics, "")
             );
         }
         Ok(scores)
     }
 
-    /// The model's float32 output for every row of `x`, as Keras's `predict`.
+    /// The model's float32 output for every sample of `x` (`[samples, ...output]`), as
+    /// Keras's `predict`.
     pub fn predict<Dx: Dimension>(
         &mut self,
         x: ArrayView<'_, f32, Dx>,
         batch_size: usize,
-    ) -> Result<Array2<f32>> {
+    ) -> Result<ArrayD<f32>> {
         let x = x.into_dyn();
         let samples = x.shape().first().copied().unwrap_or(0);
         if batch_size == 0 {
@@ -807,18 +951,27 @@ impl<M: Model, O: Optimizer> Trainer<M, O> {
             });
         }
         self.ensure_built(sample_shape(&x))?;
-        let classes = self.classes()?;
-        let mut rows: Vec<f32> = Vec::with_capacity(samples * classes);
+        let mut shape = self.output_shape()?;
+        shape.insert(0, samples);
+        let mut rows: Vec<f32> = Vec::with_capacity(shape.iter().product());
         let idx: Vec<usize> = (0..samples).collect();
         for r in mp_core::rng::batch_ranges(idx.len(), batch_size) {
             let xb = gather::<Input<M>>(&x, &idx[r], self.device)?;
             let probs = self.model.forward_f32(&xb)?;
             rows.extend(probs.to_device(mp_core::Device::Cpu)?.to_f32_vec()?);
         }
-        Array2::from_shape_vec((samples, classes), rows).map_err(|e| Error::InvalidArgument {
+        ArrayD::from_shape_vec(shape, rows).map_err(|e| Error::InvalidArgument {
             what: format!("predict: {e}"),
         })
     }
+}
+
+/// The targets of the samples `idx`, from the flat targets `y` with `per` per sample.
+fn pick<T: Copy>(y: &[T], per: usize, idx: &[usize]) -> Vec<T> {
+    idx.iter()
+        .flat_map(|&i| &y[i * per..(i + 1) * per])
+        .copied()
+        .collect()
 }
 
 /// The shape of one sample of `x` (`[samples, ...]`): every axis after the first.

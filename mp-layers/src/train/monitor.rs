@@ -34,14 +34,12 @@ impl Mode {
 /// checkpoint keeps (Keras's `ModelCheckpoint(monitor=..., mode=..., save_best_only=True)`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BestMetric {
-    /// One of [`METRICS`]: `loss`, `accuracy`, `val_loss` or `val_accuracy`.
+    /// A key of the logs: `loss`, `val_loss`, or one of the trainer's metrics (`accuracy`,
+    /// ...) with or without `val_`.
     pub metric: String,
     /// Whether smaller or larger is better.
     pub mode: Mode,
 }
-
-/// The metrics of [`EpochLogs`] a [`BestMetric`] can name.
-pub const METRICS: [&str; 4] = ["loss", "accuracy", "val_loss", "val_accuracy"];
 
 impl BestMetric {
     /// The smallest `metric` is best (a loss).
@@ -62,22 +60,21 @@ impl BestMetric {
 
     /// The metric's value in `logs` (`None` for a validation metric without validation data).
     pub fn value(&self, logs: &EpochLogs) -> Option<f32> {
-        match self.metric.as_str() {
-            "loss" => Some(logs.loss),
-            "accuracy" => Some(logs.accuracy),
-            "val_loss" => logs.val_loss,
-            "val_accuracy" => logs.val_accuracy,
-            _ => None,
-        }
+        logs.get(&self.metric)
     }
 
-    /// Checks that the metric exists and, for a validation metric, that there is validation
-    /// data; `who` (`checkpoint`) names the user in the message.
-    pub fn check(&self, who: &str, has_validation: bool) -> Result<()> {
-        if !METRICS.contains(&self.metric.as_str()) {
+    /// Checks that the metric is one the run logs (`loss` or one of `metrics`, the trainer's
+    /// metric names, each also with `val_`) and, for a validation metric, that there is
+    /// validation data; `who` (`checkpoint`) names the user in the message.
+    pub fn check(&self, who: &str, has_validation: bool, metrics: &[&str]) -> Result<()> {
+        let known: Vec<String> = std::iter::once("loss")
+            .chain(metrics.iter().copied())
+            .flat_map(|m| [m.to_string(), format!("val_{m}")])
+            .collect();
+        if !known.contains(&self.metric) {
             return Err(Error::InvalidArgument {
                 what: format!(
-                    "unknown {who} metric {:?}: use one of {METRICS:?}",
+                    "unknown {who} metric {:?}: use one of {known:?}",
                     self.metric
                 ),
             });
@@ -111,16 +108,16 @@ mod tests {
     fn metrics_are_checked_by_name_and_need_their_data() {
         assert!(
             BestMetric::min("val_loss")
-                .check("checkpoint", true)
+                .check("checkpoint", true, &["accuracy"])
                 .is_ok()
         );
-        let e = BestMetric::min("val_los").check("checkpoint", true);
+        let e = BestMetric::min("val_los").check("checkpoint", true, &["accuracy"]);
         assert!(
             e.unwrap_err()
                 .to_string()
                 .contains("unknown checkpoint metric")
         );
-        let e = BestMetric::max("val_accuracy").check("checkpoint", false);
+        let e = BestMetric::max("val_accuracy").check("checkpoint", false, &["accuracy"]);
         assert!(e.unwrap_err().to_string().contains("set validation_split"));
     }
 }

@@ -50,6 +50,15 @@ impl<O: Optimizer> TrainOptimizer<O> {
         }
     }
 
+    /// The loss-scale state, `None` without loss scaling: the scale and, for a dynamic one,
+    /// its count of good steps since the last change and its floor (what a callback reads).
+    pub fn loss_scale_state(&self) -> Option<&mp_core::LossScale> {
+        match self {
+            TrainOptimizer::Plain(_) => None,
+            TrainOptimizer::Scaled(s) => Some(s.loss_scale_state()),
+        }
+    }
+
     /// The optimizer itself.
     pub fn inner(&self) -> &O {
         match self {

@@ -41,12 +41,19 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn step(&mut self, step: usize, loss: f32, accuracy: f32, started: Instant) {
+    pub(crate) fn step(
+        &mut self,
+        step: usize,
+        loss: f32,
+        metrics: &[(&'static str, f32)],
+        started: Instant,
+    ) {
         if let Some(bar) = &self.bar {
             let eta = started.elapsed().as_secs_f64() / step as f64 * (self.steps - step) as f64;
             bar.set_position(step as u64);
             bar.set_message(format!(
-                "ETA: {eta:.0}s - loss: {loss:.4} - accuracy: {accuracy:.4}"
+                "ETA: {eta:.0}s - {}",
+                format_metrics(loss, metrics, "")
             ));
         }
     }
@@ -56,9 +63,10 @@ impl Reporter {
             return;
         }
         let ms_per_step = logs.seconds * 1000.0 / logs.steps.max(1) as f64;
-        let mut metrics = format!("loss: {:.4} - accuracy: {:.4}", logs.loss, logs.accuracy);
-        if let (Some(l), Some(a)) = (logs.val_loss, logs.val_accuracy) {
-            metrics.push_str(&format!(" - val_loss: {l:.4} - val_accuracy: {a:.4}"));
+        let mut metrics = format_metrics(logs.loss, &logs.metrics, "");
+        if let Some(l) = logs.val_loss {
+            metrics.push_str(" - ");
+            metrics.push_str(&format_metrics(l, &logs.val_metrics, "val_"));
         }
         let line = match self.verbose {
             Verbose::Lines => format!(
@@ -82,4 +90,13 @@ impl Reporter {
             None => println!("{line}"),
         }
     }
+}
+
+/// `loss: 0.1234 - accuracy: 0.9876`, each key after `prefix` (`val_`), as Keras prints them.
+pub(crate) fn format_metrics(loss: f32, metrics: &[(&'static str, f32)], prefix: &str) -> String {
+    let mut out = format!("{prefix}loss: {loss:.4}");
+    for (name, value) in metrics {
+        out.push_str(&format!(" - {prefix}{name}: {value:.4}"));
+    }
+    out
 }
