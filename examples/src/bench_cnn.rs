@@ -9,54 +9,18 @@
 //! - A `Conv2D(64, 3x3, same)` on `28x28x64` inputs alone: `forward_train` plus `backward`
 //!   (with the input gradient), the same way.
 
-use std::path::PathBuf;
-use std::time::Instant;
-
-use anyhow::{Context, Result, bail};
-use mp_core::{Float32, MixedBFloat16, MixedFloat16, Policy, PolicyKind, Rng, Tensor, memory};
-use mp_layers::{
-    Conv2D, FitOptions, Layer, Padding, SparseCategoricalCrossentropy, Trainer, Verbose,
-};
+use anyhow::Result;
+use mp_core::{Float32, MixedBFloat16, MixedFloat16, Policy, PolicyKind, Rng, Tensor};
+use mp_layers::{Conv2D, Layer, Padding, SparseCategoricalCrossentropy, Trainer};
 use mp_optim::Adam;
-use ndarray::{Array1, Array4};
+use ndarray::{Array1, Array4, Ix4};
 use serde_json::json;
 
-use crate::bench_train::median;
+use crate::bench_util::{
+    FitStep, Variant, activation_bytes, parse, step_rows, step_table_header, summarize, time,
+    write_report,
+};
 use crate::{CNN_LEARNING_RATE, MnistCnn};
-
-/// Options of `bench cnn`.
-#[derive(Debug, Clone)]
-struct Opts {
-    rounds: usize,
-    batch: usize,
-    out: PathBuf,
-}
-
-fn parse(args: &[String]) -> Result<Opts> {
-    let mut o = Opts {
-        rounds: 5,
-        batch: 256,
-        out: PathBuf::from("target/bench/cnn.json"),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--quick" => {
-                o.rounds = 2;
-                o.batch = 8;
-            }
-            "--rounds" => o.rounds = value()?.parse().context("--rounds")?,
-            "--batch" => o.batch = value()?.parse().context("--batch")?,
-            "--out" => o.out = PathBuf::from(value()?),
-            other => bail!("unknown option {other:?} for bench cnn"),
-        }
-    }
-    if o.rounds == 0 || o.batch == 0 {
-        bail!("rounds and batch must be positive");
-    }
-    Ok(o)
-}
 
 /// Multiply-adds times 2 of one training step of [`MnistCnn`] at `batch`: per convolution
 /// `2 · pixels · (9 · c_in) · c_out` for forward and again for the kernel gradient and the input
@@ -79,48 +43,19 @@ fn cnn_flop(batch: usize) -> f64 {
     flop + 3.0 * 2.0 * (batch * 64 * 10) as f64
 }
 
-trait Variant {
-    fn policy(&self) -> Policy;
-    fn step(&mut self) -> Result<()>;
-}
-
-struct Step<P: PolicyKind> {
-    trainer: Trainer<MnistCnn<P>, Adam>,
-    x: Array4<f32>,
-    y: Array1<u32>,
-}
-
-impl<P: PolicyKind> Step<P> {
-    fn new(batch: usize) -> Result<Self> {
-        let mut model = MnistCnn::<P>::issue();
-        model.build(&[28, 28, 1])?;
-        let trainer = Trainer::compile(
-            model,
-            Adam::new(CNN_LEARNING_RATE)?,
-            SparseCategoricalCrossentropy::new(),
-        );
-        let mut rng = Rng::new(1);
-        let x = Array4::from_shape_vec((batch, 28, 28, 1), rng.uniform_vec(batch * 784, 0.0, 1.0))?;
-        let y = Array1::from_shape_fn(batch, |_| rng.below(10) as u32);
-        Ok(Step { trainer, x, y })
-    }
-}
-
-impl<P: PolicyKind> Variant for Step<P> {
-    fn policy(&self) -> Policy {
-        P::POLICY
-    }
-    fn step(&mut self) -> Result<()> {
-        let options = FitOptions {
-            batch_size: self.y.len(),
-            epochs: 1,
-            shuffle: false,
-            verbose: Verbose::Silent,
-            ..Default::default()
-        };
-        self.trainer.fit(self.x.view(), self.y.view(), &options)?;
-        Ok(())
-    }
+/// The step of [`MnistCnn`] (Adam) on `batch` random images.
+fn cnn_step<P: PolicyKind>(batch: usize) -> Result<Box<dyn Variant>> {
+    let mut model = MnistCnn::<P>::issue();
+    model.build(&[28, 28, 1])?;
+    let trainer = Trainer::compile(
+        model,
+        Adam::new(CNN_LEARNING_RATE)?,
+        SparseCategoricalCrossentropy::new(),
+    );
+    let mut rng = Rng::new(1);
+    let x = Array4::from_shape_vec((batch, 28, 28, 1), rng.uniform_vec(batch * 784, 0.0, 1.0))?;
+    let y = Array1::from_shape_fn(batch, |_| rng.below(10) as u32);
+    Ok(Box::new(FitStep::<_, _, Ix4>::new(trainer, x, y)))
 }
 
 struct Conv<P: PolicyKind> {
@@ -152,62 +87,19 @@ impl<P: PolicyKind> Variant for Conv<P> {
     }
 }
 
-/// The peak of the GEMM path `policy` computes on, measured now.
-fn path_peak(policy: Policy) -> Result<f64> {
-    let dot =
-        mp_kernels::Cpu::global()?.gemm_paths().bf16 == mp_kernels::gemm::GemmPath::Avx512Bf16Dot;
-    Ok(match policy {
-        Policy::MixedBFloat16 if dot => mp_kernels::peak::dpbf16_peak_gflops()
-            .unwrap_or_else(mp_kernels::peak::fma_f32_peak_gflops),
-        _ => mp_kernels::peak::fma_f32_peak_gflops(),
-    })
-}
-
-/// Interleaved rounds over `vs`: per variant the step times (ms) and the paired fractions of
-/// the path's peak (each step against the peak measured right before and after it).
-fn time(
-    vs: &mut [Box<dyn Variant>],
-    rounds: usize,
-    flop: f64,
-) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
-    for v in vs.iter_mut() {
-        v.step()?; // warm-up
-    }
-    let mut out = vec![(vec![], vec![]); vs.len()];
-    for _ in 0..rounds {
-        for (i, v) in vs.iter_mut().enumerate() {
-            let before = path_peak(v.policy())?;
-            let t = Instant::now();
-            v.step()?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            let peak = (before + path_peak(v.policy())?) / 2.0;
-            out[i].0.push(ms);
-            out[i].1.push(flop / (ms * 1e-3) / 1e9 / peak);
-        }
-    }
-    Ok(out)
-}
-
 /// Runs `bench cnn` and writes its JSON (with the report's markdown section in `markdown`).
 pub fn cnn_cmd(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let o = parse(args, "cnn", 256)?;
     let batch = o.batch;
     let paths = mp_kernels::Cpu::global()?.gemm_paths();
 
     // Memory of one step per policy, from a clean start each.
-    let mut steps: Vec<Box<dyn Variant>> = vec![
-        Box::new(Step::<Float32>::new(batch)?),
-        Box::new(Step::<MixedBFloat16>::new(batch)?),
-        Box::new(Step::<MixedFloat16>::new(batch)?),
+    let mut steps = vec![
+        cnn_step::<Float32>(batch)?,
+        cnn_step::<MixedBFloat16>(batch)?,
+        cnn_step::<MixedFloat16>(batch)?,
     ];
-    let mut activation = vec![];
-    for v in steps.iter_mut() {
-        v.step()?;
-        let before = memory::live_bytes();
-        memory::reset_peak();
-        v.step()?;
-        activation.push(memory::peak_bytes().saturating_sub(before));
-    }
+    let activation = activation_bytes(&mut steps)?;
     let flop = cnn_flop(batch);
     let timed = time(&mut steps, o.rounds, flop)?;
     let mut convs: Vec<Box<dyn Variant>> = vec![
@@ -218,42 +110,12 @@ pub fn cnn_cmd(args: &[String]) -> Result<()> {
     let conv_flop = 3.0 * 2.0 * (batch * 28 * 28) as f64 * (9 * 64) as f64 * 64.0;
     let conv_timed = time(&mut convs, o.rounds, conv_flop)?;
 
-    let mut md = format!(
-        "## The mnist_cnn network (Adam), batch {batch}, median of {} interleaved rounds\n\n\
-         | policy | GEMM path | ms/step | vs float32 | GFLOP/s | of peak | activation MiB | vs \
-         float32 |\n|---|---|---|---|---|---|---|---|\n",
+    let mut md = step_table_header(&format!(
+        "The mnist_cnn network (Adam), batch {batch}, median of {} interleaved rounds",
         o.rounds
-    );
-    let mut records = vec![];
-    let f32_times = timed[0].0.clone();
-    for (i, v) in steps.iter().enumerate() {
-        let policy = v.policy();
-        let ms = median(&mut timed[i].0.clone());
-        let speedup = median(
-            &mut f32_times
-                .iter()
-                .zip(&timed[i].0)
-                .map(|(a, b)| a / b)
-                .collect::<Vec<_>>(),
-        );
-        let of_peak = median(&mut timed[i].1.clone());
-        let gflops = flop / (ms * 1e-3) / 1e9;
-        let act = activation[i] as f64 / (1u64 << 20) as f64;
-        let act_ratio = activation[i] as f64 / activation[0].max(1) as f64;
-        let path = paths.get(policy.compute_dtype()).name();
-        md.push_str(&format!(
-            "| {policy} | {path} | {ms:.1} | {speedup:.2}x | {gflops:.1} | {:.1}% | {act:.1} | \
-             {:.0}% |\n",
-            100.0 * of_peak,
-            100.0 * act_ratio
-        ));
-        records.push(json!({
-            "group": "step", "policy": policy.name(), "gemm_path": path, "batch": batch,
-            "ms_per_step": ms, "speedup_vs_float32": speedup, "gflops": gflops,
-            "fraction_of_peak": of_peak, "activation_bytes": activation[i],
-            "activation_vs_float32": act_ratio,
-        }));
-    }
+    ));
+    let (rows, mut records) = step_rows(&steps, &timed, &activation, flop, batch)?;
+    md.push_str(&rows);
     md.push_str(&format!(
         "\nFLOP per step: {:.2} GFLOP (the convolutions' and the dense layer's multiply-adds × 2, \
          forward, kernel gradient and input gradient but the first layer's); \"of peak\" pairs \
@@ -262,18 +124,9 @@ pub fn cnn_cmd(args: &[String]) -> Result<()> {
          | policy | GEMM path | ms | vs float32 | GFLOP/s | of peak |\n|---|---|---|---|---|---|\n",
         flop / 1e9
     ));
-    let f32_conv = conv_timed[0].0.clone();
     for (i, v) in convs.iter().enumerate() {
         let policy = v.policy();
-        let ms = median(&mut conv_timed[i].0.clone());
-        let speedup = median(
-            &mut f32_conv
-                .iter()
-                .zip(&conv_timed[i].0)
-                .map(|(a, b)| a / b)
-                .collect::<Vec<_>>(),
-        );
-        let of_peak = median(&mut conv_timed[i].1.clone());
+        let (ms, speedup, of_peak) = summarize(&conv_timed, i);
         let gflops = conv_flop / (ms * 1e-3) / 1e9;
         let path = paths.get(policy.compute_dtype()).name();
         md.push_str(&format!(
@@ -286,19 +139,5 @@ pub fn cnn_cmd(args: &[String]) -> Result<()> {
             "fraction_of_peak": of_peak,
         }));
     }
-    let report = json!({
-        "machine": { "cpu": mp_kernels::peak::describe_cpu() },
-        "rounds": o.rounds,
-        "batch": batch,
-        "records": records,
-        "markdown": md,
-    });
-    if let Some(dir) = o.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&o.out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", o.out.display()))?;
-    println!("{md}");
-    eprintln!("wrote {}", o.out.display());
-    Ok(())
+    write_report(&o, records, &md)
 }

@@ -5,8 +5,8 @@
 //! - `mnist_cnn`: a residual convolutional network with BatchNormalization on MNIST images;
 //! - `mnist_vit`: a small Vision Transformer on MNIST (patches, class token, pre-LN blocks);
 //! - `reverse_lm`: a causal decoder that learns to reverse sequences of random tokens;
-//! - `bench`: the measuring binary behind `cargo xtask bench` (`train`, `gemm`, `cnn`,
-//!   `step-gemms`).
+//! - `bench`: the measuring binary behind `cargo xtask bench` (`train`, `gemm`, `cnn`, `vit`,
+//!   `dp`, `step-gemms`).
 //!
 //! This library holds what they share: the guide's model, the CNN, the transformers, the image
 //! examples' command line and report ([`mnist_run`]), and a small argument parser.
@@ -20,6 +20,8 @@ pub mod bench_cnn;
 pub mod bench_dp;
 pub mod bench_step_gemms;
 pub mod bench_train;
+mod bench_util;
+pub mod bench_vit;
 pub mod mnist_run;
 pub mod transformer;
 

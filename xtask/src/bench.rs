@@ -5,7 +5,19 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// The benchmark groups the measuring binary knows.
-const GROUPS: &[&str] = &["train", "gemm", "cnn", "dp"];
+const GROUPS: &[&str] = &["train", "gemm", "cnn", "vit", "dp"];
+
+/// The options of the groups that take a value (the next argument).
+const VALUE_OPTIONS: &[&str] = &[
+    "--rounds",
+    "--out",
+    "--batch",
+    "--batches",
+    "--units",
+    "--steps",
+    "--sizes",
+    "--budget-gib",
+];
 
 /// Runs `cargo xtask bench [GROUP] [OPTIONS]`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -68,7 +80,7 @@ fn split_args(args: &[String]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     while let Some(a) = it.next() {
         if a.starts_with("--") {
             options.push(a.clone());
-            if a == "--rounds" || a == "--out" {
+            if VALUE_OPTIONS.contains(&a.as_str()) {
                 let v = it.next().with_context(|| format!("{a} needs a value"))?;
                 options.push(v.clone());
             }
@@ -100,6 +112,9 @@ mod tests {
         let (g, o) = split_args(&s(&["gemm", "--quick", "--rounds", "7"])).unwrap();
         assert_eq!(g, s(&["gemm"]));
         assert_eq!(o, s(&["--quick", "--rounds", "7"]));
+        let (g, o) = split_args(&s(&["vit", "--batch", "64"])).unwrap();
+        assert_eq!(g, s(&["vit"]));
+        assert_eq!(o, s(&["--batch", "64"]));
         let (g, _) = split_args(&[]).unwrap();
         assert_eq!(g, s(GROUPS));
         assert!(split_args(&s(&["nope"])).is_err());

@@ -16,6 +16,8 @@ pub struct Inputs {
     pub train: Option<Value>,
     /// `target/bench/cnn.json`, if that group ran (its section comes written, in `markdown`).
     pub cnn: Option<Value>,
+    /// `target/bench/vit.json`, if that group ran (its section comes written, in `markdown`).
+    pub vit: Option<Value>,
     /// `target/bench/dp.json`, if that group ran (its section comes written, in `markdown`).
     pub dp: Option<Value>,
 }
@@ -37,6 +39,7 @@ pub fn read_inputs(dir: &Path, groups: &[String]) -> Result<Inputs> {
         gemm: read("gemm")?,
         train: read("train")?,
         cnn: read("cnn")?,
+        vit: read("vit")?,
         dp: read("dp")?,
     })
 }
@@ -159,7 +162,7 @@ pub fn markdown(inputs: &Inputs) -> String {
             );
         }
     }
-    for section in [&inputs.cnn, &inputs.dp] {
+    for section in [&inputs.cnn, &inputs.vit, &inputs.dp] {
         if let Some(md) = section.as_ref().and_then(|c| c["markdown"].as_str()) {
             s.push('\n');
             s.push_str(md);
@@ -388,10 +391,17 @@ mod tests {
             gemm: None,
             train: Some(sample()),
             cnn: Some(json!({"markdown": "## The mnist_cnn network\n"})),
+            vit: Some(json!({"markdown": "## The mnist_vit network\n"})),
             dp: Some(json!({"markdown": "## Data parallel\n"})),
         });
         assert!(md.contains("## Data parallel"), "{md}");
         assert!(md.contains("## The mnist_cnn network"), "{md}");
+        let (cnn, vit, dp) = (
+            md.find("## The mnist_cnn network").unwrap(),
+            md.find("## The mnist_vit network").unwrap(),
+            md.find("## Data parallel").unwrap(),
+        );
+        assert!(cnn < vit && vit < dp, "{md}");
         assert!(
             md.contains("| mixed_float16 | avx512-6x64 | 64 | 2.5 |"),
             "{md}"

@@ -34,6 +34,10 @@ subcommands:
       the mnist_cnn step per policy (default batch 256) and a Conv2D(64, 3x3) on 28x28x64 alone:
       ms, vs float32, fraction of the GEMM path's peak, activation memory (JSON to
       target/bench/cnn.json; --quick: batch 8, 2 rounds)
+  vit [--quick] [--rounds N] [--batch N] [--out PATH]
+      the mnist_vit step (AdamW) per policy (default batch 128): ms, vs float32, fraction of
+      the GEMM path's peak, activation memory (JSON to target/bench/vit.json; --quick: batch 8,
+      2 rounds)
   dp [--quick] [--rounds N] [--steps N] [--batch N] [--units N] [--out PATH]
       data-parallel training of the guide's model: 2 ranks x 1 thread (mpirun) against 1 process
       x 2 threads, per policy; the all-reduce's bytes and time per step (needs the `mpi` feature
@@ -54,6 +58,7 @@ fn main() -> Result<()> {
         Some("train") => examples::bench_train::train_cmd(&args[1..]),
         Some("step-gemms") => examples::bench_step_gemms::step_gemms_cmd(&args[1..]),
         Some("cnn") => examples::bench_cnn::cnn_cmd(&args[1..]),
+        Some("vit") => examples::bench_vit::vit_cmd(&args[1..]),
         Some("dp") => examples::bench_dp::dp_cmd(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
