@@ -258,6 +258,18 @@ impl Args {
         }
     }
 
+    /// The policy of `--policy`, or the one this machine's measurement recommends
+    /// ([`mp_kernels::calibrate::recommended_policy`]) when it is not given.
+    ///
+    /// # Errors
+    /// An unknown policy name; a failed calibration.
+    pub fn policy(&self) -> anyhow::Result<mp_core::Policy> {
+        Ok(match self.raw("policy") {
+            Some(p) => p.parse()?,
+            None => mp_kernels::calibrate::recommended_policy()?,
+        })
+    }
+
     /// The raw value of `--name`, if given.
     pub fn raw(&self, name: &str) -> Option<&str> {
         self.pairs

@@ -42,10 +42,7 @@ impl ImageArgs {
     pub fn from_env() -> anyhow::Result<Self> {
         let args = Args::from_env(&[])?;
         args.check_known(OPTIONS)?;
-        let policy: Policy = match args.raw("policy") {
-            Some(p) => p.parse()?,
-            None => mp_kernels::calibrate::recommended_policy()?,
-        };
+        let policy = args.policy()?;
         println!("Policy: {policy:#}");
         println!("CPU: {}", mp_kernels::peak::describe_cpu());
         let options = FitOptions {

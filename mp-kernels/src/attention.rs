@@ -43,6 +43,7 @@ use rayon::prelude::*;
 
 use crate::dropout::keep;
 use crate::error::{Error, Result, check_len};
+use crate::isa::Isa;
 use crate::threads;
 
 const OP: &str = "attention";
@@ -175,19 +176,28 @@ fn check_mask(op: &'static str, a: &Attention, mask: Option<&[f32]>) -> Result<(
     }
 }
 
+/// `x` widened to float32 once per sample, so that the loops over every pair of tokens read
+/// float32 instead of converting each 16-bit value again for every pair (the vectorised cast
+/// of [`crate::cast`], F16C where the CPU has it).
+fn widen<T: Element>(isa: Isa, x: &[T]) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    crate::cast::cast_chunk(isa, x, &mut out);
+    out
+}
+
 #[inline]
-fn dot<T: Element>(a: &[T], b: &[T]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 4];
     let mut ca = a.chunks_exact(4);
     let mut cb = b.chunks_exact(4);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..4 {
-            acc[l] += x[l].to_f32() * y[l].to_f32();
+            acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0.0f32;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x.to_f32() * y.to_f32();
+        tail += x * y;
     }
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
@@ -249,12 +259,14 @@ pub fn attention<T: Element>(
     }
     let (s, h, d) = (a.seq, a.heads, a.head_dim);
     let sample = s * h * d;
+    let isa = Isa::detect();
     let run = |(b, (out, probs)): (usize, (&mut [T], &mut [f32]))| {
         let row = |tok: usize, head: usize| -> usize { (tok * h + head) * d };
+        let range = b * sample..(b + 1) * sample;
         let (qb, kb, vb) = (
-            &q[b * sample..(b + 1) * sample],
-            &k[b * sample..(b + 1) * sample],
-            &v[b * sample..(b + 1) * sample],
+            widen(isa, &q[range.clone()]),
+            widen(isa, &k[range.clone()]),
+            widen(isa, &v[range]),
         );
         let mut acc = vec![0.0f32; d];
         for head in 0..h {
@@ -295,7 +307,7 @@ pub fn attention<T: Element>(
                     let w = T::from_f32(pj * a.drop_factor(b, head, i, j)).to_f32();
                     let vj = &vb[row(j, head)..][..d];
                     for (o, x) in acc.iter_mut().zip(vj) {
-                        *o += w * x.to_f32();
+                        *o += w * x;
                     }
                 }
                 let o = &mut out[row(i, head)..][..d];
@@ -346,15 +358,16 @@ pub fn attention_backward<T: Element>(
     }
     let (s, h, d) = (a.seq, a.heads, a.head_dim);
     let sample = s * h * d;
+    let isa = Isa::detect();
     type Grads<'a, T> = ((&'a mut [T], &'a mut [T]), &'a mut [T]);
     let run = |(b, ((dq, dk), dv)): (usize, Grads<'_, T>)| {
         let row = |tok: usize, head: usize| -> usize { (tok * h + head) * d };
         let range = b * sample..(b + 1) * sample;
         let (qb, kb, vb, gb) = (
-            &q[range.clone()],
-            &k[range.clone()],
-            &v[range.clone()],
-            &dout[range],
+            widen(isa, &q[range.clone()]),
+            widen(isa, &k[range.clone()]),
+            widen(isa, &v[range.clone()]),
+            widen(isa, &dout[range]),
         );
         let pb = &probs[b * h * s * s..(b + 1) * h * s * s];
         let (mut gq, mut gk, mut gv) = (
@@ -379,7 +392,7 @@ pub fn attention_backward<T: Element>(
                     let w = T::from_f32(p[j] * drop).to_f32();
                     let gvj = &mut gv[row(j, head)..][..d];
                     for (g, x) in gvj.iter_mut().zip(go) {
-                        *g += w * x.to_f32();
+                        *g += w * x;
                     }
                     let dp = dot(go, &vb[row(j, head)..][..d]) * drop;
                     *dsj = dp;
@@ -397,11 +410,11 @@ pub fn attention_backward<T: Element>(
                     let kj = &kb[row(j, head)..][..d];
                     let gqi = &mut gq[row(i, head)..][..d];
                     for (o, x) in gqi.iter_mut().zip(kj) {
-                        *o += g * x.to_f32();
+                        *o += g * x;
                     }
                     let gkj = &mut gk[row(j, head)..][..d];
                     for (o, x) in gkj.iter_mut().zip(qi) {
-                        *o += g * x.to_f32();
+                        *o += g * x;
                     }
                 }
             }

@@ -43,7 +43,7 @@ pub(crate) fn cast<S: Element, D: Element>(isa: Isa, src: &[S], dst: &mut [D]) -
 }
 
 /// Casts one chunk on the calling thread (`isa` already checked, lengths equal).
-fn cast_chunk<S: Element, D: Element>(isa: Isa, src: &[S], dst: &mut [D]) {
+pub(crate) fn cast_chunk<S: Element, D: Element>(isa: Isa, src: &[S], dst: &mut [D]) {
     debug_assert_eq!(src.len(), dst.len());
     if S::DTYPE == D::DTYPE {
         // SAFETY: `Element` is sealed and each dtype belongs to exactly one type, so `S` and `D`

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use examples::{Args, Digits};
 use mp_core::dist::Communicator;
-use mp_core::{DTypeKind, Policy, PolicyKind, PolicyVisitor};
+use mp_core::{DTypeKind, PolicyKind, PolicyVisitor};
 use mp_layers::{FitOptions, Layer, Model, SparseCategoricalCrossentropy, Trainer, Verbose};
 use mp_optim::RmsProp;
 
@@ -125,10 +125,7 @@ fn main() -> anyhow::Result<()> {
     macro_rules! println {
         ($($t:tt)*) => { if lead { std::println!($($t)*) } };
     }
-    let policy: Policy = match args.raw("policy") {
-        Some(p) => p.parse()?,
-        None => mp_kernels::calibrate::recommended_policy()?,
-    };
+    let policy = args.policy()?;
     println!("Policy: {policy:#}");
     println!("{}", mp_kernels::calibrate::check(policy)?);
     println!("CPU: {}", mp_kernels::peak::describe_cpu());

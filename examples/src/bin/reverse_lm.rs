@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use examples::transformer::{IGNORE, flatten_labels};
 use examples::{Args, ReverseLm, ReverseTask};
-use mp_core::{F32, Policy, PolicyKind, PolicyVisitor, Tensor};
+use mp_core::{F32, PolicyKind, PolicyVisitor, Tensor};
 use mp_layers::{Layer, Model, SparseCategoricalCrossentropy, Trainer};
 use mp_optim::{AdamW, LearningRateSchedule};
 use ndarray::s;
@@ -127,10 +127,7 @@ impl PolicyVisitor for Run {
 fn main() -> anyhow::Result<()> {
     let args = Args::from_env(&[])?;
     args.check_known(OPTIONS)?;
-    let policy: Policy = match args.raw("policy") {
-        Some(p) => p.parse()?,
-        None => mp_kernels::calibrate::recommended_policy()?,
-    };
+    let policy = args.policy()?;
     println!("Policy: {policy:#}");
     println!("CPU: {}", mp_kernels::peak::describe_cpu());
     let task = ReverseTask {
