@@ -62,13 +62,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let inputs = crate::report::read_inputs(&dir, &groups)?;
     let command = format!("cargo xtask bench {}", args.join(" "));
-    crate::report::write(
-        &root,
-        &dir,
-        &inputs,
-        command.trim(),
-        options.iter().any(|o| o == "--quick"),
-    )
+    let quick = options.iter().any(|o| o == "--quick");
+    let all = GROUPS.iter().all(|g| groups.iter().any(|r| r == g));
+    crate::report::write(&root, &dir, &inputs, command.trim(), quick, !quick && all)
 }
 
 /// Splits arguments into benchmark groups (all of them when none is named) and options passed
