@@ -398,10 +398,12 @@ fn f16_large_shapes() {
 }
 
 /// Large GEMMs with a transposed A (every dimension >= 1024: hidden-layer weight gradients):
-/// float32 first copies A into depth-contiguous rows, bfloat16 packs it with the partial sums in
-/// C. Checked against float64 like every other path, with the weight-gradient accumulation
-/// (alpha 1, beta 1 into float32) and a forward-style store, at an odd depth, on every SIMD path
-/// (the portable one where there is none).
+/// float32 and bfloat16 first copy A into depth-contiguous rows (vector transposes on the AVX-512
+/// paths, with edge rows and steps past the last whole block), then read the copy in place, or,
+/// for bfloat16 at an odd depth, pack pairs from it; float16 packs from the transposed layout.
+/// Checked against float64 like every other path, with the weight-gradient accumulation (alpha
+/// 1, beta 1 into float32) and a forward-style store, at an odd and an even depth, on every SIMD
+/// path (the portable one where there is none).
 #[test]
 fn large_transposed_a() {
     let mut rng = Rng::new(test_seed("large_transposed_a"));
@@ -430,9 +432,15 @@ fn large_transposed_a() {
     for path in simd(DType::F32) {
         check::<f32, f32>(path, acc, &mut rng);
     }
+    // An even depth: bfloat16 reads the copy in place as pairs.
+    let even = Case { k: 1026, ..acc };
     for path in simd(DType::BF16) {
         check::<bf16, f32>(path, acc, &mut rng);
         check::<bf16, bf16>(path, fwd, &mut rng);
+        check::<bf16, f32>(path, even, &mut rng);
+    }
+    for path in simd(DType::F16) {
+        check::<f16, f32>(path, even, &mut rng);
     }
 }
 

@@ -141,13 +141,15 @@ pub fn markdown(inputs: &Inputs) -> String {
         if inputs.train.is_none() {
             s.push_str(&calibration_section(&gemm["calibration"]));
         }
-        s.push_str("\n## GEMM (square, all cores)\n\nThe peak of bfloat16 is the faster of its two paths' peaks (vdpbf16ps, float32 FMA), whichever path runs.\n\n| dtype | path | n | GFLOP/s (median) | min | max | peak | of peak | vs float32 |\n|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("\n## GEMM (square, all cores)\n\nThe peak of bfloat16 is the faster of its two paths' peaks (vdpbf16ps, float32 FMA), whichever path runs. As for training, \"of peak\" is the median over rounds of each timing's GFLOP/s against that peak measured right before and right after it, and \"vs float32\" the median over rounds of the ratio within the round; \"peak\" is the median of the peaks measured once per round, and the columns after each are the plain ratios of the medians.\n\n| dtype | path | n | GFLOP/s (median) | min | max | peak | of peak | of median peak | vs float32 | vs float32, of medians |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let times = |x: &Value| x.as_f64().map_or("-".to_string(), |x| format!("{x:.2}x"));
         for r in gemm_records(gemm) {
             let g = r["gflops"].as_f64().unwrap_or(0.0);
             let p = r["peak_gflops"].as_f64().unwrap_or(0.0);
+            let of_median = if p > 0.0 { g / p } else { 0.0 };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}% | {} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.1}% | {} | {} |",
                 r["dtype"].as_str().unwrap_or("?"),
                 r["path"].as_str().unwrap_or("?"),
                 r["n"],
@@ -155,10 +157,10 @@ pub fn markdown(inputs: &Inputs) -> String {
                 r["min_gflops"].as_f64().unwrap_or(0.0),
                 r["max_gflops"].as_f64().unwrap_or(0.0),
                 p,
-                if p > 0.0 { 100.0 * g / p } else { 0.0 },
-                r["ratio_to_float32"]
-                    .as_f64()
-                    .map_or("-".to_string(), |x| format!("{x:.2}x")),
+                100.0 * r["fraction_of_peak"].as_f64().unwrap_or(of_median),
+                100.0 * of_median,
+                times(&r["ratio_to_float32"]),
+                times(&r["ratio_of_medians_to_float32"]),
             );
         }
     }

@@ -196,11 +196,23 @@ fn stats(xs: &[f64]) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
-/// One timing: GFLOP/s and the share of the kernel threads' cores the process got meanwhile.
+/// One timing: GFLOP/s, the share of the kernel threads' cores the process got meanwhile, and the
+/// dtype's peak measured right before and right after it (their mean).
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     gflops: f64,
     cpu_share: Option<f64>,
+    peak: f64,
+}
+
+/// The peak a dtype's GEMM is measured against, taken now: the float32 FMA peak, and for bfloat16
+/// the faster of its two paths' peaks (vdpbf16ps pairs, or float32 FMA after widening).
+fn peak_now(d: DType) -> f64 {
+    let fma = peak::fma_f32_peak_gflops();
+    match d {
+        DType::BF16 => peak::dpbf16_peak_gflops().map_or(fma, |dp| dp.max(fma)),
+        _ => fma,
+    }
 }
 
 fn gemm_cmd(args: &[String]) -> Result<()> {
@@ -237,14 +249,19 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
         }
         for (i, b) in benches.iter_mut().enumerate() {
             let n = b.n() as f64;
+            // The peak right before and right after the timing: on a shared machine whose speed
+            // drifts, each timing is set against the machine as it was meanwhile.
+            let before = peak_now(b.dtype());
             let cpu0 = process_cpu_secs();
             let secs = b.run(reps[i])?;
             let cpu_share = cpu0
                 .zip(process_cpu_secs())
                 .map(|(c0, c1)| (c1 - c0) / (secs * nthreads as f64));
+            let after = peak_now(b.dtype());
             samples[i].push(Sample {
                 gflops: 2.0 * n * n * n * reps[i] as f64 / secs / 1e9,
                 cpu_share,
+                peak: (before + after) / 2.0,
             });
         }
         eprintln!("round {}/{} done", round + 1, opts.rounds);
@@ -259,12 +276,22 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
         _ => fma_med,
     };
     let gflops = |s: &[Sample]| s.iter().map(|x| x.gflops).collect::<Vec<_>>();
-    let median_of = |d: DType, n: usize| {
+    let samples_of = |d: DType, n: usize| {
         benches
             .iter()
             .zip(&samples)
             .find(|(b, _)| b.dtype() == d && b.n() == n)
-            .map(|(_, s)| stats(&gflops(s)).0)
+            .map(|(_, s)| s)
+    };
+    let median_of = |d: DType, n: usize| samples_of(d, n).map(|s| stats(&gflops(s)).0);
+    // The median over rounds of the ratio to float32 within each round (taken seconds apart).
+    let paired_ratio = |d: DType, n: usize| {
+        samples_of(d, n)
+            .zip(samples_of(DType::F32, n))
+            .map(|(s, f)| {
+                let r: Vec<f64> = s.iter().zip(f).map(|(x, f)| x.gflops / f.gflops).collect();
+                stats(&r).0
+            })
     };
 
     println!();
@@ -287,23 +314,29 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
     );
     println!();
     println!(
-        "| dtype | n | median GFLOP/s | min | max | peak GFLOP/s | of peak | vs float32 | cpu share |"
+        "| dtype | n | median GFLOP/s | min | max | peak GFLOP/s | of peak | of median peak | vs float32 | vs float32, of medians | cpu share |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut records = Vec::new();
     for ((b, s), &reps) in benches.iter().zip(&samples).zip(&reps) {
         let g = gflops(s);
         let (med, lo, hi) = stats(&g);
         let pk = peak_for(b.dtype());
-        let ratio = median_of(DType::F32, b.n()).map(|f| med / f);
+        let fractions: Vec<f64> = s.iter().map(|x| x.gflops / x.peak).collect();
+        let paired = stats(&fractions).0;
+        let ratio = paired_ratio(b.dtype(), b.n());
+        let ratio_of_medians = median_of(DType::F32, b.n()).map(|f| med / f);
         let shares: Vec<f64> = s.iter().filter_map(|x| x.cpu_share).collect();
         let share = (!shares.is_empty()).then(|| stats(&shares).0);
+        let times = |r: Option<f64>| r.map_or(String::from("-"), |r| format!("{r:.2}x"));
         println!(
-            "| {} | {} | {med:.1} | {lo:.1} | {hi:.1} | {pk:.1} | {:.1}% | {} | {} |",
+            "| {} | {} | {med:.1} | {lo:.1} | {hi:.1} | {pk:.1} | {:.1}% | {:.1}% | {} | {} | {} |",
             b.dtype(),
             b.n(),
+            100.0 * paired,
             100.0 * med / pk,
-            ratio.map_or(String::from("-"), |r| format!("{r:.2}x")),
+            times(ratio),
+            times(ratio_of_medians),
             share.map_or(String::from("-"), |x| format!("{:.0}%", 100.0 * x)),
         );
         records.push(serde_json::json!({
@@ -315,8 +348,11 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
             "min_gflops": lo,
             "max_gflops": hi,
             "peak_gflops": pk,
-            "fraction_of_peak": med / pk,
+            "fraction_of_peak": paired,
+            "fraction_of_median_peak": med / pk,
             "ratio_to_float32": ratio,
+            "ratio_of_medians_to_float32": ratio_of_medians,
+            "samples_peak_gflops": s.iter().map(|x| x.peak).collect::<Vec<_>>(),
             "cpu_share": share,
             "rounds": g.len(),
             "reps_per_round": reps,
@@ -327,12 +363,16 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
         .sizes
         .iter()
         .map(|&n| {
-            let f = median_of(DType::F32, n);
-            let r = |d| median_of(d, n).zip(f).map(|(x, f)| x / f);
+            let r = |d| paired_ratio(d, n);
             serde_json::json!({ "n": n, "bf16_over_f32": r(DType::BF16), "f16_over_f32": r(DType::F16) })
         })
         .collect();
     println!();
+    println!(
+        "of peak: the median over rounds of each timing's GFLOP/s against the peak measured right \
+         before and right after it; vs float32: the median over rounds of the ratio within the \
+         round. The columns after each are the plain ratios of the medians."
+    );
     println!(
         "cpu share: CPU time of the process over wall time x {nthreads} threads; under ~95% the \
          cores were shared with other work during the timing (this machine may be shared), so \

@@ -1,6 +1,7 @@
 //! x86-64 kernels: AVX-512 float32 FMA, AVX512_BF16 `vdpbf16ps` pairs, and AVX2 float32 FMA.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use half::bf16;
 use mp_core::{DType, Element};
@@ -301,6 +302,84 @@ fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
         out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(w0, w1);
     }
     out
+}
+
+/// The transposed copy of [`Kernel::transpose_a`] for 32-bit and 16-bit elements, with 16 x 16
+/// vector transposes of 32-bit lanes: a block is 16 rows by 16 steps (32-bit) or by 32 steps
+/// (16-bit: steps `2j` and `2j + 1` of a row joined into one lane first, low half first, which is
+/// the element order of the row). Strips of 64 rows read 64 contiguous source elements per step.
+/// Rows and steps past the last whole block, and other element sizes, take the portable copy.
+///
+/// # Safety
+/// As for [`Kernel::transpose_a`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+unsafe fn transpose_rows_512<T: Copy>(
+    src: *const T,
+    ps: usize,
+    rows: Range<usize>,
+    k: usize,
+    dst: *mut T,
+    ld: usize,
+) {
+    let size = size_of::<T>();
+    if size != 4 && size != 2 {
+        // SAFETY: forwarded.
+        unsafe { super::driver::transpose_rows(src, ps, rows, k, dst, ld) };
+        return;
+    }
+    // Steps per block: 16 lanes of one element, or of a pair of 16-bit elements.
+    let qv = 64 / size;
+    // Rows i..i+16 and steps q..q+qv, all inside `rows` and 0..k (the loops below).
+    let block = |i: usize, q: usize| {
+        // SAFETY: those elements are in the source and their copies in the destination rows (the
+        // caller's promise); AVX-512 is enabled on this function.
+        unsafe {
+            let lanes: [__m512; 16] = std::array::from_fn(|j| {
+                if size == 4 {
+                    _mm512_loadu_ps(src.add(i + (q + j) * ps).cast())
+                } else {
+                    let lo = src.add(i + (q + 2 * j) * ps).cast::<__m256i>();
+                    let hi = src.add(i + (q + 2 * j + 1) * ps).cast::<__m256i>();
+                    let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(lo));
+                    let hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(hi));
+                    _mm512_castsi512_ps(_mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)))
+                }
+            });
+            let t = transpose16(&lanes);
+            for (r, x) in t.iter().enumerate() {
+                _mm512_storeu_ps(dst.add((i + r) * ld + q).cast(), *x);
+            }
+        }
+    };
+    let scalar = |i: usize, q: Range<usize>| {
+        for q in q {
+            // SAFETY: as above.
+            unsafe { *dst.add(i * ld + q) = *src.add(i + q * ps) };
+        }
+    };
+    const STRIP: usize = 64;
+    let mut i0 = rows.start;
+    while i0 < rows.end {
+        let i1 = (i0 + STRIP).min(rows.end);
+        let whole = i0 + (i1 - i0) / 16 * 16;
+        let mut q = 0;
+        while q + qv <= k {
+            for i in (i0..whole).step_by(16) {
+                block(i, q);
+            }
+            for i in whole..i1 {
+                scalar(i, q..q + qv);
+            }
+            q += qv;
+        }
+        for i in i0..i1 {
+            scalar(i, q..k);
+            // SAFETY: the pad of row i is inside the buffer; zero bits are 0.0 in every element
+            // type, so the pad adds nothing (and no stale NaN) to a pair.
+            unsafe { std::ptr::write_bytes(dst.add(i * ld + k), 0, ld - k) };
+        }
+        i0 = i1;
+    }
 }
 
 /// Packs k-major 32-bit panels `width` wide (a multiple of 16) from a source contiguous along the
@@ -757,6 +836,19 @@ unsafe impl<T: GemmInput, O: GemmOutput, const MR: usize, const NV: usize> Kerne
         // SAFETY: forwarded.
         unsafe { micro_f32_512::<O, MR, NV>(kp, a, a_row, b, w, first, last, tile) }
     }
+
+    unsafe fn transpose_a(
+        &self,
+        src: *const T,
+        ps: usize,
+        rows: Range<usize>,
+        k: usize,
+        dst: *mut T,
+        ld: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { transpose_rows_512(src, ps, rows, k, dst, ld) }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -877,6 +969,19 @@ unsafe impl<O: GemmOutput, const MR: usize, const NV: usize> Kernel<bf16, O>
     ) {
         // SAFETY: forwarded.
         unsafe { micro_bf16_512::<O, MR, NV>(kp, a, a_row, b, w, first, last, tile) }
+    }
+
+    unsafe fn transpose_a(
+        &self,
+        src: *const bf16,
+        ps: usize,
+        rows: Range<usize>,
+        k: usize,
+        dst: *mut bf16,
+        ld: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { transpose_rows_512(src, ps, rows, k, dst, ld) }
     }
 }
 
