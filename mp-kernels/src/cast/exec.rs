@@ -17,7 +17,7 @@ use crate::threads;
 pub(crate) const PAR_MIN: usize = 1 << 16;
 
 /// Checks that this CPU can run `isa` (running code for a missing instruction set is undefined
-/// behaviour, so the `*_with_isa` kernels check before anything else).
+/// behaviour, so the kernels that take an instruction set check before anything else).
 pub(crate) fn check_isa(op: &'static str, isa: Isa) -> Result<()> {
     if isa.is_supported() {
         Ok(())
