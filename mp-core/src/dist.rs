@@ -22,6 +22,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::dtype::F32;
 use crate::error::{Error, Result};
@@ -117,15 +118,71 @@ fn check_root(comm: &dyn Communicator, op: &'static str, root: usize) -> Result<
 
 /// How many ranks the launcher says this process is one of, from the environment `mpirun` (Open
 /// MPI), PMIx and MPICH's Hydra set: `None` when not launched by one.
-pub fn launched_size() -> Option<usize> {
-    [
+///
+/// # Errors
+/// [`Error::Communication`] naming the variable when its value is not a whole number of ranks
+/// (at least 1): a launcher never sets that, so the environment was edited by hand.
+pub fn launched_size() -> Result<Option<usize>> {
+    launched_size_from(|k| std::env::var(k).ok())
+}
+
+/// [`launched_size`] over any environment (tests pass a table).
+fn launched_size_from(var: impl Fn(&str) -> Option<String>) -> Result<Option<usize>> {
+    for k in [
         "OMPI_COMM_WORLD_SIZE",
         "PMIX_SIZE",
         "PMI_SIZE",
         "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    ] {
+        let Some(v) = var(k) else { continue };
+        return match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(Error::Communication {
+                op: "from_env",
+                what: format!(
+                    "{k}={v:?} is not a number of MPI ranks (a whole number, at least 1): the \
+                     launcher sets it, so unset it or launch with mpirun -np N"
+                ),
+            }),
+        };
+    }
+    Ok(None)
+}
+
+/// The knob that sets how long a rank waits in one collective before it gives up on the others:
+/// seconds (`"300"`, `"2.5"`), or `"off"` (also `"0"`, `"none"`) for no deadline, as a debugger
+/// that stops a rank needs. Unset: [`DEFAULT_DEADLINE`]. Under `mpirun`, pass it to every rank
+/// with `-x MP_COLLECTIVE_TIMEOUT=60`.
+pub const DEADLINE_KNOB: &str = "MP_COLLECTIVE_TIMEOUT";
+
+/// How long a rank waits in one collective by default: 10 minutes, since legitimate waits are
+/// long (rank 0 writing a checkpoint, first-use kernel calibration, a dataset download on one
+/// rank).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The deadline [`DEADLINE_KNOB`]'s value asks for (`None` for the value: unset, the default;
+/// `Ok(None)`: no deadline).
+///
+/// # Errors
+/// [`Error::Communication`] naming the knob and the value when it is neither a positive number
+/// of seconds nor `off`.
+pub fn deadline_from(value: Option<&str>) -> Result<Option<Duration>> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(Some(DEFAULT_DEADLINE));
+    };
+    if ["off", "none", "0"].contains(&v.to_ascii_lowercase().as_str()) {
+        return Ok(None);
+    }
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
+        _ => Err(Error::Communication {
+            op: DEADLINE_KNOB,
+            what: format!(
+                "{DEADLINE_KNOB}={v:?} is not a positive number of seconds (or \"off\" for no \
+                 deadline)"
+            ),
+        }),
+    }
 }
 
 /// The communicator this process was launched with: [`Mpi`] under `mpirun` (with the `mpi`
@@ -133,10 +190,10 @@ pub fn launched_size() -> Option<usize> {
 ///
 /// # Errors
 /// [`Error::Communication`] when launched as one of several ranks by a build without the `mpi`
-/// feature (N copies of a single-process run would each train alone), or when MPI fails to
-/// start.
+/// feature (N copies of a single-process run would each train alone), when the launcher's
+/// environment or [`DEADLINE_KNOB`] does not parse, or when MPI fails to start.
 pub fn from_env() -> Result<Arc<dyn Communicator>> {
-    match launched_size() {
+    match launched_size()? {
         None => Ok(Arc::new(Local)),
         #[cfg(feature = "mpi")]
         Some(_) => Ok(Arc::new(Mpi::init()?)),
@@ -150,6 +207,27 @@ pub fn from_env() -> Result<Arc<dyn Communicator>> {
                  rebuild with `--features mpi`"
             ),
         }),
+    }
+}
+
+/// Refuses to run a program that trains in one process alone when the launcher started it as
+/// one of several ranks: N copies would each train the same model alone, silently. `program`
+/// and `instead` go into the message (what the program is, and what to run for data-parallel
+/// training).
+///
+/// # Errors
+/// [`Error::Communication`] under `mpirun -np N` with N > 1, or when the launcher's environment
+/// does not parse.
+pub fn single_process(program: &str, instead: &str) -> Result<()> {
+    match launched_size()? {
+        Some(n) if n > 1 => Err(Error::Communication {
+            op: "single_process",
+            what: format!(
+                "{program} trains in one process, but was launched as one of {n} MPI ranks: \
+                 each rank would train the same model alone. Run it without mpirun, or {instead}"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -258,26 +336,43 @@ pub fn broadcast_tensor(comm: &dyn Communicator, t: &mut Tensor<F32>, root: usiz
 }
 
 #[cfg(feature = "mpi")]
-pub use self::mpi_comm::Mpi;
+pub use self::mpi_comm::{DEADLINE_EXIT, Mpi};
 
 #[cfg(feature = "mpi")]
 mod mpi_comm {
     use std::sync::Mutex;
+    use std::time::{Duration, Instant};
 
     use mpi::collective::SystemOperation;
     use mpi::environment::Universe;
+    use mpi::request::{Request, Scope};
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Root as _};
 
-    use super::{Communicator, check_root};
+    use super::{Communicator, DEADLINE_KNOB, check_root, deadline_from};
     use crate::error::{Error, Result};
+
+    /// The exit status of every rank when a collective passed its deadline.
+    pub const DEADLINE_EXIT: i32 = 124;
+
+    /// How long a rank polls a collective back to back before it sleeps between polls: the
+    /// collectives of a step finish well within it, so they cost what a blocking call costs.
+    const SPIN: Duration = Duration::from_millis(50);
 
     /// MPI's world communicator (feature `mpi`). MPI is initialised once per process, with
     /// `MPI_THREAD_SERIALIZED`, and finalised when this value drops.
     ///
-    /// Sums: `MPI_Allreduce` on two ranks (where IEEE addition's commutativity makes both ranks'
-    /// sums the same bits); on more, `MPI_Reduce` to rank 0 then `MPI_Bcast`, because MPI does
+    /// Sums: `MPI_Iallreduce` on two ranks (where IEEE addition's commutativity makes both ranks'
+    /// sums the same bits); on more, `MPI_Ireduce` to rank 0 then `MPI_Ibcast`, because MPI does
     /// not promise that an all-reduce gives every rank the same bits.
+    ///
+    /// Every collective is issued as a non-blocking request and polled against a deadline
+    /// ([`DEADLINE_KNOB`], 10 minutes by default): a rank still waiting past it prints an
+    /// error naming the collective and the ranks it waited for, and aborts the whole job
+    /// (`MPI_Abort`, exit status [`DEADLINE_EXIT`]). An MPI collective cannot be cancelled, and
+    /// returning with one pending could hang in `MPI_Finalize`, so aborting is the only way out
+    /// that never hangs. Resume the job from its last checkpoint (every rank calls
+    /// `resume_latest`).
     pub struct Mpi {
         state: Mutex<State>,
         rank: usize,
@@ -288,6 +383,10 @@ mod mpi_comm {
         world: SimpleCommunicator,
         scratch_f32: Vec<f32>,
         scratch_f64: Vec<f64>,
+        /// How long one collective may wait (`None`: forever).
+        deadline: Option<Duration>,
+        /// Collectives issued so far (names the one that timed out).
+        issued: std::cell::Cell<u64>,
         // Dropped last: finalises MPI.
         _universe: Universe,
     }
@@ -303,17 +402,20 @@ mod mpi_comm {
             f.debug_struct("Mpi")
                 .field("rank", &self.rank)
                 .field("size", &self.size)
+                .field("deadline", &self.deadline())
                 .finish()
         }
     }
 
     impl Mpi {
-        /// Initialises MPI and takes its world communicator.
+        /// Initialises MPI and takes its world communicator, with the deadline
+        /// [`DEADLINE_KNOB`] sets.
         ///
         /// # Errors
         /// [`Error::Communication`] when MPI is already initialised in this process or does not
-        /// provide `MPI_THREAD_SERIALIZED`.
+        /// provide `MPI_THREAD_SERIALIZED`, or when [`DEADLINE_KNOB`] does not parse.
         pub fn init() -> Result<Mpi> {
+            let deadline = deadline_from(std::env::var(DEADLINE_KNOB).ok().as_deref())?;
             let fail = |what: String| Error::Communication {
                 op: "mpi init",
                 what,
@@ -332,11 +434,24 @@ mod mpi_comm {
                     world,
                     scratch_f32: vec![],
                     scratch_f64: vec![],
+                    deadline,
+                    issued: std::cell::Cell::new(0),
                     _universe: universe,
                 }),
                 rank,
                 size,
             })
+        }
+
+        /// How long one collective may wait before the job is aborted (`None`: forever).
+        pub fn deadline(&self) -> Option<Duration> {
+            self.state().deadline
+        }
+
+        /// Sets how long one collective may wait (`None`: forever), on this rank: every rank
+        /// should set the same.
+        pub fn set_deadline(&self, deadline: Option<Duration>) {
+            self.state().deadline = deadline;
         }
 
         fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -345,26 +460,96 @@ mod mpi_comm {
         }
     }
 
-    macro_rules! sum {
-        ($s:expr, $buf:expr, $scratch:ident, $size:expr) => {{
-            let s = &mut *$s;
-            s.$scratch.clear();
-            s.$scratch.extend_from_slice($buf);
-            if $size <= 2 {
-                s.world
-                    .all_reduce_into(&s.$scratch[..], &mut $buf[..], SystemOperation::sum());
-            } else {
-                let root = s.world.process_at_rank(0);
-                if s.world.rank() == 0 {
-                    root.reduce_into_root(&s.$scratch[..], &mut $buf[..], SystemOperation::sum());
-                } else {
-                    root.reduce_into(&s.$scratch[..], SystemOperation::sum());
+    impl State {
+        /// Polls `req` until it completes; past the deadline, aborts the job with a message
+        /// naming `op`, the wait and the ranks this one waited for.
+        fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, op: &'static str, mut req: Request<'a, D, S>) {
+            self.issued.set(self.issued.get() + 1);
+            let started = Instant::now();
+            loop {
+                match req.test() {
+                    Ok(_) => return,
+                    Err(pending) => req = pending,
                 }
-                root.broadcast_into(&mut $buf[..]);
+                let waited = started.elapsed();
+                if let Some(deadline) = self.deadline
+                    && waited > deadline
+                {
+                    self.expire(op, waited, deadline);
+                }
+                if waited > SPIN {
+                    // A long wait (another rank still computing or writing): poll less often.
+                    std::thread::sleep((waited / 64).min(Duration::from_millis(5)));
+                } else {
+                    std::hint::spin_loop();
+                }
             }
-        }};
+        }
+
+        fn expire(&self, op: &'static str, waited: Duration, deadline: Duration) -> ! {
+            let (rank, size) = (self.world.rank(), self.world.size());
+            let others: Vec<i32> = (0..size).filter(|&r| r != rank).collect();
+            let whom = if others.len() == 1 {
+                format!("rank {} did not arrive", others[0])
+            } else {
+                format!("one or more of ranks {others:?} did not arrive")
+            };
+            eprintln!(
+                "mp: rank {rank} of {size}: {op} (collective #{}) waited {:.1} s, past the \
+                 {:.1} s deadline ({DEADLINE_KNOB}): {whom} (stopped, hung, or on another \
+                 step). Aborting every rank with exit status {DEADLINE_EXIT}; resume from the \
+                 last checkpoint (every rank calls resume_latest), and set {DEADLINE_KNOB} \
+                 (seconds, or off) if the wait was legitimate",
+                self.issued.get(),
+                waited.as_secs_f64(),
+                deadline.as_secs_f64(),
+            );
+            self.world.abort(DEADLINE_EXIT)
+        }
     }
 
+    macro_rules! sum {
+        ($s:expr, $buf:expr, $scratch:ident, $size:expr) => {{
+            let guard = &mut *$s;
+            let mut scratch = std::mem::take(&mut guard.$scratch);
+            scratch.clear();
+            scratch.extend_from_slice($buf);
+            let s: &State = &*guard;
+            if $size <= 2 {
+                mpi::request::scope(|scope| {
+                    let req = s.world.immediate_all_reduce_into(
+                        scope,
+                        &scratch[..],
+                        &mut $buf[..],
+                        SystemOperation::sum(),
+                    );
+                    s.wait("all_reduce", req);
+                });
+            } else {
+                let root = s.world.process_at_rank(0);
+                mpi::request::scope(|scope| {
+                    if s.world.rank() == 0 {
+                        let req = root.immediate_reduce_into_root(
+                            scope,
+                            &scratch[..],
+                            &mut $buf[..],
+                            SystemOperation::sum(),
+                        );
+                        s.wait("reduce", req);
+                    } else {
+                        let req =
+                            root.immediate_reduce_into(scope, &scratch[..], SystemOperation::sum());
+                        s.wait("reduce", req);
+                    }
+                });
+                mpi::request::scope(|scope| {
+                    let req = root.immediate_broadcast_into(scope, &mut $buf[..]);
+                    s.wait("broadcast", req);
+                });
+            }
+            guard.$scratch = scratch;
+        }};
+    }
     impl Communicator for Mpi {
         fn rank(&self) -> usize {
             self.rank
@@ -386,7 +571,11 @@ mod mpi_comm {
         fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<()> {
             check_root(self, "broadcast", root)?;
             let s = self.state();
-            s.world.process_at_rank(root as i32).broadcast_into(buf);
+            let p = s.world.process_at_rank(root as i32);
+            mpi::request::scope(|scope| {
+                let req = p.immediate_broadcast_into(scope, buf);
+                s.wait("broadcast", req);
+            });
             Ok(())
         }
         fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
@@ -394,13 +583,21 @@ mod mpi_comm {
             let s = self.state();
             let p = s.world.process_at_rank(root as i32);
             let mut len = buf.len() as u64;
-            p.broadcast_into(&mut len);
+            mpi::request::scope(|scope| {
+                let req = p.immediate_broadcast_into(scope, &mut len);
+                s.wait("broadcast", req);
+            });
             buf.resize(len as usize, 0);
-            p.broadcast_into(&mut buf[..]);
+            mpi::request::scope(|scope| {
+                let req = p.immediate_broadcast_into(scope, &mut buf[..]);
+                s.wait("broadcast", req);
+            });
             Ok(())
         }
         fn barrier(&self) -> Result<()> {
-            self.state().world.barrier();
+            let s = self.state();
+            let req = s.world.immediate_barrier();
+            s.wait("barrier", req);
             Ok(())
         }
         fn abort(&self, code: i32) -> ! {
@@ -441,5 +638,47 @@ mod tests {
         assert_eq!(b2.to_f32_vec().unwrap(), [4.0, 5.0]);
         let e = k.pop(&mut b2, 1.0).unwrap_err().to_string();
         assert!(e.contains("2 values asked for, 0 left"), "{e}");
+    }
+    #[test]
+    fn the_launcher_size_is_a_positive_whole_number() {
+        let env =
+            |k: &'static str, v: &'static str| move |name: &str| (name == k).then(|| v.to_string());
+        assert_eq!(launched_size_from(|_| None).unwrap(), None);
+        assert_eq!(
+            launched_size_from(env("OMPI_COMM_WORLD_SIZE", "2")).unwrap(),
+            Some(2)
+        );
+        assert_eq!(launched_size_from(env("PMI_SIZE", " 4 ")).unwrap(), Some(4));
+        // The sweep found "launched as one of 0 MPI ranks".
+        for bad in ["0", "-1", "two", ""] {
+            let e = launched_size_from(env("OMPI_COMM_WORLD_SIZE", bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("OMPI_COMM_WORLD_SIZE={bad:?}")) && e.contains("at least 1"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_deadline_knob_takes_seconds_or_off() {
+        assert_eq!(deadline_from(None).unwrap(), Some(DEFAULT_DEADLINE));
+        assert_eq!(deadline_from(Some(" ")).unwrap(), Some(DEFAULT_DEADLINE));
+        assert_eq!(
+            deadline_from(Some("5")).unwrap(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            deadline_from(Some("2.5")).unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        for off in ["off", "OFF", "none", "0"] {
+            assert_eq!(deadline_from(Some(off)).unwrap(), None, "{off}");
+        }
+        for bad in ["-1", "nan", "inf", "soon", "1e12"] {
+            let e = deadline_from(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(DEADLINE_KNOB) && e.contains(bad), "{e}");
+        }
     }
 }
