@@ -2,8 +2,10 @@
 //! data limited to the first `--train-samples`, and the report after `fit` (the test scores
 //! from `evaluate` and one summary line).
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use mp_core::dist::Communicator;
 use mp_core::{Policy, PolicyKind};
 use mp_layers::{FitOptions, Loss, Model, Trainer, Verbose};
 use mp_optim::Optimizer;
@@ -32,19 +34,30 @@ pub struct ImageArgs {
     pub options: FitOptions,
     /// Train on the first this many samples only (all by default).
     pub train_samples: Option<usize>,
+    /// The ranks `mpirun` started (one process alone otherwise): the examples train
+    /// data-parallel over them, and only rank 0 prints.
+    pub comm: Arc<dyn Communicator>,
 }
 
 impl ImageArgs {
-    /// Parses the process's arguments and prints the policy and the CPU.
+    /// Parses the process's arguments, joins the ranks `mpirun` started (if any) and prints
+    /// the policy and the CPU.
     ///
     /// # Errors
-    /// An unknown option or a value that does not parse, named.
+    /// An unknown option or a value that does not parse, named; a launcher environment that
+    /// MPI cannot join.
     pub fn from_env() -> anyhow::Result<Self> {
         let args = Args::from_env(&[])?;
         args.check_known(OPTIONS)?;
+        let comm = mp_core::dist::from_env()?;
         let policy = args.policy()?;
-        println!("Policy: {policy:#}");
-        println!("CPU: {}", mp_kernels::peak::describe_cpu());
+        if comm.rank() == 0 {
+            println!("Policy: {policy:#}");
+            println!("CPU: {}", mp_kernels::peak::describe_cpu());
+            if comm.size() > 1 {
+                println!("data parallel: {} ranks over {}", comm.size(), comm.name());
+            }
+        }
         let options = FitOptions {
             batch_size: args.get("batch-size", 128)?,
             epochs: args.get("epochs", 5)?,
@@ -62,7 +75,13 @@ impl ImageArgs {
             policy,
             options,
             train_samples,
+            comm,
         })
+    }
+
+    /// Whether this process prints (rank 0, or the only process).
+    pub fn lead(&self) -> bool {
+        self.comm.rank() == 0
     }
 
     /// `x` and `y` cut to the first [`ImageArgs::train_samples`] samples.
@@ -80,8 +99,9 @@ impl ImageArgs {
         }
     }
 
-    /// Runs `fit` on the training data, `evaluate` on the test data, and prints the test
-    /// scores and one line with the training time and the validation accuracy per epoch.
+    /// Runs `fit` on the training data (data-parallel over [`ImageArgs::comm`]), `evaluate` on
+    /// the test data, and prints (on rank 0) the test scores and one line with the training
+    /// time and the validation accuracy per epoch.
     ///
     /// # Errors
     /// What `fit` or `evaluate` returns.
@@ -101,7 +121,15 @@ impl ImageArgs {
         let started = Instant::now();
         let history = trainer.fit(train.0, train.1, &self.options)?;
         let seconds = started.elapsed().as_secs_f64();
-        let scores = trainer.evaluate(test.0, test.1, self.options.batch_size, Verbose::Lines)?;
+        let verbose = if self.lead() {
+            Verbose::Lines
+        } else {
+            Verbose::Silent
+        };
+        let scores = trainer.evaluate(test.0, test.1, self.options.batch_size, verbose)?;
+        if !self.lead() {
+            return Ok(());
+        }
         let val: Vec<String> = history
             .epochs
             .iter()

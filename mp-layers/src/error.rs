@@ -78,14 +78,37 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
-    /// Other ranks of a data-parallel job failed (their own errors are on their side): every
-    /// rank stops, and a training step they failed in was applied on none.
+    /// Other ranks of a data-parallel job failed: every rank stops, and a training step they
+    /// failed in was applied on none. `first` is the first failed rank's own error.
     #[error(
-        "rank(s) {ranks:?} of the data-parallel job failed (see their errors): every rank stops, \
-         and a training step they failed in was applied on none"
+        "rank(s) {ranks:?} of the data-parallel job failed, so every rank stops (a step they \
+         failed in is applied on none); rank {first_rank}: {first}"
     )]
     ReplicaFailed {
         /// The ranks that failed.
+        ranks: Vec<usize>,
+        /// The lowest of them.
+        first_rank: usize,
+        /// Its error, as it printed it.
+        first: String,
+    },
+    /// The ranks of a data-parallel job do not run the same training: what must match (the
+    /// model's variables, the policy, the global batch, the epochs...) differs between them.
+    #[error(
+        "the ranks of the data-parallel job disagree on {item}: {ours} on rank 0, {theirs} on \
+         rank {rank} (ranks that differ from rank 0: {ranks:?}); every rank must run the same \
+         model and options on the same data"
+    )]
+    ReplicasDisagree {
+        /// What differs.
+        item: String,
+        /// Rank 0's value.
+        ours: String,
+        /// The first differing rank.
+        rank: usize,
+        /// Its value.
+        theirs: String,
+        /// Every rank that differs from rank 0 somewhere in the handshake.
         ranks: Vec<usize>,
     },
     /// An error from mp-core.

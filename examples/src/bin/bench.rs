@@ -53,6 +53,13 @@ subcommands:
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `bench dp` starts its own mpirun job of `dp --worker`; anything else times one process.
+    if !(args.first().is_some_and(|a| a == "dp") && args.iter().any(|a| a == "--worker")) {
+        mp_core::dist::single_process(
+            "bench (timings of one process)",
+            "run `cargo xtask bench dp`, which starts its own 2-rank mpirun job",
+        )?;
+    }
     match args.first().map(String::as_str) {
         Some("gemm") => gemm_cmd(&args[1..]),
         Some("train") => examples::bench_train::train_cmd(&args[1..]),

@@ -14,6 +14,10 @@
 //! 4. mixed_float16: one sample of rank 1's shard is NaN; every rank must skip that step, with
 //!    the same loss scale and skipped-step counts everywhere.
 //!
+//! `--fault CASE` instead runs one fault between the ranks and prints each rank's error as
+//! `rank R: fault CASE: <error>` (exit 0 when every rank failed as it should, see [`fault`]);
+//! what the data-parallel tests drive, each case bounded in time.
+//!
 //! `--kill-test DIR` instead trains until killed, writing a checkpoint to `DIR` every epoch and
 //! each rank's process id to `DIR/rank-<r>.pid` (what the failure test drives).
 //!
@@ -31,7 +35,14 @@ use mp_layers::{
 };
 use mp_optim::{Optimizer, RmsProp};
 
-const OPTIONS: &[&str] = &["kill-test", "samples", "units", "epochs", "batch-size"];
+const OPTIONS: &[&str] = &[
+    "kill-test",
+    "fault",
+    "samples",
+    "units",
+    "epochs",
+    "batch-size",
+];
 const FEATURES: usize = 48;
 const CLASSES: usize = 10;
 const SEED: u64 = 7;
@@ -115,6 +126,9 @@ fn main() -> anyhow::Result<()> {
     let batch = args.get("batch-size", 250)?;
     if let Some(dir) = args.raw("kill-test") {
         return kill_test(comm, dir, samples, units, batch);
+    }
+    if let Some(case) = args.raw("fault") {
+        return fault(comm, case, samples, units, batch);
     }
     let epochs = args.get("epochs", 3)?;
     let (x, y) = clusters(samples, FEATURES, CLASSES, SEED);
@@ -241,7 +255,7 @@ fn main() -> anyhow::Result<()> {
     let expected = if rank == 0 {
         matches!(err, mp_layers::Error::Callback { .. })
     } else {
-        matches!(&err, mp_layers::Error::ReplicaFailed { ranks } if ranks == &[0])
+        matches!(&err, mp_layers::Error::ReplicaFailed { ranks, .. } if ranks == &[0])
     };
     println!("rank {rank}: a failed checkpoint on rank 0 stopped fit with: {err}");
     let mut wrong = [f64::from(u8::from(!expected))];
@@ -309,4 +323,94 @@ fn kill_test(
         .with_callback(ModelCheckpoint::new(dir).keep_last(2));
     t.fit(x.view(), y.view(), &options(batch, 100_000))?;
     Ok(())
+}
+
+/// One fault between the ranks, on the synthetic task; every rank must return an error (none
+/// may hang), and each prints it:
+/// - `label`: rank 1's labels hold 99 for 10 classes (`fit`'s up-front checks);
+/// - `evaluate-label`: the same in `evaluate`;
+/// - `epochs`: rank 0 asks for 3 epochs, rank 1 for 1;
+/// - `width`: rank 1's Dense layers are narrower;
+/// - `samples`: rank 1 has fewer samples;
+/// - `batch`: rank 1's global batch is half rank 0's;
+/// - `empty`: a `train_step` whose global batch is empty (every shard empty);
+/// - `stall`: rank 1 stops itself (`SIGSTOP`) after the first epoch; rank 0 must give up at
+///   the collective deadline (`MP_COLLECTIVE_TIMEOUT`) and abort the job.
+fn fault(
+    comm: Arc<dyn Communicator>,
+    case: &str,
+    samples: usize,
+    units: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let rank = comm.rank();
+    let odd = rank == 1;
+    let (x, mut y) = clusters(
+        if case == "samples" && odd {
+            samples - 10
+        } else {
+            samples
+        },
+        FEATURES,
+        CLASSES,
+        SEED,
+    );
+    if case.ends_with("label") && odd {
+        y[3] = 99;
+    }
+    let units = if case == "width" && odd {
+        units / 2
+    } else {
+        units
+    };
+    let mut t = compile::<Float32>(units).with_communicator(comm.clone());
+    let batch = if case == "batch" && odd {
+        batch / 2
+    } else {
+        batch
+    };
+    let epochs = if case == "epochs" && odd { 1 } else { 3 };
+    let outcome = match case {
+        "label" | "epochs" | "width" | "samples" | "batch" => t
+            .fit(x.view(), y.view(), &options(batch, epochs))
+            .map(|_| ()),
+        "evaluate-label" => t
+            .evaluate(x.view(), y.view(), batch, Verbose::Silent)
+            .map(|_| ()),
+        "empty" => {
+            t.model_mut().build(&[FEATURES])?;
+            let empty = mp_core::Tensor::<mp_core::F32>::from_f32(&[0, FEATURES], &[])?;
+            t.train_step::<u32>(&empty, &[]).map(|_| ())
+        }
+        "stall" => {
+            let stop = Stall { rank };
+            t.add_callback(stop);
+            t.fit(x.view(), y.view(), &options(batch, 3)).map(|_| ())
+        }
+        other => bail!("unknown --fault {other:?}"),
+    };
+    match outcome {
+        Err(e) => {
+            println!("rank {rank}: fault {case}: {e}");
+            Ok(())
+        }
+        Ok(()) => bail!("rank {rank}: fault {case} did not fail"),
+    }
+}
+
+/// Stops rank 1's process (`SIGSTOP`, as `kill -STOP` does) at the end of the first epoch.
+struct Stall {
+    rank: usize,
+}
+
+impl<M: Model, O: Optimizer> Callback<M, O> for Stall {
+    fn on_epoch_end(&mut self, _: &mut Trainer<M, O>, logs: &EpochLogs) -> mp_layers::Result<()> {
+        if self.rank == 1 && logs.epoch == 0 {
+            eprintln!("rank 1: stopping myself (SIGSTOP)");
+            let _ = std::process::Command::new("kill")
+                .args(["-STOP", &std::process::id().to_string()])
+                .status();
+        }
+        Ok(())
+    }
 }

@@ -130,6 +130,7 @@ fn random<E: Element>(rng: &mut Rng, n: usize, lo: f32, hi: f32) -> Vec<E> {
 }
 
 fn main() -> Result<()> {
+    mp_core::dist::single_process("gpu_check (checks of one GPU)", "run it once per GPU")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

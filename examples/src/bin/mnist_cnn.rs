@@ -24,6 +24,11 @@ impl PolicyVisitor for Run {
     type Output = anyhow::Result<()>;
 
     fn visit<P: PolicyKind>(self) -> anyhow::Result<()> {
+        let lead = self.0.lead();
+        // Rank 0 alone prints under mpirun.
+        macro_rules! println {
+            ($($t:tt)*) => { if lead { std::println!($($t)*) } };
+        }
         let ((x_train, y_train), (x_test, y_test)) = mp_data::mnist::load_data()?;
         let (x_train, y_train) = self.0.limit(
             mp_data::mnist::to_images(&x_train),
@@ -46,6 +51,7 @@ impl PolicyVisitor for Run {
             Adam::new(CNN_LEARNING_RATE)?,
             SparseCategoricalCrossentropy::new(),
         )
+        .with_communicator(self.0.comm.clone())
         .with_learning_rate_schedule(cnn_learning_rate_schedule(total_steps)?)?;
         self.0.fit_and_report(
             &mut trainer,

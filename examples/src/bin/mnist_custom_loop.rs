@@ -108,6 +108,10 @@ fn train_step<P: PolicyKind>(
 fn main() -> anyhow::Result<()> {
     let args = Args::from_env(&[])?;
     args.check_known(OPTIONS)?;
+    mp_core::dist::single_process(
+        "mnist_custom_loop (the guide's custom training loop, with no gradient all-reduce)",
+        "run mnist_fit, which trains the same model data-parallel under mpirun",
+    )?;
     let policy: Policy = args.raw("policy").unwrap_or("mixed_float16").parse()?;
     println!("Policy: {policy:#}");
     println!("{}", mp_kernels::calibrate::check(policy)?);

@@ -28,6 +28,11 @@ impl PolicyVisitor for Run {
     type Output = anyhow::Result<()>;
 
     fn visit<P: PolicyKind>(self) -> anyhow::Result<()> {
+        let lead = self.0.lead();
+        // Rank 0 alone prints under mpirun.
+        macro_rules! println {
+            ($($t:tt)*) => { if lead { std::println!($($t)*) } };
+        }
         let ((x_train, y_train), (x_test, y_test)) = mp_data::mnist::load_data()?;
         let images = |x: &ndarray::Array3<u8>| {
             let x = mp_data::mnist::to_images(x);
@@ -50,6 +55,7 @@ impl PolicyVisitor for Run {
         let total = options.updates_per_epoch(y_train.len())? * options.epochs;
         let optimizer = AdamW::new(VIT_LEARNING_RATE)?.exclude_from_weight_decay(VIT_NO_DECAY);
         let mut trainer = Trainer::compile(model, optimizer, SparseCategoricalCrossentropy::new())
+            .with_communicator(self.0.comm.clone())
             .with_learning_rate_schedule(vit_learning_rate_schedule(total / 10, total)?)?;
         self.0.fit_and_report(
             &mut trainer,

@@ -127,6 +127,10 @@ impl PolicyVisitor for Run {
 fn main() -> anyhow::Result<()> {
     let args = Args::from_env(&[])?;
     args.check_known(OPTIONS)?;
+    mp_core::dist::single_process(
+        "reverse_lm (a custom loop of train_step on one process's batches)",
+        "run mnist_fit, mnist_cnn or mnist_vit, which train data-parallel under mpirun",
+    )?;
     let policy = args.policy()?;
     println!("Policy: {policy:#}");
     println!("CPU: {}", mp_kernels::peak::describe_cpu());

@@ -482,7 +482,16 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         let (loss, probs) = if self.replicas.is_parallel() {
             // Every rank takes part in the agreement, a failed one too, so that none is left
             // waiting in the gradient sum.
-            let agreed = (self.replicas).agree(local.as_ref().ok().map(|(l, _)| (weight, *l)));
+            let samples: usize = micro
+                .iter()
+                .map(|(x, _)| x.shape().first().copied().unwrap_or(0))
+                .sum();
+            let loss_sum = local.as_ref().map_or(0.0, |(l, _)| *l);
+            let sums = [samples as f64, weight as f64, loss_sum];
+            let agreed = self.replicas.agree(&local, sums);
+            if agreed.is_err() {
+                let _ = self.model.end_step(false);
+            }
             let (_, probs) = local?;
             let agreed = agreed?;
             let total = agreed.samples.max(1) as f64;
@@ -662,26 +671,8 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     where
         Lo: Loss<T>,
     {
-        if options.validation_split != 0.0 {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "validation data and validation_split {} both given: use one",
-                    options.validation_split
-                ),
-            });
-        }
-        let (xv, yv) = (validation.0.into_dyn(), validation.1.into_dyn());
-        check_data(&xv, &yv)?;
-        if sample_shape(&xv) != sample_shape(&x.view().into_dyn()) {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "validation samples of shape {:?}, training samples of shape {:?}",
-                    sample_shape(&xv),
-                    &x.shape()[1..]
-                ),
-            });
-        }
-        self.fit_with(x.into_dyn(), y.into_dyn(), Some((xv, yv)), options)
+        let validation = (validation.0.into_dyn(), validation.1.into_dyn());
+        self.fit_with(x.into_dyn(), y.into_dyn(), Some(validation), options)
     }
 
     fn fit_with<T: Copy>(
@@ -713,42 +704,59 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     where
         Lo: Loss<T>,
     {
-        options.check()?;
-        let (y, per) = self.prepare(&x, &y)?;
-        let samples = y.len() / per.max(1);
-        let (train, split) = mp_core::rng::validation_split(samples, options.validation_split)?;
-        // What is evaluated after each epoch: the held-out tail of `x`, or the data given.
-        let (xv, yv, val) = match &validation {
-            Some((xv, yv)) => {
-                let (yv, per_v) = self.prepare(xv, yv)?;
-                if per_v != per {
-                    return Err(Error::InvalidArgument {
-                        what: format!(
-                            "validation targets have {per_v} values per sample, training \
-                             targets {per}"
-                        ),
-                    });
-                }
-                let n = yv.len() / per.max(1);
-                (xv.view(), yv, 0..n)
-            }
-            None => (x.view(), y.clone(), split),
+        // Every rank checks its data and options, and the ranks agree on the outcome before
+        // any of them waits on a collective: one rank's error stops them all, named.
+        let plan = self.fit_plan(&x, &y, validation.as_ref(), options);
+        let FitPlan {
+            y,
+            per,
+            train,
+            val,
+            yv,
+        } = self.replicas.agree_outcome(plan)?;
+        let (xv, yv) = match &validation {
+            Some((xv, _)) => (xv.view(), yv),
+            None => (x.view(), y.clone()),
         };
-        if train.is_empty() {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "no training samples left: {samples} samples with validation_split {}",
-                    options.validation_split
+        if self.replicas.is_parallel() {
+            let mut h = self.handshake(sample_shape(&x), per, options)?;
+            h.push("training samples", train.len());
+            h.push("validation samples", val.len());
+            h.push("epochs", options.epochs);
+            h.push(
+                "steps per epoch",
+                mp_core::rng::num_batches(train.len(), options.batch_size),
+            );
+            h.push(
+                "gradient accumulation steps",
+                options.gradient_accumulation_steps,
+            );
+            h.push("validation split", options.validation_split);
+            h.push("shuffle", options.shuffle);
+            h.push("seed", options.seed);
+            h.push(
+                "progress",
+                format!(
+                    "epoch {}, step {}, shuffling state {:?}",
+                    self.progress.epoch, self.progress.step, self.progress.rng_state
                 ),
-            });
+            );
+            h.push("learning-rate schedule", format!("{:?}", self.schedule));
+            h.push("max non-finite steps", self.max_nonfinite_steps);
+            self.replicas.handshake(&h)?;
         }
         let metrics = self.metrics.clone();
         // Replicas start equal: rank 0's weights everywhere.
         self.replicas.broadcast_variables(&mut self.model)?;
         self.stop = false;
+        let mut begun = Ok(());
         for cb in callbacks.iter_mut() {
-            cb.on_train_begin(self, !val.is_empty())?;
+            begun = cb.on_train_begin(self, !val.is_empty());
+            if begun.is_err() {
+                break;
+            }
         }
+        self.replicas.agree_outcome(begun)?;
         self.warn_tensor_core_shapes(options.batch_size);
         let mut history = History::default();
         let first_epoch = self.progress.epoch;
@@ -839,17 +847,133 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 }
             }
             // A callback that failed on one rank (rank 0 writing a checkpoint) stops them all.
-            self.replicas.all_succeeded(ended.is_ok(), &mut [])?;
-            ended?;
+            self.replicas.agree_outcome(ended)?;
             history.epochs.push(logs);
             if self.stop {
                 break;
             }
         }
+        let mut ended = Ok(());
         for cb in callbacks.iter_mut() {
-            cb.on_train_end(self)?;
+            ended = cb.on_train_end(self);
+            if ended.is_err() {
+                break;
+            }
         }
+        self.replicas.agree_outcome(ended)?;
         Ok(history)
+    }
+
+    /// `fit`'s checks before training, on this rank: the options, the data and targets
+    /// against the model and the loss (building the model), the validation data, and that
+    /// samples are left to train on.
+    fn fit_plan<T: Copy>(
+        &mut self,
+        x: &ArrayViewD<'_, f32>,
+        y: &ArrayViewD<'_, T>,
+        validation: Option<&(ArrayViewD<'_, f32>, ArrayViewD<'_, T>)>,
+        options: &FitOptions,
+    ) -> Result<FitPlan<T>>
+    where
+        Lo: Loss<T>,
+    {
+        options.check()?;
+        if validation.is_some() && options.validation_split != 0.0 {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "validation data and validation_split {} both given: use one",
+                    options.validation_split
+                ),
+            });
+        }
+        let (y, per) = self.prepare(x, y)?;
+        let samples = y.len() / per.max(1);
+        let (train, split) = mp_core::rng::validation_split(samples, options.validation_split)?;
+        // What is evaluated after each epoch: the held-out tail of `x`, or the data given.
+        let (yv, val) = match validation {
+            Some((xv, yv)) => {
+                check_data(xv, yv)?;
+                if sample_shape(xv) != sample_shape(x) {
+                    return Err(Error::InvalidArgument {
+                        what: format!(
+                            "validation samples of shape {:?}, training samples of shape {:?}",
+                            sample_shape(xv),
+                            sample_shape(x)
+                        ),
+                    });
+                }
+                let (yv, per_v) = self.prepare(xv, yv)?;
+                if per_v != per {
+                    return Err(Error::InvalidArgument {
+                        what: format!(
+                            "validation targets have {per_v} values per sample, training \
+                             targets {per}"
+                        ),
+                    });
+                }
+                let n = yv.len() / per.max(1);
+                (Some(yv), 0..n)
+            }
+            None => (None, split),
+        };
+        if train.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "no training samples left: {samples} samples with validation_split {}",
+                    options.validation_split
+                ),
+            });
+        }
+        Ok(FitPlan {
+            y,
+            per,
+            train,
+            val,
+            yv: yv.unwrap_or_default(),
+        })
+    }
+
+    /// What every rank must share before `fit` or `evaluate` under a communicator: the
+    /// policy, the model and every variable's shape, the optimizer, the loss and metrics, the
+    /// sample shape and targets per sample, the batch size. Callers add their own items.
+    fn handshake(
+        &mut self,
+        sample: &[usize],
+        per: usize,
+        options: &FitOptions,
+    ) -> Result<parallel::Handshake>
+    where
+        Lo: LossInfo,
+    {
+        let mut h = parallel::Handshake::default();
+        h.push("policy", <M::Policy as PolicyKind>::POLICY);
+        h.push("model", self.model.model_name());
+        self.model.visit_variables("", &mut |name, v| {
+            let kind = if v.trainable() {
+                ""
+            } else {
+                " (not trainable)"
+            };
+            h.push(
+                format!("variable {name}"),
+                format!("shape {:?}{kind}", v.value().shape()),
+            );
+            Ok(())
+        })?;
+        h.push("optimizer", self.optimizer.inner().name());
+        h.push(
+            "loss scaling",
+            match &self.optimizer {
+                TrainOptimizer::Scaled(s) => format!("{:?}", s.loss_scale_state()),
+                TrainOptimizer::Plain(_) => "none".into(),
+            },
+        );
+        h.push("loss", self.loss.name());
+        h.push("metrics", self.metric_names().join(", "));
+        h.push("sample shape", format!("{sample:?}"));
+        h.push("targets per sample", per);
+        h.push("global batch", options.batch_size);
+        Ok(h)
     }
 
     /// The loss and metrics over the samples `range` of `x` and the flat targets `y` (`per`
@@ -916,12 +1040,24 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         Lo: Loss<T>,
     {
         let x = x.into_dyn();
-        if batch_size == 0 {
-            return Err(Error::InvalidArgument {
+        let checked = if batch_size == 0 {
+            Err(Error::InvalidArgument {
                 what: "batch_size must be at least 1".into(),
-            });
+            })
+        } else {
+            self.prepare(&x, &y.into_dyn())
+        };
+        // One rank's bad data stops every rank before any collective, named.
+        let (y, per) = self.replicas.agree_outcome(checked)?;
+        if self.replicas.is_parallel() {
+            let options = FitOptions {
+                batch_size,
+                ..FitOptions::default()
+            };
+            let mut h = self.handshake(sample_shape(&x), per, &options)?;
+            h.push("samples", y.len() / per.max(1));
+            self.replicas.handshake(&h)?;
         }
-        let (y, per) = self.prepare(&x, &y.into_dyn())?;
         let started = Instant::now();
         let samples = y.len() / per.max(1);
         let scores = self.evaluate_range(&x, &y, per, 0..samples, batch_size)?;
@@ -964,6 +1100,17 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             what: format!("predict: {e}"),
         })
     }
+}
+
+/// What `fit` checked before training: the flat targets and how many per sample, the training
+/// samples, the validation samples and their targets (empty when validating on the held-out
+/// tail of the training data).
+struct FitPlan<T> {
+    y: Vec<T>,
+    per: usize,
+    train: std::ops::Range<usize>,
+    val: std::ops::Range<usize>,
+    yv: Vec<T>,
 }
 
 /// The targets of the samples `idx`, from the flat targets `y` with `per` per sample.

@@ -46,6 +46,46 @@ pub struct CommStats {
     pub other_time: Duration,
 }
 
+/// What every rank of a data-parallel job must have in common before training starts, as
+/// `(what, value)` pairs in a fixed order: the trainer assembles it (policy, variables, data
+/// sizes, options, progress) and [`Replicas::handshake`] compares every rank's with rank 0's.
+/// Later features join the list with [`Handshake::push`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Handshake {
+    items: Vec<(String, String)>,
+}
+
+impl Handshake {
+    /// Adds `what` with its value.
+    pub(crate) fn push(&mut self, what: impl Into<String>, value: impl std::fmt::Display) {
+        // Tabs and newlines separate the encoded items.
+        let clean = |s: String| s.replace(['\t', '\n'], " ");
+        self.items
+            .push((clean(what.into()), clean(value.to_string())));
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = String::new();
+        for (k, v) in &self.items {
+            out.push_str(k);
+            out.push('\t');
+            out.push_str(v);
+            out.push('\n');
+        }
+        out.into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Vec<(String, String)> {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .map(|l| {
+                let (k, v) = l.split_once('\t').unwrap_or((l, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+}
+
 /// What the ranks agreed on for one step.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Agreement {
@@ -105,28 +145,46 @@ impl Replicas {
         })
     }
 
-    /// The ranks' step: this rank's samples and loss in (`None` when it failed), the global
-    /// batch's out. A rank that failed makes every other rank's result an error naming it.
-    pub(crate) fn agree(&mut self, local: Option<(usize, f64)>) -> Result<Agreement> {
+    /// The ranks' step: this rank's samples, loss weight and weighted loss sum in (`Err` when
+    /// it failed), the global batch's out. A rank that failed makes every other rank's result
+    /// an error naming it and its error; an empty global batch is an error on every rank.
+    pub(crate) fn agree<T>(
+        &mut self,
+        local: &Result<T>,
+        local_sums: [f64; 3],
+    ) -> Result<Agreement> {
         let started = Instant::now();
-        let (n, loss_sum) = local.map_or((0.0, 0.0), |(n, l)| (n as f64, l));
-        let mut buf = [n, loss_sum];
-        let outcome = self.all_succeeded(local.is_some(), &mut buf);
+        let mut buf = if local.is_ok() { local_sums } else { [0.0; 3] };
+        let outcome = self.all_succeeded(local.as_ref().err(), &mut buf);
         self.last = CommStats {
             other_time: started.elapsed(),
             ..CommStats::default()
         };
         outcome?;
+        if local.is_ok() && buf[0] == 0.0 {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "the global batch is empty: none of the {} ranks has a sample in this step",
+                    self.size()
+                ),
+            });
+        }
         Ok(Agreement {
-            samples: buf[0] as usize,
-            loss_sum: buf[1],
+            samples: buf[1] as usize,
+            loss_sum: buf[2],
         })
     }
 
-    /// Whether every rank succeeded at something (`ok` is this rank's outcome), summing `extra`
-    /// across ranks on the way; an error naming the ranks that did not. A rank that failed gets
+    /// Whether every rank succeeded at something (`failed` is this rank's error, if it
+    /// failed), summing `extra` across ranks on the way. When any rank failed, the lowest of
+    /// them sends its error's text to the others, and each rank that succeeded returns
+    /// [`Error::ReplicaFailed`] naming the failed ranks and that text; a rank that failed gets
     /// `Ok(())` back and returns its own error.
-    pub(crate) fn all_succeeded(&mut self, ok: bool, extra: &mut [f64]) -> Result<()> {
+    pub(crate) fn all_succeeded(
+        &mut self,
+        failed: Option<&Error>,
+        extra: &mut [f64],
+    ) -> Result<()> {
         if !self.is_parallel() {
             return Ok(());
         }
@@ -134,16 +192,90 @@ impl Replicas {
         // [extra..., failed per rank...]
         let mut buf = extra.to_vec();
         buf.resize(extra.len() + size, 0.0);
-        if !ok {
+        if failed.is_some() {
             buf[extra.len() + self.rank()] = 1.0;
         }
         self.comm.all_reduce_sum_f64(&mut buf)?;
         extra.copy_from_slice(&buf[..extra.len()]);
-        let failed: Vec<usize> = (0..size).filter(|&r| buf[extra.len() + r] > 0.0).collect();
-        if ok && !failed.is_empty() {
-            return Err(Error::ReplicaFailed { ranks: failed });
+        let ranks: Vec<usize> = (0..size).filter(|&r| buf[extra.len() + r] > 0.0).collect();
+        let Some(&first_rank) = ranks.first() else {
+            return Ok(());
+        };
+        let mut text = match failed {
+            Some(e) if self.rank() == first_rank => e.to_string().into_bytes(),
+            _ => vec![],
+        };
+        self.comm.broadcast_bytes(&mut text, first_rank)?;
+        if failed.is_some() {
+            return Ok(());
         }
-        Ok(())
+        Err(Error::ReplicaFailed {
+            ranks,
+            first_rank,
+            first: String::from_utf8_lossy(&text).into_owned(),
+        })
+    }
+
+    /// `outcome` (this rank's result of something every rank does) agreed across the ranks:
+    /// this rank's own error if it failed, [`Error::ReplicaFailed`] (naming the failed ranks and
+    /// the first one's error) if another did, else its value.
+    pub(crate) fn agree_outcome<T>(&mut self, outcome: Result<T>) -> Result<T> {
+        self.all_succeeded(outcome.as_ref().err(), &mut [])?;
+        outcome
+    }
+
+    /// Checks that every rank has the same `items` as rank 0: [`Error::ReplicasDisagree`] on
+    /// every rank naming the first item that differs, both values and the ranks that differ.
+    pub(crate) fn handshake(&mut self, items: &Handshake) -> Result<()> {
+        if !self.is_parallel() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mine = &items.items;
+        let mut theirs = if self.rank() == 0 {
+            items.encode()
+        } else {
+            vec![]
+        };
+        self.comm.broadcast_bytes(&mut theirs, 0)?;
+        let root = Handshake::decode(&theirs);
+        let differs = (0..mine.len().max(root.len()))
+            .find(|&i| mine.get(i) != root.get(i))
+            .map_or(0.0, |i| (i + 1) as f64);
+        let mut at = vec![0.0; self.size()];
+        at[self.rank()] = differs;
+        self.comm.all_reduce_sum_f64(&mut at)?;
+        let ranks: Vec<usize> = (0..self.size()).filter(|&r| at[r] > 0.0).collect();
+        let Some(&rank) = ranks.first() else {
+            self.last.other_time += started.elapsed();
+            return Ok(());
+        };
+        let i = at[rank] as usize - 1;
+        let missing = || ("<nothing>".to_string(), "nothing".to_string());
+        let mut item = if self.rank() == rank {
+            let (k, v) = mine.get(i).cloned().unwrap_or_else(missing);
+            format!("{k}\t{v}").into_bytes()
+        } else {
+            vec![]
+        };
+        self.comm.broadcast_bytes(&mut item, rank)?;
+        let item = String::from_utf8_lossy(&item).into_owned();
+        let (their_key, theirs) = item.split_once('\t').unwrap_or((&item, ""));
+        let (key, ours) = root.get(i).cloned().unwrap_or_else(missing);
+        let item = if key == their_key || their_key == "<nothing>" {
+            key
+        } else if key == "<nothing>" {
+            their_key.to_string()
+        } else {
+            format!("{key} (rank {rank} has {their_key} there)")
+        };
+        Err(Error::ReplicasDisagree {
+            item,
+            ours,
+            rank,
+            theirs: theirs.to_string(),
+            ranks,
+        })
     }
 
     /// Sums every trainable variable's gradient across ranks, this rank's weighted by
