@@ -129,8 +129,12 @@ impl Calibration {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming `MP_GEMM_PATH` when it is malformed or names a path this CPU
-/// cannot run.
+/// cannot run; naming `MP_NUM_THREADS` when the kernel threads cannot be started
+/// ([`threads::try_pool`]).
 pub fn calibration() -> Result<&'static Calibration> {
+    // Measuring needs the kernel threads, and the cache key names their count: a process thread
+    // limit that stops them is the error to report (naming MP_NUM_THREADS).
+    threads::try_pool()?;
     static CAL: OnceLock<std::result::Result<Calibration, String>> = OnceLock::new();
     CAL.get_or_init(|| {
         let forced = parse_knob(std::env::var(PATH_KNOB).ok().as_deref())?;
