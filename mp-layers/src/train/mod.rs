@@ -167,8 +167,8 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// resumed run (the count is in the checkpoint) continues it.
     ///
     /// # Errors
-    /// A schedule whose rates are not finite and non-negative, or whose warmup exceeds its
-    /// total ([`mp_optim::Error::InvalidHyperparameter`]).
+    /// A schedule whose rates are not finite and non-negative, whose total is 0, or whose
+    /// warmup exceeds its total ([`mp_optim::Error::InvalidHyperparameter`]).
     pub fn with_learning_rate_schedule(mut self, schedule: LearningRateSchedule) -> Result<Self> {
         schedule.validate()?;
         self.schedule = Some(schedule);
