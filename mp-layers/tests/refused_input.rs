@@ -1,0 +1,108 @@
+//! Input that used to be taken silently, or refused with a message about something else (issue
+//! 27's sweep), is refused before anything changes, with a message naming the real problem.
+
+use mp_core::{Float32, PolicyKind, Rng};
+use mp_layers::{
+    CategoricalCrossentropy, Dense, FitOptions, Layer, Model, Softmax, Trainer, Verbose, model,
+};
+use mp_optim::{Adam, Optimizer};
+use ndarray::Array2;
+
+#[model]
+struct Net {
+    hidden: Dense,
+    logits: Dense,
+    #[dtype = "float32"]
+    probs: Softmax,
+}
+
+fn net<P: PolicyKind>() -> Net<P> {
+    Net {
+        hidden: Dense::new(16).relu().with_seed(1),
+        logits: Dense::new(3).with_seed(2),
+        probs: Softmax::new(),
+    }
+}
+
+fn silent(batch_size: usize) -> FitOptions {
+    FitOptions {
+        batch_size,
+        epochs: 1,
+        verbose: Verbose::Silent,
+        ..Default::default()
+    }
+}
+
+fn bits(values: impl IntoIterator<Item = f32>) -> Vec<u32> {
+    values.into_iter().map(f32::to_bits).collect()
+}
+
+/// Everything a training step may change: the variables, the optimizer's slots and update
+/// count, the trainer's step count and the loss scale, bit for bit.
+fn snapshot<M: Model, O: Optimizer, Lo>(t: &mut Trainer<M, O, Lo>) -> String {
+    let weights: Vec<(String, Vec<u32>)> = t
+        .model_mut()
+        .get_weights()
+        .unwrap()
+        .into_iter()
+        .map(|(name, v)| (name, bits(v.to_f32_vec().unwrap())))
+        .collect();
+    let slots: Vec<(String, &str, Vec<u32>)> = t
+        .optimizer()
+        .inner()
+        .state()
+        .into_iter()
+        .map(|(name, slot, v)| (name, slot, bits(v.to_f32_vec().unwrap())))
+        .collect();
+    format!(
+        "{weights:?}\n{slots:?}\niterations {}\nstep {}\nloss scale {:?}",
+        t.optimizer().inner().iterations(),
+        t.progress().step,
+        t.optimizer().loss_scale_state()
+    )
+}
+
+#[test]
+fn negative_categorical_targets_are_named_before_the_first_step() {
+    let mut rng = Rng::new(5);
+    let x = Array2::from_shape_vec((24, 5), rng.uniform_vec(120, -1.0, 1.0)).unwrap();
+    let one_hot = Array2::from_shape_fn((24, 3), |(i, j)| f32::from(u8::from(i % 3 == j)));
+    let mut t = Trainer::compile(
+        net::<Float32>(),
+        Adam::new(0.01).unwrap(),
+        CategoricalCrossentropy::new(),
+    );
+    t.model_mut().build(&[5]).unwrap();
+    let before = snapshot(&mut t);
+    // The sweep's case trained to a loss of -2.83.
+    let mut negative = one_hot.clone();
+    negative[[3, 2]] = -1.0;
+    let err = t
+        .fit(x.view(), negative.view(), &silent(8))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target -1 at position 2 of row 3 of the data is negative")
+            && err.contains("categorical_crossentropy"),
+        "{err}"
+    );
+    let err = t
+        .evaluate(x.view(), negative.view(), 8, Verbose::Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 3") && err.contains("negative"), "{err}");
+    let mut infinite = one_hot.clone();
+    infinite[[20, 0]] = f32::INFINITY;
+    let err = t
+        .fit(x.view(), infinite.view(), &silent(8))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target inf at position 0 of row 20 of the data is not finite"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&mut t), before);
+    // Smoothed targets are still the user's choice.
+    let smoothed = one_hot.mapv(|t| 0.9 * t + 0.1 / 3.0);
+    t.fit(x.view(), smoothed.view(), &silent(8)).unwrap();
+}
