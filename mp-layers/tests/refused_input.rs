@@ -1,9 +1,10 @@
 //! Input that used to be taken silently, or refused with a message about something else (issue
 //! 27's sweep), is refused before anything changes, with a message naming the real problem.
 
-use mp_core::{Float32, PolicyKind, Rng};
+use mp_core::{Float32, MixedFloat16, PolicyKind, Rng, Tensor};
 use mp_layers::{
-    CategoricalCrossentropy, Dense, FitOptions, Layer, Model, Softmax, Trainer, Verbose, model,
+    CategoricalCrossentropy, Dense, FitOptions, Input, Layer, Model, Softmax,
+    SparseCategoricalCrossentropy, Trainer, Verbose, model,
 };
 use mp_optim::{Adam, Optimizer};
 use ndarray::Array2;
@@ -60,6 +61,59 @@ fn snapshot<M: Model, O: Optimizer, Lo>(t: &mut Trainer<M, O, Lo>) -> String {
         t.progress().step,
         t.optimizer().loss_scale_state()
     )
+}
+
+/// An empty batch moved every variable under Adam (stale moments) and counted a step; it is
+/// refused now, and a window of empty micro-batches too. A window with samples in some of its
+/// micro-batches still trains.
+fn empty_batch_is_refused<P: PolicyKind>() {
+    let mut t = Trainer::compile(
+        net::<P>(),
+        Adam::new(0.01).unwrap(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    t.model_mut().build(&[5]).unwrap();
+    let mut rng = Rng::new(3);
+    let x = Tensor::<Input<Net<P>>>::from_f32(&[8, 5], &rng.uniform_vec(40, -1.0, 1.0)).unwrap();
+    let labels: Vec<u32> = (0..8).map(|i| i % 3).collect();
+    // One real step first, so the slots exist and hold moments.
+    let (first, _) = t.train_step(&x, &labels).unwrap();
+    assert!(first.applied);
+    let before = snapshot(&mut t);
+    assert!(before.contains("iterations 1"), "{before}");
+    let empty = Tensor::<Input<Net<P>>>::from_f32(&[0, 5], &[]).unwrap();
+    let err = t.train_step(&empty, &[] as &[u32]).unwrap_err().to_string();
+    assert!(
+        err.contains("train_step: the batch is empty (0 samples)"),
+        "{}: {err}",
+        P::POLICY
+    );
+    let err = t
+        .train_window(&[(&empty, &[] as &[u32]), (&empty, &[])])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("its 2 micro-batches are all empty (0 samples)"),
+        "{}: {err}",
+        P::POLICY
+    );
+    assert_eq!(snapshot(&mut t), before, "{}", P::POLICY);
+    let (result, probs) = t
+        .train_window(&[(&empty, &[] as &[u32]), (&x, &labels)])
+        .unwrap();
+    assert!(result.applied && result.loss.is_finite(), "{result:?}");
+    assert_eq!(probs[0].shape(), &[0, 3]);
+    assert_eq!(t.optimizer().inner().iterations(), 2);
+}
+
+#[test]
+fn an_empty_batch_is_refused_before_anything_changes_float32() {
+    empty_batch_is_refused::<Float32>();
+}
+
+#[test]
+fn an_empty_batch_is_refused_before_anything_changes_mixed_float16() {
+    empty_batch_is_refused::<MixedFloat16>();
 }
 
 #[test]

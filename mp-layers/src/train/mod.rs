@@ -426,6 +426,11 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// Data-parallel ([`Trainer::with_communicator`]), `x` and `labels` are this rank's shard
     /// (it may be empty), every rank calls `train_step` for every step, and the returned loss is
     /// the global batch's.
+    ///
+    /// # Errors
+    /// In a single process, an empty batch (0 samples), before anything changes (no variable,
+    /// optimizer slot, step count or loss scale); what the forward and backward passes, the loss
+    /// or the optimizer return.
     pub fn train_step<T: Copy>(
         &mut self,
         x: &Tensor<Input<M>>,
@@ -455,7 +460,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// rank's shard of a micro-batch, and the windows are summed over the ranks once.
     ///
     /// # Errors
-    /// An empty window; as [`Trainer::train_step`].
+    /// An empty window, or one without samples in a single process; as [`Trainer::train_step`].
     pub fn train_window<T: Copy>(
         &mut self,
         micro: &[MicroBatch<'_, M, T>],
@@ -466,6 +471,28 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         if micro.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "a training window needs at least one micro-batch".into(),
+            });
+        }
+        // Alone, a step needs samples: an empty batch would still move every variable under
+        // Adam (stale moments) and count a step. Refused before anything changes. (A rank's
+        // shard of a data-parallel batch may be empty.)
+        let samples: usize = micro
+            .iter()
+            .map(|(x, _)| x.shape().first().map_or(1, |&n| n))
+            .sum();
+        if !self.replicas.is_parallel() && samples == 0 {
+            return Err(Error::InvalidArgument {
+                what: if micro.len() == 1 {
+                    "train_step: the batch is empty (0 samples); a training step needs at least \
+                     one sample"
+                        .into()
+                } else {
+                    format!(
+                        "train_window: its {} micro-batches are all empty (0 samples); a \
+                         training step needs at least one sample",
+                        micro.len()
+                    )
+                },
             });
         }
         if let Some(schedule) = &self.schedule {
