@@ -115,3 +115,5 @@ pub fn child_path(path: &str, field: &str) -> String {
 
 /// mp-core, so generated code needs no direct dependency on it.
 pub use mp_core;
+/// ndarray (the data `Layer::check_input` takes), for the same reason.
+pub use ndarray;

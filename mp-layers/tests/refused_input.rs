@@ -3,11 +3,12 @@
 
 use mp_core::{Float32, MixedFloat16, PolicyKind, Rng, Tensor};
 use mp_layers::{
-    CategoricalCrossentropy, Dense, FitOptions, Input, Layer, Model, Softmax,
-    SparseCategoricalCrossentropy, Trainer, Verbose, model,
+    CategoricalCrossentropy, Dense, Embedding, FitOptions, Input, Layer, Model, MultiHeadAttention,
+    PositionEmbedding, SequencePooling, Softmax, SparseCategoricalCrossentropy, Trainer, Verbose,
+    model,
 };
 use mp_optim::{Adam, Optimizer};
-use ndarray::Array2;
+use ndarray::{Array1, Array2};
 
 #[model]
 struct Net {
@@ -159,4 +160,94 @@ fn negative_categorical_targets_are_named_before_the_first_step() {
     // Smoothed targets are still the user's choice.
     let smoothed = one_hot.mapv(|t| 0.9 * t + 0.1 / 3.0);
     t.fit(x.view(), smoothed.view(), &silent(8)).unwrap();
+}
+
+#[model]
+struct TokenClassifier {
+    embed: Embedding,
+    positions: PositionEmbedding,
+    attention: MultiHeadAttention,
+    pool: SequencePooling,
+    logits: Dense,
+    #[dtype = "float32"]
+    predictions: Softmax,
+}
+
+fn token_classifier<P: PolicyKind>() -> TokenClassifier<P> {
+    TokenClassifier::new(
+        Embedding::new(8, 8).with_seed(1),
+        PositionEmbedding::new(6).with_seed(2),
+        MultiHeadAttention::new(2).with_seed(3),
+        SequencePooling::mean(),
+        Dense::new(2).with_seed(4),
+        Softmax::new(),
+    )
+}
+
+/// A model whose first layer is a model: the check reaches the Embedding inside.
+#[model]
+struct Wrapped {
+    inner: TokenClassifier,
+}
+
+#[test]
+fn a_bad_token_id_is_named_by_its_data_row_before_any_step() {
+    let (n, seq) = (48usize, 6usize);
+    let ids = Array2::from_shape_fn((n, seq), |(i, j)| ((i + j) % 8) as f32);
+    let y = Array1::from_shape_fn(n, |i| (i % 2) as u32);
+    let mut t = Trainer::compile(
+        token_classifier::<MixedFloat16>(),
+        Adam::new(0.01).unwrap(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    t.model_mut().build(&[seq]).unwrap();
+    let before = snapshot(&mut t);
+    for (value, says) in [
+        (8.0, "is out of range"),
+        (1e9, "is out of range"),
+        (-1.0, "is negative"),
+        (2.5, "is not a whole number"),
+        (f32::NAN, "is not finite"),
+    ] {
+        // Row 37 is in the fifth batch of 8: the old check named its position in that batch,
+        // after four steps were applied.
+        let mut bad = ids.clone();
+        bad[[37, 4]] = value;
+        let expected = format!(
+            "embed: token id {value} in row 37 of the data (position 4) {says}: the vocabulary \
+             has 8 tokens, ids 0 to 7"
+        );
+        let errors = [
+            t.fit(bad.view(), y.view(), &silent(8)).unwrap_err(),
+            t.evaluate(bad.view(), y.view(), 8, Verbose::Silent)
+                .unwrap_err(),
+            t.predict(bad.view(), 8).unwrap_err(),
+        ];
+        for err in errors {
+            let err = err.to_string();
+            assert!(err.contains(&expected), "{expected:?} missing from {err:?}");
+        }
+        assert_eq!(snapshot(&mut t), before, "{value}");
+    }
+    // Ids of a rank-2 sample are named by their index in it.
+    let mut embed = Embedding::<Float32>::new(4, 2);
+    let mut grid = ndarray::Array3::<f32>::zeros((3, 2, 2));
+    grid[[2, 1, 0]] = 4.0;
+    embed.build(&[2, 2]).unwrap();
+    let err = embed.check_input(&grid.view().into_dyn()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("token id 4 in row 2 of the data (position [1, 0]) is out of range"),
+        "{err}"
+    );
+    // A model forwards the check to its first layer, also when that is a model.
+    let wrapped = Wrapped::<Float32>::new(token_classifier());
+    let mut bad = ids.clone();
+    bad[[0, 0]] = -3.0;
+    let err = wrapped.check_input(&bad.view().into_dyn()).unwrap_err();
+    assert!(err.to_string().contains("token id -3 in row 0"), "{err}");
+    assert!(wrapped.check_input(&ids.view().into_dyn()).is_ok());
+    // And a model of layers without such a check takes any value.
+    let x = Array2::from_elem((2, 5), f32::NAN);
+    assert!(net::<Float32>().check_input(&x.view().into_dyn()).is_ok());
 }

@@ -381,8 +381,9 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             })
     }
 
-    /// Builds the model for `x`'s samples and checks every target against its output: the
-    /// targets flat, and how many there are per sample.
+    /// Builds the model for `x`'s samples and checks every input (as the model's first layer
+    /// takes them: token ids, say) and every target against its output: the targets flat, and
+    /// how many there are per sample.
     fn prepare<T: Copy>(
         &mut self,
         x: &ArrayViewD<'_, f32>,
@@ -393,6 +394,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     {
         check_data(x, y)?;
         self.ensure_built(sample_shape(x))?;
+        self.model.check_input(x)?;
         let (targets, per_sample) = targets_of(y);
         self.loss
             .check_targets(&targets, per_sample, &self.output_shape()?)?;
@@ -978,6 +980,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             });
         }
         self.ensure_built(sample_shape(&x))?;
+        self.model.check_input(&x)?;
         let mut shape = self.output_shape()?;
         shape.insert(0, samples);
         let mut rows: Vec<f32> = Vec::with_capacity(shape.iter().product());
