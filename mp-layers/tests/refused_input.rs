@@ -251,3 +251,98 @@ fn a_bad_token_id_is_named_by_its_data_row_before_any_step() {
     let x = Array2::from_elem((2, 5), f32::NAN);
     assert!(net::<Float32>().check_input(&x.view().into_dyn()).is_ok());
 }
+
+#[test]
+fn attention_shape_errors_name_the_real_problem() {
+    let build = |mha: MultiHeadAttention<Float32>, shape: &[usize]| {
+        let mut mha = mha;
+        mha.build(shape).unwrap_err().to_string()
+    };
+    let err = build(MultiHeadAttention::new(2).with_key_dim(0), &[4, 8]);
+    assert!(
+        err.contains("multi_head_attention: key_dim must be at least 1, got 0")
+            && !err.contains("divide"),
+        "{err}"
+    );
+    for mha in [
+        MultiHeadAttention::new(2),
+        MultiHeadAttention::new(2).with_key_dim(4),
+    ] {
+        let err = build(mha, &[4, 0]);
+        assert!(
+            err.contains("the model width is 0 (inputs of shape [4, 0] per sample)")
+                && !err.contains("divide"),
+            "{err}"
+        );
+    }
+    let err = build(MultiHeadAttention::new(0), &[4, 8]);
+    assert!(err.contains("needs at least 1 head, got 0"), "{err}");
+    // A real divisibility problem keeps its message.
+    let err = build(MultiHeadAttention::new(3), &[4, 8]);
+    assert!(
+        err.contains("3 heads do not divide the model width 8"),
+        "{err}"
+    );
+
+    let rank = "it expects [tokens, width] inputs (rank 2) per sample, but the model input \
+                gives [8]";
+    let err = build(MultiHeadAttention::new(2), &[8]);
+    assert!(
+        err.contains(&format!("cannot build multi_head_attention: {rank}")),
+        "{err}"
+    );
+    let err = SequencePooling::<Float32>::mean()
+        .build(&[8])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(rank) && !err.contains("[0, 0]"), "{err}");
+    for err in [
+        PositionEmbedding::<Float32>::new(4)
+            .build(&[8])
+            .unwrap_err(),
+        mp_layers::ClassToken::<Float32>::new()
+            .build(&[8])
+            .unwrap_err(),
+    ] {
+        assert!(err.to_string().contains(rank), "{err}");
+    }
+    // Inside a model, the message names the field and what comes before it.
+    let err = token_classifier::<Float32>()
+        .build(&[6, 8])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "cannot build positions: it expects [tokens, width] inputs (rank 2) per sample, but \
+             embed gives [6, 8, 8]"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_empty_input_shape_says_it_needs_an_axis() {
+    let err = net::<Float32>().build(&[]).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "cannot build hidden: it expects an input shape with at least one axis (the \
+             features) per sample, but the model input gives []"
+        ),
+        "{err}"
+    );
+    let err = Softmax::<Float32>::new()
+        .build(&[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least one axis"), "{err}");
+    // What the trainer says for samples without an axis is unchanged.
+    let mut t = Trainer::compile(
+        net::<Float32>(),
+        Adam::new(0.01).unwrap(),
+        SparseCategoricalCrossentropy::new(),
+    );
+    let x = Array1::<f32>::zeros(4);
+    let y = Array1::<u32>::zeros(4);
+    let err = t.fit(x.view(), y.view(), &silent(2)).unwrap_err();
+    assert!(err.to_string().contains("at least one axis"), "{err}");
+}

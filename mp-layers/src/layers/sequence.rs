@@ -17,6 +17,9 @@ use super::util::{glorot_uniform, name_seed, uniform};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
 
+/// What a layer over token sequences takes per sample.
+pub(crate) const SEQUENCE: &str = "[tokens, width] inputs (rank 2)";
+
 fn saved<T: Clone>(slot: &mut Option<T>, layer: &str) -> Result<T> {
     slot.take().ok_or_else(|| Error::InvalidState {
         layer: layer.to_string(),
@@ -331,10 +334,10 @@ impl<P: PolicyKind> Layer for PositionEmbedding<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![self.sequence_length, 0],
+                expected: SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };
@@ -475,10 +478,10 @@ impl<P: PolicyKind> Layer for ClassToken<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![0, 0],
+                expected: SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };
@@ -610,10 +613,10 @@ impl<P: PolicyKind> Layer for SequencePooling<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![0, 0],
+                expected: SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };
