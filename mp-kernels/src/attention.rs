@@ -225,7 +225,7 @@ fn per_sample<W: Send>(
     work: impl Iterator<Item = W> + Send,
     run: impl Fn(W) + Sync + Send,
 ) {
-    if a.batch > 1 && a.len() * a.seq >= 1 << 15 {
+    if a.batch > 1 && a.len() * a.seq >= 1 << 15 && threads::num_threads() > 1 {
         threads::pool().install(|| work.par_bridge().for_each(run));
     } else {
         work.for_each(run);

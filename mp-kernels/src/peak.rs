@@ -1,9 +1,10 @@
 //! The machine's measured arithmetic peaks, the yardstick for GEMM efficiency.
 //!
-//! Each loop runs on every thread of [`crate::threads::pool`] at once: a fixed number of
-//! iterations of independent multiply-adds (12 accumulators, more than the FMA latency times the
-//! issue rate, so the loop is throughput-bound), and reports total FLOP over wall time. Results are
-//! kept alive with [`std::hint::black_box`] so nothing is optimised away.
+//! Each loop runs on every thread of [`crate::threads::pool`] at once (on the calling thread
+//! when there is no pool): a fixed number of iterations of independent multiply-adds (12
+//! accumulators, more than the FMA latency times the issue rate, so the loop is throughput-bound),
+//! and reports total FLOP over wall time. Results are kept alive with [`std::hint::black_box`] so
+//! nothing is optimised away.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -19,9 +20,9 @@ const ITERS: usize = 60_000_000;
 fn measure(flop_per_iter: f64, iters: usize, f: fn(usize) -> f32) -> f64 {
     let pool = threads::pool();
     // Warm-up: wake the threads and let the clock ramp.
-    pool.broadcast(|_| black_box(f(iters / 20)));
+    pool.broadcast(|| black_box(f(iters / 20)));
     let start = Instant::now();
-    let results = pool.broadcast(|_| black_box(f(iters)));
+    let results = pool.broadcast(|| black_box(f(iters)));
     let secs = start.elapsed().as_secs_f64();
     black_box(results);
     flop_per_iter * iters as f64 * pool.current_num_threads() as f64 / secs / 1e9

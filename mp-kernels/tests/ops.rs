@@ -512,8 +512,13 @@ fn calibration_chooses_paths_that_run_here() {
             let best = cal
                 .rate(d, chosen)
                 .unwrap_or_else(|| panic!("{d}: {chosen}"));
+            // The fastest, except that the instruction set's default path is kept unless
+            // another measures 3% faster (timing noise must not flip a tie).
             for r in m.rates.iter().filter(|r| r.dtype == d) {
-                assert!(best >= r.gflops, "{d}: chosen {chosen} {best} < {r:?}");
+                assert!(
+                    best >= 0.97 * r.gflops,
+                    "{d}: chosen {chosen} {best} < {r:?}"
+                );
             }
         }
         assert!(cal.describe().contains(chosen.name()), "{d}");

@@ -18,6 +18,19 @@ pub enum Error {
         /// What it was given.
         got: Vec<usize>,
     },
+    /// A layer given per-sample inputs of a rank it does not take (or none at all), found at
+    /// `build`.
+    #[error("cannot build {layer}: it expects {expected} per sample, but {previous} gives {got:?}")]
+    InputRank {
+        /// The layer being built.
+        layer: String,
+        /// The layer before it (or `the model input`).
+        previous: String,
+        /// What the layer takes, in words: `[tokens, width] inputs (rank 2)`.
+        expected: &'static str,
+        /// What it was given.
+        got: Vec<usize>,
+    },
     /// A tensor of the wrong shape at run time.
     #[error("shape mismatch in {layer}: expected {expected}, got {got:?}")]
     ShapeMismatch {

@@ -69,6 +69,20 @@ pub trait Layer: Send + 'static {
     /// The output shape per sample, once built.
     fn output_shape(&self) -> Option<&[usize]>;
 
+    /// Checks the inputs of a whole data set before `fit`, `evaluate` or `predict` runs a
+    /// step: `x` is `[samples, ...]`, float32 host values as given to them. The default takes
+    /// any value; a layer whose input is not an activation checks it here
+    /// ([`Embedding`](crate::Embedding): every token id a whole number below its vocabulary),
+    /// and a `#[model]` asks its first layer.
+    ///
+    /// # Errors
+    /// A value the layer cannot take, naming the layer, the value, its row of the data (the
+    /// sample) and its position in the sample.
+    fn check_input(&self, x: &ndarray::ArrayViewD<'_, f32>) -> Result<()> {
+        let _ = x;
+        Ok(())
+    }
+
     /// Inference: computes the output and keeps nothing.
     fn forward(&self, x: &Tensor<Self::Input>) -> Result<Tensor<Self::Output>>;
 

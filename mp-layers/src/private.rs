@@ -7,8 +7,8 @@ use crate::layer::Layer;
 
 pub use crate::layer::{convert, convert_opt, convert_ref};
 
-/// Names `layer` after its field and builds it for `input`, turning a shape error into one that
-/// names both layers.
+/// Names `layer` after its field and builds it for `input`, turning a shape or rank error into
+/// one that names both layers.
 pub fn build_child<L: Layer>(
     layer: &mut L,
     field: &str,
@@ -23,6 +23,17 @@ pub fn build_child<L: Layer>(
             got,
             ..
         } => Error::IncompatibleShapes {
+            layer,
+            previous: previous.to_string(),
+            expected,
+            got,
+        },
+        Error::InputRank {
+            layer,
+            expected,
+            got,
+            ..
+        } => Error::InputRank {
             layer,
             previous: previous.to_string(),
             expected,
@@ -115,3 +126,5 @@ pub fn child_path(path: &str, field: &str) -> String {
 
 /// mp-core, so generated code needs no direct dependency on it.
 pub use mp_core;
+/// ndarray (the data `Layer::check_input` takes), for the same reason.
+pub use ndarray;

@@ -145,6 +145,7 @@ fn expand(model: &Model<'_>) -> TokenStream {
     let last_as_layer = &last.as_layer;
     let output_item = quote_spanned!(last.field.ty.span()=> type Output = #last_as_layer::Output;);
     let first_compute = &layers[0].compute;
+    let (first_id, first_as_layer) = (layers[0].field.ident, &layers[0].as_layer);
     // The field's name: what rustc underlines in its "required for ..." note.
     let span = last.field.ident.span();
     // Every token of the bound and of the `Model` impl's header carries the last field's span
@@ -255,6 +256,14 @@ fn expand(model: &Model<'_>) -> TokenStream {
 
             fn output_shape(&self) -> ::core::option::Option<&[usize]> {
                 #last_as_layer::output_shape(&self.#last_id)
+            }
+
+            /// The model's input is its first layer's.
+            fn check_input(
+                &self,
+                x: &#private::ndarray::ArrayViewD<'_, f32>,
+            ) -> #mp::Result<()> {
+                #first_as_layer::check_input(&self.#first_id, x)
             }
 
             fn forward(
@@ -520,6 +529,7 @@ mod tests {
              :: mp_layers :: Layer > :: Output",
             "build_child :: < Dense < P > > (& mut self . dense_2 , \"dense_2\" , \"dense_1\" , \
              & shape) ?",
+            "< Dense < P > as :: mp_layers :: Layer > :: check_input (& self . dense_1 , x)",
             "Output : __MpDigitsOutputMustBeFloat32",
             "impl __MpDigitsOutputMustBeFloat32 for :: mp_layers :: __private :: mp_core :: F32",
         ] {

@@ -66,7 +66,8 @@ impl LearningRateSchedule {
         s.validate().map(|()| s)
     }
 
-    /// Checks that every rate is finite and non-negative and that `warmup <= total`.
+    /// Checks that every rate is finite and non-negative, that `total` is at least 1 and that
+    /// `warmup <= total`.
     ///
     /// # Errors
     /// [`Error::InvalidHyperparameter`] naming the value.
@@ -100,6 +101,13 @@ impl LearningRateSchedule {
             } => {
                 rate("peak", peak)?;
                 rate("floor", floor)?;
+                if total == 0 {
+                    // Every step would be at or past the end: the rate is `floor` forever.
+                    return bad(format!(
+                        "total must be at least 1 update, got 0 (a schedule with 0 total steps \
+                         stays at the floor rate {floor} from the first update)"
+                    ));
+                }
                 if warmup > total {
                     return bad(format!(
                         "warmup ({warmup} updates) must not exceed total ({total})"
@@ -173,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_rates_and_a_warmup_past_the_end_are_refused_by_name() {
+    fn bad_rates_a_zero_total_and_a_warmup_past_the_end_are_refused_by_name() {
         let e = LearningRateSchedule::warmup_cosine(f32::NAN, 1, 2)
             .unwrap_err()
             .to_string();
@@ -188,6 +196,19 @@ mod tests {
             e.contains("warmup (5 updates) must not exceed total (2)"),
             "{e}"
         );
+        for s in [
+            LearningRateSchedule::warmup_cosine(1e-3, 0, 0),
+            LearningRateSchedule::warmup_linear(1e-3, 0, 0),
+        ] {
+            let e = s.unwrap_err().to_string();
+            assert!(
+                e.contains("learning-rate schedule")
+                    && e.contains("total must be at least 1 update, got 0"),
+                "{e}"
+            );
+        }
+        // One update is a schedule (at the floor from then on).
+        assert!(LearningRateSchedule::warmup_cosine(1e-3, 0, 1).is_ok());
         let e = LearningRateSchedule::Constant(-1.0)
             .validate()
             .unwrap_err()

@@ -143,10 +143,18 @@ fn main() -> anyhow::Result<()> {
         "--vocab must be at least 2 (the separator and a token)"
     );
     anyhow::ensure!(task.length >= 1, "--length must be at least 1");
-    policy.dispatch(Run {
+    let run = Run {
         task,
         steps: args.get("steps", 1000)?,
         batch_size: args.get("batch-size", 64)?,
         seed: args.get("seed", 0)?,
-    })
+    };
+    // Checked before the model is built: a step needs a sample, and the learning-rate schedule
+    // a step to decay over.
+    anyhow::ensure!(
+        run.batch_size >= 1,
+        "--batch-size must be at least 1, got 0"
+    );
+    anyhow::ensure!(run.steps >= 1, "--steps must be at least 1, got 0");
+    policy.dispatch(run)
 }

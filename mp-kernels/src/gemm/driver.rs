@@ -385,12 +385,7 @@ unsafe fn run_with_a_transposed<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
     if parts.len() <= 1 {
         copy(&(0..p.m));
     } else {
-        threads::pool().scope(|s| {
-            for part in &parts[1..] {
-                s.spawn(|_| copy(part));
-            }
-            copy(&parts[0]);
-        });
+        threads::pool().for_each_part(&parts, copy);
     }
     let q = Problem {
         m: p.m,
@@ -485,12 +480,7 @@ unsafe fn run_split<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
         block(&(0..if split == Split::Columns { p.n } else { p.m }));
         return;
     }
-    threads::pool().scope(|s| {
-        for part in &parts[1..] {
-            s.spawn(|_| block(part));
-        }
-        block(&parts[0]);
-    });
+    threads::pool().for_each_part(&parts, block);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

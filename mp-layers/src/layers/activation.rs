@@ -212,10 +212,10 @@ impl<P: PolicyKind> Layer for Activation<P> {
     }
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         if self.kind == ActivationKind::Softmax && input_shape.is_empty() {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![1],
+                expected: crate::layers::AT_LEAST_ONE_AXIS,
                 got: vec![],
             });
         }

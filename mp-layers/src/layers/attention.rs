@@ -257,10 +257,10 @@ impl<P: PolicyKind> Layer for MultiHeadAttention<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![0, 0],
+                expected: super::sequence::SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };
@@ -283,19 +283,36 @@ impl<P: PolicyKind> Layer for MultiHeadAttention<P> {
                 ),
             });
         }
+        let refuse = |what: String| {
+            Err(Error::InvalidArgument {
+                what: format!("{}: {what}", self.name),
+            })
+        };
+        if self.num_heads == 0 {
+            return refuse("MultiHeadAttention needs at least 1 head, got 0".into());
+        }
+        if features == 0 {
+            return refuse(format!(
+                "the model width is 0 (inputs of shape {input_shape:?} per sample): attention \
+                 needs tokens of at least 1 feature"
+            ));
+        }
         let key_dim = match self.key_dim {
-            Some(k) if k > 0 && self.num_heads > 0 => k,
-            None if self.num_heads > 0 && features % self.num_heads == 0 && features > 0 => {
-                features / self.num_heads
+            Some(0) => {
+                return refuse(
+                    "key_dim must be at least 1, got 0 (with_key_dim(0)); leave it unset for \
+                     a head width of the model width / the number of heads"
+                        .into(),
+                );
             }
-            _ => {
-                return Err(Error::InvalidArgument {
-                    what: format!(
-                        "{}: {} heads do not divide the model width {features} (give \
-                         with_key_dim, or a number of heads that divides {features})",
-                        self.name, self.num_heads
-                    ),
-                });
+            Some(k) => k,
+            None if features % self.num_heads == 0 => features / self.num_heads,
+            None => {
+                return refuse(format!(
+                    "{} heads do not divide the model width {features} (give with_key_dim, or \
+                     a number of heads that divides {features})",
+                    self.num_heads
+                ));
             }
         };
         if tokens == 0 {

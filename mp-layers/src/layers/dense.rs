@@ -182,10 +182,10 @@ impl<P: PolicyKind> Layer for Dense<P> {
             });
         }
         let Some(&input_dim) = input_shape.last() else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![0],
+                expected: crate::layers::AT_LEAST_ONE_AXIS,
                 got: input_shape.to_vec(),
             });
         };

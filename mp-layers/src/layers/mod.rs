@@ -14,3 +14,7 @@ pub mod norm;
 pub mod pooling;
 pub mod sequence;
 mod util;
+
+/// What a layer that reads the last axis (the features) takes per sample: the text of its
+/// [`Error::InputRank`](crate::Error::InputRank) for an empty input shape.
+pub(crate) const AT_LEAST_ONE_AXIS: &str = "an input shape with at least one axis (the features)";

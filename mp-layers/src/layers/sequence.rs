@@ -11,10 +11,14 @@ use std::marker::PhantomData;
 use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::ops;
 use mp_kernels::sequence::Pool;
+use ndarray::ArrayViewD;
 
 use super::util::{glorot_uniform, name_seed, uniform};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
+
+/// What a layer over token sequences takes per sample.
+pub(crate) const SEQUENCE: &str = "[tokens, width] inputs (rank 2)";
 
 fn saved<T: Clone>(slot: &mut Option<T>, layer: &str) -> Result<T> {
     slot.take().ok_or_else(|| Error::InvalidState {
@@ -173,6 +177,49 @@ impl<P: PolicyKind> Layer for Embedding<P> {
         self.output_shape.as_deref()
     }
 
+    /// Every token id of the data set a whole number in `0..input_dim`, checked before the
+    /// first step (the lookup checks each batch too, but can only name its position in the
+    /// batch, after earlier steps were applied).
+    fn check_input(&self, x: &ArrayViewD<'_, f32>) -> Result<()> {
+        let sample = x.shape().get(1..).unwrap_or(&[]);
+        let vocab = self.input_dim;
+        let ok = |v: f32| v >= 0.0 && v.fract() == 0.0 && (v as usize) < vocab;
+        for (row, ids) in x.outer_iter().enumerate() {
+            let Some((at, v)) = ids.iter().enumerate().find(|&(_, &v)| !ok(v)) else {
+                continue;
+            };
+            let problem = if !v.is_finite() {
+                "is not finite"
+            } else if v.fract() != 0.0 {
+                "is not a whole number"
+            } else if *v < 0.0 {
+                "is negative"
+            } else {
+                "is out of range"
+            };
+            // The position as an index into the sample (one number for a sequence).
+            let mut index = vec![0; sample.len()];
+            let mut rest = at;
+            for (i, &n) in index.iter_mut().zip(sample).rev() {
+                *i = rest % n.max(1);
+                rest /= n.max(1);
+            }
+            let position = match index.as_slice() {
+                [p] => p.to_string(),
+                more => format!("{more:?}"),
+            };
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{}: token id {v} in row {row} of the data (position {position}) {problem}: \
+                     the vocabulary has {vocab} tokens, ids 0 to {}",
+                    self.name,
+                    vocab.saturating_sub(1)
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor<F32>) -> Result<Tensor<P::Compute>> {
         self.lookup(x)
     }
@@ -287,10 +334,10 @@ impl<P: PolicyKind> Layer for PositionEmbedding<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![self.sequence_length, 0],
+                expected: SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };
@@ -431,10 +478,10 @@ impl<P: PolicyKind> Layer for ClassToken<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![0, 0],
+                expected: SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };
@@ -566,10 +613,10 @@ impl<P: PolicyKind> Layer for SequencePooling<P> {
 
     fn build(&mut self, input_shape: &[usize]) -> Result<Vec<usize>> {
         let &[tokens, features] = input_shape else {
-            return Err(Error::IncompatibleShapes {
+            return Err(Error::InputRank {
                 layer: self.name.clone(),
                 previous: "the model input".into(),
-                expected: vec![0, 0],
+                expected: SEQUENCE,
                 got: input_shape.to_vec(),
             });
         };

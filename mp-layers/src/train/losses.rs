@@ -395,9 +395,10 @@ impl DenseTargets for MeanSquaredError {
     }
 }
 
-/// Checks dense targets: one per output value, each finite (and in `[0, 1]` for the binary
-/// loss, a distribution for the categorical one is not required: smoothed or partial targets
-/// are the user's choice, as in Keras).
+/// Checks dense targets: one per output value, each finite, in `[0, 1]` for the binary loss and
+/// non-negative for the categorical one (a negative weight on `-log p` makes the loss negative
+/// and pushes the right class down; that a row sums to 1 is not required: smoothed or partial
+/// targets are the user's choice, as in Keras).
 fn check_dense(
     kind: DenseLoss,
     targets: &[f32],
@@ -416,20 +417,33 @@ fn check_dense(
         });
     }
     let binary = matches!(kind, DenseLoss::BinaryCrossentropy { .. });
-    let bad = |t: f32| !t.is_finite() || binary && !(0.0..=1.0).contains(&t);
-    match targets.iter().position(|&t| bad(t)) {
+    let categorical = matches!(kind, DenseLoss::CategoricalCrossentropy { .. });
+    let problem = |t: f32| {
+        if !t.is_finite() {
+            Some("not finite")
+        } else if binary && !(0.0..=1.0).contains(&t) {
+            Some("outside [0, 1], which binary_crossentropy needs")
+        } else if categorical && t < 0.0 {
+            Some(
+                "negative, which categorical_crossentropy cannot take (targets are weights of \
+                 the classes, one-hot or smoothed, each at least 0)",
+            )
+        } else {
+            None
+        }
+    };
+    match targets
+        .iter()
+        .enumerate()
+        .find_map(|(i, &t)| Some((i, problem(t)?)))
+    {
         None => Ok(()),
-        Some(i) => Err(Error::InvalidArgument {
+        Some((i, what)) => Err(Error::InvalidArgument {
             what: format!(
-                "target {} at position {} of row {} of the data is {}",
+                "target {} at position {} of row {} of the data is {what}",
                 targets[i],
                 i % per_sample.max(1),
                 i / per_sample.max(1),
-                if binary && targets[i].is_finite() {
-                    "outside [0, 1], which binary_crossentropy needs"
-                } else {
-                    "not finite"
-                }
             ),
         }),
     }

@@ -167,8 +167,8 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// resumed run (the count is in the checkpoint) continues it.
     ///
     /// # Errors
-    /// A schedule whose rates are not finite and non-negative, or whose warmup exceeds its
-    /// total ([`mp_optim::Error::InvalidHyperparameter`]).
+    /// A schedule whose rates are not finite and non-negative, whose total is 0, or whose
+    /// warmup exceeds its total ([`mp_optim::Error::InvalidHyperparameter`]).
     pub fn with_learning_rate_schedule(mut self, schedule: LearningRateSchedule) -> Result<Self> {
         schedule.validate()?;
         self.schedule = Some(schedule);
@@ -381,8 +381,9 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             })
     }
 
-    /// Builds the model for `x`'s samples and checks every target against its output: the
-    /// targets flat, and how many there are per sample.
+    /// Builds the model for `x`'s samples and checks every input (as the model's first layer
+    /// takes them: token ids, say) and every target against its output: the targets flat, and
+    /// how many there are per sample.
     fn prepare<T: Copy>(
         &mut self,
         x: &ArrayViewD<'_, f32>,
@@ -393,6 +394,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     {
         check_data(x, y)?;
         self.ensure_built(sample_shape(x))?;
+        self.model.check_input(x)?;
         let (targets, per_sample) = targets_of(y);
         self.loss
             .check_targets(&targets, per_sample, &self.output_shape()?)?;
@@ -426,6 +428,11 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// Data-parallel ([`Trainer::with_communicator`]), `x` and `labels` are this rank's shard
     /// (it may be empty), every rank calls `train_step` for every step, and the returned loss is
     /// the global batch's.
+    ///
+    /// # Errors
+    /// In a single process, an empty batch (0 samples), before anything changes (no variable,
+    /// optimizer slot, step count or loss scale); what the forward and backward passes, the loss
+    /// or the optimizer return.
     pub fn train_step<T: Copy>(
         &mut self,
         x: &Tensor<Input<M>>,
@@ -455,7 +462,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// rank's shard of a micro-batch, and the windows are summed over the ranks once.
     ///
     /// # Errors
-    /// An empty window; as [`Trainer::train_step`].
+    /// An empty window, or one without samples in a single process; as [`Trainer::train_step`].
     pub fn train_window<T: Copy>(
         &mut self,
         micro: &[MicroBatch<'_, M, T>],
@@ -466,6 +473,28 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         if micro.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "a training window needs at least one micro-batch".into(),
+            });
+        }
+        // Alone, a step needs samples: an empty batch would still move every variable under
+        // Adam (stale moments) and count a step. Refused before anything changes. (A rank's
+        // shard of a data-parallel batch may be empty.)
+        let samples: usize = micro
+            .iter()
+            .map(|(x, _)| x.shape().first().map_or(1, |&n| n))
+            .sum();
+        if !self.replicas.is_parallel() && samples == 0 {
+            return Err(Error::InvalidArgument {
+                what: if micro.len() == 1 {
+                    "train_step: the batch is empty (0 samples); a training step needs at least \
+                     one sample"
+                        .into()
+                } else {
+                    format!(
+                        "train_window: its {} micro-batches are all empty (0 samples); a \
+                         training step needs at least one sample",
+                        micro.len()
+                    )
+                },
             });
         }
         if let Some(schedule) = &self.schedule {
@@ -1087,6 +1116,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             });
         }
         self.ensure_built(sample_shape(&x))?;
+        self.model.check_input(&x)?;
         let mut shape = self.output_shape()?;
         shape.insert(0, samples);
         let mut rows: Vec<f32> = Vec::with_capacity(shape.iter().product());
