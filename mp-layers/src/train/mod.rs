@@ -511,10 +511,6 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         let (loss, probs) = if self.replicas.is_parallel() {
             // Every rank takes part in the agreement, a failed one too, so that none is left
             // waiting in the gradient sum.
-            let samples: usize = micro
-                .iter()
-                .map(|(x, _)| x.shape().first().copied().unwrap_or(0))
-                .sum();
             let loss_sum = local.as_ref().map_or(0.0, |(l, _)| *l);
             let sums = [samples as f64, weight as f64, loss_sum];
             let agreed = self.replicas.agree(&local, sums);
