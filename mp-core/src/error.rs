@@ -69,6 +69,17 @@ pub enum Error {
         /// Where it is.
         got: crate::Device,
     },
+    /// A value a variable must not hold (NaN or infinite; below 0 for a variance), refused before
+    /// anything was written.
+    #[error("{op}: {variable} would hold {problem}; it is unchanged")]
+    InvalidValue {
+        /// The operation (`assign`, `set_weights`).
+        op: &'static str,
+        /// The variable's name.
+        variable: String,
+        /// The first value outside the variable's domain.
+        problem: crate::variable::OutOfDomain,
+    },
     /// A collective between the ranks of a data-parallel job that cannot be made.
     #[error("{op}: {what}")]
     Communication {

@@ -50,4 +50,4 @@ pub use policy::{
 };
 pub use rng::Rng;
 pub use tensor::{Device, Tensor};
-pub use variable::Variable;
+pub use variable::{Domain, OutOfDomain, Variable};

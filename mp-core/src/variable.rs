@@ -1,8 +1,77 @@
 //! Variables: named float32 values with their float32 gradients, what optimizers update.
 
+use std::fmt;
+
 use crate::dtype::{DType, F32};
-use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::tensor::{Device, Tensor};
+
+/// The values a variable may hold. Every variable's are finite; a variance or a second moment
+/// (BatchNormalization's `moving_variance`, Adam's `v`) is also never negative.
+///
+/// Checked where values enter from outside ([`Variable::assign`], [`Variable::set_value`],
+/// `set_weights`, checkpoint loads) and before they are saved; not in the kernels that update
+/// variables every step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Domain {
+    /// No NaN, no infinity.
+    #[default]
+    Finite,
+    /// Finite and at least 0.
+    NonNegative,
+}
+
+impl Domain {
+    /// The first of `values` outside the domain, if any.
+    pub fn first_outside(self, values: &[f32]) -> Option<OutOfDomain> {
+        let index = match self {
+            Domain::Finite => values.iter().position(|v| !v.is_finite()),
+            Domain::NonNegative => values.iter().position(|v| !(v.is_finite() && *v >= 0.0)),
+        }?;
+        Some(OutOfDomain {
+            index,
+            value: values[index],
+        })
+    }
+
+    /// [`Error::InvalidValue`] naming `op` and `variable` for the first of `values` outside the
+    /// domain.
+    pub fn check(self, op: &'static str, variable: &str, values: &[f32]) -> Result<()> {
+        match self.first_outside(values) {
+            None => Ok(()),
+            Some(problem) => Err(Error::InvalidValue {
+                op,
+                variable: variable.to_string(),
+                problem,
+            }),
+        }
+    }
+}
+
+/// A value outside a variable's [`Domain`] and where it is; displayed as `NaN at index 3,
+/// which is not finite` or `-1.0 at index 0, which is below 0`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OutOfDomain {
+    /// The index of the value in the flat, row-major data.
+    pub index: usize,
+    /// The value.
+    pub value: f32,
+}
+
+impl fmt::Display for OutOfDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = if self.value.is_finite() {
+            "below 0"
+        } else {
+            "not finite"
+        };
+        write!(
+            f,
+            "{:?} at index {}, which is {why}",
+            self.value, self.index
+        )
+    }
+}
 
 /// A trainable value: a name (`dense_1/kernel`), a float32 value and its float32 gradient.
 ///
@@ -10,13 +79,15 @@ use crate::tensor::Tensor;
 /// Gradients accumulate: backward adds into [`Variable::grad_mut`], and the training step zeroes
 /// them with [`Variable::zero_grad`]. A [non-trainable](Variable::non_trainable) variable
 /// (BatchNormalization's moving statistics) is state the layer updates itself: optimizers do not
-/// see it, checkpoints save it.
+/// see it, checkpoints save it. Its [`Domain`] says which values it may hold; values given from
+/// outside are checked against it.
 #[derive(Clone, Debug)]
 pub struct Variable {
     name: String,
     value: Tensor<F32>,
     grad: Tensor<F32>,
     trainable: bool,
+    domain: Domain,
 }
 
 impl Variable {
@@ -28,6 +99,7 @@ impl Variable {
             value,
             grad,
             trainable: true,
+            domain: Domain::Finite,
         })
     }
 
@@ -38,6 +110,18 @@ impl Variable {
             trainable: false,
             ..Variable::new(name, value)?
         })
+    }
+
+    /// The same variable, restricted to `domain` (a variance: [`Domain::NonNegative`]). Its
+    /// current value is not checked.
+    pub fn with_domain(mut self, domain: Domain) -> Self {
+        self.domain = domain;
+        self
+    }
+
+    /// The values it may hold.
+    pub fn domain(&self) -> Domain {
+        self.domain
     }
 
     /// Whether an optimizer updates it.
@@ -70,7 +154,8 @@ impl Variable {
         &self.value
     }
 
-    /// The value, to update in place.
+    /// The value, to update in place: what kernels write every step, unchecked. To set a value
+    /// from outside, use [`Variable::assign`] or [`Variable::set_value`], which check it.
     pub fn value_mut(&mut self) -> &mut Tensor<F32> {
         &mut self.value
     }
@@ -106,10 +191,51 @@ impl Variable {
         self.grad.fill(0.0)
     }
 
-    /// Replaces the value with `value`, which must have the same shape; on a mismatch the
-    /// variable is left unchanged.
+    /// Replaces the value with `value`, which must have as many elements and lie in the
+    /// variable's [`Domain`] (finite; not negative for a variance).
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] naming the variable and the first value outside its domain, or a
+    /// length mismatch; the variable is left unchanged.
     pub fn assign(&mut self, value: &[f32]) -> Result<()> {
+        self.check_values("assign", value)?;
         self.value.copy_from_slice(value)
+    }
+
+    /// Replaces the value with a copy of `value` (moved to the variable's device), after
+    /// [`Variable::check_value`].
+    ///
+    /// # Errors
+    /// As [`Variable::check_value`]; the variable is left unchanged.
+    pub fn set_value(&mut self, value: &Tensor<F32>) -> Result<()> {
+        self.check_value("set_value", value)?;
+        self.value = value.to_device(self.value.device())?;
+        Ok(())
+    }
+
+    /// Checks that `value` could replace this variable's value: the same shape, every element
+    /// in the variable's [`Domain`]. `op` names the caller in the error (`set_weights`).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`]; [`Error::InvalidValue`] naming the variable and the first value
+    /// outside its domain.
+    pub fn check_value(&self, op: &'static str, value: &Tensor<F32>) -> Result<()> {
+        if value.shape() != self.shape() {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: self.shape().to_vec(),
+                got: value.shape().to_vec(),
+            });
+        }
+        if value.device().is_cpu() {
+            self.check_values(op, value.as_slice()?)
+        } else {
+            self.check_values(op, value.to_device(Device::Cpu)?.as_slice()?)
+        }
+    }
+
+    fn check_values(&self, op: &'static str, values: &[f32]) -> Result<()> {
+        self.domain.check(op, &self.name, values)
     }
 }
 
@@ -132,5 +258,45 @@ mod tests {
         assert_eq!(v.value().as_slice().unwrap()[4], 5.0);
         v.assign(&[0.0; 6]).unwrap();
         assert_eq!(v.value().as_slice().unwrap(), &[0.0; 6]);
+    }
+
+    #[test]
+    fn values_outside_the_domain_are_refused_by_name_and_change_nothing() {
+        let t = Tensor::<F32>::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap();
+        let mut v = Variable::non_trainable("bn/moving_variance", t)
+            .unwrap()
+            .with_domain(Domain::NonNegative);
+        let cases: [(&[f32], &str); 3] = [
+            (&[1.0, f32::NAN, 0.0], "NaN at index 1, which is not finite"),
+            (&[-1.0, 0.0, 0.0], "-1.0 at index 0, which is below 0"),
+            (
+                &[0.0, 0.0, f32::INFINITY],
+                "inf at index 2, which is not finite",
+            ),
+        ];
+        for (bad, want) in cases {
+            let e = v.assign(bad).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("assign: bn/moving_variance would hold {want}; it is unchanged")
+            );
+            let e = v
+                .set_value(&Tensor::from_vec(&[3], bad.to_vec()).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("set_value: bn/moving_variance would hold"),
+                "{e}"
+            );
+            assert_eq!(v.value().as_slice().unwrap(), &[1.0, 2.0, 3.0]);
+        }
+        // -0.0 is not below 0; a plain variable may be negative but not infinite.
+        v.assign(&[-0.0, 0.0, 5.0]).unwrap();
+        let mut w = Variable::new("d/kernel", Tensor::zeros(&[2]).unwrap()).unwrap();
+        w.assign(&[-1.0, 2.0]).unwrap();
+        let e = w.assign(&[f32::NEG_INFINITY, 2.0]).unwrap_err().to_string();
+        assert!(e.contains("d/kernel would hold -inf at index 0"), "{e}");
+        assert!(w.set_value(&Tensor::zeros(&[3]).unwrap()).is_err());
+        assert_eq!(w.value().as_slice().unwrap(), &[-1.0, 2.0]);
     }
 }

@@ -36,7 +36,7 @@ use crate::conv::{self, Geometry};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef};
 use crate::isa::Isa;
-use crate::optim::{self, AdamParams, RmspropParams, SgdParams};
+use crate::optim::{self, AdamParams, NonFiniteOutputs, RmspropParams, SgdParams};
 use crate::softmax::{self, Label};
 use crate::{cast, reduce, scale};
 
@@ -668,6 +668,23 @@ impl Cpu {
         optim::sgd_update(self.isa, var, grad, momentum, p)
     }
 
+    /// The checking twin of [`Cpu::sgd_update`]: computes the same step with the same
+    /// arithmetic, writes nothing, and says which new values (the variable's, the momentum's)
+    /// would be NaN or infinite. An optimizer runs it over every variable first and writes the
+    /// update only when all are finite.
+    ///
+    /// # Errors
+    /// As [`Cpu::sgd_update`].
+    pub fn sgd_update_check(
+        &self,
+        var: &[f32],
+        grad: &[f32],
+        momentum: Option<&[f32]>,
+        p: SgdParams,
+    ) -> Result<NonFiniteOutputs> {
+        optim::sgd_check(self.isa, var, grad, momentum, p)
+    }
+
     /// One RMSprop step; `momentum` is required when `p.momentum > 0`.
     ///
     /// # Errors
@@ -684,6 +701,22 @@ impl Cpu {
         optim::rmsprop_update(self.isa, var, grad, velocity, momentum, p)
     }
 
+    /// The checking twin of [`Cpu::rmsprop_update`] (see [`Cpu::sgd_update_check`]): which of
+    /// the new variable, velocity and momentum would hold NaN or infinity; nothing is written.
+    ///
+    /// # Errors
+    /// As [`Cpu::rmsprop_update`].
+    pub fn rmsprop_update_check(
+        &self,
+        var: &[f32],
+        grad: &[f32],
+        velocity: &[f32],
+        momentum: Option<&[f32]>,
+        p: RmspropParams,
+    ) -> Result<NonFiniteOutputs> {
+        optim::rmsprop_check(self.isa, var, grad, velocity, momentum, p)
+    }
+
     /// One Adam step with first and second moments `m` and `v`.
     ///
     /// # Errors
@@ -697,5 +730,22 @@ impl Cpu {
         p: AdamParams,
     ) -> Result<()> {
         optim::adam_update(self.isa, var, grad, m, v, p)
+    }
+
+    /// The checking twin of [`Cpu::adam_update`] (see [`Cpu::sgd_update_check`]): which of the
+    /// new variable, `m` and `v` would hold NaN or infinity (a finite gradient of 1e30 makes
+    /// `g * g`, and so `v`, infinite); nothing is written.
+    ///
+    /// # Errors
+    /// As [`Cpu::adam_update`].
+    pub fn adam_update_check(
+        &self,
+        var: &[f32],
+        grad: &[f32],
+        m: &[f32],
+        v: &[f32],
+        p: AdamParams,
+    ) -> Result<NonFiniteOutputs> {
+        optim::adam_check(self.isa, var, grad, m, v, p)
     }
 }

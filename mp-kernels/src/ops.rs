@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
 use crate::gemm::Epilogue;
 use crate::gemm::{Gemm, MatMut, MatRef};
-use crate::optim::{AdamParams, RmspropParams, SgdParams};
+use crate::optim::{AdamParams, NonFiniteOutputs, RmspropParams, SgdParams};
 use crate::softmax::Label;
 
 mod losses;
@@ -1552,6 +1552,87 @@ pub fn adam_update(
             )
         }
     }
+}
+
+/// The checking twin of [`sgd_update`] ([`Cpu::sgd_update_check`]): which new values would be
+/// NaN or infinite, computed with the update's own arithmetic; nothing is written.
+///
+/// # Errors
+/// As [`sgd_update`]; on CUDA, no checking kernel yet (the update there is written unchecked).
+pub fn sgd_update_check(
+    var: &Tensor<F32>,
+    grad: &Tensor<F32>,
+    momentum: Option<&Tensor<F32>>,
+    p: SgdParams,
+) -> Result<NonFiniteOutputs> {
+    const OP: &str = "sgd_update_check";
+    check_slot(OP, "grad", var, grad)?;
+    let mut devices = vec![var.device(), grad.device()];
+    if let Some(m) = momentum {
+        check_slot(OP, "momentum", var, m)?;
+        devices.push(m.device());
+    }
+    on_cpu(OP, device(OP, &devices)?)?;
+    let m = momentum.map(|m| m.as_slice()).transpose()?;
+    Cpu::global()?.sgd_update_check(var.as_slice()?, grad.as_slice()?, m, p)
+}
+
+/// The checking twin of [`rmsprop_update`] (see [`sgd_update_check`]).
+///
+/// # Errors
+/// As [`sgd_update_check`].
+pub fn rmsprop_update_check(
+    var: &Tensor<F32>,
+    grad: &Tensor<F32>,
+    velocity: &Tensor<F32>,
+    momentum: Option<&Tensor<F32>>,
+    p: RmspropParams,
+) -> Result<NonFiniteOutputs> {
+    const OP: &str = "rmsprop_update_check";
+    check_slot(OP, "grad", var, grad)?;
+    check_slot(OP, "velocity", var, velocity)?;
+    let mut devices = vec![var.device(), grad.device(), velocity.device()];
+    if let Some(m) = momentum {
+        check_slot(OP, "momentum", var, m)?;
+        devices.push(m.device());
+    }
+    on_cpu(OP, device(OP, &devices)?)?;
+    let m = momentum.map(|m| m.as_slice()).transpose()?;
+    Cpu::global()?.rmsprop_update_check(
+        var.as_slice()?,
+        grad.as_slice()?,
+        velocity.as_slice()?,
+        m,
+        p,
+    )
+}
+
+/// The checking twin of [`adam_update`] (see [`sgd_update_check`]).
+///
+/// # Errors
+/// As [`sgd_update_check`].
+pub fn adam_update_check(
+    var: &Tensor<F32>,
+    grad: &Tensor<F32>,
+    m: &Tensor<F32>,
+    v: &Tensor<F32>,
+    p: AdamParams,
+) -> Result<NonFiniteOutputs> {
+    const OP: &str = "adam_update_check";
+    check_slot(OP, "grad", var, grad)?;
+    check_slot(OP, "m", var, m)?;
+    check_slot(OP, "v", var, v)?;
+    on_cpu(
+        OP,
+        device(OP, &[var.device(), grad.device(), m.device(), v.device()])?,
+    )?;
+    Cpu::global()?.adam_update_check(
+        var.as_slice()?,
+        grad.as_slice()?,
+        m.as_slice()?,
+        v.as_slice()?,
+        p,
+    )
 }
 
 #[cfg(test)]

@@ -21,6 +21,12 @@
 //! its float64 hyperparameters and rounded once (Keras rounds the Python float `1 - rho`).
 //! Hyperparameters are validated by the optimizer; these kernels only compute, and check
 //! lengths. Arrays of 64K elements or more are split over the thread pool.
+//!
+//! Each update has a checking twin (`*_check`) that runs the same formula through the same
+//! driver without storing anything and reports which outputs (the variable, each state buffer)
+//! would hold NaN or infinity ([`NonFiniteOutputs`]): an optimizer runs it over every variable
+//! and writes only when all are finite, so a skipped update leaves everything bit-identical.
+//! It reads what the update reads, so it costs about one more read pass of the buffers.
 
 use rayon::prelude::*;
 
@@ -109,6 +115,42 @@ impl AdamParams {
     }
 }
 
+/// Which new values of an optimizer update would be NaN or infinite: what the checking twin of
+/// an update ([`crate::Cpu::sgd_update_check`], [`crate::Cpu::rmsprop_update_check`],
+/// [`crate::Cpu::adam_update_check`]) finds, computing the update with the same arithmetic and
+/// writing nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NonFiniteOutputs(u32);
+
+impl NonFiniteOutputs {
+    /// The report for an update whose variable (`variable`) and state buffers (`state`, in the
+    /// update's argument order, at most 31) would or would not hold NaN or infinity: what an
+    /// update computed some other way (out of place, say) reports.
+    pub fn from_flags(variable: bool, state: impl IntoIterator<Item = bool>) -> Self {
+        let mut bits = u32::from(variable);
+        for (i, s) in state.into_iter().take(31).enumerate() {
+            bits |= u32::from(s) << (i + 1);
+        }
+        NonFiniteOutputs(bits)
+    }
+
+    /// Whether every new value would be finite: the update may be written.
+    pub fn all_finite(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether the variable's new value would hold NaN or infinity somewhere.
+    pub fn variable(self) -> bool {
+        self.0 & 1 != 0
+    }
+
+    /// Whether state buffer `i` would, the buffers counted in the update's argument order
+    /// (SGD: the momentum; RMSprop: the velocity, then the momentum; Adam: `m`, then `v`).
+    pub fn state(self, i: usize) -> bool {
+        i < 31 && (self.0 >> (i + 1)) & 1 != 0
+    }
+}
+
 /// See [`crate::Cpu::sgd_update`].
 pub(crate) fn sgd_update(
     isa: Isa,
@@ -118,19 +160,57 @@ pub(crate) fn sgd_update(
     p: SgdParams,
 ) -> Result<()> {
     const OP: &str = "sgd_update";
-    check_len(OP, "grad", grad.len(), var.len())?;
-    let m = if p.momentum != 0.0 {
-        let m = momentum.ok_or_else(|| missing(OP, "momentum", "p.momentum is not 0"))?;
-        check_len(OP, "momentum", m.len(), var.len())?;
-        Some(m)
-    } else {
-        None
-    };
+    sgd_args(OP, var.len(), grad, momentum.as_deref(), p)?;
     check_isa(OP, isa)?;
-    split(var, grad, m, None, |var, g, m, _| {
-        // SAFETY: `isa` is supported; the chunks have equal lengths.
-        unsafe { kernels::sgd(isa, var, g, m, p) }
-    });
+    let b = Bufs {
+        n: var.len(),
+        var: var.as_mut_ptr(),
+        g: grad.as_ptr(),
+        s1: used_mut(momentum, p.momentum != 0.0),
+        s2: std::ptr::null_mut(),
+    };
+    // SAFETY: `isa` is supported; every buffer has the variable's length (checked) and is
+    // borrowed, the written ones mutably, for the whole call.
+    run(b, |c| unsafe { kernels::sgd::<WRITE>(isa, c, p) });
+    Ok(())
+}
+
+/// See [`crate::Cpu::sgd_update_check`].
+pub(crate) fn sgd_check(
+    isa: Isa,
+    var: &[f32],
+    grad: &[f32],
+    momentum: Option<&[f32]>,
+    p: SgdParams,
+) -> Result<NonFiniteOutputs> {
+    const OP: &str = "sgd_update_check";
+    sgd_args(OP, var.len(), grad, momentum, p)?;
+    check_isa(OP, isa)?;
+    let b = Bufs {
+        n: var.len(),
+        var: var.as_ptr().cast_mut(),
+        g: grad.as_ptr(),
+        s1: used(momentum, p.momentum != 0.0),
+        s2: std::ptr::null_mut(),
+    };
+    // SAFETY: as in `sgd_update`; the `CHECK` pass only reads.
+    Ok(NonFiniteOutputs(run(b, |c| unsafe {
+        kernels::sgd::<CHECK>(isa, c, p)
+    })))
+}
+
+fn sgd_args(
+    op: &'static str,
+    n: usize,
+    grad: &[f32],
+    momentum: Option<&[f32]>,
+    p: SgdParams,
+) -> Result<()> {
+    check_len(op, "grad", grad.len(), n)?;
+    if p.momentum != 0.0 {
+        let m = momentum.ok_or_else(|| missing(op, "momentum", "p.momentum is not 0"))?;
+        check_len(op, "momentum", m.len(), n)?;
+    }
     Ok(())
 }
 
@@ -144,20 +224,59 @@ pub(crate) fn rmsprop_update(
     p: RmspropParams,
 ) -> Result<()> {
     const OP: &str = "rmsprop_update";
-    check_len(OP, "grad", grad.len(), var.len())?;
-    check_len(OP, "velocity", velocity.len(), var.len())?;
-    let mom = if p.momentum > 0.0 {
-        let m = momentum.ok_or_else(|| missing(OP, "momentum", "p.momentum is above 0"))?;
-        check_len(OP, "momentum", m.len(), var.len())?;
-        Some(m)
-    } else {
-        None
-    };
+    rmsprop_args(OP, var.len(), grad, velocity, momentum.as_deref(), p)?;
     check_isa(OP, isa)?;
-    split(var, grad, Some(velocity), mom, |var, g, v, mom| {
-        // SAFETY: `isa` is supported; the chunks have equal lengths; `v` is always given.
-        unsafe { kernels::rmsprop(isa, var, g, v.unwrap_or_default(), mom, p) }
-    });
+    let b = Bufs {
+        n: var.len(),
+        var: var.as_mut_ptr(),
+        g: grad.as_ptr(),
+        s1: velocity.as_mut_ptr(),
+        s2: used_mut(momentum, p.momentum > 0.0),
+    };
+    // SAFETY: as in `sgd_update`; the velocity is always given.
+    run(b, |c| unsafe { kernels::rmsprop::<WRITE>(isa, c, p) });
+    Ok(())
+}
+
+/// See [`crate::Cpu::rmsprop_update_check`].
+pub(crate) fn rmsprop_check(
+    isa: Isa,
+    var: &[f32],
+    grad: &[f32],
+    velocity: &[f32],
+    momentum: Option<&[f32]>,
+    p: RmspropParams,
+) -> Result<NonFiniteOutputs> {
+    const OP: &str = "rmsprop_update_check";
+    rmsprop_args(OP, var.len(), grad, velocity, momentum, p)?;
+    check_isa(OP, isa)?;
+    let b = Bufs {
+        n: var.len(),
+        var: var.as_ptr().cast_mut(),
+        g: grad.as_ptr(),
+        s1: velocity.as_ptr().cast_mut(),
+        s2: used(momentum, p.momentum > 0.0),
+    };
+    // SAFETY: as in `rmsprop_update`; the `CHECK` pass only reads.
+    Ok(NonFiniteOutputs(run(b, |c| unsafe {
+        kernels::rmsprop::<CHECK>(isa, c, p)
+    })))
+}
+
+fn rmsprop_args(
+    op: &'static str,
+    n: usize,
+    grad: &[f32],
+    velocity: &[f32],
+    momentum: Option<&[f32]>,
+    p: RmspropParams,
+) -> Result<()> {
+    check_len(op, "grad", grad.len(), n)?;
+    check_len(op, "velocity", velocity.len(), n)?;
+    if p.momentum > 0.0 {
+        let m = momentum.ok_or_else(|| missing(op, "momentum", "p.momentum is above 0"))?;
+        check_len(op, "momentum", m.len(), n)?;
+    }
     Ok(())
 }
 
@@ -171,15 +290,49 @@ pub(crate) fn adam_update(
     p: AdamParams,
 ) -> Result<()> {
     const OP: &str = "adam_update";
-    check_len(OP, "grad", grad.len(), var.len())?;
-    check_len(OP, "m", m.len(), var.len())?;
-    check_len(OP, "v", v.len(), var.len())?;
+    adam_args(OP, var.len(), grad, m, v)?;
     check_isa(OP, isa)?;
-    split(var, grad, Some(m), Some(v), |var, g, m, v| {
-        // SAFETY: `isa` is supported; the chunks have equal lengths; `m` and `v` always given.
-        unsafe { kernels::adam(isa, var, g, m.unwrap_or_default(), v.unwrap_or_default(), p) }
-    });
+    let b = Bufs {
+        n: var.len(),
+        var: var.as_mut_ptr(),
+        g: grad.as_ptr(),
+        s1: m.as_mut_ptr(),
+        s2: v.as_mut_ptr(),
+    };
+    // SAFETY: as in `sgd_update`; `m` and `v` are always given.
+    run(b, |c| unsafe { kernels::adam::<WRITE>(isa, c, p) });
     Ok(())
+}
+
+/// See [`crate::Cpu::adam_update_check`].
+pub(crate) fn adam_check(
+    isa: Isa,
+    var: &[f32],
+    grad: &[f32],
+    m: &[f32],
+    v: &[f32],
+    p: AdamParams,
+) -> Result<NonFiniteOutputs> {
+    const OP: &str = "adam_update_check";
+    adam_args(OP, var.len(), grad, m, v)?;
+    check_isa(OP, isa)?;
+    let b = Bufs {
+        n: var.len(),
+        var: var.as_ptr().cast_mut(),
+        g: grad.as_ptr(),
+        s1: m.as_ptr().cast_mut(),
+        s2: v.as_ptr().cast_mut(),
+    };
+    // SAFETY: as in `adam_update`; the `CHECK` pass only reads.
+    Ok(NonFiniteOutputs(run(b, |c| unsafe {
+        kernels::adam::<CHECK>(isa, c, p)
+    })))
+}
+
+fn adam_args(op: &'static str, n: usize, grad: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+    check_len(op, "grad", grad.len(), n)?;
+    check_len(op, "m", m.len(), n)?;
+    check_len(op, "v", v.len(), n)
 }
 
 fn missing(op: &'static str, what: &str, why: &str) -> Error {
@@ -189,45 +342,93 @@ fn missing(op: &'static str, what: &str, why: &str) -> Error {
     }
 }
 
-type Chunk<'a> = (
-    &'a mut [f32],
-    &'a [f32],
-    Option<&'a mut [f32]>,
-    Option<&'a mut [f32]>,
-);
+/// The pass that writes the new values.
+const WRITE: bool = true;
+/// The checking twin: the same arithmetic, nothing written, the non-finite outputs reported.
+const CHECK: bool = false;
 
-/// Runs `f` on matching chunks of the variable, gradient and up to two state buffers (all of the
-/// variable's length), on the pool for large variables.
-fn split(
-    var: &mut [f32],
-    grad: &[f32],
-    s1: Option<&mut [f32]>,
-    s2: Option<&mut [f32]>,
-    f: impl Fn(&mut [f32], &[f32], Option<&mut [f32]>, Option<&mut [f32]>) + Sync,
-) {
-    let n = var.len();
-    if n < PAR_MIN || threads::num_threads() < 2 {
-        return f(var, grad, s1, s2);
+/// A state buffer the update uses (`used`), else null.
+fn used_mut(s: Option<&mut [f32]>, used: bool) -> *mut f32 {
+    match s {
+        Some(s) if used => s.as_mut_ptr(),
+        _ => std::ptr::null_mut(),
     }
-    let ch = n.div_ceil(4 * threads::num_threads()).next_multiple_of(64);
-    let mut chunks: Vec<Chunk<'_>> = Vec::with_capacity(n.div_ceil(ch));
-    let mut s1 = s1.map(|s| s.chunks_mut(ch));
-    let mut s2 = s2.map(|s| s.chunks_mut(ch));
-    for (v, g) in var.chunks_mut(ch).zip(grad.chunks(ch)) {
-        let a = s1.as_mut().and_then(Iterator::next);
-        let b = s2.as_mut().and_then(Iterator::next);
-        chunks.push((v, g, a, b));
-    }
-    threads::pool().install(|| {
-        chunks
-            .into_par_iter()
-            .for_each(|(v, g, a, b)| f(v, g, a, b))
-    });
 }
 
-/// The update formulas, written once per instruction set with the same float32 operations.
+/// [`used_mut`] for the checking twin, which never writes through the pointer.
+fn used(s: Option<&[f32]>, used: bool) -> *mut f32 {
+    match s {
+        Some(s) if used => s.as_ptr().cast_mut(),
+        _ => std::ptr::null_mut(),
+    }
+}
+
+/// One update's buffers, `n` elements each, as pointers: the variable, the gradient and up to
+/// two state buffers (null when the update has fewer; a null one is never dereferenced). The
+/// update writes the variable and the state; its checking twin only reads them.
+#[derive(Clone, Copy)]
+struct Bufs {
+    n: usize,
+    var: *mut f32,
+    g: *const f32,
+    s1: *mut f32,
+    s2: *mut f32,
+}
+
+// SAFETY: `run` hands the pool disjoint chunks of buffers that its caller borrows (mutably, for
+// the pass that writes) for the whole call, so no two threads touch the same element.
+unsafe impl Send for Bufs {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Bufs {}
+
+impl Bufs {
+    /// Elements `start..start + len`.
+    ///
+    /// # Safety
+    /// `start + len <= self.n`.
+    unsafe fn chunk(self, start: usize, len: usize) -> Bufs {
+        let at = |p: *mut f32| {
+            if p.is_null() {
+                p
+            } else {
+                // SAFETY: in bounds (caller); null pointers stay null.
+                unsafe { p.add(start) }
+            }
+        };
+        Bufs {
+            n: len,
+            var: at(self.var),
+            // SAFETY: in bounds (caller).
+            g: unsafe { self.g.add(start) },
+            s1: at(self.s1),
+            s2: at(self.s2),
+        }
+    }
+}
+
+/// Runs `f` on the whole of `b`, or for large variables on contiguous chunks of it on the pool
+/// (the chunks do not depend on the pass, so both passes compute the same values), and ORs
+/// what the chunks report.
+fn run(b: Bufs, f: impl Fn(Bufs) -> u32 + Sync) -> u32 {
+    let n = b.n;
+    if n < PAR_MIN || threads::num_threads() < 2 {
+        return f(b);
+    }
+    let ch = n.div_ceil(4 * threads::num_threads()).next_multiple_of(64);
+    let chunks: Vec<Bufs> = (0..n)
+        .step_by(ch)
+        // SAFETY: `start + len <= n`.
+        .map(|start| unsafe { b.chunk(start, ch.min(n - start)) })
+        .collect();
+    threads::pool().install(|| chunks.into_par_iter().map(&f).reduce(|| 0, |a, c| a | c))
+}
+
+/// The update formulas, written once per instruction set with the same float32 operations, each
+/// driven either to write (`WRITE = true`) or to report which outputs would not be finite
+/// (`WRITE = false`, nothing written): one closure per formula serves both, so the check and the
+/// update cannot disagree.
 mod kernels {
-    use super::{AdamParams, RmspropParams, SgdParams};
+    use super::{AdamParams, Bufs, RmspropParams, SgdParams};
     use crate::isa::Isa;
 
     /// The scalar formulas: `var` and `g` in, the new `var` out, state updated in place.
@@ -282,90 +483,103 @@ mod kernels {
         }
     }
 
+    /// The portable driver: `f(var, g, state)` for each element. With `WRITE` it stores the new
+    /// variable and state; without, it stores nothing and returns which outputs were not finite
+    /// (bit 0 the variable, bit `1 + j` state `j`).
+    ///
     /// # Safety
-    /// `isa` supported; all slices of equal length.
-    pub(super) unsafe fn sgd(
-        isa: Isa,
-        var: &mut [f32],
-        g: &[f32],
-        m: Option<&mut [f32]>,
-        p: SgdParams,
-    ) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
-            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::sgd_avx512(var, g, m, p) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
-            Isa::Avx2 => unsafe { x86::sgd_avx2(var, g, m, p) },
-            _ => match m {
-                None => var
-                    .iter_mut()
-                    .zip(g)
-                    .for_each(|(x, &g)| *x = scalar::sgd_plain(*x, g, p)),
-                Some(m) => {
-                    for ((x, &g), m) in var.iter_mut().zip(g).zip(m) {
-                        *x = scalar::sgd_momentum(*x, g, m, p);
-                    }
+    /// `b.var`, `b.g` and `st` valid for `b.n` elements (and writable with `WRITE`).
+    #[inline(always)]
+    unsafe fn drive<const NS: usize, const WRITE: bool>(
+        b: Bufs,
+        st: [*mut f32; NS],
+        f: impl Fn(f32, f32, &mut [f32; NS]) -> f32,
+    ) -> u32 {
+        let mut bad = 0u32;
+        for i in 0..b.n {
+            // SAFETY: `i < b.n` (caller).
+            unsafe {
+                let mut s = [0.0f32; NS];
+                for (s, p) in s.iter_mut().zip(st) {
+                    *s = *p.add(i);
                 }
-            },
-        }
-    }
-
-    /// # Safety
-    /// `isa` supported; all slices of equal length.
-    pub(super) unsafe fn rmsprop(
-        isa: Isa,
-        var: &mut [f32],
-        g: &[f32],
-        v: &mut [f32],
-        mom: Option<&mut [f32]>,
-        p: RmspropParams,
-    ) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
-            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::rmsprop_avx512(var, g, v, mom, p) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
-            Isa::Avx2 => unsafe { x86::rmsprop_avx2(var, g, v, mom, p) },
-            _ => match mom {
-                None => {
-                    for ((x, &g), v) in var.iter_mut().zip(g).zip(v) {
-                        *x = scalar::rmsprop(*x, g, v, None, p);
+                let x = f(*b.var.add(i), *b.g.add(i), &mut s);
+                if WRITE {
+                    *b.var.add(i) = x;
+                    for (s, p) in s.iter().zip(st) {
+                        *p.add(i) = *s;
                     }
-                }
-                Some(mom) => {
-                    for (((x, &g), v), mom) in var.iter_mut().zip(g).zip(v).zip(mom) {
-                        *x = scalar::rmsprop(*x, g, v, Some(mom), p);
+                } else {
+                    bad |= u32::from(!x.is_finite());
+                    for (j, s) in s.iter().enumerate() {
+                        bad |= u32::from(!s.is_finite()) << (j + 1);
                     }
-                }
-            },
-        }
-    }
-
-    /// # Safety
-    /// `isa` supported; all slices of equal length.
-    pub(super) unsafe fn adam(
-        isa: Isa,
-        var: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        p: AdamParams,
-    ) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
-            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::adam_avx512(var, g, m, v, p) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
-            Isa::Avx2 => unsafe { x86::adam_avx2(var, g, m, v, p) },
-            _ => {
-                for (((x, &g), m), v) in var.iter_mut().zip(g).zip(m).zip(v) {
-                    *x = scalar::adam(*x, g, m, v, p);
                 }
             }
+        }
+        bad
+    }
+
+    /// # Safety
+    /// `isa` supported; `b` valid as [`drive`] requires; `b.s1` the momentum buffer, or null
+    /// when `p.momentum` is 0.
+    pub(super) unsafe fn sgd<const WRITE: bool>(isa: Isa, b: Bufs, p: SgdParams) -> u32 {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded from the caller.
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::sgd_avx512::<WRITE>(b, p) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded from the caller.
+            Isa::Avx2 => unsafe { x86::sgd_avx2::<WRITE>(b, p) },
+            // SAFETY: forwarded from the caller; the momentum pointer is used only when present.
+            _ => unsafe {
+                if b.s1.is_null() {
+                    drive::<0, WRITE>(b, [], |x, g, _| scalar::sgd_plain(x, g, p))
+                } else {
+                    drive::<1, WRITE>(b, [b.s1], |x, g, [m]| scalar::sgd_momentum(x, g, m, p))
+                }
+            },
+        }
+    }
+
+    /// # Safety
+    /// `isa` supported; `b` valid as [`drive`] requires; `b.s1` the velocity, `b.s2` the
+    /// momentum buffer or null when `p.momentum` is not above 0.
+    pub(super) unsafe fn rmsprop<const WRITE: bool>(isa: Isa, b: Bufs, p: RmspropParams) -> u32 {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded from the caller.
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::rmsprop_avx512::<WRITE>(b, p) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded from the caller.
+            Isa::Avx2 => unsafe { x86::rmsprop_avx2::<WRITE>(b, p) },
+            // SAFETY: forwarded from the caller; the momentum pointer is used only when present.
+            _ => unsafe {
+                if b.s2.is_null() {
+                    drive::<1, WRITE>(b, [b.s1], |x, g, [v]| scalar::rmsprop(x, g, v, None, p))
+                } else {
+                    drive::<2, WRITE>(b, [b.s1, b.s2], |x, g, [v, mom]| {
+                        scalar::rmsprop(x, g, v, Some(mom), p)
+                    })
+                }
+            },
+        }
+    }
+
+    /// # Safety
+    /// `isa` supported; `b` valid as [`drive`] requires; `b.s1` is `m`, `b.s2` is `v`.
+    pub(super) unsafe fn adam<const WRITE: bool>(isa: Isa, b: Bufs, p: AdamParams) -> u32 {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded from the caller.
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::adam_avx512::<WRITE>(b, p) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: forwarded from the caller.
+            Isa::Avx2 => unsafe { x86::adam_avx2::<WRITE>(b, p) },
+            // SAFETY: forwarded from the caller.
+            _ => unsafe {
+                drive::<2, WRITE>(b, [b.s1, b.s2], |x, g, [m, v]| scalar::adam(x, g, m, v, p))
+            },
         }
     }
 
@@ -373,29 +587,30 @@ mod kernels {
     mod x86 {
         use core::arch::x86_64::*;
 
-        use super::super::{AdamParams, RmspropParams, SgdParams};
+        use super::super::{AdamParams, Bufs, RmspropParams, SgdParams};
         use crate::cast::x86::{load8, load8_partial, store8, store8_partial, tail_mask16};
 
-        /// Null when absent (then never dereferenced).
-        fn ptr(s: &mut Option<&mut [f32]>) -> *mut f32 {
-            s.as_deref_mut()
-                .map_or(std::ptr::null_mut(), <[f32]>::as_mut_ptr)
-        }
+        /// `vfpclassps` categories: QNaN, +inf, -inf, SNaN.
+        const NON_FINITE: i32 = 0x01 | 0x08 | 0x10 | 0x80;
 
-        /// Runs `f(var, g, [s1, s2])` over 16 lanes at a time with a masked tail, storing the new
-        /// `var` and the first `NS` state vectors back.
+        /// Runs `f(var, g, [s1, s2])` over 16 lanes at a time with a masked tail. With `WRITE`
+        /// it stores the new `var` and the first `NS` state vectors back; without, it stores
+        /// nothing and returns which outputs had a non-finite lane (bit 0 the variable, bit
+        /// `1 + j` state `j`).
         ///
         /// # Safety
-        /// `var`, `g` and the first `NS` state pointers valid for `n` elements.
+        /// `var`, `g` and the first `NS` state pointers valid for `n` elements (writable with
+        /// `WRITE`).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        unsafe fn drive512<const NS: usize>(
+        unsafe fn drive512<const NS: usize, const WRITE: bool>(
             n: usize,
             var: *mut f32,
             g: *const f32,
             st: [*mut f32; NS],
             f: impl Fn(__m512, __m512, &mut [__m512; NS]) -> __m512,
-        ) {
+        ) -> u32 {
+            let (mut bad_x, mut bad_s): (__mmask16, [__mmask16; NS]) = (0, [0; NS]);
             let mut i = 0;
             while i < n {
                 let k = if i + 16 <= n {
@@ -414,13 +629,21 @@ mod kernels {
                         _mm512_maskz_loadu_ps(k, g.add(i)),
                         &mut s,
                     );
-                    _mm512_mask_storeu_ps(var.add(i), k, x);
-                    for (s, p) in s.iter().zip(st) {
-                        _mm512_mask_storeu_ps(p.add(i), k, *s);
+                    if WRITE {
+                        _mm512_mask_storeu_ps(var.add(i), k, x);
+                        for (s, p) in s.iter().zip(st) {
+                            _mm512_mask_storeu_ps(p.add(i), k, *s);
+                        }
+                    } else {
+                        bad_x |= _mm512_mask_fpclass_ps_mask::<NON_FINITE>(k, x);
+                        for (b, s) in bad_s.iter_mut().zip(&s) {
+                            *b |= _mm512_mask_fpclass_ps_mask::<NON_FINITE>(k, *s);
+                        }
                     }
                 }
                 i += 16;
             }
+            bits(bad_x != 0, bad_s.map(|b| b != 0))
         }
 
         /// As [`drive512`], 8 lanes at a time with a buffered tail.
@@ -429,16 +652,24 @@ mod kernels {
         /// As [`drive512`].
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn drive256<const NS: usize>(
+        unsafe fn drive256<const NS: usize, const WRITE: bool>(
             n: usize,
             var: *mut f32,
             g: *const f32,
             st: [*mut f32; NS],
             f: impl Fn(__m256, __m256, &mut [__m256; NS]) -> __m256,
-        ) {
+        ) -> u32 {
+            // A lane is not finite when its exponent bits are all ones.
+            let exp = _mm256_set1_epi32(0x7f80_0000);
+            let non_finite = |v: __m256| {
+                let e = _mm256_and_si256(_mm256_castps_si256(v), exp);
+                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exp)))
+            };
+            let (mut bad_x, mut bad_s) = (0i32, [0i32; NS]);
             let mut i = 0;
             while i < n {
                 let c = (n - i).min(8);
+                let lanes = (1i32 << c) - 1;
                 // SAFETY: full or partial accesses of `c` elements below `n`.
                 unsafe {
                     let load = |p: *const f32| {
@@ -460,88 +691,85 @@ mod kernels {
                         *s = load(p.add(i));
                     }
                     let x = f(load(var.add(i)), load(g.add(i)), &mut s);
-                    store(var.add(i), x);
-                    for (s, p) in s.iter().zip(st) {
-                        store(p.add(i), *s);
+                    if WRITE {
+                        store(var.add(i), x);
+                        for (s, p) in s.iter().zip(st) {
+                            store(p.add(i), *s);
+                        }
+                    } else {
+                        bad_x |= non_finite(x) & lanes;
+                        for (b, s) in bad_s.iter_mut().zip(&s) {
+                            *b |= non_finite(*s) & lanes;
+                        }
                     }
                 }
                 i += c;
             }
+            bits(bad_x != 0, bad_s.map(|b| b != 0))
+        }
+
+        /// The report of a driver: bit 0 the variable, bit `1 + j` state `j`.
+        #[inline(always)]
+        fn bits<const NS: usize>(var: bool, state: [bool; NS]) -> u32 {
+            let mut out = u32::from(var);
+            for (j, s) in state.into_iter().enumerate() {
+                out |= u32::from(s) << (j + 1);
+            }
+            out
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        pub(super) unsafe fn sgd_avx512(
-            var: &mut [f32],
-            g: &[f32],
-            mut m: Option<&mut [f32]>,
-            p: SgdParams,
-        ) {
-            let (n, x, gp, mp) = (var.len(), var.as_mut_ptr(), g.as_ptr(), ptr(&mut m));
+        pub(super) unsafe fn sgd_avx512<const WRITE: bool>(b: Bufs, p: SgdParams) -> u32 {
             let lr = _mm512_set1_ps(p.lr);
             let mo = _mm512_set1_ps(p.momentum);
-            // SAFETY: equal lengths (caller); the momentum pointer is used only when present.
+            // SAFETY: `b` valid (caller); the momentum pointer is used only when present.
             unsafe {
-                match (m.is_some(), p.nesterov) {
-                    (false, _) => drive512(n, x, gp, [], |x, g, _| {
+                match (b.s1.is_null(), p.nesterov) {
+                    (true, _) => drive512::<0, WRITE>(b.n, b.var, b.g, [], |x, g, _| {
                         _mm512_sub_ps(x, _mm512_mul_ps(g, lr))
                     }),
-                    (true, nesterov) => drive512(n, x, gp, [mp], |x, g, [m]| {
-                        let lr_g = _mm512_mul_ps(g, lr);
-                        *m = _mm512_sub_ps(_mm512_mul_ps(*m, mo), lr_g);
-                        if nesterov {
-                            _mm512_add_ps(x, _mm512_sub_ps(_mm512_mul_ps(*m, mo), lr_g))
-                        } else {
-                            _mm512_add_ps(x, *m)
-                        }
-                    }),
+                    (false, nesterov) => {
+                        drive512::<1, WRITE>(b.n, b.var, b.g, [b.s1], |x, g, [m]| {
+                            let lr_g = _mm512_mul_ps(g, lr);
+                            *m = _mm512_sub_ps(_mm512_mul_ps(*m, mo), lr_g);
+                            if nesterov {
+                                _mm512_add_ps(x, _mm512_sub_ps(_mm512_mul_ps(*m, mo), lr_g))
+                            } else {
+                                _mm512_add_ps(x, *m)
+                            }
+                        })
+                    }
                 }
             }
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn sgd_avx2(
-            var: &mut [f32],
-            g: &[f32],
-            mut m: Option<&mut [f32]>,
-            p: SgdParams,
-        ) {
-            let (n, x, gp, mp) = (var.len(), var.as_mut_ptr(), g.as_ptr(), ptr(&mut m));
+        pub(super) unsafe fn sgd_avx2<const WRITE: bool>(b: Bufs, p: SgdParams) -> u32 {
             let lr = _mm256_set1_ps(p.lr);
             let mo = _mm256_set1_ps(p.momentum);
             // SAFETY: as in `sgd_avx512`.
             unsafe {
-                match (m.is_some(), p.nesterov) {
-                    (false, _) => drive256(n, x, gp, [], |x, g, _| {
+                match (b.s1.is_null(), p.nesterov) {
+                    (true, _) => drive256::<0, WRITE>(b.n, b.var, b.g, [], |x, g, _| {
                         _mm256_sub_ps(x, _mm256_mul_ps(g, lr))
                     }),
-                    (true, nesterov) => drive256(n, x, gp, [mp], |x, g, [m]| {
-                        let lr_g = _mm256_mul_ps(g, lr);
-                        *m = _mm256_sub_ps(_mm256_mul_ps(*m, mo), lr_g);
-                        if nesterov {
-                            _mm256_add_ps(x, _mm256_sub_ps(_mm256_mul_ps(*m, mo), lr_g))
-                        } else {
-                            _mm256_add_ps(x, *m)
-                        }
-                    }),
+                    (false, nesterov) => {
+                        drive256::<1, WRITE>(b.n, b.var, b.g, [b.s1], |x, g, [m]| {
+                            let lr_g = _mm256_mul_ps(g, lr);
+                            *m = _mm256_sub_ps(_mm256_mul_ps(*m, mo), lr_g);
+                            if nesterov {
+                                _mm256_add_ps(x, _mm256_sub_ps(_mm256_mul_ps(*m, mo), lr_g))
+                            } else {
+                                _mm256_add_ps(x, *m)
+                            }
+                        })
+                    }
                 }
             }
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        pub(super) unsafe fn rmsprop_avx512(
-            var: &mut [f32],
-            g: &[f32],
-            v: &mut [f32],
-            mut mom: Option<&mut [f32]>,
-            p: RmspropParams,
-        ) {
-            let (n, x, gp, vp, mp) = (
-                var.len(),
-                var.as_mut_ptr(),
-                g.as_ptr(),
-                v.as_mut_ptr(),
-                ptr(&mut mom),
-            );
+        pub(super) unsafe fn rmsprop_avx512<const WRITE: bool>(b: Bufs, p: RmspropParams) -> u32 {
             let (rho, omr) = (_mm512_set1_ps(p.rho), _mm512_set1_ps(p.one_minus_rho));
             let (lr, eps, mo) = (
                 _mm512_set1_ps(p.lr),
@@ -555,35 +783,24 @@ mod kernels {
                 );
                 _mm512_div_ps(_mm512_mul_ps(lr, g), _mm512_sqrt_ps(_mm512_add_ps(*v, eps)))
             };
-            // SAFETY: equal lengths (caller); the momentum pointer is used only when present.
+            // SAFETY: `b` valid (caller); the momentum pointer is used only when present.
             unsafe {
-                if mom.is_some() {
-                    drive512(n, x, gp, [vp, mp], |x, g, [v, m]| {
+                if b.s2.is_null() {
+                    drive512::<1, WRITE>(b.n, b.var, b.g, [b.s1], |x, g, [v]| {
+                        _mm512_sub_ps(x, inc(g, v))
+                    })
+                } else {
+                    drive512::<2, WRITE>(b.n, b.var, b.g, [b.s1, b.s2], |x, g, [v, m]| {
                         let d = inc(g, v);
                         *m = _mm512_add_ps(_mm512_mul_ps(mo, *m), d);
                         _mm512_sub_ps(x, *m)
                     })
-                } else {
-                    drive512(n, x, gp, [vp], |x, g, [v]| _mm512_sub_ps(x, inc(g, v)))
                 }
             }
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn rmsprop_avx2(
-            var: &mut [f32],
-            g: &[f32],
-            v: &mut [f32],
-            mut mom: Option<&mut [f32]>,
-            p: RmspropParams,
-        ) {
-            let (n, x, gp, vp, mp) = (
-                var.len(),
-                var.as_mut_ptr(),
-                g.as_ptr(),
-                v.as_mut_ptr(),
-                ptr(&mut mom),
-            );
+        pub(super) unsafe fn rmsprop_avx2<const WRITE: bool>(b: Bufs, p: RmspropParams) -> u32 {
             let (rho, omr) = (_mm256_set1_ps(p.rho), _mm256_set1_ps(p.one_minus_rho));
             let (lr, eps, mo) = (
                 _mm256_set1_ps(p.lr),
@@ -599,27 +816,22 @@ mod kernels {
             };
             // SAFETY: as in `rmsprop_avx512`.
             unsafe {
-                if mom.is_some() {
-                    drive256(n, x, gp, [vp, mp], |x, g, [v, m]| {
+                if b.s2.is_null() {
+                    drive256::<1, WRITE>(b.n, b.var, b.g, [b.s1], |x, g, [v]| {
+                        _mm256_sub_ps(x, inc(g, v))
+                    })
+                } else {
+                    drive256::<2, WRITE>(b.n, b.var, b.g, [b.s1, b.s2], |x, g, [v, m]| {
                         let d = inc(g, v);
                         *m = _mm256_add_ps(_mm256_mul_ps(mo, *m), d);
                         _mm256_sub_ps(x, *m)
                     })
-                } else {
-                    drive256(n, x, gp, [vp], |x, g, [v]| _mm256_sub_ps(x, inc(g, v)))
                 }
             }
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        pub(super) unsafe fn adam_avx512(
-            var: &mut [f32],
-            g: &[f32],
-            m: &mut [f32],
-            v: &mut [f32],
-            p: AdamParams,
-        ) {
-            let (n, x, gp) = (var.len(), var.as_mut_ptr(), g.as_ptr());
+        pub(super) unsafe fn adam_avx512<const WRITE: bool>(b: Bufs, p: AdamParams) -> u32 {
             let (b1, b2) = (
                 _mm512_set1_ps(p.one_minus_beta1),
                 _mm512_set1_ps(p.one_minus_beta2),
@@ -627,40 +839,27 @@ mod kernels {
             let (alpha, eps) = (_mm512_set1_ps(p.alpha), _mm512_set1_ps(p.epsilon));
             let decay = p.weight_decay != 0.0;
             let (wd, lr) = (_mm512_set1_ps(p.weight_decay), _mm512_set1_ps(p.lr));
-            // SAFETY: equal lengths (caller).
+            // SAFETY: `b` valid (caller).
             unsafe {
-                drive512(
-                    n,
-                    x,
-                    gp,
-                    [m.as_mut_ptr(), v.as_mut_ptr()],
-                    |x, g, [m, v]| {
-                        *m = _mm512_add_ps(*m, _mm512_mul_ps(_mm512_sub_ps(g, *m), b1));
-                        *v = _mm512_add_ps(
-                            *v,
-                            _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(g, g), *v), b2),
-                        );
-                        let den = _mm512_add_ps(_mm512_sqrt_ps(*v), eps);
-                        let x = if decay {
-                            _mm512_sub_ps(x, _mm512_mul_ps(_mm512_mul_ps(x, wd), lr))
-                        } else {
-                            x
-                        };
-                        _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(*m, alpha), den))
-                    },
-                )
+                drive512::<2, WRITE>(b.n, b.var, b.g, [b.s1, b.s2], |x, g, [m, v]| {
+                    *m = _mm512_add_ps(*m, _mm512_mul_ps(_mm512_sub_ps(g, *m), b1));
+                    *v = _mm512_add_ps(
+                        *v,
+                        _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(g, g), *v), b2),
+                    );
+                    let den = _mm512_add_ps(_mm512_sqrt_ps(*v), eps);
+                    let x = if decay {
+                        _mm512_sub_ps(x, _mm512_mul_ps(_mm512_mul_ps(x, wd), lr))
+                    } else {
+                        x
+                    };
+                    _mm512_sub_ps(x, _mm512_div_ps(_mm512_mul_ps(*m, alpha), den))
+                })
             }
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn adam_avx2(
-            var: &mut [f32],
-            g: &[f32],
-            m: &mut [f32],
-            v: &mut [f32],
-            p: AdamParams,
-        ) {
-            let (n, x, gp) = (var.len(), var.as_mut_ptr(), g.as_ptr());
+        pub(super) unsafe fn adam_avx2<const WRITE: bool>(b: Bufs, p: AdamParams) -> u32 {
             let (b1, b2) = (
                 _mm256_set1_ps(p.one_minus_beta1),
                 _mm256_set1_ps(p.one_minus_beta2),
@@ -668,28 +867,22 @@ mod kernels {
             let (alpha, eps) = (_mm256_set1_ps(p.alpha), _mm256_set1_ps(p.epsilon));
             let decay = p.weight_decay != 0.0;
             let (wd, lr) = (_mm256_set1_ps(p.weight_decay), _mm256_set1_ps(p.lr));
-            // SAFETY: equal lengths (caller).
+            // SAFETY: `b` valid (caller).
             unsafe {
-                drive256(
-                    n,
-                    x,
-                    gp,
-                    [m.as_mut_ptr(), v.as_mut_ptr()],
-                    |x, g, [m, v]| {
-                        *m = _mm256_add_ps(*m, _mm256_mul_ps(_mm256_sub_ps(g, *m), b1));
-                        *v = _mm256_add_ps(
-                            *v,
-                            _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(g, g), *v), b2),
-                        );
-                        let den = _mm256_add_ps(_mm256_sqrt_ps(*v), eps);
-                        let x = if decay {
-                            _mm256_sub_ps(x, _mm256_mul_ps(_mm256_mul_ps(x, wd), lr))
-                        } else {
-                            x
-                        };
-                        _mm256_sub_ps(x, _mm256_div_ps(_mm256_mul_ps(*m, alpha), den))
-                    },
-                )
+                drive256::<2, WRITE>(b.n, b.var, b.g, [b.s1, b.s2], |x, g, [m, v]| {
+                    *m = _mm256_add_ps(*m, _mm256_mul_ps(_mm256_sub_ps(g, *m), b1));
+                    *v = _mm256_add_ps(
+                        *v,
+                        _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(g, g), *v), b2),
+                    );
+                    let den = _mm256_add_ps(_mm256_sqrt_ps(*v), eps);
+                    let x = if decay {
+                        _mm256_sub_ps(x, _mm256_mul_ps(_mm256_mul_ps(x, wd), lr))
+                    } else {
+                        x
+                    };
+                    _mm256_sub_ps(x, _mm256_div_ps(_mm256_mul_ps(*m, alpha), den))
+                })
             }
         }
     }

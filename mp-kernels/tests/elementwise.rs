@@ -25,7 +25,7 @@ use half::{bf16, f16};
 use mp_core::rng::test_seed;
 use mp_core::{DType, Element, Rng};
 use mp_kernels::activation::Activation;
-use mp_kernels::optim::{AdamParams, RmspropParams, SgdParams};
+use mp_kernels::optim::{AdamParams, NonFiniteOutputs, RmspropParams, SgdParams};
 use mp_kernels::{Cpu, Error, Isa};
 
 const SIZES: &[usize] = &[0, 1, 7, 15, 16, 17, 31, 33, 257, 1000, 1031, 4099];
@@ -1505,6 +1505,123 @@ fn optimizers_follow_keras_bit_for_bit_and_match_float64() {
     }
 }
 
+/// One optimizer configuration, for the tests of the checking twins.
+#[derive(Clone, Copy, Debug)]
+enum Rule {
+    Sgd(SgdParams),
+    Rmsprop(RmspropParams),
+    Adam(AdamParams),
+}
+
+impl Rule {
+    fn states(self) -> usize {
+        match self {
+            Rule::Sgd(p) => usize::from(p.momentum != 0.0),
+            Rule::Rmsprop(p) => 1 + usize::from(p.momentum > 0.0),
+            Rule::Adam(_) => 2,
+        }
+    }
+
+    fn write(self, cpu: &Cpu, var: &mut [f32], g: &[f32], s: &mut [Vec<f32>]) {
+        match (self, s) {
+            (Rule::Sgd(p), []) => cpu.sgd_update(var, g, None, p),
+            (Rule::Sgd(p), [m]) => cpu.sgd_update(var, g, Some(m), p),
+            (Rule::Rmsprop(p), [v]) => cpu.rmsprop_update(var, g, v, None, p),
+            (Rule::Rmsprop(p), [v, m]) => cpu.rmsprop_update(var, g, v, Some(m), p),
+            (Rule::Adam(p), [m, v]) => cpu.adam_update(var, g, m, v, p),
+            (r, s) => panic!("{r:?} with {} state buffers", s.len()),
+        }
+        .unwrap()
+    }
+
+    fn check(self, cpu: &Cpu, var: &[f32], g: &[f32], s: &[Vec<f32>]) -> NonFiniteOutputs {
+        match (self, s) {
+            (Rule::Sgd(p), []) => cpu.sgd_update_check(var, g, None, p),
+            (Rule::Sgd(p), [m]) => cpu.sgd_update_check(var, g, Some(m), p),
+            (Rule::Rmsprop(p), [v]) => cpu.rmsprop_update_check(var, g, v, None, p),
+            (Rule::Rmsprop(p), [v, m]) => cpu.rmsprop_update_check(var, g, v, Some(m), p),
+            (Rule::Adam(p), [m, v]) => cpu.adam_update_check(var, g, m, v, p),
+            (r, s) => panic!("{r:?} with {} state buffers", s.len()),
+        }
+        .unwrap()
+    }
+}
+
+/// The checking twin of each update reports exactly which outputs the update writes as NaN or
+/// infinity (it is the same arithmetic), on every instruction set and size, and writes nothing:
+/// finite gradients that overflow (1e30 squared in Adam's and RMSprop's `v`, `-MAX - lr * MAX`
+/// in SGD), NaN in the state, NaN gradients, and nothing at all.
+#[test]
+fn optimizer_checks_report_exactly_what_the_update_would_make_non_finite() {
+    let mut r = rng("optimizer_checks_report_exactly_what_the_update_would_make_non_finite");
+    let rules = [
+        Rule::Sgd(SgdParams {
+            lr: 0.05,
+            momentum: 0.0,
+            nesterov: false,
+        }),
+        Rule::Sgd(SgdParams {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+        }),
+        Rule::Rmsprop(RmspropParams::new(0.01, 0.9, 0.0, 1e-7)),
+        Rule::Rmsprop(RmspropParams::new(0.01, 0.9, 0.5, 1e-7)),
+        Rule::Adam(AdamParams::new(0.001, 0.9, 0.999, 1e-7, 3)),
+        Rule::Adam(AdamParams::new(0.001, 0.9, 0.999, 1e-7, 3).with_weight_decay(0.05)),
+    ];
+    for n in sizes_and_big() {
+        for rule in rules {
+            for poison in 0..6 {
+                let mut var = r.uniform_vec(n, -1.0, 1.0);
+                let mut g = r.uniform_vec(n, -1.0, 1.0);
+                let mut s: Vec<Vec<f32>> = (0..rule.states())
+                    .map(|_| r.uniform_vec(n, 0.0, 1.0))
+                    .collect();
+                if n > 0 {
+                    let i = r.below(n as u64) as usize;
+                    match poison {
+                        1 => g[i] = 1e30,
+                        2 => (var[i], g[i]) = (-f32::MAX, f32::MAX),
+                        3 if !s.is_empty() => s[0][i] = f32::NAN,
+                        4 => g[i] = f32::NAN,
+                        5 => g[i] = -1e30,
+                        _ => {}
+                    }
+                }
+                for isa in isas() {
+                    let cpu = cpu(isa);
+                    let before = (var.clone(), s.clone());
+                    let got = rule.check(&cpu, &var, &g, &s);
+                    let same = |a: &[f32], b: &[f32]| {
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                    };
+                    assert!(same(&var, &before.0), "{isa:?} {rule:?}: check wrote");
+                    assert!(s.iter().zip(&before.1).all(|(a, b)| same(a, b)));
+                    let (mut w, mut st) = (var.clone(), s.clone());
+                    rule.write(&cpu, &mut w, &g, &mut st);
+                    let bad = |x: &[f32]| x.iter().any(|v| !v.is_finite());
+                    let want = NonFiniteOutputs::from_flags(bad(&w), st.iter().map(|x| bad(x)));
+                    assert_eq!(
+                        got, want,
+                        "{isa:?} {rule:?} n={n} poison={poison}: check {got:?}, update {want:?}"
+                    );
+                    if poison == 0 {
+                        assert!(got.all_finite(), "{isa:?} {rule:?} n={n}");
+                    }
+                }
+            }
+        }
+    }
+    // The cases the optimizers rely on, by name: Adam on a finite 1e30 gradient overflows `v`
+    // only (the step itself is `m / inf`, 0); plain SGD cannot overflow a slot it has none of.
+    let adam = Rule::Adam(AdamParams::new(0.001, 0.9, 0.999, 1e-7, 1));
+    let (var, g, s) = (vec![0.5f32; 3], vec![0.1, 1e30, 0.1], vec![vec![0.0; 3]; 2]);
+    let out = adam.check(global(), &var, &g, &s);
+    assert!(!out.all_finite() && !out.variable() && !out.state(0) && out.state(1));
+    assert!(!out.state(40));
+}
+
 #[test]
 fn optimizers_reject_bad_lengths_without_writing() {
     let mut var = [1.0f32; 4];
@@ -1550,6 +1667,23 @@ fn optimizers_reject_bad_lengths_without_writing() {
     assert_eq!(var, [1.0; 4]);
     assert_eq!(s, [0.0; 4]);
     assert_eq!(v4, [0.0; 4]);
+    // The checking twins check the same way.
+    assert_len_err(
+        global().sgd_update_check(&var, &[1.0; 3], Some(&s), sgd),
+        "grad",
+    );
+    assert_invalid(
+        global().sgd_update_check(&var, &[1.0; 4], None, sgd),
+        &["sgd_update_check", "momentum"],
+    );
+    assert_len_err(
+        global().rmsprop_update_check(&var, &[1.0; 4], &v, Some(&s), rms),
+        "velocity",
+    );
+    assert_len_err(
+        global().adam_update_check(&var, &[1.0; 4], &m, &v, adam),
+        "v",
+    );
     // Without momentum the buffer is optional and untouched.
     let plain = SgdParams {
         lr: 0.5,

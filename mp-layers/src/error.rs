@@ -67,18 +67,20 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
-    /// A run of training steps whose gradients were all non-finite (each was skipped, so the
-    /// weights stayed finite): training cannot progress.
+    /// A run of training steps that were all skipped as non-finite (each left the weights as
+    /// they were, so they stayed finite): training cannot progress.
     #[error(
-        "training stopped: {steps} consecutive steps had non-finite gradients and were skipped \
-         (the weights are unchanged); the first non-finite value of the first such step was in \
-         {origin}. Check the data for NaN or infinity, and lower the learning rate"
+        "training stopped: {steps} consecutive steps were skipped as non-finite (the weights are \
+         unchanged); the first non-finite value of the first such step was in {origin}. Check \
+         the data for NaN or infinity, lower the learning rate, or clip the gradients"
     )]
     NonFiniteSteps {
         /// Consecutive skipped steps.
         steps: u64,
-        /// Where the first non-finite value appeared: `the input batch (row R of the data)`,
-        /// `the model output`, or `the gradient of dense_1/kernel`.
+        /// Where the first non-finite value appeared: `the input batch`, `the model output
+        /// (the loss is not finite)`, `the gradient of dense_1/kernel`, or, when every gradient
+        /// was finite, `the update of dense_1/kernel (every gradient was finite, but it would
+        /// make Adam's v non-finite)`.
         origin: String,
     },
     /// A callback of `fit` failed for a cause of its own: a checkpoint that could not be written

@@ -226,12 +226,17 @@ pub trait Model: Layer {
         Ok(out)
     }
 
-    /// Sets every variable from `weights` (as returned by [`Model::get_weights`]). Every name and
-    /// shape is checked before anything is written, so a mismatch leaves the model unchanged.
+    /// Sets every variable from `weights` (as returned by [`Model::get_weights`]). Every name,
+    /// shape and value is checked before anything is written, so a mismatch, a NaN or infinite
+    /// value, or a negative variance leaves the model unchanged.
+    ///
+    /// # Errors
+    /// [`Error::Weights`] naming every mismatching name or shape; [`mp_core::Error::InvalidValue`]
+    /// naming the variable path and the first value outside its [domain](mp_core::Domain).
     fn set_weights(&mut self, weights: &[(String, Tensor<F32>)]) -> Result<()> {
         let mut expected = vec![];
         self.visit_variables("", &mut |path, v| {
-            expected.push((path.to_string(), v.shape().to_vec()));
+            expected.push((path.to_string(), v.shape().to_vec(), v.domain()));
             Ok(())
         })?;
         let mut problems = vec![];
@@ -242,7 +247,7 @@ pub trait Model: Layer {
                 weights.len()
             ));
         }
-        for ((name, shape), (given_name, given)) in expected.iter().zip(weights) {
+        for ((name, shape, _), (given_name, given)) in expected.iter().zip(weights) {
             if name != given_name {
                 problems.push(format!("expected variable {name:?}, got {given_name:?}"));
             } else if shape.as_slice() != given.shape() {
@@ -254,6 +259,14 @@ pub trait Model: Layer {
         }
         if !problems.is_empty() {
             return Err(Error::Weights { problems });
+        }
+        for ((name, _, domain), (_, given)) in expected.iter().zip(weights) {
+            if given.device().is_cpu() {
+                domain.check("set_weights", name, given.as_slice()?)?;
+            } else {
+                let host = given.to_device(mp_core::Device::Cpu)?;
+                domain.check("set_weights", name, host.as_slice()?)?;
+            }
         }
         let mut it = weights.iter();
         self.visit_variables("", &mut |_, v| {

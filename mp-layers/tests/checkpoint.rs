@@ -11,9 +11,9 @@ use mp_layers::checkpoint::{
     self, Error as CkptError, KEY_SHA256, KEY_VERSION, safetensors::SafeTensors,
 };
 use mp_layers::{
-    BestMetric, Checkpointing, Dense, EpochLogs, FitOptions, Layer, Model, ModelCheckpoint,
-    Softmax, SparseCategoricalCrossentropy, TrainOptimizer, Trainer, TrainingProgress, Verbose,
-    model,
+    BatchNormalization, BestMetric, Checkpointing, Dense, EpochLogs, FitOptions, Layer, Model,
+    ModelCheckpoint, Softmax, SparseCategoricalCrossentropy, TrainOptimizer, Trainer,
+    TrainingProgress, Verbose, model,
 };
 use mp_optim::loss_scale_optimizer::ScalingState;
 use mp_optim::{Adam, Optimizer, RmsProp, Sgd};
@@ -1248,4 +1248,379 @@ fn fit_reports_a_failed_checkpoint_with_its_cause() {
         cause = c.source();
     }
     assert!(io.is_some(), "no io::Error in the chain of {e}");
+}
+
+#[model]
+struct Normed {
+    hidden: Dense,
+    batch_normalization: BatchNormalization,
+    logits: Dense,
+    #[dtype = "float32"]
+    probs: Softmax,
+}
+
+/// Dense(8) -> BatchNormalization -> Dense(3) -> softmax under `mixed_float16` with Adam,
+/// trained one epoch (seeded by `seed`), so weights, moving statistics and slots all moved.
+fn normed_trainer(seed: u64) -> Trainer<Normed<MixedFloat16>, Adam> {
+    let model = Normed {
+        hidden: Dense::new(8).relu(),
+        batch_normalization: BatchNormalization::new(),
+        logits: Dense::new(3),
+        probs: Softmax::new(),
+    };
+    let mut t = Trainer::compile(model, Adam::default(), SparseCategoricalCrossentropy::new());
+    let (x, y) = small_data();
+    let o = FitOptions {
+        seed,
+        ..small_options(1)
+    };
+    t.fit(x.view(), y.view(), &o).unwrap();
+    t
+}
+
+/// `bytes` with element `index` of tensor `name` set to `value`, resealed.
+fn with_value(bytes: &[u8], name: &str, index: usize, value: f32) -> Vec<u8> {
+    reseal(bytes, |_, ts| {
+        let t = ts.iter_mut().find(|t| t.0 == name).expect(name);
+        t.3[4 * index..4 * index + 4].copy_from_slice(&value.to_le_bytes());
+    })
+}
+
+/// `bytes` with `mp.state` edited as JSON, resealed.
+fn with_state(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    reseal(bytes, |m, _| {
+        let s = m.get_mut("mp.state").unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+        edit(&mut v);
+        *s = v.to_string();
+    })
+}
+
+/// Every value of a checkpoint is checked before anything is assigned: a NaN or infinite
+/// weight, moving statistic or optimizer slot, and a moving variance or second moment below 0,
+/// are each refused naming the tensor as the file names it, the index and the value; the trainer
+/// (every variable's bits, the slots, the counts, the progress) is unchanged.
+#[test]
+fn non_finite_and_negative_values_in_a_checkpoint_are_refused_by_name_and_change_nothing() {
+    let good = normed_trainer(1).checkpoint_bytes().unwrap();
+    let mut t = normed_trainer(2);
+    let cases: &[(&str, usize, f32, &str)] = &[
+        (
+            "hidden/kernel",
+            3,
+            f32::NAN,
+            "NaN at index 3, which is not finite",
+        ),
+        (
+            "hidden/kernel",
+            0,
+            f32::INFINITY,
+            "inf at index 0, which is not finite",
+        ),
+        (
+            "logits/bias",
+            2,
+            f32::NEG_INFINITY,
+            "-inf at index 2, which is not finite",
+        ),
+        (
+            "batch_normalization/moving_variance",
+            1,
+            f32::NAN,
+            "NaN at index 1, which is not finite",
+        ),
+        (
+            "batch_normalization/moving_variance",
+            4,
+            -1.0,
+            "-1.0 at index 4, which is below 0",
+        ),
+        (
+            "batch_normalization/moving_mean",
+            0,
+            f32::INFINITY,
+            "inf at index 0, which is not finite",
+        ),
+        (
+            "optimizer/hidden/kernel/v",
+            5,
+            f32::NAN,
+            "NaN at index 5, which is not finite",
+        ),
+        (
+            "optimizer/hidden/kernel/v",
+            0,
+            -1.0,
+            "-1.0 at index 0, which is below 0",
+        ),
+        (
+            "optimizer/logits/bias/m",
+            1,
+            f32::NAN,
+            "NaN at index 1, which is not finite",
+        ),
+    ];
+    for &(name, index, value, what) in cases {
+        let bad = with_value(&good, name, index, value);
+        let want = format!("bad.safetensors holds invalid values: {name:?} holds {what}");
+        refused(&mut t, &bad, &[&want]);
+        let e = t.resume_from_bytes("bad.safetensors", &bad).unwrap_err();
+        assert!(matches!(e, CkptError::InvalidValues { .. }), "{e:?}");
+    }
+    // Every such tensor is named, not just the first.
+    let two = with_value(
+        &with_value(&good, "optimizer/logits/kernel/v", 0, -2.0),
+        "batch_normalization/moving_variance",
+        0,
+        f32::NAN,
+    );
+    refused(
+        &mut t,
+        &two,
+        &[
+            "\"batch_normalization/moving_variance\" holds NaN at index 0",
+            "; \"optimizer/logits/kernel/v\" holds -2.0 at index 0, which is below 0",
+        ],
+    );
+    // A negative moving mean, first moment or weight is a state training can reach: it loads.
+    let negative = with_value(
+        &with_value(&good, "batch_normalization/moving_mean", 0, -3.0),
+        "optimizer/hidden/kernel/m",
+        0,
+        -1.0,
+    );
+    t.resume_from_bytes("ok", &negative).unwrap();
+    let mut source = normed_trainer(1);
+    t.resume_from_bytes("good", &good).unwrap();
+    assert_eq!(snapshot(&mut t), snapshot(&mut source));
+}
+
+/// The step counts of a checkpoint must agree: the loss-scale optimizer's applied steps are the
+/// optimizer's `iterations` (one count, written twice), no more steps were skipped at the floor
+/// than skipped, and no more were skipped than run. Each disagreement is refused naming both
+/// fields and their values, and the trainer is unchanged.
+#[test]
+fn inconsistent_step_counts_in_a_checkpoint_are_refused_by_name_and_change_nothing() {
+    let mut source = small_trainer();
+    let (x, y) = small_data();
+    source.fit(x.view(), y.view(), &small_options(2)).unwrap();
+    let good = source.checkpoint_bytes().unwrap();
+    let s = snapshot(&mut source);
+    let (iterations, scaling, step) = (s.iterations, s.scaling.unwrap(), s.progress.step);
+    assert!(scaling.skipped > 0, "the restless scale skipped steps");
+    assert_eq!(scaling.applied, iterations);
+    let mut t = small_trainer();
+    t.fit(x.view(), y.view(), &small_options(1)).unwrap();
+
+    let more_applied = with_state(&good, |v| {
+        v["loss_scaling"]["applied_steps"] = (iterations + 1).into();
+    });
+    refused(
+        &mut t,
+        &more_applied,
+        &[&format!(
+            "holds an invalid checkpoint: mp.state: loss_scaling.applied_steps is {} but \
+             optimizer.iterations is {iterations}: both count the applied updates",
+            iterations + 1
+        )],
+    );
+    let fewer_iterations = with_state(&good, |v| {
+        v["optimizer"]["iterations"] = (iterations - 1).into();
+    });
+    refused(
+        &mut t,
+        &fewer_iterations,
+        &[&format!("optimizer.iterations is {}", iterations - 1)],
+    );
+    let more_skipped = with_state(&good, |v| {
+        v["loss_scaling"]["skipped_steps"] = (step + 1).into();
+    });
+    refused(
+        &mut t,
+        &more_skipped,
+        &[&format!(
+            "loss_scaling.skipped_steps is {} but progress.step is only {step}: more steps \
+             skipped than run",
+            step + 1
+        )],
+    );
+    let more_at_floor = with_state(&good, |v| {
+        v["loss_scaling"]["skips_at_floor"] = (scaling.skipped + 1).into();
+    });
+    refused(
+        &mut t,
+        &more_at_floor,
+        &[&format!(
+            "{} skips at the floor but only {} skipped steps",
+            scaling.skipped + 1,
+            scaling.skipped
+        )],
+    );
+    t.resume_from_bytes("good", &good).unwrap();
+    assert_eq!(snapshot(&mut t), snapshot(&mut source));
+
+    // What would be refused is not written either: a trainer whose progress was reset below
+    // its skipped steps cannot be checkpointed.
+    source.set_progress(TrainingProgress {
+        step: 0,
+        ..source.progress()
+    });
+    let e = source.checkpoint_bytes().unwrap_err();
+    assert!(matches!(e, CkptError::Unsaveable { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "refusing to save the checkpoint: loss_scaling.skipped_steps is {} but progress.step \
+             is only 0: more steps skipped than run; nothing was written",
+            scaling.skipped
+        )
+    );
+}
+
+/// `set_weights` refuses a NaN weight or a negative variance naming the variable path, and
+/// changes nothing; weights that became non-finite anyway (written through `value_mut`, the
+/// kernels' unchecked path) are never saved: the checkpoint and the weights file are refused by
+/// name, and no file is written or replaced.
+#[test]
+fn non_finite_weights_are_neither_set_nor_saved() {
+    let mut t = normed_trainer(3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    t.save_checkpoint(&path).unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    let before = snapshot(&mut t);
+
+    let good = t.model_mut().get_weights().unwrap();
+    let set = |t: &mut Trainer<Normed<MixedFloat16>, Adam>, name: &str, i: usize, x: f32| {
+        let mut w = good.clone();
+        let (_, value) = w.iter_mut().find(|(n, _)| n == name).unwrap();
+        let mut values = value.to_f32_vec().unwrap();
+        values[i] = x;
+        *value = Tensor::from_vec(value.shape(), values).unwrap();
+        t.model_mut().set_weights(&w).unwrap_err().to_string()
+    };
+    assert_eq!(
+        set(&mut t, "hidden/kernel", 2, f32::NAN),
+        "set_weights: hidden/kernel would hold NaN at index 2, which is not finite; it is \
+         unchanged"
+    );
+    assert_eq!(
+        set(&mut t, "batch_normalization/moving_variance", 1, -1.0),
+        "set_weights: batch_normalization/moving_variance would hold -1.0 at index 1, which is \
+         below 0; it is unchanged"
+    );
+    assert!(set(&mut t, "logits/bias", 0, f32::INFINITY).contains("logits/bias would hold inf"));
+    assert_eq!(
+        snapshot(&mut t),
+        before,
+        "a refused set_weights changed the model"
+    );
+    // Assigning one variable is checked the same way.
+    t.model_mut()
+        .visit_variables("", &mut |path, v| {
+            if path == "logits/bias" {
+                let e = v.assign(&[0.0, f32::NAN, 0.0]).unwrap_err().to_string();
+                assert!(e.contains("would hold NaN at index 1"), "{e}");
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(snapshot(&mut t), before);
+
+    // Poisoned through the unchecked path.
+    t.model_mut()
+        .visit_variables("", &mut |path, v| {
+            if path == "logits/bias" {
+                v.value_mut().as_mut_slice()?[1] = f32::NAN;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let want = "\"logits/bias\" holds NaN at index 1, which is not finite; nothing was written";
+    let e = t.save_checkpoint(&path).unwrap_err();
+    assert!(matches!(e, CkptError::Unsaveable { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!("refusing to save the checkpoint: {want}")
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        saved,
+        "the old checkpoint was replaced"
+    );
+    let fresh = dir.path().join("new.safetensors");
+    assert!(t.save_checkpoint(&fresh).is_err());
+    let e = checkpoint::save_weights(t.model_mut(), &fresh).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("refusing to save the weights: {want}")
+    );
+    assert!(!fresh.exists(), "a refused save wrote a file");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left behind"
+    );
+}
+
+/// `load_weights` checks the values of a plain weights file (mp's or another tool's) the same
+/// way, and leaves the model unchanged.
+#[test]
+fn load_weights_refuses_non_finite_and_negative_values_by_name() {
+    let mut t = normed_trainer(4);
+    let bytes = checkpoint::weights_to_bytes(t.model_mut()).unwrap();
+    let mut m = normed_trainer(5).into_model();
+    let bits_of = |m: &mut Normed<MixedFloat16>| -> Vec<Vec<u32>> {
+        m.get_weights()
+            .unwrap()
+            .iter()
+            .map(|(_, w)| bits(w))
+            .collect()
+    };
+    let before = bits_of(&mut m);
+    for (name, index, value, what) in [
+        (
+            "batch_normalization/moving_variance",
+            0,
+            -1.0,
+            "-1.0 at index 0, which is below 0",
+        ),
+        (
+            "hidden/bias",
+            7,
+            f32::NAN,
+            "NaN at index 7, which is not finite",
+        ),
+    ] {
+        let bad = with_value(&bytes, name, index, value);
+        let e = checkpoint::load_weights_from_bytes(&mut m, "w.safetensors", &bad).unwrap_err();
+        assert!(matches!(e, CkptError::InvalidValues { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("w.safetensors holds invalid values: {name:?} holds {what}")
+        );
+        assert_eq!(bits_of(&mut m), before);
+    }
+    // A file from another tool, without mp metadata.
+    let st = SafeTensors::parse("w", &bytes).unwrap();
+    let mut raw: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), st.data(t).to_vec()))
+        .collect();
+    raw[0].2[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let entries: Vec<(&str, &str, &[usize], &[u8])> = raw
+        .iter()
+        .map(|(n, s, b)| (n.as_str(), "F32", s.as_slice(), b.as_slice()))
+        .collect();
+    let foreign = checkpoint::safetensors::serialize(&entries, &BTreeMap::new()).unwrap();
+    let e = checkpoint::load_weights_from_bytes(&mut m, "foreign", &foreign).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"hidden/kernel\" holds inf at index 0, which is not finite"),
+        "{e}"
+    );
+    assert_eq!(bits_of(&mut m), before);
+    checkpoint::load_weights_from_bytes(&mut m, "w", &bytes).unwrap();
+    assert_eq!(bits_of(&mut m), bits_of(t.model_mut()));
 }

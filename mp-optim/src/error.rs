@@ -20,6 +20,19 @@ pub enum Error {
         /// What differs.
         what: String,
     },
+    /// A saved slot value the optimizer could not have produced: NaN, infinity, or a negative
+    /// second moment (Adam's `v`, RMSprop's `velocity`).
+    #[error("{optimizer} slot {slot:?} of {variable:?} holds {problem}")]
+    InvalidSlot {
+        /// The optimizer.
+        optimizer: &'static str,
+        /// The variable's path.
+        variable: String,
+        /// The slot (`v`).
+        slot: String,
+        /// The first value outside the slot's domain.
+        problem: mp_core::OutOfDomain,
+    },
     /// The dynamic loss scale sat at its floor for too many consecutive skipped steps.
     #[error(
         "training stopped: {skipped} consecutive steps were skipped with the loss scale at its \

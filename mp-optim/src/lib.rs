@@ -34,7 +34,7 @@ pub use loss_scale_optimizer::{
     DEFAULT_MAX_SKIPS_AT_FLOOR, GradientCheck, LossScaleOptimizer, ScalingState, StepOutcome,
 };
 pub use optimizer::{
-    Adam, AdamRule, AdamW, AdamWRule, Clip, Optim, Optimizer, RmsProp, RmsPropRule, Sgd, SgdRule,
-    UpdateRule, VariableSet,
+    Adam, AdamRule, AdamW, AdamWRule, Clip, NonFiniteUpdate, Optim, Optimizer, RmsProp,
+    RmsPropRule, Sgd, SgdRule, Update, UpdateRule, VariableSet,
 };
 pub use schedule::LearningRateSchedule;

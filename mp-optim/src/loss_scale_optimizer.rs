@@ -3,7 +3,7 @@
 use mp_core::{DynamicLossScale, F32, FixedLossScale, LossScale, Tensor};
 
 use crate::error::{Error, Result};
-use crate::optimizer::{Optimizer, VariableSet};
+use crate::optimizer::{NonFiniteUpdate, Optimizer, Update, VariableSet};
 use mp_kernels::ops;
 
 /// The default number of consecutive skipped steps at the loss-scale floor after which
@@ -30,8 +30,12 @@ pub struct StepOutcome {
     pub scale_before: f32,
     /// The loss scale for the next step.
     pub scale_after: f32,
-    /// The first variable whose gradient was non-finite, when skipped.
+    /// The first variable whose gradient was non-finite, when skipped for that.
     pub first_nonfinite: Option<String>,
+    /// When every gradient was finite but the update would have written NaN or infinity into a
+    /// variable or a slot (see [`Optimizer::apply_gradients`]): which, and skipped for that.
+    /// The loss scale does not change then.
+    pub nonfinite_update: Option<NonFiniteUpdate>,
 }
 
 /// Everything loss scaling changes or is configured with: what a checkpoint saves so that a
@@ -41,7 +45,7 @@ pub struct ScalingState {
     /// The loss scale: its whole configuration and, when dynamic, its current scale and
     /// good-step count.
     pub loss_scale: LossScale,
-    /// Steps whose update was applied.
+    /// Steps whose update was applied: the inner optimizer's `iterations`.
     pub applied: u64,
     /// Steps skipped because a gradient was non-finite.
     pub skipped: u64,
@@ -97,8 +101,17 @@ impl ScalingState {
 ///
 /// **Skipped steps do not advance the inner optimizer's `iterations`** (as Keras 3; tf.keras
 /// advances it), so Adam's bias correction and learning-rate schedules count applied updates.
-/// The wrapper counts [`applied_steps`](Self::applied_steps) and
-/// [`skipped_steps`](Self::skipped_steps) separately.
+/// [`applied_steps`](Self::applied_steps) is that count; the wrapper counts
+/// [`skipped_steps`](Self::skipped_steps) itself.
+///
+/// **A non-finite update is not a non-finite gradient.** When every gradient is finite but the
+/// inner optimizer refuses to write an update that would be NaN or infinite (Adam's `v`
+/// overflowing on a gradient of 1e30; see [`Optimizer::apply_gradients`]), the step is skipped
+/// with everything bit-identical, and the loss scale is left exactly as it was: not halved (the
+/// scale did not cause it, and a smaller scale would not cure it) and its good-step count
+/// neither advanced nor reset; the skip counts neither as applied nor in `skipped_steps`, nor
+/// toward [`max_skips_at_floor`](Self::with_max_skips_at_floor). [`StepOutcome`] names it in
+/// `nonfinite_update`, and `fit` counts it toward its own limit on consecutive skipped steps.
 ///
 /// **No silent death**: when the scale has sat at its floor for
 /// [`max_skips_at_floor`](Self::with_max_skips_at_floor) consecutive skipped steps, training
@@ -108,7 +121,6 @@ impl ScalingState {
 pub struct LossScaleOptimizer<O: Optimizer> {
     inner: O,
     loss_scale: LossScale,
-    applied: u64,
     skipped: u64,
     skips_at_floor: u64,
     max_skips_at_floor: u64,
@@ -127,7 +139,6 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
         LossScaleOptimizer {
             inner,
             loss_scale,
-            applied: 0,
             skipped: 0,
             skips_at_floor: 0,
             max_skips_at_floor: DEFAULT_MAX_SKIPS_AT_FLOOR,
@@ -177,9 +188,10 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
         &mut self.inner
     }
 
-    /// Steps whose update was applied.
+    /// Steps whose update was applied: the inner optimizer's `iterations` (so it counts the
+    /// updates the inner optimizer made before it was wrapped too).
     pub fn applied_steps(&self) -> u64 {
-        self.applied
+        self.inner.iterations()
     }
 
     /// Steps skipped because a gradient was non-finite.
@@ -201,21 +213,33 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
     pub fn scaling_state(&self) -> ScalingState {
         ScalingState {
             loss_scale: self.loss_scale.clone(),
-            applied: self.applied,
+            applied: self.inner.iterations(),
             skipped: self.skipped,
             skips_at_floor: self.skips_at_floor,
             max_skips_at_floor: self.max_skips_at_floor,
         }
     }
 
-    /// Restores a state saved with [`LossScaleOptimizer::scaling_state`] (the inner optimizer is
-    /// restored separately, with [`Optimizer::load_state`]). The state is validated first
-    /// ([`ScalingState::validate`]); on error nothing changes. Forgets any pending gradient
-    /// check.
+    /// Restores a state saved with [`LossScaleOptimizer::scaling_state`]. The inner optimizer is
+    /// restored separately, with [`Optimizer::load_state`], and first: `state.applied` must be
+    /// its `iterations`. The state is validated first ([`ScalingState::validate`]); on error
+    /// nothing changes. Forgets any pending gradient check.
     pub fn restore_scaling_state(&mut self, state: ScalingState) -> Result<()> {
         state.validate()?;
+        if state.applied != self.inner.iterations() {
+            return Err(Error::InvalidHyperparameter {
+                optimizer: "LossScaleOptimizer",
+                what: format!(
+                    "the state has {} applied steps but the inner {} optimizer has {} \
+                     iterations: they count the same updates (restore the inner optimizer's \
+                     state first)",
+                    state.applied,
+                    self.inner.name(),
+                    self.inner.iterations()
+                ),
+            });
+        }
         self.loss_scale = state.loss_scale;
-        self.applied = state.applied;
         self.skipped = state.skipped;
         self.skips_at_floor = state.skips_at_floor;
         self.max_skips_at_floor = state.max_skips_at_floor;
@@ -240,8 +264,10 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
     }
 
     /// Applies the inner optimizer if the (unscaled) gradients are all finite, else skips the
-    /// step; updates the loss scale either way. Uses the check of the last
-    /// `get_unscaled_gradients` when there was one this step, else checks the gradients as given.
+    /// step and updates the loss scale. Uses the check of the last `get_unscaled_gradients`
+    /// when there was one this step, else checks the gradients as given. The inner optimizer
+    /// may still skip an update that would be non-finite: then the scale is unchanged and the
+    /// outcome's `nonfinite_update` says which (see the [type docs](Self)).
     pub fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<StepOutcome> {
         let check = match self.pending.take() {
             Some(c) => c,
@@ -261,13 +287,19 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
     ) -> Result<StepOutcome> {
         self.pending = None;
         let scale_before = self.loss_scale.scale();
+        let mut nonfinite_update = None;
         if check.all_finite {
             // The inner optimizer validates before writing; on its error nothing changed, so the
             // scale is not updated either.
-            self.inner.apply_gradients(vars)?;
-            let _ = self.loss_scale.update(true);
-            self.applied += 1;
-            self.skips_at_floor = 0;
+            match self.inner.apply_gradients(vars)? {
+                Update::Applied => {
+                    let _ = self.loss_scale.update(true);
+                    self.skips_at_floor = 0;
+                }
+                // Finite gradients, non-finite update: not the scale's doing, so the scale and
+                // its counts stay as they are.
+                Update::Skipped(u) => nonfinite_update = Some(u),
+            }
         } else {
             let was_at_floor = self.loss_scale.at_floor() || !self.loss_scale.is_dynamic();
             let _ = self.loss_scale.update(false);
@@ -284,10 +316,11 @@ impl<O: Optimizer> LossScaleOptimizer<O> {
             }
         }
         Ok(StepOutcome {
-            applied: check.all_finite,
+            applied: check.all_finite && nonfinite_update.is_none(),
             scale_before,
             scale_after: self.loss_scale.scale(),
             first_nonfinite: check.first_nonfinite,
+            nonfinite_update,
         })
     }
 }
@@ -371,6 +404,10 @@ mod tests {
         );
         assert_eq!(a.loss_scale(), 1024.0, "halved once, grown once");
         let mut b = LossScaleOptimizer::new(Sgd::default());
+        // The applied steps are the inner optimizer's iterations: it is restored first.
+        let e = b.restore_scaling_state(saved.clone()).unwrap_err();
+        assert!(e.to_string().contains("5 applied steps"), "{e}");
+        b.inner_mut().load_state(5, vec![]).unwrap();
         b.restore_scaling_state(saved.clone()).unwrap();
         assert_eq!(b.scaling_state(), saved);
         assert_eq!(b.skips_at_floor(), 0);

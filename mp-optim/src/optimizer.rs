@@ -4,8 +4,11 @@
 //! per-variable kernel from mp-kernels; this module holds the hyperparameters, the per-variable
 //! state and the step count.
 
-use mp_core::{F32, Tensor, Variable};
+use std::fmt;
+
+use mp_core::{Domain, F32, Tensor, Variable};
 use mp_kernels::ops;
+use mp_kernels::optim::NonFiniteOutputs;
 
 use crate::error::{Error, Result};
 
@@ -40,6 +43,69 @@ impl VariableSet for Vec<Variable> {
     }
 }
 
+/// What one [`Optimizer::apply_gradients`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// Every variable and its slots were updated, and `iterations` advanced.
+    Applied,
+    /// Nothing was written and `iterations` did not advance: the update of a variable would
+    /// have put NaN or infinity into it or into one of its slots, though every gradient was
+    /// finite (a gradient of 1e30 under Adam makes `g * g`, so `v`, infinite).
+    Skipped(NonFiniteUpdate),
+}
+
+impl Update {
+    /// Whether the update was applied.
+    pub fn applied(&self) -> bool {
+        matches!(self, Update::Applied)
+    }
+}
+
+/// An update that was skipped because it would have written NaN or infinity: which variable
+/// (the first, in visiting order) and which of its values. Displayed as `the update of
+/// dense_1/kernel would make Adam's v non-finite`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NonFiniteUpdate {
+    /// The optimizer (`Adam`).
+    pub optimizer: &'static str,
+    /// The variable's path.
+    pub variable: String,
+    /// Whether the variable's own new value would be non-finite.
+    pub value: bool,
+    /// The slots whose new values would be non-finite (`v`), in slot order.
+    pub slots: Vec<&'static str>,
+}
+
+impl NonFiniteUpdate {
+    /// What would be non-finite, in words: `its value`, `Adam's v`, `its value and Adam's m`.
+    pub fn what(&self) -> String {
+        let mut what: Vec<String> = vec![];
+        if self.value {
+            what.push("its value".into());
+        }
+        what.extend(
+            self.slots
+                .iter()
+                .map(|s| format!("{}'s {s}", self.optimizer)),
+        );
+        if what.is_empty() {
+            what.push("it".into());
+        }
+        what.join(" and ")
+    }
+}
+
+impl fmt::Display for NonFiniteUpdate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the update of {} would make {} non-finite",
+            self.variable,
+            self.what()
+        )
+    }
+}
+
 /// An optimizer: updates float32 variables from their (unscaled) float32 gradients.
 pub trait Optimizer: Send {
     /// The Keras name (`SGD`, `RMSprop`, `Adam`).
@@ -54,12 +120,29 @@ pub trait Optimizer: Send {
     /// Updates applied so far (Keras's `iterations`).
     fn iterations(&self) -> u64;
 
-    /// Updates every variable from its gradient. The variables must be the same, in the same
-    /// order, at every step (checked before anything is written).
-    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()>;
+    /// Updates every variable from its gradient, or none. The variables must be the same, in
+    /// the same order, at every step (checked before anything is written).
+    ///
+    /// **An update that would write NaN or infinity is skipped**: the new values of every
+    /// variable and slot are computed first without writing (a checking pass with the update's
+    /// own arithmetic), and written only when all are finite. Otherwise nothing is written,
+    /// `iterations` does not advance, and [`Update::Skipped`] names the first such variable.
+    /// The gradients are not checked here (a non-finite gradient makes a non-finite update,
+    /// and is skipped as one; [`LossScaleOptimizer`](crate::LossScaleOptimizer) checks them
+    /// first). On CUDA the built-in rules have no checking kernel yet: their updates are
+    /// written unchecked there.
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<Update>;
 
     /// The optimizer's per-variable state, as `(variable path, slot name, value)`.
     fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)>;
+
+    /// The values slot `slot` may hold: finite, and for a second moment (Adam's `v`, RMSprop's
+    /// `velocity`, running means of squared gradients) also never negative. Saved state is
+    /// checked against it when loaded ([`Optimizer::load_state`]) and saved.
+    fn slot_domain(&self, slot: &str) -> Domain {
+        let _ = slot;
+        Domain::Finite
+    }
 
     /// The hyperparameters other than the learning rate, as `(name, value)`: what a checkpoint
     /// records so that loading it into a differently configured optimizer can be refused.
@@ -70,8 +153,9 @@ pub trait Optimizer: Send {
     /// Replaces the step count and the per-variable state with saved values, as
     /// [`Optimizer::state`] and [`Optimizer::iterations`] gave them (slot names as strings), to
     /// resume training exactly. Every entry is checked (each variable's slots, in order, with
-    /// one shape; no variable twice) before anything is written: on error the optimizer is
-    /// unchanged. An empty `state` means no step has built the state yet.
+    /// one shape; no variable twice; every value in its [slot's domain](Optimizer::slot_domain))
+    /// before anything is written: on error the optimizer is unchanged. An empty `state` means
+    /// no step has built the state yet.
     ///
     /// The default refuses: an optimizer that keeps state must implement this to be resumable.
     fn load_state(
@@ -149,6 +233,11 @@ impl Slots {
         Ok(())
     }
 
+    /// Whether no step has built the buffers yet.
+    fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.buffers.is_empty()
+    }
+
     /// Calls `f(path, value, grad, state)` for each variable, in order (after
     /// [`Slots::prepare`]).
     pub(crate) fn update(
@@ -167,10 +256,12 @@ impl Slots {
     }
 
     /// Slots rebuilt from saved `(variable path, slot name, value)` entries: each variable's
-    /// `expected` slots in order, all of one shape, no variable twice. Nothing is kept on error.
+    /// `expected` slots in order, all of one shape, no variable twice, every value in its slot's
+    /// `domain`. Nothing is kept on error.
     pub(crate) fn from_saved(
         optimizer: &'static str,
         expected: &[&'static str],
+        domain: &dyn Fn(&str) -> Domain,
         iterations: u64,
         state: Vec<(String, String, Tensor<F32>)>,
     ) -> Result<Slots> {
@@ -224,6 +315,23 @@ impl Slots {
                 return Err(mismatch(format!(
                     "variable {name:?}: expected slots {expected:?}, got {got:?}"
                 )));
+            }
+            for (slot, t) in got.iter().zip(&bufs) {
+                let host;
+                let values = if t.device().is_cpu() {
+                    t.as_slice()?
+                } else {
+                    host = t.to_device(mp_core::Device::Cpu)?;
+                    host.as_slice()?
+                };
+                if let Some(problem) = domain(slot).first_outside(values) {
+                    return Err(Error::InvalidSlot {
+                        optimizer,
+                        variable: name,
+                        slot: slot.clone(),
+                        problem,
+                    });
+                }
             }
             slots.names.push(name);
             slots.shapes.push(shape);
@@ -313,6 +421,47 @@ pub trait UpdateRule: Clone + std::fmt::Debug + Send {
         grad: &Tensor<F32>,
         slots: &mut [Tensor<F32>],
     ) -> Result<()>;
+
+    /// Which new values [`UpdateRule::update`] with the same arguments would make NaN or
+    /// infinite (the variable's, each slot's in order), computed with the update's own
+    /// arithmetic and writing nothing; `None` when this rule cannot check on the variable's
+    /// device (its update is then written unchecked). [`Optim`] runs it over every variable
+    /// before writing any.
+    ///
+    /// The default runs `update` on copies of the variable and its slots and checks them: exact
+    /// for any rule, on any device, at the cost of the copies. The built-in rules override it
+    /// with a fused checking kernel on the CPU that reads the buffers once and copies nothing.
+    fn check(
+        &self,
+        path: &str,
+        lr: f32,
+        t: u64,
+        var: &Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &[Tensor<F32>],
+    ) -> Result<Option<NonFiniteOutputs>> {
+        let mut new_var = var.clone();
+        let mut new_slots = slots.to_vec();
+        self.update(path, lr, t, &mut new_var, grad, &mut new_slots)?;
+        let finite = |t: &Tensor<F32>| -> Result<bool> {
+            let mut flag = ops::Finite::new(t.device())?;
+            ops::check_finite(t, &mut flag)?;
+            Ok(flag.get()?)
+        };
+        let var_bad = !finite(&new_var)?;
+        let slots_bad = new_slots
+            .iter()
+            .map(|s| finite(s).map(|ok| !ok))
+            .collect::<Result<Vec<bool>>>()?;
+        Ok(Some(NonFiniteOutputs::from_flags(var_bad, slots_bad)))
+    }
+
+    /// The values slot `slot` may hold (see [`Optimizer::slot_domain`]): finite unless the
+    /// rule says more.
+    fn slot_domain(&self, slot: &str) -> Domain {
+        let _ = slot;
+        Domain::Finite
+    }
 }
 
 /// How an optimizer clips the gradients it is given before updating (Keras's `clipvalue`,
@@ -458,25 +607,28 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
     fn iterations(&self) -> u64 {
         self.iterations
     }
-    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<()> {
-        let slots = self.rule.slots();
-        self.slots.prepare(R::NAME, slots.len(), vars)?;
-        self.gradient_norm = self.clip.apply(vars)?;
-        let (rule, lr, t) = (&self.rule, self.learning_rate, self.iterations + 1);
-        self.slots.update(vars, &mut |path, w, g, state| {
-            if state.len() != slots.len() {
-                return Err(Error::StateMismatch {
-                    optimizer: R::NAME,
-                    what: format!("expected the slots {slots:?}, found {}", state.len()),
-                });
+    fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<Update> {
+        let fresh = self.slots.is_empty();
+        self.slots.prepare(R::NAME, self.rule.slots().len(), vars)?;
+        Ok(match self.check_then_update(vars)? {
+            None => {
+                self.iterations += 1;
+                Update::Applied
             }
-            rule.update(path, lr, t, w, g, state)
-        })?;
-        self.iterations += 1;
-        Ok(())
+            Some(skipped) => {
+                // Nothing was written: a skipped first step leaves no slots behind either.
+                if fresh {
+                    self.slots = Slots::default();
+                }
+                Update::Skipped(skipped)
+            }
+        })
     }
     fn state(&self) -> Vec<(String, &'static str, &Tensor<F32>)> {
         self.slots.state(self.rule.slots())
+    }
+    fn slot_domain(&self, slot: &str) -> Domain {
+        self.rule.slot_domain(slot)
     }
     fn config(&self) -> Vec<(&'static str, f64)> {
         self.rule.config()
@@ -486,9 +638,61 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
         iterations: u64,
         state: Vec<(String, String, Tensor<F32>)>,
     ) -> Result<()> {
-        self.slots = Slots::from_saved(R::NAME, self.rule.slots(), iterations, state)?;
+        let domain = |slot: &str| self.rule.slot_domain(slot);
+        self.slots = Slots::from_saved(R::NAME, self.rule.slots(), &domain, iterations, state)?;
         self.iterations = iterations;
         Ok(())
+    }
+}
+
+impl<R: UpdateRule> Optim<R> {
+    /// Clips the gradients, checks that every variable's update would be finite, and writes
+    /// them all if so; returns the first update that would not be (nothing written then).
+    fn check_then_update(&mut self, vars: &mut dyn VariableSet) -> Result<Option<NonFiniteUpdate>> {
+        let slots = self.rule.slots();
+        self.gradient_norm = self.clip.apply(vars)?;
+        let (rule, lr, t) = (&self.rule, self.learning_rate, self.iterations + 1);
+        let expect = |state: &[Tensor<F32>]| {
+            if state.len() == slots.len() {
+                Ok(())
+            } else {
+                Err(Error::StateMismatch {
+                    optimizer: R::NAME,
+                    what: format!("expected the slots {slots:?}, found {}", state.len()),
+                })
+            }
+        };
+        // 1. Every new value, computed and checked without writing.
+        let mut first = None;
+        self.slots.update(vars, &mut |path, w, g, state| {
+            expect(state)?;
+            if first.is_some() {
+                return Ok(());
+            }
+            if let Some(bad) = rule.check(path, lr, t, w, g, state)?
+                && !bad.all_finite()
+            {
+                first = Some(NonFiniteUpdate {
+                    optimizer: R::NAME,
+                    variable: path.to_string(),
+                    value: bad.variable(),
+                    slots: (0..slots.len())
+                        .filter(|&i| bad.state(i))
+                        .map(|i| slots[i])
+                        .collect(),
+                });
+            }
+            Ok(())
+        })?;
+        if first.is_some() {
+            return Ok(first);
+        }
+        // 2. All finite: the same arithmetic again, written.
+        self.slots.update(vars, &mut |path, w, g, state| {
+            expect(state)?;
+            rule.update(path, lr, t, w, g, state)
+        })?;
+        Ok(None)
     }
 }
 
@@ -561,12 +765,38 @@ impl UpdateRule for SgdRule {
         grad: &Tensor<F32>,
         slots: &mut [Tensor<F32>],
     ) -> Result<()> {
-        let p = mp_kernels::optim::SgdParams {
+        Ok(ops::sgd_update(
+            var,
+            grad,
+            slots.first_mut(),
+            self.params(lr),
+            None,
+        )?)
+    }
+    fn check(
+        &self,
+        _path: &str,
+        lr: f32,
+        _t: u64,
+        var: &Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &[Tensor<F32>],
+    ) -> Result<Option<NonFiniteOutputs>> {
+        if !var.device().is_cpu() {
+            return Ok(None);
+        }
+        let p = self.params(lr);
+        Ok(Some(ops::sgd_update_check(var, grad, slots.first(), p)?))
+    }
+}
+
+impl SgdRule {
+    fn params(&self, lr: f32) -> mp_kernels::optim::SgdParams {
+        mp_kernels::optim::SgdParams {
             lr,
             momentum: self.momentum,
             nesterov: self.nesterov,
-        };
-        Ok(ops::sgd_update(var, grad, slots.first_mut(), p, None)?)
+        }
     }
 }
 
@@ -649,12 +879,9 @@ impl UpdateRule for RmsPropRule {
         slots: &mut [Tensor<F32>],
     ) -> Result<()> {
         let Some((v, rest)) = slots.split_first_mut() else {
-            return Err(Error::StateMismatch {
-                optimizer: Self::NAME,
-                what: "the velocity slot is missing".into(),
-            });
+            return Err(Self::no_velocity());
         };
-        let p = mp_kernels::optim::RmspropParams::new(lr, self.rho, self.momentum, self.epsilon);
+        let p = self.params(lr);
         Ok(ops::rmsprop_update(
             var,
             grad,
@@ -663,6 +890,51 @@ impl UpdateRule for RmsPropRule {
             p,
             None,
         )?)
+    }
+    fn check(
+        &self,
+        _path: &str,
+        lr: f32,
+        _t: u64,
+        var: &Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &[Tensor<F32>],
+    ) -> Result<Option<NonFiniteOutputs>> {
+        let Some((v, rest)) = slots.split_first() else {
+            return Err(Self::no_velocity());
+        };
+        if !var.device().is_cpu() {
+            return Ok(None);
+        }
+        let p = self.params(lr);
+        Ok(Some(ops::rmsprop_update_check(
+            var,
+            grad,
+            v,
+            rest.first(),
+            p,
+        )?))
+    }
+    fn slot_domain(&self, slot: &str) -> Domain {
+        // The velocity is the running mean of the squared gradients.
+        if slot == "velocity" {
+            Domain::NonNegative
+        } else {
+            Domain::Finite
+        }
+    }
+}
+
+impl RmsPropRule {
+    fn params(&self, lr: f32) -> mp_kernels::optim::RmspropParams {
+        mp_kernels::optim::RmspropParams::new(lr, self.rho, self.momentum, self.epsilon)
+    }
+
+    fn no_velocity() -> Error {
+        Error::StateMismatch {
+            optimizer: Self::NAME,
+            what: "the velocity slot is missing".into(),
+        }
     }
 }
 
@@ -736,41 +1008,78 @@ impl UpdateRule for AdamRule {
         grad: &Tensor<F32>,
         slots: &mut [Tensor<F32>],
     ) -> Result<()> {
-        self.step(Self::NAME, 0.0, lr, t, var, grad, slots)
+        self.step(Self::NAME, self.params(0.0, lr, t), var, grad, slots)
+    }
+    fn check(
+        &self,
+        _path: &str,
+        lr: f32,
+        t: u64,
+        var: &Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &[Tensor<F32>],
+    ) -> Result<Option<NonFiniteOutputs>> {
+        Self::check_step(Self::NAME, self.params(0.0, lr, t), var, grad, slots)
+    }
+    fn slot_domain(&self, slot: &str) -> Domain {
+        adam_slot_domain(slot)
+    }
+}
+
+/// `v` is the running mean of the squared gradients.
+fn adam_slot_domain(slot: &str) -> Domain {
+    if slot == "v" {
+        Domain::NonNegative
+    } else {
+        Domain::Finite
     }
 }
 
 impl AdamRule {
-    /// One Adam step, with decoupled weight decay `weight_decay` when it is not 0.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the rule's update plus its name and decay"
-    )]
+    /// The kernel's parameters of step `t`, with decoupled weight decay `weight_decay` when it
+    /// is not 0.
+    fn params(&self, weight_decay: f32, lr: f32, t: u64) -> mp_kernels::optim::AdamParams {
+        mp_kernels::optim::AdamParams::new(lr as f64, self.beta_1, self.beta_2, self.epsilon, t)
+            .with_weight_decay(weight_decay)
+    }
+
+    /// One Adam step with parameters `p`.
     fn step(
         &self,
         optimizer: &'static str,
-        weight_decay: f32,
-        lr: f32,
-        t: u64,
+        p: mp_kernels::optim::AdamParams,
         var: &mut Tensor<F32>,
         grad: &Tensor<F32>,
         slots: &mut [Tensor<F32>],
     ) -> Result<()> {
         let [m, v] = slots else {
-            return Err(Error::StateMismatch {
-                optimizer,
-                what: format!("expected the slots m and v, found {}", slots.len()),
-            });
+            return Err(Self::no_moments(optimizer, slots.len()));
         };
-        let p = mp_kernels::optim::AdamParams::new(
-            lr as f64,
-            self.beta_1,
-            self.beta_2,
-            self.epsilon,
-            t,
-        )
-        .with_weight_decay(weight_decay);
         Ok(ops::adam_update(var, grad, m, v, p, None)?)
+    }
+
+    /// The checking twin of [`AdamRule::step`] (`None` off the CPU).
+    fn check_step(
+        optimizer: &'static str,
+        p: mp_kernels::optim::AdamParams,
+        var: &Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &[Tensor<F32>],
+    ) -> Result<Option<NonFiniteOutputs>> {
+        let [m, v] = slots else {
+            return Err(Self::no_moments(optimizer, slots.len()));
+        };
+        if !var.device().is_cpu() {
+            return Ok(None);
+        }
+        Ok(Some(ops::adam_update_check(var, grad, m, v, p)?))
+    }
+
+    fn no_moments(optimizer: &'static str, found: usize) -> Error {
+        Error::StateMismatch {
+            optimizer,
+            what: format!("expected the slots m and v, found {found}"),
+        }
     }
 }
 
@@ -885,12 +1194,34 @@ impl UpdateRule for AdamWRule {
         grad: &Tensor<F32>,
         slots: &mut [Tensor<F32>],
     ) -> Result<()> {
-        let wd = if self.decays(path) {
+        let p = self.adam.params(self.decay_of(path), lr, t);
+        self.adam.step(Self::NAME, p, var, grad, slots)
+    }
+    fn check(
+        &self,
+        path: &str,
+        lr: f32,
+        t: u64,
+        var: &Tensor<F32>,
+        grad: &Tensor<F32>,
+        slots: &[Tensor<F32>],
+    ) -> Result<Option<NonFiniteOutputs>> {
+        let p = self.adam.params(self.decay_of(path), lr, t);
+        AdamRule::check_step(Self::NAME, p, var, grad, slots)
+    }
+    fn slot_domain(&self, slot: &str) -> Domain {
+        adam_slot_domain(slot)
+    }
+}
+
+impl AdamWRule {
+    /// The weight decay applied to the variable at `path` (0 when excluded).
+    fn decay_of(&self, path: &str) -> f32 {
+        if self.decays(path) {
             self.weight_decay
         } else {
             0.0
-        };
-        self.adam.step(Self::NAME, wd, lr, t, var, grad, slots)
+        }
     }
 }
 

@@ -496,3 +496,329 @@ fn clipping_under_loss_scaling_sees_unscaled_finite_gradients() {
     assert_eq!(value(&v[0]), vec![0.0, 0.0]);
     assert_eq!(opt.inner().gradient_norm(), None);
 }
+
+/// Every slot of an optimizer as `(variable, slot, bits)`.
+type SlotBits = Vec<(String, &'static str, Vec<u32>)>;
+
+/// Every variable's value and every slot, as bits: what a skipped update must leave as it was.
+fn bits_of(v: &[Variable], opt: &dyn Optimizer) -> (Vec<u32>, SlotBits) {
+    let w = v.iter().flat_map(value).map(f32::to_bits).collect();
+    let s = opt
+        .state()
+        .into_iter()
+        .map(|(n, s, t)| {
+            (
+                n,
+                s,
+                t.as_slice().unwrap().iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect();
+    (w, s)
+}
+
+/// A finite state and finite gradients whose update would overflow: the whole step is skipped,
+/// every variable and slot bit-identical, `iterations` unchanged, and the outcome names the
+/// first variable and what would have been non-finite. The next finite step applies.
+#[test]
+fn an_update_that_would_be_non_finite_is_skipped_and_changes_nothing() {
+    use mp_optim::Update;
+    // (optimizer, how to make it, gradients of the second variable, whether its value and
+    // which of its slots the skip names)
+    type Case = (
+        &'static str,
+        fn() -> Box<dyn Optimizer>,
+        [f32; 2],
+        bool,
+        &'static [&'static str],
+    );
+    let cases: [Case; 6] = [
+        // Adam: g = 1e30 is finite, g * g is not: v overflows (the step itself is m / inf = 0).
+        (
+            "Adam",
+            || Box::new(Adam::default()),
+            [0.1, 1e30],
+            false,
+            &["v"],
+        ),
+        (
+            "AdamW",
+            || Box::new(AdamW::default()),
+            [-1e30, 0.1],
+            false,
+            &["v"],
+        ),
+        // RMSprop: the mean square overflows the same way.
+        (
+            "RMSprop",
+            || Box::new(RmsProp::default()),
+            [1e30, 0.1],
+            false,
+            &["velocity"],
+        ),
+        (
+            "RMSprop",
+            || Box::new(RmsProp::default().with_momentum(0.5).unwrap()),
+            [1e30, 0.1],
+            false,
+            &["velocity"],
+        ),
+        // SGD: -0.9 MAX - 1.0 * MAX overflows the variable itself (the momentum, -MAX, does
+        // not).
+        (
+            "SGD",
+            || Box::new(Sgd::new(1.0).unwrap()),
+            [f32::MAX, 0.1],
+            true,
+            &[],
+        ),
+        (
+            "SGD",
+            || Box::new(Sgd::new(1.0).unwrap().with_momentum(0.5).unwrap()),
+            [f32::MAX, 0.1],
+            true,
+            &[],
+        ),
+    ];
+    for (name, make, bad, value_bad, slots_bad) in cases {
+        let mut opt = make();
+        let mut v = vars(&[&[0.5, -0.25, 2.0], &[-f32::MAX * 0.9, 1.0]]);
+        // A good step first, so the slots hold state.
+        set_grads(&mut v, &[&[0.1, 0.2, -0.3], &[-0.5, 0.5]]);
+        assert_eq!(opt.apply_gradients(&mut v).unwrap(), Update::Applied);
+        let before = bits_of(&v, opt.as_ref());
+        set_grads(&mut v, &[&[0.1, 0.2, -0.3], &bad]);
+        let out = opt.apply_gradients(&mut v).unwrap();
+        let Update::Skipped(skip) = &out else {
+            panic!("{name}: {out:?}")
+        };
+        assert!(!out.applied());
+        assert_eq!(skip.optimizer, name);
+        assert_eq!(
+            skip.variable, "layer_1/kernel",
+            "{name}: the first such variable"
+        );
+        assert_eq!(skip.value, value_bad, "{name}: {skip}");
+        assert_eq!(skip.slots, slots_bad, "{name}: {skip}");
+        assert_eq!(bits_of(&v, opt.as_ref()), before, "{name}: {skip}");
+        assert_eq!(opt.iterations(), 1, "{name}");
+        // The next finite step applies as if the skipped one had never been.
+        set_grads(&mut v, &[&[0.1, 0.2, -0.3], &[0.5, 0.5]]);
+        assert!(opt.apply_gradients(&mut v).unwrap().applied(), "{name}");
+        assert_eq!(opt.iterations(), 2);
+    }
+    let skip = mp_optim::NonFiniteUpdate {
+        optimizer: "Adam",
+        variable: "dense_1/kernel".into(),
+        value: true,
+        slots: vec!["m", "v"],
+    };
+    assert_eq!(
+        skip.to_string(),
+        "the update of dense_1/kernel would make its value and Adam's m and Adam's v non-finite"
+    );
+}
+
+/// A non-finite gradient given straight to an optimizer (a custom loop without loss scaling)
+/// makes a non-finite update, which is skipped too; a skipped first step leaves no slots.
+#[test]
+fn a_non_finite_gradient_without_loss_scaling_is_skipped_by_the_optimizer() {
+    let mut v = vars(&[&[1.0, 2.0]]);
+    let mut opt = Adam::default();
+    set_grads(&mut v, &[&[f32::NAN, 1.0]]);
+    let out = opt.apply_gradients(&mut v).unwrap();
+    assert!(!out.applied(), "{out:?}");
+    assert_eq!(value(&v[0]), vec![1.0, 2.0]);
+    assert_eq!(opt.iterations(), 0);
+    assert!(
+        opt.state().is_empty(),
+        "a skipped first step builds no state"
+    );
+    set_grads(&mut v, &[&[1.0, 1.0]]);
+    assert!(opt.apply_gradients(&mut v).unwrap().applied());
+    assert_eq!(opt.state().len(), 2);
+}
+
+/// Under loss scaling, finite gradients whose update would overflow skip the step without
+/// touching the loss scale: not halved, its good-step count neither advanced nor reset, no
+/// skipped (gradient) step counted, nothing applied; the outcome names the update.
+#[test]
+fn a_non_finite_update_under_loss_scaling_leaves_the_scale_alone() {
+    let dynamic = mp_core::DynamicLossScale::new(1024.0, 5, 2.0).unwrap();
+    let mut opt = LossScaleOptimizer::with_loss_scale(Adam::default(), LossScale::Dynamic(dynamic));
+    let mut v = vars(&[&[1.0, 2.0]]);
+    for _ in 0..2 {
+        set_grads(&mut v, &[&[1024.0, -1024.0]]);
+        opt.get_unscaled_gradients(&mut v).unwrap();
+        assert!(opt.apply_gradients(&mut v).unwrap().applied);
+    }
+    let scaling = opt.scaling_state();
+    let weights = snapshot(&v, &opt);
+    // 1e30 after unscaling: finite, but Adam's v = 1e-3 * 1e60 overflows.
+    set_grads(&mut v, &[&[1e30 * 1024.0, 1.0]]);
+    let check = opt.get_unscaled_gradients(&mut v).unwrap();
+    assert!(check.all_finite);
+    let out = opt.apply_gradients(&mut v).unwrap();
+    assert!(!out.applied);
+    assert_eq!((out.scale_before, out.scale_after), (1024.0, 1024.0));
+    assert_eq!(out.first_nonfinite, None);
+    let skip = out.nonfinite_update.expect("the update is named");
+    assert_eq!(
+        skip.to_string(),
+        "the update of layer_0/kernel would make Adam's v non-finite"
+    );
+    assert_eq!(
+        opt.scaling_state(),
+        scaling,
+        "scale, good steps and counts unchanged"
+    );
+    assert_eq!(snapshot(&v, &opt), weights);
+    // The run of good steps continues where it was: 3 more make 5, and the scale grows.
+    for _ in 0..3 {
+        set_grads(&mut v, &[&[1024.0, -1024.0]]);
+        opt.get_unscaled_gradients(&mut v).unwrap();
+        assert!(opt.apply_gradients(&mut v).unwrap().applied);
+    }
+    assert_eq!(opt.loss_scale(), 2048.0);
+    assert_eq!(opt.applied_steps(), 5);
+    assert_eq!(opt.skipped_steps(), 0);
+}
+
+/// A rule of one's own gets the check without writing one: the trait's default runs its update
+/// on copies and checks them.
+#[test]
+fn a_custom_rule_is_checked_by_the_default_out_of_place_update() {
+    use mp_core::{F32, Tensor};
+    use mp_optim::{Optim, UpdateRule};
+
+    /// `w *= g`, a rule that overflows on large gradients.
+    #[derive(Clone, Debug)]
+    struct Scale;
+    impl UpdateRule for Scale {
+        const NAME: &'static str = "Scale";
+        fn slots(&self) -> &'static [&'static str] {
+            &["last"]
+        }
+        fn config(&self) -> Vec<(&'static str, f64)> {
+            vec![]
+        }
+        fn update(
+            &self,
+            _: &str,
+            _: f32,
+            _: u64,
+            var: &mut Tensor<F32>,
+            grad: &Tensor<F32>,
+            slots: &mut [Tensor<F32>],
+        ) -> mp_optim::Result<()> {
+            let g = grad.as_slice()?.to_vec();
+            for (w, g) in var.as_mut_slice()?.iter_mut().zip(&g) {
+                *w *= g;
+            }
+            slots[0].copy_from_slice(&g)?;
+            Ok(())
+        }
+    }
+    let mut opt = Optim::with_rule(Scale, 0.1).unwrap();
+    let mut v = vars(&[&[1e30, 1.0]]);
+    set_grads(&mut v, &[&[2.0, 3.0]]);
+    assert!(opt.apply_gradients(&mut v).unwrap().applied());
+    assert_eq!(value(&v[0]), vec![2e30, 3.0]);
+    set_grads(&mut v, &[&[1e9, 3.0]]);
+    let out = opt.apply_gradients(&mut v).unwrap();
+    assert_eq!(
+        out,
+        mp_optim::Update::Skipped(mp_optim::NonFiniteUpdate {
+            optimizer: "Scale",
+            variable: "layer_0/kernel".into(),
+            value: true,
+            slots: vec![],
+        })
+    );
+    assert_eq!(value(&v[0]), vec![2e30, 3.0]);
+    assert_eq!(opt.state()[0].2.as_slice().unwrap(), &[2.0, 3.0]);
+}
+
+/// Saved optimizer state is checked value by value: NaN or infinity in any slot, or a second
+/// moment below 0, is refused naming the variable, the slot and the value, and the optimizer is
+/// unchanged. A negative first moment is a valid state.
+#[test]
+fn saved_slots_outside_their_domain_are_refused_by_name() {
+    let mut v = vars(&[&[1.0, 2.0], &[3.0]]);
+    let mut opt = Adam::default();
+    set_grads(&mut v, &[&[0.5, -0.5], &[1.0]]);
+    opt.apply_gradients(&mut v).unwrap();
+    let good: Vec<(String, String, Tensor)> = opt
+        .state()
+        .into_iter()
+        .map(|(n, s, t)| (n, s.to_string(), t.clone()))
+        .collect();
+    let before = bits_of(&v, &opt);
+    type Tensor = mp_core::Tensor<mp_core::F32>;
+    let with = |entry: usize, index: usize, x: f32| {
+        let mut g = good.clone();
+        let mut values = g[entry].2.as_slice().unwrap().to_vec();
+        values[index] = x;
+        g[entry].2 = Tensor::from_vec(g[entry].2.shape(), values).unwrap();
+        g
+    };
+    // Entries: layer_0 m, layer_0 v, layer_1 m, layer_1 v.
+    let cases = [
+        (
+            with(1, 1, f32::NAN),
+            r#"Adam slot "v" of "layer_0/kernel" holds NaN at index 1, which is not finite"#,
+        ),
+        (
+            with(3, 0, -1.0),
+            r#"Adam slot "v" of "layer_1/kernel" holds -1.0 at index 0, which is below 0"#,
+        ),
+        (
+            with(0, 0, f32::INFINITY),
+            r#"Adam slot "m" of "layer_0/kernel" holds inf at index 0, which is not finite"#,
+        ),
+        (
+            with(2, 0, f32::NEG_INFINITY),
+            r#"Adam slot "m" of "layer_1/kernel" holds -inf at index 0"#,
+        ),
+    ];
+    for (bad, want) in cases {
+        let e = opt.load_state(1, bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidSlot { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(want), "{e}");
+        assert_eq!(bits_of(&v, &opt), before);
+        assert_eq!(opt.iterations(), 1);
+    }
+    opt.load_state(1, with(0, 0, -3.0)).unwrap();
+    assert_eq!(opt.state()[0].2.as_slice().unwrap()[0], -3.0);
+    // RMSprop's velocity is a mean square too; its momentum may be negative.
+    let mut rms = RmsProp::default().with_momentum(0.5).unwrap();
+    let state = |v: f32, m: f32| {
+        vec![
+            (
+                "w".to_string(),
+                "velocity".to_string(),
+                Tensor::from_vec(&[1], vec![v]).unwrap(),
+            ),
+            (
+                "w".to_string(),
+                "momentum".to_string(),
+                Tensor::from_vec(&[1], vec![m]).unwrap(),
+            ),
+        ]
+    };
+    let e = rms.load_state(1, state(-1.0, 0.0)).unwrap_err().to_string();
+    assert!(
+        e.contains(r#"slot "velocity" of "w" holds -1.0 at index 0, which is below 0"#),
+        "{e}"
+    );
+    rms.load_state(1, state(0.5, -0.5)).unwrap();
+    assert_eq!(
+        Adam::default().slot_domain("v"),
+        mp_core::Domain::NonNegative
+    );
+    assert_eq!(Adam::default().slot_domain("m"), mp_core::Domain::Finite);
+    assert_eq!(
+        Sgd::default().slot_domain("momentum"),
+        mp_core::Domain::Finite
+    );
+}

@@ -93,6 +93,25 @@ pub enum Error {
         /// The problem.
         what: String,
     },
+    /// Values no training could have produced: a NaN or infinite weight or optimizer slot, a
+    /// variance or second moment below 0. Refused before anything is assigned.
+    #[error("{file} holds invalid values: {}", problems.join("; "))]
+    InvalidValues {
+        /// The file.
+        file: String,
+        /// Each tensor with such a value, by name (`"optimizer/dense_1/kernel/v" holds NaN at
+        /// index 3, which is not finite`).
+        problems: Vec<String>,
+    },
+    /// State that must not be saved: a NaN or infinite weight or slot, a variance below 0,
+    /// step counts that disagree. Nothing was written, and no file was replaced.
+    #[error("refusing to save {what}: {}; nothing was written", problems.join("; "))]
+    Unsaveable {
+        /// What was being saved (`the checkpoint`, `the weights`).
+        what: &'static str,
+        /// Each problem, naming the variable, slot or count.
+        problems: Vec<String>,
+    },
     /// The file does not fit the model, optimizer or trainer it is loaded into.
     #[error("{file} does not match the trainer: {}", problems.join("; "))]
     Mismatch {

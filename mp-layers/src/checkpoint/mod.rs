@@ -45,10 +45,14 @@
 //!
 //! Loading ([`Checkpointing::resume`], [`load_weights`]) parses and checks the whole file, checks
 //! every tensor's name, dtype and shape against the model (and the optimizer's slots against the
-//! variables) and reports every mismatch by name ([`Error::Mismatch`]), all before assigning
-//! anything: on any error the model, the optimizer and the trainer are unchanged. I/O errors
-//! ([`Error::Io`]) name the operation and the path and keep the [`std::io::Error`] as their
-//! `source()`.
+//! variables) and reports every mismatch by name ([`Error::Mismatch`]), then every value: weights
+//! and slots finite, moving variances and second moments (Adam's `v`, RMSprop's `velocity`) not
+//! below 0 ([`Error::InvalidValues`], naming each tensor, the index and the value), and the step
+//! counts of `mp.state` consistent with each other ([`Error::Invalid`]), all before assigning
+//! anything: on any error the model, the optimizer and the trainer are unchanged. Saving refuses
+//! the same values and counts ([`Error::Unsaveable`]) before any file is written or replaced, so
+//! mp never writes a file it would refuse. I/O errors ([`Error::Io`]) name the operation and the
+//! path and keep the [`std::io::Error`] as their `source()`.
 //!
 //! # Checkpoint folders
 //!

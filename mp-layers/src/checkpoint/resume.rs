@@ -14,7 +14,10 @@ use super::format::{KEY_KIND, KEY_STATE, KEY_VERSION, KIND_CHECKPOINT, SLOT_PREF
 use super::safetensors::SafeTensors;
 use super::seal::{check_mp_metadata, seal};
 use super::state::{self, state_of};
-use super::weights::{match_weights, variables, weights_problems};
+use super::weights::{
+    domains, invalid_values, match_weights, unsaveable, value_problem, variables,
+    weight_value_problems, weights_problems,
+};
 use crate::layer::Model;
 use crate::train::{TrainOptimizer, Trainer};
 
@@ -26,12 +29,19 @@ pub trait Checkpointing {
     /// The whole training state as a checkpoint file in memory.
     ///
     /// # Errors
-    /// A variable that cannot be read back from its device.
+    /// A variable that cannot be read back from its device; [`Error::Unsaveable`] naming every
+    /// weight or optimizer slot that holds NaN or infinity (or a variance or second moment
+    /// below 0) and every step count that disagrees with another (what
+    /// [`Checkpointing::resume`] would refuse).
     fn checkpoint_bytes(&mut self) -> Result<Vec<u8>>;
 
     /// Saves the whole training state atomically to `path`: the model's weights, the
     /// optimizer's state, the loss scaling and the training progress (see the [module
     /// docs](crate::checkpoint)). [`Checkpointing::resume`] continues from it exactly.
+    ///
+    /// # Errors
+    /// As [`Checkpointing::checkpoint_bytes`] (then no file is written or replaced); an I/O
+    /// error naming the path.
     fn save_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()>;
 
     /// Restores the training state saved in the checkpoint at `path`, so that `fit` continues
@@ -41,9 +51,11 @@ pub trait Checkpointing {
     ///
     /// The model must be built (its variables are what the file is checked against). Everything
     /// is checked first — the file's format, version and checksum, every weight's and slot's
-    /// name, dtype and shape, the optimizer's kind and hyperparameters, the loss scaling — and
-    /// every mismatch is reported by name; on any error the model, the optimizer and the trainer
-    /// are unchanged.
+    /// name, dtype and shape, the optimizer's kind and hyperparameters, the loss scaling, the
+    /// step counts (the optimizer's `iterations` are the applied steps; no more steps skipped
+    /// at the loss-scale floor than skipped, no more skipped than run), and every value (weights
+    /// and slots finite, variances and second moments not below 0) — and every problem is
+    /// reported by name; on any error the model, the optimizer and the trainer are unchanged.
     fn resume(&mut self, path: impl AsRef<Path>) -> Result<()>;
 
     /// Resumes from the newest per-epoch checkpoint in `dir` (the highest epoch number), if
@@ -63,15 +75,29 @@ pub trait Checkpointing {
 impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
     fn checkpoint_bytes(&mut self) -> Result<Vec<u8>> {
         let weights = self.model_mut().get_weights()?;
-        let slot_state = self.optimizer().inner().state();
+        // What resume would refuse is not written: every value, and the counts.
+        let mut problems = weight_value_problems(&weights, &domains(self.model_mut())?)?;
+        let opt = self.optimizer().inner();
+        let slot_state = opt.state();
         let mut tensors: Vec<(String, &Tensor<F32>)> =
             weights.iter().map(|(n, t)| (n.clone(), t)).collect();
         let mut slots = vec![];
         for (var, slot, t) in &slot_state {
             let name = format!("{SLOT_PREFIX}{var}/{slot}");
+            problems.extend(value_problem(&name, t, opt.slot_domain(slot))?);
             slots.push((var.clone(), slot.to_string(), name.clone()));
             tensors.push((name, *t));
         }
+        let scaling = match self.optimizer() {
+            TrainOptimizer::Scaled(s) => Some(s.scaling_state()),
+            TrainOptimizer::Plain(_) => None,
+        };
+        problems.extend(state::count_problems(
+            opt.iterations(),
+            scaling.as_ref(),
+            self.progress().step,
+        ));
+        unsaveable("the checkpoint", problems)?;
         let names = weights.iter().map(|(n, _)| n.clone()).collect();
         let state = state::to_json(self, names, slots)?;
         let mut metadata = BTreeMap::new();
@@ -149,7 +175,9 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
             }
         }
         let vars = variables(self.model_mut())?;
+        let domains = domains(self.model_mut())?;
         let mut problems = vec![];
+        let mut slot_values = vec![];
         let names: Vec<&str> = saved.weights.iter().map(String::as_str).collect();
         let weights = match_weights(&st, &names, &vars, &mut problems)?;
 
@@ -207,6 +235,7 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
                 Some(shape) => {
                     let values = st.f32_values(t).unwrap_or_default();
                     let tensor = Tensor::from_vec(shape, values).map_err(crate::Error::from)?;
+                    slot_values.extend(value_problem(name, &tensor, opt.slot_domain(slot))?);
                     slots.push((var.clone(), slot.clone(), tensor));
                 }
             }
@@ -223,6 +252,9 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
             _ => {}
         }
         weights_problems(file, problems)?;
+        let mut values = weight_value_problems(&weights, &domains)?;
+        values.append(&mut slot_values);
+        invalid_values(file, values)?;
 
         // 2. Assign, undoing on the (unexpected) failure of a later step.
         let old_weights = self.model_mut().get_weights()?;

@@ -207,6 +207,14 @@ impl State {
             ));
         }
         let scaling = self.loss_scaling.map(SavedScaling::validate).transpose()?;
+        let counts = count_problems(
+            self.optimizer.iterations,
+            scaling.as_ref(),
+            self.progress.step,
+        );
+        if !counts.is_empty() {
+            return Err(counts.join("; "));
+        }
         Ok(SavedState {
             progress: self.progress,
             weights: self.weights,
@@ -221,6 +229,43 @@ impl State {
             }),
         })
     }
+}
+
+/// The step counts that disagree, named as `mp.state` names them. What holds for any trainer
+/// that ran its own steps: the loss-scale optimizer's applied steps are the inner optimizer's
+/// `iterations` (one count, written twice), the steps skipped at the floor are some of the
+/// skipped steps, and every skipped step (one per window) was a step run (`progress.step`
+/// counts micro-batches). The optimizer's `iterations` are not compared with `progress.step`:
+/// an optimizer may have been stepped before it was given to the trainer.
+pub(super) fn count_problems(
+    iterations: u64,
+    scaling: Option<&ScalingState>,
+    step: u64,
+) -> Vec<String> {
+    let mut problems = vec![];
+    if let Some(s) = scaling {
+        if s.applied != iterations {
+            problems.push(format!(
+                "loss_scaling.applied_steps is {} but optimizer.iterations is {iterations}: both \
+                 count the applied updates",
+                s.applied
+            ));
+        }
+        if s.skips_at_floor > s.skipped {
+            problems.push(format!(
+                "loss_scaling.skips_at_floor is {} but loss_scaling.skipped_steps is only {}",
+                s.skips_at_floor, s.skipped
+            ));
+        }
+        if s.skipped > step {
+            problems.push(format!(
+                "loss_scaling.skipped_steps is {} but progress.step is only {step}: more steps \
+                 skipped than run",
+                s.skipped
+            ));
+        }
+    }
+    problems
 }
 
 impl From<&ScalingState> for SavedScaling {

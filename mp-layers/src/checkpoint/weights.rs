@@ -1,10 +1,10 @@
 //! Weights only: a model's variables as a safetensors file, and the checks of a file's tensors
-//! against a model's variables (names, dtypes, shapes), every mismatch by name.
+//! against a model's variables (names, dtypes, shapes, values), every problem by name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use mp_core::{F32, PolicyKind, Tensor};
+use mp_core::{Device, Domain, F32, PolicyKind, Tensor};
 
 use super::atomic::{read, write_atomic};
 use super::error::{Error, Result};
@@ -22,6 +22,65 @@ pub(super) fn variables<M: Model>(model: &mut M) -> Result<Vec<(String, Vec<usiz
         Ok(())
     })?;
     Ok(out)
+}
+
+/// The [`Domain`] of each of the model's variables, by path.
+pub(super) fn domains<M: Model>(model: &mut M) -> Result<HashMap<String, Domain>> {
+    let mut out = HashMap::new();
+    model.visit_variables("", &mut |path, v| {
+        out.insert(path.to_string(), v.domain());
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// `"name" holds NaN at index 3, which is not finite` when `t` has a value outside `domain`.
+pub(super) fn value_problem(name: &str, t: &Tensor<F32>, domain: Domain) -> Result<Option<String>> {
+    let host;
+    let values = if t.device().is_cpu() {
+        t.as_slice().map_err(crate::Error::from)?
+    } else {
+        host = t.to_device(Device::Cpu).map_err(crate::Error::from)?;
+        host.as_slice().map_err(crate::Error::from)?
+    };
+    Ok(domain
+        .first_outside(values)
+        .map(|bad| format!("{name:?} holds {bad}")))
+}
+
+/// Every weight of `weights` that holds a value outside its variable's domain (finite; not
+/// negative for a variance), by name.
+pub(super) fn weight_value_problems(
+    weights: &[(String, Tensor<F32>)],
+    domains: &HashMap<String, Domain>,
+) -> Result<Vec<String>> {
+    let mut problems = vec![];
+    for (name, t) in weights {
+        let domain = domains.get(name).copied().unwrap_or_default();
+        problems.extend(value_problem(name, t, domain)?);
+    }
+    Ok(problems)
+}
+
+/// [`Error::InvalidValues`] when there are value problems in `file`.
+pub(super) fn invalid_values(file: &str, problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidValues {
+            file: file.to_string(),
+            problems,
+        })
+    }
+}
+
+/// [`Error::Unsaveable`] when there are problems with what would be saved as `what`.
+pub(super) fn unsaveable(what: &'static str, problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Unsaveable { what, problems })
+    }
 }
 
 /// Matches the file's weight tensors (`names`) against the model's variables, pushing every
@@ -90,8 +149,16 @@ pub(super) fn weights_problems(file: &str, problems: Vec<String>) -> Result<()> 
 
 /// The model's weights as a safetensors file: one float32 tensor per variable, named by its
 /// path, with mp metadata (`mp.kind` = `weights`, the version and the checksum).
+///
+/// # Errors
+/// [`Error::Unsaveable`] naming every variable that holds NaN or infinity (or a variance below
+/// 0): such weights are never written.
 pub fn weights_to_bytes<M: Model>(model: &mut M) -> Result<Vec<u8>> {
     let weights = model.get_weights()?;
+    unsaveable(
+        "the weights",
+        weight_value_problems(&weights, &domains(model)?)?,
+    )?;
     let tensors: Vec<(String, &Tensor<F32>)> =
         weights.iter().map(|(n, t)| (n.clone(), t)).collect();
     let mut metadata = BTreeMap::new();
@@ -104,15 +171,18 @@ pub fn weights_to_bytes<M: Model>(model: &mut M) -> Result<Vec<u8>> {
     seal(&tensors, metadata)
 }
 
-/// Saves the model's weights atomically as a safetensors file (see [`weights_to_bytes`]).
+/// Saves the model's weights atomically as a safetensors file (see [`weights_to_bytes`]). Weights
+/// that hold NaN or infinity are refused by name and no file is written or replaced.
 pub fn save_weights<M: Model>(model: &mut M, path: impl AsRef<Path>) -> Result<()> {
     write_atomic(path, &weights_to_bytes(model)?)
 }
 
 /// Loads weights from a safetensors file: one written by [`save_weights`], a checkpoint (its
 /// weights only), or a file from another tool whose tensors are exactly the model's variables
-/// (float32, named by path). Every name, dtype and shape is checked before anything is written;
-/// each mismatch is reported by name and the model is left unchanged.
+/// (float32, named by path). Every name, dtype, shape and value is checked before anything is
+/// written: each mismatch ([`Error::Mismatch`]) and each tensor holding NaN or infinity, or a
+/// variance below 0 ([`Error::InvalidValues`]), is reported by name and the model is left
+/// unchanged.
 pub fn load_weights<M: Model>(model: &mut M, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     load_weights_from_bytes(model, &path.display().to_string(), &read(path)?)
@@ -130,6 +200,7 @@ pub fn load_weights_from_bytes<M: Model>(model: &mut M, file: &str, bytes: &[u8]
     let mut problems = vec![];
     let weights = match_weights(&st, &names, &vars, &mut problems)?;
     weights_problems(file, problems)?;
+    invalid_values(file, weight_value_problems(&weights, &domains(model)?)?)?;
     model.set_weights(&weights)?;
     Ok(())
 }

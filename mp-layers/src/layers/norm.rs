@@ -229,7 +229,10 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
         self.gamma = Some(Variable::new("gamma", full(1.0)?)?);
         self.beta = Some(Variable::new("beta", full(0.0)?)?);
         self.moving_mean = Some(Variable::non_trainable("moving_mean", full(0.0)?)?);
-        self.moving_variance = Some(Variable::non_trainable("moving_variance", full(1.0)?)?);
+        self.moving_variance = Some(
+            Variable::non_trainable("moving_variance", full(1.0)?)?
+                .with_domain(mp_core::Domain::NonNegative),
+        );
         self.output_shape = Some(input_shape.to_vec());
         Ok(input_shape.to_vec())
     }

@@ -104,8 +104,8 @@ pub struct EpochLogs {
     pub val_metrics: Vec<(&'static str, f32)>,
     /// The loss scale at the end of the epoch (with loss scaling).
     pub loss_scale: Option<f32>,
-    /// Optimizer updates skipped in this epoch because of non-finite gradients (each a whole
-    /// window under gradient accumulation).
+    /// Optimizer updates skipped in this epoch because of non-finite gradients or updates
+    /// that would have been non-finite (each a whole window under gradient accumulation).
     pub skipped_steps: u64,
     /// Batches run.
     pub steps: usize,
@@ -188,7 +188,8 @@ impl Scores {
 pub struct StepResult {
     /// The (unscaled) mean loss of the batch.
     pub loss: f32,
-    /// Whether the update was applied (false: skipped for non-finite gradients).
+    /// Whether the update was applied (false: skipped, for non-finite gradients or because the
+    /// update would have written NaN or infinity).
     pub applied: bool,
     /// The loss scale the step used (1 without loss scaling).
     pub loss_scale: f32,

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use mp_core::dist::Communicator;
 use mp_core::{Device, F32, LossScale, PolicyKind, Rng, Tensor};
-use mp_optim::{LearningRateSchedule, LossScaleOptimizer, Optimizer};
+use mp_optim::{LearningRateSchedule, LossScaleOptimizer, NonFiniteUpdate, Optimizer, Update};
 use ndarray::{ArrayD, ArrayView, ArrayViewD, Dimension};
 
 pub use self::callbacks::Callback;
@@ -70,6 +70,14 @@ pub struct Trainer<M: Model, O: Optimizer, Lo = SparseCategoricalCrossentropy> {
     stop: bool,
     /// The learning rate as a function of the applied updates, if any.
     schedule: Option<LearningRateSchedule>,
+}
+
+/// Why a training step was skipped.
+enum Skip {
+    /// A gradient was NaN or infinite (the first variable whose was, when known).
+    Gradient(Option<String>),
+    /// Every gradient was finite, but the update would have written NaN or infinity.
+    Update(NonFiniteUpdate),
 }
 
 /// One micro-batch of a [`Trainer::train_window`]: the inputs in the model's input dtype and
@@ -218,11 +226,14 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         self.replicas.last
     }
 
-    /// How many consecutive steps with non-finite gradients stop training with
-    /// [`Error::NonFiniteSteps`] without loss scaling (default [`MAX_NONFINITE_STEPS`]; at least
-    /// 1). Each such step is skipped under every policy, so the weights never see a non-finite
-    /// value; with loss scaling (`mixed_float16`) a skip also halves the scale, and the
-    /// loss-scale optimizer's own rule (the scale stuck at its floor) stops training instead.
+    /// How many consecutive skipped steps stop training with [`Error::NonFiniteSteps`] (default
+    /// [`MAX_NONFINITE_STEPS`]; at least 1). A step is skipped under every policy when a
+    /// gradient is non-finite, and when the gradients are finite but the optimizer's update
+    /// would write NaN or infinity into a variable or a slot, so the weights never see a
+    /// non-finite value. Without loss scaling every skip counts. With loss scaling
+    /// (`mixed_float16`) a gradient skip halves the scale instead, and the loss-scale
+    /// optimizer's own rule (the scale stuck at its floor) stops training; an update skip
+    /// leaves the scale alone and counts here. The error names the first skipped step's cause.
     pub fn with_max_nonfinite_steps(mut self, steps: u64) -> Self {
         self.max_nonfinite_steps = steps.max(1);
         self
@@ -529,17 +540,22 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         };
         // Every rank checks the same summed gradients, and the ranks still sum their
         // non-finite flags before deciding: one decision for all.
+        // An update that would write NaN or infinity with finite gradients is skipped by the
+        // optimizer itself (its own check): the replicas hold the same weights, slots and summed
+        // gradients, so they decide it alike.
         let elsewhere = || Some("the gradients of another rank".to_string());
-        let (applied, nonfinite) = match &mut self.optimizer {
+        let (applied, skip) = match &mut self.optimizer {
             TrainOptimizer::Plain(o) => {
                 // The same finite check as loss scaling, without the scale: a non-finite
                 // gradient never reaches the weights under float32 or mixed_bfloat16 either.
                 let found = first_nonfinite_gradient(&mut self.model)?;
                 if self.replicas.any(found.is_some())? {
-                    (false, found.or_else(elsewhere))
+                    (false, Some(Skip::Gradient(found.or_else(elsewhere))))
                 } else {
-                    o.apply_gradients(&mut ModelVars(&mut self.model))?;
-                    (true, None)
+                    match o.apply_gradients(&mut ModelVars(&mut self.model))? {
+                        Update::Applied => (true, None),
+                        Update::Skipped(u) => (false, Some(Skip::Update(u))),
+                    }
                 }
             }
             TrainOptimizer::Scaled(s) => {
@@ -550,7 +566,12 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 }
                 let nonfinite = check.first_nonfinite.clone();
                 let outcome = s.apply_checked(&mut ModelVars(&mut self.model), check)?;
-                (outcome.applied, nonfinite)
+                let skip = match outcome.nonfinite_update {
+                    Some(u) => Some(Skip::Update(u)),
+                    None if !outcome.applied => Some(Skip::Gradient(nonfinite)),
+                    None => None,
+                };
+                (outcome.applied, skip)
             }
         };
         // Layer state of the step (moving statistics) is committed only when it was applied.
@@ -558,16 +579,31 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         self.replicas.average_state(&mut self.model)?;
         self.progress.step += micro.len() as u64;
         let scaled = matches!(self.optimizer, TrainOptimizer::Scaled(_));
-        if applied || scaled {
-            // Under loss scaling a skipped step also lowers the scale; the loss-scale
-            // optimizer's own rule (a scale stuck at its floor) decides when to stop.
-            self.nonfinite_run = (0, None);
-        } else {
+        let counted = match &skip {
+            None => None,
+            // Under loss scaling a step skipped for its gradients also lowers the scale; the
+            // loss-scale optimizer's own rule (a scale stuck at its floor) decides when to stop.
+            Some(Skip::Gradient(_)) if scaled => None,
+            // A non-finite update leaves the scale alone: only this count stops it.
+            Some(skip) => Some(skip),
+        };
+        if let Some(skip) = counted {
             let (run, origin) = &mut self.nonfinite_run;
             *run += 1;
             if origin.is_none() {
-                let inputs: Vec<&Tensor<Input<M>>> = micro.iter().map(|(x, _)| *x).collect();
-                *origin = Some(nonfinite_origin(&inputs, loss, nonfinite)?);
+                *origin = Some(match skip {
+                    Skip::Gradient(g) => {
+                        let inputs: Vec<&Tensor<Input<M>>> =
+                            micro.iter().map(|(x, _)| *x).collect();
+                        nonfinite_origin(&inputs, loss, g.clone())?
+                    }
+                    Skip::Update(u) => format!(
+                        "the update of {} (every gradient was finite, but it would make {} \
+                         non-finite)",
+                        u.variable,
+                        u.what()
+                    ),
+                });
             }
             if *run >= self.max_nonfinite_steps {
                 let steps = *run;
@@ -575,6 +611,8 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 self.nonfinite_run = (0, None);
                 return Err(Error::NonFiniteSteps { steps, origin });
             }
+        } else {
+            self.nonfinite_run = (0, None);
         }
         Ok((
             StepResult {
