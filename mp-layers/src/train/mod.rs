@@ -782,7 +782,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             None => (x.view(), y.clone()),
         };
         if self.replicas.is_parallel() {
-            let mut h = self.handshake(sample_shape(&x), per, options)?;
+            let mut h = self.handshake(sample_shape(&x), per, options.batch_size)?;
             h.push("training samples", train.len());
             h.push("validation samples", val.len());
             h.push("epochs", options.epochs);
@@ -1003,7 +1003,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         &mut self,
         sample: &[usize],
         per: usize,
-        options: &FitOptions,
+        batch_size: usize,
     ) -> Result<parallel::Handshake>
     where
         Lo: LossInfo,
@@ -1035,7 +1035,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         h.push("metrics", self.metric_names().join(", "));
         h.push("sample shape", format!("{sample:?}"));
         h.push("targets per sample", per);
-        h.push("global batch", options.batch_size);
+        h.push("global batch", batch_size);
         Ok(h)
     }
 
@@ -1113,11 +1113,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         // One rank's bad data stops every rank before any collective, named.
         let (y, per) = self.replicas.agree_outcome(checked)?;
         if self.replicas.is_parallel() {
-            let options = FitOptions {
-                batch_size,
-                ..FitOptions::default()
-            };
-            let mut h = self.handshake(sample_shape(&x), per, &options)?;
+            let mut h = self.handshake(sample_shape(&x), per, batch_size)?;
             h.push("samples", y.len() / per.max(1));
             self.replicas.handshake(&h)?;
         }
