@@ -17,8 +17,8 @@ use ndarray::{Array1, Array4, Ix4};
 use serde_json::json;
 
 use crate::bench_util::{
-    FitStep, Variant, activation_bytes, parse, step_rows, step_table_header, summarize, time,
-    write_report,
+    Bounds, FitStep, Variant, activation_bytes, op_table, parse, step_rows, step_table_header,
+    summarize, time, write_report,
 };
 use crate::{CNN_LEARNING_RATE, MnistCnn};
 
@@ -87,6 +87,15 @@ impl<P: PolicyKind> Variant for Conv<P> {
     }
 }
 
+/// One step of the network under `policy` at `batch` (for `bench repeat`).
+pub(crate) fn step_for(policy: Policy, batch: usize) -> Result<Box<dyn Variant>> {
+    match policy {
+        Policy::Float32 => cnn_step::<Float32>(batch),
+        Policy::MixedBFloat16 => cnn_step::<MixedBFloat16>(batch),
+        Policy::MixedFloat16 => cnn_step::<MixedFloat16>(batch),
+    }
+}
+
 /// Runs `bench cnn` and writes its JSON (with the report's markdown section in `markdown`).
 pub fn cnn_cmd(args: &[String]) -> Result<()> {
     let o = parse(args, "cnn", 256)?;
@@ -138,6 +147,24 @@ pub fn cnn_cmd(args: &[String]) -> Result<()> {
             "ms": ms, "speedup_vs_float32": speedup, "gflops": gflops,
             "fraction_of_peak": of_peak,
         }));
+    }
+    let bounds = Bounds::measure()?;
+    let small = 32.min(batch);
+    let mut small_steps = vec![
+        cnn_step::<Float32>(small)?,
+        cnn_step::<MixedBFloat16>(small)?,
+        cnn_step::<MixedFloat16>(small)?,
+    ];
+    for (b, vs) in [(batch, &mut steps), (small, &mut small_steps)] {
+        let (ops, op_records) = op_table(
+            &format!("Where the mnist_cnn step's time goes, batch {b}"),
+            vs,
+            o.rounds.max(3),
+            &bounds,
+        )?;
+        md.push('\n');
+        md.push_str(&ops);
+        records.extend(op_records);
     }
     write_report(&o, records, &md)
 }

@@ -215,3 +215,198 @@ pub(crate) fn write_report(o: &Opts, records: Vec<Value>, md: &str) -> Result<()
     eprintln!("wrote {}", o.out.display());
     Ok(())
 }
+
+/// What the per-op table measures each op class against, measured once per group: the
+/// compute peaks of the GEMM paths and the bandwidth of the L2 and of DRAM.
+pub(crate) struct Bounds {
+    fma: f64,
+    dot: Option<f64>,
+    l2_gbs: f64,
+    l3_gbs: f64,
+    dram_gbs: f64,
+    /// Working sets up to this many bytes per op call count as L2-resident (the L2 of every
+    /// kernel thread together).
+    l2_bytes: usize,
+    /// The same for the L3 (shared by the threads).
+    l3_bytes: usize,
+}
+
+impl Bounds {
+    pub(crate) fn measure() -> Result<Bounds> {
+        let threads = mp_kernels::threads::num_threads();
+        let l2 = mp_kernels::peak::l2_bytes();
+        // A VM may report its host's whole L3, shared with other guests: count at most 32 MiB
+        // of it as this process's.
+        let l3 = mp_kernels::peak::l3_bytes().min(32 << 20);
+        let dot = mp_kernels::Cpu::global()?.gemm_paths().bf16
+            == mp_kernels::gemm::GemmPath::Avx512Bf16Dot;
+        Ok(Bounds {
+            fma: mp_kernels::peak::fma_f32_peak_gflops(),
+            dot: if dot {
+                mp_kernels::peak::dpbf16_peak_gflops()
+            } else {
+                None
+            },
+            // Half the L2 per thread, so the two buffers stay in it beside the code's own data.
+            l2_gbs: mp_kernels::peak::bandwidth_gbs(l2 / 2),
+            l3_gbs: mp_kernels::peak::bandwidth_gbs(l3 / 2 / threads),
+            dram_gbs: mp_kernels::peak::bandwidth_gbs(256 << 20),
+            l2_bytes: l2 * threads,
+            l3_bytes: l3,
+        })
+    }
+
+    /// One line saying what they are.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "float32 FMA peak {:.0} GFLOP/s{}; bandwidth (read + write, all kernel threads) {:.0} \
+             GB/s in L2 ({} KiB per core), {:.0} GB/s in L3 ({} MiB), {:.0} GB/s from DRAM",
+            self.fma,
+            self.dot.map_or(String::new(), |d| format!(
+                ", vdpbf16ps peak {d:.0} GFLOP/s"
+            )),
+            self.l2_gbs,
+            (self.l2_bytes / mp_kernels::threads::num_threads().max(1)) >> 10,
+            self.l3_gbs,
+            self.l3_bytes >> 20,
+            self.dram_gbs
+        )
+    }
+}
+
+/// The per-op table of `vs` over `steps` steps each (after one warm-up step): per op class and
+/// policy, its milliseconds per step, its share of the step, and its fraction of its bound (the
+/// compute peak of its path when it counts FLOP; else the bytes it must move over the bandwidth
+/// of the cache level its working set fits in). Rows for thread overhead (see
+/// `mp_kernels::profile`) and for the time outside every op (generated model code, the
+/// trainer, allocation).
+pub(crate) fn op_table(
+    title: &str,
+    vs: &mut [Box<dyn Variant>],
+    steps: usize,
+    bounds: &Bounds,
+) -> Result<(String, Vec<Value>)> {
+    use mp_kernels::profile::{self, OpClass};
+    let mut profiles = vec![];
+    for v in vs.iter_mut() {
+        v.step()?;
+        let _ = profile::take();
+        profile::enable(true);
+        let t = Instant::now();
+        for _ in 0..steps {
+            v.step()?;
+        }
+        let wall = t.elapsed().as_secs_f64();
+        profile::enable(false);
+        profiles.push((v.policy(), wall / steps as f64, profile::take()));
+    }
+    let mut md = format!(
+        "## {title}\n\nPer step, mean of {steps} steps; \"bound\" is the op class's fraction of \
+         its bound ({}).\n\n| op class |",
+        bounds.describe()
+    );
+    let mut sep = String::from("|---|");
+    for (policy, _, _) in &profiles {
+        md.push_str(&format!(" {policy} ms | % of step | of bound |"));
+        sep.push_str("---|---|---|");
+    }
+    md.push('\n');
+    md.push_str(&sep);
+    md.push('\n');
+    let mut records = vec![];
+    let per_step = steps as f64;
+    for class in OpClass::ALL {
+        if profiles.iter().all(|(_, _, p)| p.class(class).calls == 0) {
+            continue;
+        }
+        md.push_str(&format!("| {} |", class.name()));
+        for (policy, step, p) in &profiles {
+            let c = p.class(class);
+            let secs = c.secs / per_step;
+            let bound = if c.flop > 0.0 {
+                let peak = match policy {
+                    mp_core::Policy::MixedBFloat16 if class != OpClass::Attention => {
+                        bounds.dot.unwrap_or(bounds.fma)
+                    }
+                    _ => bounds.fma,
+                };
+                Some(c.flop / per_step / (peak * 1e9))
+            } else if c.bytes > 0 {
+                let per_call = c.bytes / c.calls.max(1);
+                let bw = if per_call as usize <= bounds.l2_bytes {
+                    bounds.l2_gbs
+                } else if per_call as usize <= bounds.l3_bytes {
+                    bounds.l3_gbs
+                } else {
+                    bounds.dram_gbs
+                };
+                Some(c.bytes as f64 / per_step / (bw * 1e9))
+            } else {
+                None
+            };
+            let of_bound = bound.map(|b| b / secs.max(1e-12));
+            md.push_str(&format!(
+                " {:.2} | {:.1}% | {} |",
+                secs * 1e3,
+                100.0 * secs / step,
+                of_bound.map_or("—".into(), |f| format!("{:.0}%", 100.0 * f))
+            ));
+            records.push(json!({
+                "group": "ops", "table": title, "policy": policy.name(), "op_class": class.name(),
+                "ms_per_step": secs * 1e3, "fraction_of_step": secs / step,
+                "fraction_of_bound": of_bound, "calls_per_step": c.calls as f64 / per_step,
+            }));
+        }
+        md.push('\n');
+    }
+    for (name, of) in [
+        ("thread overhead", 0usize),
+        ("outside ops", 1),
+        ("whole step", 2),
+    ] {
+        md.push_str(&format!("| {name} |"));
+        for (policy, step, p) in &profiles {
+            let secs = match of {
+                0 => p.thread_secs / per_step,
+                1 => (step - p.total_secs() / per_step).max(0.0),
+                _ => *step,
+            };
+            md.push_str(&format!(
+                " {:.2} | {:.1}% | |",
+                secs * 1e3,
+                100.0 * secs / step
+            ));
+            records.push(json!({
+                "group": "ops", "table": title, "policy": policy.name(), "op_class": name,
+                "ms_per_step": secs * 1e3, "fraction_of_step": secs / step,
+            }));
+        }
+        md.push('\n');
+    }
+    Ok((md, records))
+}
+
+/// `bench repeat cnn|vit POLICY BATCH STEPS`: one network's step repeated, for a profiler.
+pub fn repeat_cmd(args: &[String]) -> Result<()> {
+    let [net, policy, batch, steps] = args else {
+        bail!("usage: bench repeat cnn|vit POLICY BATCH STEPS");
+    };
+    let policy: Policy = policy.parse()?;
+    let batch: usize = batch.parse().context("BATCH")?;
+    let steps: usize = steps.parse().context("STEPS")?;
+    let mut v = match net.as_str() {
+        "cnn" => crate::bench_cnn::step_for(policy, batch)?,
+        "vit" => crate::bench_vit::step_for(policy, batch)?,
+        other => bail!("unknown network {other:?}: cnn or vit"),
+    };
+    v.step()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        v.step()?;
+    }
+    println!(
+        "{net} {policy} batch {batch}: {:.1} ms/step",
+        t.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64
+    );
+    Ok(())
+}

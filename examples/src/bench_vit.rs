@@ -8,14 +8,15 @@
 //! a step minus what was held before).
 
 use anyhow::Result;
-use mp_core::{Float32, MixedBFloat16, MixedFloat16, PolicyKind, Rng};
+use mp_core::{Float32, MixedBFloat16, MixedFloat16, Policy, PolicyKind, Rng};
 use mp_layers::{Layer, SparseCategoricalCrossentropy, Trainer};
 use mp_optim::AdamW;
 use ndarray::{Array1, Array3, Ix3};
 
 use crate::MnistVit;
 use crate::bench_util::{
-    FitStep, Variant, activation_bytes, parse, step_rows, step_table_header, time, write_report,
+    Bounds, FitStep, Variant, activation_bytes, op_table, parse, step_rows, step_table_header,
+    time, write_report,
 };
 use crate::transformer::{
     VIT_BLOCKS, VIT_CLASSES, VIT_HEADS, VIT_LEARNING_RATE, VIT_MLP, VIT_NO_DECAY, VIT_PATCH_VALUES,
@@ -71,6 +72,15 @@ fn vit_step<P: PolicyKind>(batch: usize) -> Result<Box<dyn Variant>> {
     Ok(Box::new(FitStep::<_, _, Ix3>::new(trainer, x, y)))
 }
 
+/// One step of the network under `policy` at `batch` (for `bench repeat`).
+pub(crate) fn step_for(policy: Policy, batch: usize) -> Result<Box<dyn Variant>> {
+    match policy {
+        Policy::Float32 => vit_step::<Float32>(batch),
+        Policy::MixedBFloat16 => vit_step::<MixedBFloat16>(batch),
+        Policy::MixedFloat16 => vit_step::<MixedFloat16>(batch),
+    }
+}
+
 /// Runs `bench vit` and writes its JSON (with the report's markdown section in `markdown`).
 pub fn vit_cmd(args: &[String]) -> Result<()> {
     let o = parse(args, "vit", 128)?;
@@ -100,6 +110,17 @@ pub fn vit_cmd(args: &[String]) -> Result<()> {
          before and after it.\n",
         flop / 1e9
     ));
+    let bounds = Bounds::measure()?;
+    let (ops, op_records) = op_table(
+        &format!("Where the mnist_vit step's time goes, batch {batch}"),
+        &mut steps,
+        o.rounds.max(3),
+        &bounds,
+    )?;
+    md.push('\n');
+    md.push_str(&ops);
+    let mut records = records;
+    records.extend(op_records);
     write_report(&o, records, &md)
 }
 

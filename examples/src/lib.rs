@@ -20,7 +20,7 @@ pub mod bench_cnn;
 pub mod bench_dp;
 pub mod bench_step_gemms;
 pub mod bench_train;
-mod bench_util;
+pub mod bench_util;
 pub mod bench_vit;
 pub mod mnist_run;
 pub mod transformer;

@@ -620,15 +620,29 @@ pub(crate) fn im2col<T: Element>(g: &Geometry, x: &[T], cols: &mut [T]) -> Resul
         for i in 0..oh {
             for j in 0..ow {
                 let row = &mut out[(i * ow + j) * row_len..][..row_len];
+                // The window's taps along a row are contiguous in the input when they are
+                // adjacent (no dilation) and all inside it: one copy for the row of taps.
+                let first = g.tap(1, j, 0);
+                let whole = g.window.dilation[1] == 1
+                    && first.is_some_and(|iw| iw + kw <= g.input[1])
+                    && g.tap(1, j, kw - 1).is_some();
                 for ki in 0..kh {
                     let ih = g.tap(0, i, ki);
-                    for kj in 0..kw {
-                        let dst = &mut row[(ki * kw + kj) * c..][..c];
-                        match (ih, g.tap(1, j, kj)) {
-                            (Some(ih), Some(iw)) => {
-                                dst.copy_from_slice(&image[(ih * g.input[1] + iw) * c..][..c]);
+                    let taps = &mut row[ki * kw * c..][..kw * c];
+                    match (ih, first) {
+                        (None, _) => taps.fill(T::ZERO),
+                        (Some(ih), Some(iw)) if whole => {
+                            copy_run(taps, &image[(ih * g.input[1] + iw) * c..][..kw * c]);
+                        }
+                        (Some(ih), _) => {
+                            for (kj, dst) in taps.chunks_exact_mut(c).enumerate() {
+                                match g.tap(1, j, kj) {
+                                    Some(iw) => {
+                                        copy_run(dst, &image[(ih * g.input[1] + iw) * c..][..c])
+                                    }
+                                    None => dst.fill(T::ZERO),
+                                }
                             }
-                            _ => dst.fill(T::ZERO),
                         }
                     }
                 }
@@ -636,6 +650,47 @@ pub(crate) fn im2col<T: Element>(g: &Geometry, x: &[T], cols: &mut [T]) -> Resul
         }
     });
     Ok(())
+}
+
+/// `dst = src` for the short runs of [`im2col`] (a few taps of a few channels): fixed-size
+/// copies the compiler inlines as vector moves, where `copy_from_slice` of a run of unknown
+/// length calls `memmove` (most of the copy's time for runs of 1 to 100 elements).
+#[inline(always)]
+fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
+    let n = dst.len().min(src.len());
+    let (dst, src) = (&mut dst[..n], &src[..n]);
+    if n >= 16 {
+        let mut at = 0;
+        while at + 16 <= n {
+            copy_fixed::<T, 16>(&mut dst[at..], &src[at..]);
+            at += 16;
+        }
+        if at < n {
+            // The last 16, overlapping what was copied.
+            copy_fixed::<T, 16>(&mut dst[n - 16..], &src[n - 16..]);
+        }
+        return;
+    }
+    // Under 16: the binary digits of n, largest first.
+    let mut at = 0;
+    for w in [8, 4, 2, 1] {
+        if n & w != 0 {
+            match w {
+                8 => copy_fixed::<T, 8>(&mut dst[at..], &src[at..]),
+                4 => copy_fixed::<T, 4>(&mut dst[at..], &src[at..]),
+                2 => copy_fixed::<T, 2>(&mut dst[at..], &src[at..]),
+                _ => dst[at] = src[at],
+            }
+            at += w;
+        }
+    }
+}
+
+#[inline(always)]
+fn copy_fixed<T: Copy, const W: usize>(dst: &mut [T], src: &[T]) {
+    let s: &[T; W] = src[..W].try_into().expect("W elements");
+    let d: &mut [T; W] = (&mut dst[..W]).try_into().expect("W elements");
+    *d = *s;
 }
 
 /// The adjoint of [`im2col`]: `dx` (`[batch, h, w, channels]`, float32) becomes the sum, for
@@ -726,13 +781,24 @@ pub(crate) fn max_pool<T: Element>(
                     for kj in 0..kw {
                         let Some(iw) = g.tap(1, j, kj) else { continue };
                         let at = base + (ih * g.input[1] + iw) * c;
-                        for ch in 0..c {
-                            let v = x[at + ch].to_f32();
-                            let b = best[ch];
+                        let xs = &x[at..at + c];
+                        if !seen {
+                            for (ch, ((b, a), v)) in
+                                best.iter_mut().zip(&mut *arg).zip(xs).enumerate()
+                            {
+                                *b = v.to_f32();
+                                *a = (at + ch) as u32;
+                            }
+                        } else {
                             // Take v when it is larger, or the first NaN; keep a NaN once taken.
-                            if !seen || v > b || (v.is_nan() && !b.is_nan()) {
-                                best[ch] = v;
-                                arg[ch] = (at + ch) as u32;
+                            // Selects, not branches, so the channels run as vectors.
+                            for (ch, ((b, a), v)) in
+                                best.iter_mut().zip(&mut *arg).zip(xs).enumerate()
+                            {
+                                let v = v.to_f32();
+                                let take = v > *b || (v.is_nan() && !b.is_nan());
+                                *b = if take { v } else { *b };
+                                *a = if take { (at + ch) as u32 } else { *a };
                             }
                         }
                         seen = true;

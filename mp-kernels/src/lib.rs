@@ -46,6 +46,7 @@ pub mod norm;
 pub mod ops;
 pub mod optim;
 pub mod peak;
+pub mod profile;
 pub mod reduce;
 pub mod scale;
 pub mod sequence;

@@ -92,6 +92,21 @@ pub(crate) fn convert<S: Element, D: Element>(isa: Isa, src: &[S], dst: &mut [D]
     debug_assert!(done.is_ok(), "a cast of equal lengths on the detected isa");
 }
 
+/// `x` as float32 when its elements are float32.
+pub(crate) fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: `T` is `f32` itself (the only element type whose dtype is float32), so the
+    // pointer, length and alignment are those of an `[f32]`.
+    (T::DTYPE == mp_core::DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// `x` as float32 when its elements are float32, mutably.
+pub(crate) fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`, and the borrow is exclusive.
+    (T::DTYPE == mp_core::DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+}
+
 /// Calls `f` on rows `rows` of the `K` matrices `src` (`[.., cols]`, row-major), columns
 /// `c0..c0 + w`, widened to float32: `f([row of src[0], row of src[1], ...])`, row after row.
 /// Whole rows are widened a tile at a time when they are contiguous and fit in one.
@@ -105,6 +120,14 @@ fn widened_rows<T: Element, const K: usize>(
     mut f: impl FnMut([&[f32]; K]),
 ) {
     debug_assert!(0 < w && w <= TILE && c0 + w <= cols);
+    if T::DTYPE == mp_core::DType::F32 {
+        // Float32 already: the rows as they are.
+        let src = src.map(|s| as_f32(s).expect("float32"));
+        for r in rows {
+            f(std::array::from_fn(|q| &src[q][r * cols + c0..][..w]));
+        }
+        return;
+    }
     let mut bufs = [[0.0f32; TILE]; K];
     if w == cols {
         let per = TILE / cols;
@@ -144,6 +167,15 @@ fn map_rows<T: Element, const K: usize>(
     debug_assert!(cols > 0 && src.iter().all(|s| s.len() == out.len()));
     // Rows `start / cols..` of the output, `out` holding whole rows.
     let run = |start: usize, out: &mut [T]| {
+        if let Some(out) = as_f32_mut(out) {
+            // Float32 already: the rows as they are, no tiles to widen into and round from.
+            let src = src.map(|s| as_f32(s).expect("the same element type as out"));
+            for (r, o) in out.chunks_exact_mut(cols).enumerate() {
+                let at = start + r * cols;
+                f(0, std::array::from_fn(|q| &src[q][at..at + cols]), o);
+            }
+            return;
+        }
         let mut bufs = [[0.0f32; TILE]; K];
         let mut ob = [0.0f32; TILE];
         if cols <= TILE {

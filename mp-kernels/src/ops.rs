@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::gemm::Epilogue;
 use crate::gemm::{Gemm, MatMut, MatRef};
 use crate::optim::{AdamParams, NonFiniteOutputs, RmspropParams, SgdParams};
+use crate::profile::{self, OpClass};
 use crate::softmax::Label;
 
 mod losses;
@@ -167,6 +168,28 @@ fn cuda_missing(ordinal: usize) -> Error {
     mp_core::Error::CudaNotCompiled { ordinal }.into()
 }
 
+/// The bytes of `t`'s elements.
+pub(crate) fn nb<D: DTypeKind>(t: &Tensor<D>) -> usize {
+    t.len() * size_of::<D::Elem>()
+}
+
+/// The floating-point operations of `a · b`.
+fn gemm_flop<D: DTypeKind>(a: &Mat<'_, D>, b: &Mat<'_, D>) -> f64 {
+    let ((m, k), (_, n)) = (a.shape(), b.shape());
+    2.0 * (m * k * n) as f64
+}
+
+/// The floating-point operations of one of a convolution's three products, for a kernel of
+/// `weights` elements (`patch_len × filters`).
+fn conv_flop(g: &Geometry, weights: usize) -> f64 {
+    2.0 * (g.pixels() * weights) as f64
+}
+
+/// The outputs of a convolution with a kernel of `weights` elements.
+fn conv_outputs(g: &Geometry, weights: usize) -> usize {
+    g.pixels() * (weights / g.patch_len().max(1))
+}
+
 /// A tensor of `shape` on `device` whose values the caller overwrites.
 pub fn for_overwrite<D: DTypeKind>(shape: &[usize], device: Device) -> Result<Tensor<D>> {
     Ok(match device {
@@ -192,6 +215,9 @@ pub fn gemm<T: DTypeKind, O: DTypeKind>(
     c: &mut Tensor<O>,
     g: Gemm<'_, Tensor<F32>>,
 ) -> Result<()> {
+    let _span = profile::span(OpClass::Gemm)
+        .flop(gemm_flop(&a, &b))
+        .bytes(nb(a.t) + nb(b.t) + nb(c));
     const OP: &str = "gemm";
     let bias_dev = g.epilogue.bias().map(Tensor::device);
     let mut devices = vec![a.t.device(), b.t.device(), c.device()];
@@ -263,6 +289,7 @@ pub fn gemm<T: DTypeKind, O: DTypeKind>(
 /// # Errors
 /// [`Error::ShapeMismatch`] for another shape; `WrongDevice`.
 pub fn cast_into<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>, out: &mut Tensor<D>) -> Result<()> {
+    let _span = profile::span(OpClass::Cast).bytes(nb(x) + nb(out));
     const OP: &str = "cast";
     same_shape(OP, "out", x.shape(), out.shape())?;
     match device(OP, &[x.device(), out.device()])? {
@@ -279,6 +306,7 @@ pub fn cast_into<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>, out: &mut Tensor<D>)
 /// # Errors
 /// [`Error::ShapeMismatch`] for shapes that differ; `WrongDevice`; on CUDA, no kernel yet.
 pub fn add_assign<D: DTypeKind>(x: &Tensor<D>, y: &mut Tensor<D>) -> Result<()> {
+    let _span = profile::span(OpClass::Add).bytes(nb(x) + 2 * nb(y));
     const OP: &str = "add";
     same_shape(OP, "y", x.shape(), y.shape())?;
     match device(OP, &[x.device(), y.device()])? {
@@ -300,11 +328,31 @@ pub fn cast<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>) -> Result<Tensor<D>> {
     Ok(out)
 }
 
+/// `act(x)` as a new tensor, in one pass (reading `x`, writing the result): what a layer whose
+/// input is borrowed calls, where cloning `x` and applying [`activation_inplace`] would copy
+/// `x` first (its buffer is shared).
+///
+/// # Errors
+/// As [`activation_inplace`].
+pub fn activation<D: DTypeKind>(act: Activation, x: &Tensor<D>) -> Result<Tensor<D>> {
+    if x.device() != Device::Cpu {
+        // No out-of-place kernel on CUDA: the copy and the in-place kernel.
+        let mut y = x.clone();
+        activation_inplace(act, &mut y)?;
+        return Ok(y);
+    }
+    let _span = profile::span(OpClass::Activation).bytes(2 * nb(x));
+    let mut y = for_overwrite::<D>(x.shape(), x.device())?;
+    Cpu::global()?.activation(act, x.as_slice()?, y.as_mut_slice()?)?;
+    Ok(y)
+}
+
 /// `x = act(x)` in place.
 ///
 /// # Errors
 /// On CUDA, an activation other than ReLU (no kernel yet).
 pub fn activation_inplace<D: DTypeKind>(act: Activation, x: &mut Tensor<D>) -> Result<()> {
+    let _span = profile::span(OpClass::Activation).bytes(2 * nb(x));
     match x.device() {
         Device::Cpu => Cpu::global()?.activation_inplace(act, x.as_mut_slice()?),
         #[cfg(not(feature = "cuda"))]
@@ -328,6 +376,7 @@ pub fn activation_backward<D: DTypeKind>(
     dy: &Tensor<D>,
     y: &Tensor<D>,
 ) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Activation).bytes(2 * nb(dy) + nb(y));
     const OP: &str = "activation backward";
     same_shape(OP, "y", dy.shape(), y.shape())?;
     let dev = device(OP, &[dy.device(), y.device()])?;
@@ -365,6 +414,7 @@ pub fn activation_backward_inplace<D: DTypeKind>(
     g: &mut Tensor<D>,
     y: &Tensor<D>,
 ) -> Result<()> {
+    let _span = profile::span(OpClass::Activation).bytes(2 * nb(g) + nb(y));
     const OP: &str = "activation backward";
     same_shape(OP, "y", g.shape(), y.shape())?;
     match device(OP, &[g.device(), y.device()])? {
@@ -393,6 +443,7 @@ pub fn activation_backward_inplace<D: DTypeKind>(
 /// # Errors
 /// `WrongDevice` never (one operand); allocation errors.
 pub fn softmax<D: DTypeKind>(x: &Tensor<D>) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Loss);
     let (rows, cols) = rows_cols(x.shape());
     let mut p = for_overwrite(x.shape(), x.device())?;
     match x.device() {
@@ -412,6 +463,7 @@ pub fn softmax<D: DTypeKind>(x: &Tensor<D>) -> Result<Tensor<F32>> {
 /// # Errors
 /// [`Error::ShapeMismatch`] when the shapes differ; `WrongDevice`; on CUDA, no kernel yet.
 pub fn softmax_backward(y: &Tensor<F32>, dy: &Tensor<F32>) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Loss);
     const OP: &str = "softmax_backward";
     same_shape(OP, "dy", y.shape(), dy.shape())?;
     let dev = device(OP, &[y.device(), dy.device()])?;
@@ -444,6 +496,7 @@ pub fn softmax_cross_entropy<L: Label>(
     labels: &[L],
     from_logits: bool,
 ) -> Result<f32> {
+    let _span = profile::span(OpClass::Loss);
     let (rows, cols) = rows_cols(input.shape());
     match input.device() {
         Device::Cpu => {
@@ -488,6 +541,7 @@ pub fn softmax_cross_entropy_grad<L: Label>(
     labels: &[L],
     scale: f32,
 ) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Loss);
     let (rows, cols) = rows_cols(probs.shape());
     let mut d = for_overwrite(probs.shape(), probs.device())?;
     match probs.device() {
@@ -529,6 +583,7 @@ pub fn crossentropy_grad_probs<L: Label>(
     labels: &[L],
     scale: f32,
 ) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Loss);
     let (rows, cols) = rows_cols(probs.shape());
     let mut d = for_overwrite(probs.shape(), probs.device())?;
     match probs.device() {
@@ -558,6 +613,7 @@ pub fn crossentropy_grad_probs<L: Label>(
 /// # Errors
 /// [`Error::ShapeMismatch`] when `grad` is not `cols` long; `WrongDevice`.
 pub fn bias_grad_accumulate<D: DTypeKind>(dy: &Tensor<D>, grad: &mut Tensor<F32>) -> Result<()> {
+    let _span = profile::span(OpClass::Activation).bytes(nb(dy));
     const OP: &str = "bias_grad";
     let (rows, cols) = rows_cols(dy.shape());
     same_shape(OP, "grad", &[cols], grad.shape())?;
@@ -585,6 +641,7 @@ pub fn bias_grad_accumulate<D: DTypeKind>(dy: &Tensor<D>, grad: &mut Tensor<F32>
 /// # Errors
 /// Zero columns with rows. On CUDA the values are copied to the host first.
 pub fn argmax_rows<D: DTypeKind>(x: &Tensor<D>) -> Result<Vec<Option<u32>>> {
+    let _span = profile::span(OpClass::Other);
     let host;
     let x = if x.device().is_cpu() {
         x
@@ -640,6 +697,7 @@ fn check_image<D: DTypeKind>(op: &'static str, x: &Tensor<D>, g: &Geometry) -> R
 /// # Errors
 /// [`Error::ShapeMismatch`] when `x` does not have `g`'s input shape; on CUDA, no kernel yet.
 pub fn im2col<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Convolution);
     const OP: &str = "im2col";
     check_image(OP, x, g)?;
     let mut cols = for_overwrite::<D>(&[g.pixels(), g.patch_len()], x.device())?;
@@ -681,6 +739,9 @@ pub fn conv2d<T: DTypeKind, O: DTypeKind>(
     g: &Geometry,
     gemm: Gemm<'_, Tensor<F32>>,
 ) -> Result<Tensor<O>> {
+    let _span = profile::span(OpClass::Convolution)
+        .flop(conv_flop(g, kernel.len()))
+        .bytes(nb(x) + nb(kernel) + conv_outputs(g, kernel.len()) * size_of::<O::Elem>());
     const OP: &str = "conv2d";
     check_image(OP, x, g)?;
     let filters = conv_filters(OP, kernel, g)?;
@@ -723,6 +784,9 @@ pub fn conv2d_backward_input<T: DTypeKind, O: DTypeKind>(
     kernel: &Tensor<T>,
     g: &Geometry,
 ) -> Result<Tensor<O>> {
+    let _span = profile::span(OpClass::Convolution)
+        .flop(conv_flop(g, kernel.len()))
+        .bytes(nb(dy) + nb(kernel) + g.input_len() * size_of::<O::Elem>());
     const OP: &str = "conv2d_backward_input";
     let filters = conv_filters(OP, kernel, g)?;
     same_shape(
@@ -759,6 +823,9 @@ pub fn conv2d_backward_kernel<T: DTypeKind>(
     g: &Geometry,
     dw: &mut Tensor<F32>,
 ) -> Result<()> {
+    let _span = profile::span(OpClass::Convolution)
+        .flop(conv_flop(g, dw.len()))
+        .bytes(nb(x) + nb(dy) + nb(dw));
     const OP: &str = "conv2d_backward_kernel";
     check_image(OP, x, g)?;
     let filters = conv_filters(OP, dw, g)?;
@@ -789,6 +856,7 @@ pub fn conv2d_backward_kernel<T: DTypeKind>(
 /// # Errors
 /// [`Error::ShapeMismatch`] when `dcols` is not `[pixels, patch_len]`; on CUDA, no kernel yet.
 pub fn col2im<D: DTypeKind>(dcols: &Tensor<D>, g: &Geometry) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Convolution);
     const OP: &str = "col2im";
     same_shape(OP, "dcols", &[g.pixels(), g.patch_len()], dcols.shape())?;
     let shape = [g.batch, g.input[0], g.input[1], g.channels];
@@ -833,6 +901,8 @@ fn pooled_shape(g: &Geometry) -> [usize; 4] {
 /// # Errors
 /// [`Error::ShapeMismatch`] when `x` does not have `g`'s input shape; on CUDA, no kernel yet.
 pub fn max_pool<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<(Tensor<D>, PoolIndices)> {
+    let _span =
+        profile::span(OpClass::Pooling).bytes(nb(x) + g.output_len() * (size_of::<D::Elem>() + 4));
     const OP: &str = "max_pool";
     check_image(OP, x, g)?;
     let mut y = for_overwrite::<D>(&pooled_shape(g), x.device())?;
@@ -856,6 +926,7 @@ pub fn max_pool<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<(Tensor<D>,
 /// # Errors
 /// [`Error::ShapeMismatch`] when `dy` is not the pooled shape; on CUDA, no kernel yet.
 pub fn max_pool_backward<D: DTypeKind>(dy: &Tensor<D>, idx: &PoolIndices) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Pooling).bytes(nb(dy) + 4 * dy.len());
     const OP: &str = "max_pool_backward";
     let g = &idx.geometry;
     same_shape(OP, "dy", &pooled_shape(g), dy.shape())?;
@@ -879,6 +950,7 @@ pub fn max_pool_backward<D: DTypeKind>(dy: &Tensor<D>, idx: &PoolIndices) -> Res
 /// # Errors
 /// [`Error::ShapeMismatch`] when `x` does not have `g`'s input shape; on CUDA, no kernel yet.
 pub fn avg_pool<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Pooling).bytes(nb(x));
     const OP: &str = "avg_pool";
     check_image(OP, x, g)?;
     let mut y = for_overwrite::<D>(&pooled_shape(g), x.device())?;
@@ -897,6 +969,7 @@ pub fn avg_pool<D: DTypeKind>(x: &Tensor<D>, g: &Geometry) -> Result<Tensor<D>> 
 /// # Errors
 /// [`Error::ShapeMismatch`] when `dy` is not the pooled shape; on CUDA, no kernel yet.
 pub fn avg_pool_backward<D: DTypeKind>(dy: &Tensor<D>, g: &Geometry) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Pooling).bytes(nb(dy));
     const OP: &str = "avg_pool_backward";
     same_shape(OP, "dy", &pooled_shape(g), dy.shape())?;
     let shape = [g.batch, g.input[0], g.input[1], g.channels];
@@ -921,6 +994,7 @@ pub fn avg_pool_backward<D: DTypeKind>(dy: &Tensor<D>, g: &Geometry) -> Result<T
 /// # Errors
 /// An empty batch; on CUDA, no kernel yet.
 pub fn moments<D: DTypeKind>(x: &Tensor<D>) -> Result<(Tensor<F32>, Tensor<F32>)> {
+    let _span = profile::span(OpClass::BatchNorm).bytes(nb(x));
     let (rows, cols) = rows_cols(x.shape());
     let mut mean = for_overwrite::<F32>(&[cols], x.device())?;
     let mut var = for_overwrite::<F32>(&[cols], x.device())?;
@@ -977,6 +1051,7 @@ impl Norm<'_> {
 /// Parameters that are not `channels` long; a bad `epsilon`; `WrongDevice`; on CUDA, no kernel
 /// yet.
 pub fn normalize<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::BatchNorm).bytes(2 * nb(x));
     const OP: &str = "normalize";
     let (rows, cols) = rows_cols(x.shape());
     p.check(OP, cols)?;
@@ -1020,6 +1095,7 @@ pub fn normalize_backward<D: DTypeKind>(
     dgamma: &mut Tensor<F32>,
     dbeta: &mut Tensor<F32>,
 ) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::BatchNorm).bytes(3 * nb(x));
     const OP: &str = "normalize_backward";
     let (rows, cols) = rows_cols(x.shape());
     p.check(OP, cols)?;
@@ -1064,6 +1140,7 @@ pub fn layer_norm<D: DTypeKind>(
     beta: &Tensor<F32>,
     epsilon: f32,
 ) -> Result<(Tensor<D>, Tensor<F32>, Tensor<F32>)> {
+    let _span = profile::span(OpClass::LayerNorm).bytes(2 * nb(x));
     const OP: &str = "layer_norm";
     let (rows, cols) = rows_cols(x.shape());
     same_shape(OP, "gamma", &[cols], gamma.shape())?;
@@ -1107,6 +1184,7 @@ pub fn layer_norm_backward<D: DTypeKind>(
     dgamma: &mut Tensor<F32>,
     dbeta: &mut Tensor<F32>,
 ) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::LayerNorm).bytes(3 * nb(x));
     const OP: &str = "layer_norm_backward";
     let (rows, cols) = rows_cols(x.shape());
     same_shape(OP, "dy", x.shape(), dy.shape())?;
@@ -1152,6 +1230,7 @@ pub fn layer_norm_backward<D: DTypeKind>(
 /// # Errors
 /// On CUDA, no kernel yet.
 pub fn gelu<D: DTypeKind>(form: crate::gelu::Gelu, x: &Tensor<D>) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Gelu).bytes(2 * nb(x));
     let mut y = for_overwrite::<D>(x.shape(), x.device())?;
     match x.device() {
         Device::Cpu => crate::gelu::gelu(form, x.as_slice()?, y.as_mut_slice()?)?,
@@ -1172,6 +1251,7 @@ pub fn gelu_backward<D: DTypeKind>(
     dy: &Tensor<D>,
     x: &Tensor<D>,
 ) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Gelu).bytes(3 * nb(x));
     const OP: &str = "gelu_backward";
     same_shape(OP, "x", dy.shape(), x.shape())?;
     let dev = device(OP, &[dy.device(), x.device()])?;
@@ -1193,6 +1273,7 @@ pub fn gelu_backward<D: DTypeKind>(
 /// # Errors
 /// Shapes that differ; a momentum outside `[0, 1]`; `WrongDevice`; on CUDA, no kernel yet.
 pub fn moving_average(value: &mut Tensor<F32>, batch: &Tensor<F32>, momentum: f32) -> Result<()> {
+    let _span = profile::span(OpClass::BatchNorm);
     const OP: &str = "moving_average";
     same_shape(OP, "batch", value.shape(), batch.shape())?;
     match device(OP, &[value.device(), batch.device()])? {
@@ -1213,6 +1294,7 @@ pub fn moving_average(value: &mut Tensor<F32>, batch: &Tensor<F32>, momentum: f3
 /// # Errors
 /// A `rate` outside `[0, 1)`; on CUDA, no kernel yet.
 pub fn dropout<D: DTypeKind>(x: &Tensor<D>, rate: f32, seed: u64) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Dropout).bytes(2 * nb(x));
     let mut y = for_overwrite::<D>(x.shape(), x.device())?;
     match x.device() {
         Device::Cpu => Cpu::global()?.dropout(x.as_slice()?, rate, seed, 0, y.as_mut_slice()?)?,
@@ -1229,6 +1311,7 @@ pub fn dropout<D: DTypeKind>(x: &Tensor<D>, rate: f32, seed: u64) -> Result<Tens
 /// # Errors
 /// As [`dropout`].
 pub fn dropout_backward<D: DTypeKind>(dy: &Tensor<D>, rate: f32, seed: u64) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Dropout).bytes(2 * nb(dy));
     let mut dx = for_overwrite::<D>(dy.shape(), dy.device())?;
     match dy.device() {
         Device::Cpu => {
@@ -1315,6 +1398,7 @@ impl Finite {
 /// # Errors
 /// `WrongDevice` when the flag is on another device.
 pub fn unscale_and_check(grads: &mut Tensor<F32>, inv_scale: f32, flag: &mut Finite) -> Result<()> {
+    let _span = profile::span(OpClass::Optimizer).bytes(2 * nb(grads));
     const OP: &str = "unscale_and_check";
     match device(OP, &[grads.device(), flag.device])? {
         Device::Cpu => {
@@ -1337,6 +1421,7 @@ pub fn unscale_and_check(grads: &mut Tensor<F32>, inv_scale: f32, flag: &mut Fin
 /// # Errors
 /// A CUDA failure.
 pub fn scale(x: &mut Tensor<F32>, s: f32) -> Result<()> {
+    let _span = profile::span(OpClass::Optimizer).bytes(2 * nb(x));
     match x.device() {
         Device::Cpu => {
             Cpu::global()?.scale(x.as_mut_slice()?, s);
@@ -1355,6 +1440,7 @@ pub fn scale(x: &mut Tensor<F32>, s: f32) -> Result<()> {
 /// # Errors
 /// On CUDA, no kernel yet.
 pub fn sum_squares(x: &Tensor<F32>) -> Result<f64> {
+    let _span = profile::span(OpClass::Optimizer).bytes(nb(x));
     match x.device() {
         Device::Cpu => Ok(Cpu::global()?.sum_squares(x.as_slice()?)),
         #[cfg(not(feature = "cuda"))]
@@ -1369,6 +1455,7 @@ pub fn sum_squares(x: &Tensor<F32>) -> Result<f64> {
 /// # Errors
 /// Bounds that are not ordered numbers; on CUDA, no kernel yet.
 pub fn clip(x: &mut Tensor<F32>, lo: f32, hi: f32) -> Result<()> {
+    let _span = profile::span(OpClass::Optimizer).bytes(2 * nb(x));
     match x.device() {
         Device::Cpu => Cpu::global()?.clip(x.as_mut_slice()?, lo, hi),
         #[cfg(not(feature = "cuda"))]
@@ -1383,6 +1470,7 @@ pub fn clip(x: &mut Tensor<F32>, lo: f32, hi: f32) -> Result<()> {
 /// # Errors
 /// `WrongDevice` when the flag is on another device.
 pub fn check_finite<D: DTypeKind>(x: &Tensor<D>, flag: &mut Finite) -> Result<()> {
+    let _span = profile::span(OpClass::Optimizer).bytes(nb(x));
     const OP: &str = "all_finite";
     match device(OP, &[x.device(), flag.device])? {
         Device::Cpu => {
@@ -1432,6 +1520,7 @@ pub fn sgd_update(
     p: SgdParams,
     skip: Option<&Finite>,
 ) -> Result<()> {
+    let _span = profile::span(OpClass::Optimizer).bytes(2 * nb(var) + nb(grad));
     const OP: &str = "sgd_update";
     check_slot(OP, "grad", var, grad)?;
     let mut devices = vec![var.device(), grad.device()];
@@ -1469,6 +1558,7 @@ pub fn rmsprop_update(
     p: RmspropParams,
     skip: Option<&Finite>,
 ) -> Result<()> {
+    let _span = profile::span(OpClass::Optimizer).bytes(2 * nb(var) + nb(grad) + 2 * nb(velocity));
     const OP: &str = "rmsprop_update";
     check_slot(OP, "grad", var, grad)?;
     check_slot(OP, "velocity", var, velocity)?;
@@ -1521,6 +1611,8 @@ pub fn adam_update(
     p: AdamParams,
     skip: Option<&Finite>,
 ) -> Result<()> {
+    let _span =
+        profile::span(OpClass::Optimizer).bytes(2 * nb(var) + nb(grad) + 2 * nb(m) + 2 * nb(v));
     const OP: &str = "adam_update";
     check_slot(OP, "grad", var, grad)?;
     check_slot(OP, "m", var, m)?;
@@ -1565,6 +1657,7 @@ pub fn sgd_update_check(
     momentum: Option<&Tensor<F32>>,
     p: SgdParams,
 ) -> Result<NonFiniteOutputs> {
+    let _span = profile::span(OpClass::Optimizer);
     const OP: &str = "sgd_update_check";
     check_slot(OP, "grad", var, grad)?;
     let mut devices = vec![var.device(), grad.device()];
@@ -1588,6 +1681,7 @@ pub fn rmsprop_update_check(
     momentum: Option<&Tensor<F32>>,
     p: RmspropParams,
 ) -> Result<NonFiniteOutputs> {
+    let _span = profile::span(OpClass::Optimizer);
     const OP: &str = "rmsprop_update_check";
     check_slot(OP, "grad", var, grad)?;
     check_slot(OP, "velocity", var, velocity)?;
@@ -1618,6 +1712,7 @@ pub fn adam_update_check(
     v: &Tensor<F32>,
     p: AdamParams,
 ) -> Result<NonFiniteOutputs> {
+    let _span = profile::span(OpClass::Optimizer);
     const OP: &str = "adam_update_check";
     check_slot(OP, "grad", var, grad)?;
     check_slot(OP, "m", var, m)?;

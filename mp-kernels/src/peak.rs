@@ -74,6 +74,80 @@ pub fn dpbf16_peak_gflops_with(iters: usize) -> Option<f64> {
     None
 }
 
+/// The bytes of this CPU's per-core L2 cache (Linux sysfs), else 1 MiB.
+pub fn l2_bytes() -> usize {
+    cache_bytes(2).unwrap_or(1 << 20)
+}
+
+/// The bytes of this CPU's last-level (L3) cache (Linux sysfs), else 8 MiB.
+pub fn l3_bytes() -> usize {
+    cache_bytes(3).unwrap_or(8 << 20)
+}
+
+fn cache_bytes(index: usize) -> Option<usize> {
+    let s = std::fs::read_to_string(format!(
+        "/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+    ))
+    .ok()?;
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: usize = num.parse().ok()?;
+    Some(match unit {
+        "K" => n << 10,
+        "M" => n << 20,
+        _ => n,
+    })
+    .filter(|&n| n > 0)
+}
+
+/// The measured memory bandwidth of the whole pool, GB/s, for a working set of `bytes` per
+/// thread: every thread scales its own `bytes / 2` float32s into another `bytes / 2` (one read
+/// and one write per element, as an elementwise op does), repeated for about 0.1 s; bytes read
+/// plus bytes written over wall time. A working set within the L2 ([`l2_bytes`]) measures the
+/// L2, one within the L3 ([`l3_bytes`]) the L3, one well beyond it DRAM.
+pub fn bandwidth_gbs(bytes: usize) -> f64 {
+    let n = (bytes / 8).max(16);
+    let pool = threads::pool();
+    let threads = pool.current_num_threads();
+    let pass = |reps: usize| {
+        pool.broadcast(|| {
+            let x = vec![1.0f32; n];
+            let mut y = vec![0.0f32; n];
+            scale_passes(&x, &mut y, 1); // first touch
+            let t = Instant::now();
+            scale_passes(&x, &mut y, reps);
+            let secs = t.elapsed().as_secs_f64();
+            black_box(&y);
+            secs
+        })
+    };
+    // Passes for about 0.1 s, from a short trial.
+    let trial = pass(4).into_iter().fold(0.0f64, f64::max).max(1e-9) / 4.0;
+    let reps = ((0.1 / trial) as usize).clamp(4, 100_000);
+    let secs = pass(reps).into_iter().fold(0.0f64, f64::max);
+    (8 * n * reps * threads) as f64 / secs / 1e9
+}
+
+/// `y = 0.5 x`, `reps` times, on the widest vectors this CPU has.
+fn scale_passes(x: &[f32], y: &mut [f32], reps: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.is_supported() {
+        // SAFETY: AVX-512 F is supported (checked above).
+        return unsafe { x86::scale512(x, y, reps) };
+    }
+    scale_loop(x, y, reps);
+}
+
+#[inline(always)]
+fn scale_loop(x: &[f32], y: &mut [f32], reps: usize) {
+    for _ in 0..reps {
+        for (y, x) in y.iter_mut().zip(black_box(x)) {
+            *y = 0.5 * x;
+        }
+        black_box(&mut *y);
+    }
+}
+
 /// One line about this machine: the CPU model (from `/proc/cpuinfo` when readable), the kernel
 /// thread count and the instruction set GEMM uses.
 pub fn describe_cpu() -> String {
@@ -102,6 +176,11 @@ fn scalar_fma(n: usize) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
     use std::hint::black_box;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn scale512(x: &[f32], y: &mut [f32], reps: usize) {
+        super::scale_loop(x, y, reps);
+    }
 
     #[target_feature(enable = "avx512f,fma")]
     pub(super) fn fma512(n: usize) -> f32 {

@@ -89,6 +89,17 @@ impl Pool {
     /// it is only with a pool, so nothing `op` runs reaches rayon's global pool.
     pub fn install<R: Send>(self, op: impl FnOnce() -> R + Send) -> R {
         match self.0 {
+            Some(pool) if crate::profile::enabled() && pool.current_thread_index().is_none() => {
+                let start = std::time::Instant::now();
+                let (r, ran) = pool.install(|| {
+                    let t = std::time::Instant::now();
+                    let r = op();
+                    (r, t.elapsed())
+                });
+                let wall = start.elapsed();
+                crate::profile::record_region(wall.saturating_sub(ran).as_nanos() as u64);
+                r
+            }
             Some(pool) => pool.install(op),
             None => op(),
         }
@@ -112,6 +123,30 @@ impl Pool {
     /// threads, and returns when all are done; in order on the calling thread without a pool.
     pub fn for_each_part<T: Sync>(self, parts: &[T], f: impl Fn(&T) + Sync) {
         match (self.0, parts.split_first()) {
+            (Some(pool), Some((first, rest)))
+                if !rest.is_empty()
+                    && crate::profile::enabled()
+                    && pool.current_thread_index().is_none() =>
+            {
+                // The longest part's time, in nanoseconds.
+                let longest = std::sync::atomic::AtomicU64::new(0);
+                let timed = |part: &T| {
+                    let t = std::time::Instant::now();
+                    f(part);
+                    let ns = t.elapsed().as_nanos() as u64;
+                    longest.fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
+                };
+                let start = std::time::Instant::now();
+                pool.scope(|s| {
+                    let timed = &timed;
+                    for part in rest {
+                        s.spawn(move |_| timed(part));
+                    }
+                    timed(first);
+                });
+                let wall = start.elapsed().as_nanos() as u64;
+                crate::profile::record_region(wall.saturating_sub(longest.into_inner()));
+            }
             (Some(pool), Some((first, rest))) if !rest.is_empty() => pool.scope(|s| {
                 let f = &f;
                 for part in rest {

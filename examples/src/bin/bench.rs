@@ -46,6 +46,9 @@ subcommands:
   step-gemms [--batch N] [--units N] [--reps N]
       every GEMM of one training step of the guide's model, timed alone per dtype (where a
       step's time goes; default batch 8192, 4096 units, median of 3)
+  repeat cnn|vit POLICY BATCH STEPS
+      one training step of mnist_cnn or mnist_vit under POLICY, repeated STEPS times after a
+      warm-up step, printing nothing but the time: for an outside profiler (`perf record`)
   gemm [--quick] [--rounds N] [--sizes N,N,...] [--out PATH]
       square GEMM throughput for float32, bfloat16 and float16 against the measured peaks
       (default sizes 1024,2048,4096, 9 rounds, JSON to target/bench/gemm.json;
@@ -67,6 +70,7 @@ fn main() -> Result<()> {
         Some("cnn") => examples::bench_cnn::cnn_cmd(&args[1..]),
         Some("vit") => examples::bench_vit::vit_cmd(&args[1..]),
         Some("dp") => examples::bench_dp::dp_cmd(&args[1..]),
+        Some("repeat") => examples::bench_util::repeat_cmd(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

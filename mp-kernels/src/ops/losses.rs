@@ -4,6 +4,7 @@
 //! as integer labels are. CPU kernels only so far: on a CUDA device each is an error naming
 //! the op.
 
+use crate::profile::{self, OpClass};
 use mp_core::{F32, Tensor};
 
 use super::{for_overwrite, on_cpu, rows_cols};
@@ -16,6 +17,7 @@ use crate::losses::{self, DenseLoss};
 /// # Errors
 /// Targets that are not one per prediction, an empty `y`; on CUDA, no kernel yet.
 pub fn dense_loss(kind: DenseLoss, y: &Tensor<F32>, targets: &[f32]) -> Result<f32> {
+    let _span = profile::span(OpClass::Loss);
     on_cpu(kind.op(), y.device())?;
     let (rows, cols) = rows_cols(y.shape());
     losses::dense_loss(kind, y.as_slice()?, targets, rows, cols)
@@ -31,6 +33,7 @@ pub fn dense_loss_grad(
     targets: &[f32],
     scale: f32,
 ) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Loss);
     on_cpu(kind.op(), y.device())?;
     let (rows, cols) = rows_cols(y.shape());
     let mut d = for_overwrite(y.shape(), y.device())?;
@@ -56,6 +59,7 @@ pub fn categorical_crossentropy_softmax_grad(
     targets: &[f32],
     scale: f32,
 ) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Loss);
     on_cpu("categorical_crossentropy", probs.device())?;
     let (rows, cols) = rows_cols(probs.shape());
     let mut d = for_overwrite(probs.shape(), probs.device())?;

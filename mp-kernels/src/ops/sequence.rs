@@ -5,9 +5,10 @@
 
 use mp_core::{DTypeKind, Device, F32, Tensor};
 
-use super::{device, for_overwrite, on_cpu, same_shape};
+use super::{device, for_overwrite, nb, on_cpu, same_shape};
 use crate::attention::Attention;
 use crate::error::{Error, Result};
+use crate::profile::{self, OpClass};
 use crate::sequence::Pool;
 
 /// `[batch, seq, dim]` of a sequence tensor, or an error naming `op`.
@@ -28,6 +29,7 @@ fn seq_dims(op: &'static str, shape: &[usize]) -> Result<(usize, usize, usize)> 
 /// A table that is not `[vocab, dim]`; an id that is not an integer in `[0, vocab)` (naming it
 /// and its position); `WrongDevice`; on CUDA, no kernel yet.
 pub fn embedding<D: DTypeKind>(ids: &Tensor<F32>, table: &Tensor<F32>) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "embedding";
     let &[vocab, dim] = table.shape() else {
         return Err(Error::InvalidArgument {
@@ -63,6 +65,7 @@ pub fn embedding_backward<D: DTypeKind>(
     dy: &Tensor<D>,
     grad: &mut Tensor<F32>,
 ) -> Result<()> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "embedding_backward";
     let &[vocab, dim] = grad.shape() else {
         return Err(Error::InvalidArgument {
@@ -112,6 +115,7 @@ fn table_prefix(op: &'static str, sample: &[usize], table: &[usize]) -> Result<u
 /// # Errors
 /// A table that does not fit; `WrongDevice`; on CUDA, no kernel yet.
 pub fn add_table<D: DTypeKind>(x: &Tensor<D>, table: &Tensor<F32>) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "add_table";
     let used = table_prefix(OP, x.shape().get(1..).unwrap_or(&[]), table.shape())?;
     let dev = device(OP, &[x.device(), table.device()])?;
@@ -126,6 +130,7 @@ pub fn add_table<D: DTypeKind>(x: &Tensor<D>, table: &Tensor<F32>) -> Result<Ten
 /// # Errors
 /// As [`add_table`].
 pub fn add_table_backward<D: DTypeKind>(dy: &Tensor<D>, grad: &mut Tensor<F32>) -> Result<()> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "add_table_backward";
     let used = table_prefix(OP, dy.shape().get(1..).unwrap_or(&[]), grad.shape())?;
     let dev = device(OP, &[dy.device(), grad.device()])?;
@@ -138,6 +143,7 @@ pub fn add_table_backward<D: DTypeKind>(dy: &Tensor<D>, grad: &mut Tensor<F32>) 
 /// # Errors
 /// A token of another width; `WrongDevice`; on CUDA, no kernel yet.
 pub fn prepend_token<D: DTypeKind>(x: &Tensor<D>, token: &Tensor<F32>) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "prepend_token";
     let (b, s, d) = seq_dims(OP, x.shape())?;
     same_shape(OP, "token", &[d], token.shape())?;
@@ -160,6 +166,7 @@ pub fn prepend_token_backward<D: DTypeKind>(
     dy: &Tensor<D>,
     grad: &mut Tensor<F32>,
 ) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "prepend_token_backward";
     let (b, s, d) = seq_dims(OP, dy.shape())?;
     same_shape(OP, "grad", &[d], grad.shape())?;
@@ -188,6 +195,7 @@ pub fn prepend_token_backward<D: DTypeKind>(
 /// # Errors
 /// Not a sequence, or an empty one; on CUDA, no kernel yet.
 pub fn sequence_pool<D: DTypeKind>(how: Pool, x: &Tensor<D>) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "sequence_pool";
     let (b, s, d) = seq_dims(OP, x.shape())?;
     on_cpu(OP, x.device())?;
@@ -206,6 +214,7 @@ pub fn sequence_pool_backward<D: DTypeKind>(
     dy: &Tensor<D>,
     seq: usize,
 ) -> Result<Tensor<D>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "sequence_pool_backward";
     let &[b, d] = dy.shape() else {
         return Err(Error::InvalidArgument {
@@ -242,6 +251,12 @@ fn check_qkv<D: DTypeKind>(
     Ok(dev)
 }
 
+/// The floating-point operations of `products` seq × seq × head_dim products per sample and
+/// head.
+fn attention_flop(a: &Attention, products: f64) -> f64 {
+    2.0 * products * (a.batch * a.heads * a.seq * a.seq * a.head_dim) as f64
+}
+
 /// Scaled dot-product attention ([`crate::attention`]) of `q`, `k`, `v`, each `[batch, seq,
 /// heads × head_dim]`, with an optional key padding mask `[batch, seq]` (1 attend, 0 padding):
 /// the output in `q`'s shape and dtype, and the float32 probabilities `[batch, heads, seq, seq]`
@@ -257,6 +272,9 @@ pub fn attention<D: DTypeKind>(
     v: &Tensor<D>,
     mask: Option<&Tensor<F32>>,
 ) -> Result<(Tensor<D>, Tensor<F32>)> {
+    let _span = profile::span(OpClass::Attention)
+        .flop(attention_flop(a, 2.0))
+        .bytes(4 * nb(q) + 4 * a.probs_len());
     const OP: &str = "attention";
     let dev = check_qkv(OP, a, &[("q", q), ("k", k), ("v", v)], mask)?;
     let mut out = for_overwrite::<D>(q.shape(), dev)?;
@@ -287,6 +305,9 @@ pub fn attention_backward<D: DTypeKind>(
     probs: &Tensor<F32>,
     dout: &Tensor<D>,
 ) -> Result<(Tensor<D>, Tensor<D>, Tensor<D>)> {
+    let _span = profile::span(OpClass::Attention)
+        .flop(attention_flop(a, 4.0))
+        .bytes(7 * nb(q) + 4 * a.probs_len());
     const OP: &str = "attention_backward";
     let dev = check_qkv(OP, a, &[("q", q), ("k", k), ("v", v), ("dout", dout)], mask)?;
     same_shape(
@@ -320,6 +341,7 @@ pub fn attention_backward<D: DTypeKind>(
 /// # Errors
 /// A row index out of range; on CUDA, no kernel yet.
 pub fn select_rows(x: &Tensor<F32>, rows: &[usize]) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "select_rows";
     let (n, cols) = super::rows_cols(x.shape());
     on_cpu(OP, x.device())?;
@@ -344,6 +366,7 @@ pub fn select_rows(x: &Tensor<F32>, rows: &[usize]) -> Result<Tensor<F32>> {
 /// # Errors
 /// `x` not `[rows.len(), cols]`, a row index out of range; on CUDA, no kernel yet.
 pub fn scatter_rows(x: &Tensor<F32>, rows: &[usize], shape: &[usize]) -> Result<Tensor<F32>> {
+    let _span = profile::span(OpClass::Other);
     const OP: &str = "scatter_rows";
     let (n, cols) = super::rows_cols(shape);
     same_shape(OP, "x", &[rows.len(), cols], x.shape())?;

@@ -182,11 +182,7 @@ impl<P: PolicyKind> Activation<P> {
             return Ok((ops::gelu(form, x)?, None));
         }
         match self.kind.elementwise() {
-            Some(act) => {
-                let mut y = x.clone();
-                ops::activation_inplace(act, &mut y)?;
-                Ok((y, None))
-            }
+            Some(act) => Ok((ops::activation(act, x)?, None)),
             None => {
                 let p = self.softmax_f32(x)?;
                 let y = crate::layer::convert::<F32, P::Compute>(p.clone())?;
@@ -258,9 +254,7 @@ impl<P: PolicyKind> Layer for Activation<P> {
                     .saved_y
                     .take()
                     .ok_or_else(|| missing_forward(&self.name))?;
-                let mut dx = dy.clone();
-                ops::activation_backward_inplace(act, &mut dx, &y)?;
-                Ok(Some(dx))
+                Ok(Some(ops::activation_backward(act, dy, &y)?))
             }
             None => {
                 let p = self
