@@ -34,6 +34,7 @@ use mp_core::Element;
 use crate::activation::{self, Activation};
 use crate::conv::{self, Geometry};
 use crate::error::{Error, Result};
+use crate::gelu::{self, Gelu};
 use crate::gemm::{self, Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef};
 use crate::isa::Isa;
 use crate::optim::{self, AdamParams, NonFiniteOutputs, RmspropParams, SgdParams};
@@ -188,6 +189,28 @@ impl Cpu {
         y: &[T],
     ) -> Result<()> {
         activation::backward_inplace(self.isa, act, g, y)
+    }
+
+    /// `y = gelu(x)` (equal lengths), see [`crate::gelu`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `y`.
+    pub fn gelu<T: Element>(&self, form: Gelu, x: &[T], y: &mut [T]) -> Result<()> {
+        gelu::forward(self.isa, form, x, y)
+    }
+
+    /// `dx = dy * gelu'(x)` from the forward's input `x`, see [`crate::gelu`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] naming `x` or `dx` when a length differs from `dy`'s.
+    pub fn gelu_backward<T: Element>(
+        &self,
+        form: Gelu,
+        dy: &[T],
+        x: &[T],
+        dx: &mut [T],
+    ) -> Result<()> {
+        gelu::backward(self.isa, form, dy, x, dx)
     }
 
     // ---------------------------------------------------------------------------------------
