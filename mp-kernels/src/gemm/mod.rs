@@ -511,6 +511,31 @@ unsafe fn dispatch<T: GemmInput, O: GemmOutput>(
     #[cfg(target_arch = "x86_64")]
     {
         match path {
+            // A C of at most 32 columns fills only part of the 64- and 48-wide tiles: the
+            // 12 x 32 tile of the same family does the same multiply-adds in the same order
+            // along the depth (the same bits) without the padding.
+            GemmPath::Avx512Bf16Dot if problem.n <= x86::NARROW_N => {
+                // SAFETY: as below.
+                let p = unsafe { &*(problem as *const driver::Problem<T, O>).cast() };
+                // SAFETY: the CPU supports AVX512_BF16 (checked by the caller).
+                return unsafe {
+                    driver::run::<bf16, O, _>(
+                        &x86::Avx512Bf16Kernel::<{ x86::NARROW_MR }, { x86::NARROW_NV }>,
+                        p,
+                        blocking,
+                    )
+                };
+            }
+            GemmPath::Avx512 | GemmPath::Avx512Wide if problem.n <= x86::NARROW_N => {
+                // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ (checked by the caller).
+                return unsafe {
+                    driver::run(
+                        &x86::Avx512Kernel::<{ x86::NARROW_MR }, { x86::NARROW_NV }>,
+                        problem,
+                        blocking,
+                    )
+                };
+            }
             GemmPath::Avx512Bf16Dot => {
                 // SAFETY: the check admits this path for bf16 only, so the cast is the identity.
                 let p = unsafe { &*(problem as *const driver::Problem<T, O>).cast() };

@@ -707,6 +707,13 @@ pub(super) const F32_NV: usize = 4;
 pub(super) const WIDE_MR: usize = 8;
 /// The taller tile: width in vectors of 16.
 pub(super) const WIDE_NV: usize = 3;
+/// The narrow tile, for C at most [`NARROW_N`] columns wide (convolutions with 32 filters or
+/// channels, whose 64-wide tiles would be half padding): rows.
+pub(super) const NARROW_MR: usize = 12;
+/// The narrow tile: width in vectors of 16.
+pub(super) const NARROW_NV: usize = 2;
+/// The widest C the narrow tile takes.
+pub(crate) const NARROW_N: usize = NARROW_NV * 16;
 
 /// Runs the step loop of a microkernel over both A layouts: `$step(a_elem)` is called once per
 /// packed step with a closure giving A's element of row `i` at that step.
