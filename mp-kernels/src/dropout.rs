@@ -52,7 +52,7 @@ fn mix64(z: u64) -> u64 {
 
 /// The per-seed key: SplitMix64's first output for `seed` (`mp_core::Rng::new(seed).next_u64()`).
 #[inline]
-fn key(seed: u64) -> u64 {
+pub(crate) fn key(seed: u64) -> u64 {
     mix64(seed.wrapping_add(GOLDEN_GAMMA))
 }
 
@@ -60,13 +60,13 @@ fn key(seed: u64) -> u64 {
 /// above, which no draw reaches, for `rate >= 1`). Exact: a float32 times a power of two is a
 /// float64 without rounding.
 #[inline]
-fn threshold(rate: f32) -> u64 {
+pub(crate) fn threshold(rate: f32) -> u64 {
     (f64::from(rate) * 4_294_967_296.0).ceil() as u64
 }
 
 /// [`keep`] with the key and threshold already computed.
 #[inline]
-fn kept(key: u64, index: u64, threshold: u64) -> bool {
+pub(crate) fn kept(key: u64, index: u64, threshold: u64) -> bool {
     mix64(key ^ index.wrapping_mul(GOLDEN_GAMMA)) >> 32 >= threshold
 }
 

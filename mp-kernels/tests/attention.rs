@@ -12,6 +12,7 @@ use mp_kernels::sequence::{
     Pool, add_table, add_table_backward, embedding, embedding_backward, pool, pool_backward,
     prepend_token, prepend_token_backward,
 };
+use mp_kernels::threads;
 
 fn values<T: Element>(rng: &mut Rng, n: usize, lo: f32, hi: f32) -> (Vec<T>, Vec<f64>) {
     let t: Vec<T> = rng
@@ -27,8 +28,8 @@ fn widen<T: Element>(v: &[T]) -> Vec<f64> {
     v.iter().map(|v| f64::from(v.to_f32())).collect()
 }
 
-/// `max |got - want| <= bound * max(max |want|, floor)`.
-fn close(what: &str, got: &[f64], want: &[f64], bound: f64, floor: f64) {
+/// `max |got - want| <= bound * max(max |want|, floor)`; returns that relative error.
+fn close(what: &str, got: &[f64], want: &[f64], bound: f64, floor: f64) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
     let (worst, at) = got
@@ -45,6 +46,7 @@ fn close(what: &str, got: &[f64], want: &[f64], bound: f64, floor: f64) {
         got[at],
         want[at]
     );
+    worst / scale
 }
 
 struct Grads {
@@ -140,63 +142,219 @@ fn reference(
     g
 }
 
+/// Shapes `(batch, seq, heads, head_dim)` that are not multiples of any tile or lane count
+/// (and the examples' ViT shape), each run with every combination of causal mask, padding mask
+/// and dropout.
+const SHAPES: [(usize, usize, usize, usize); 9] = [
+    (1, 1, 1, 1),
+    (2, 7, 3, 5),
+    (3, 50, 2, 16),
+    (2, 65, 4, 24),
+    (5, 7, 1, 16),
+    (1, 50, 4, 1),
+    (4, 65, 1, 5),
+    (3, 17, 4, 16),
+    (2, 1, 2, 24),
+];
+
+/// A padding mask `[batch, seq]`: the last sample fully masked (when there are several), the
+/// first token of sample 0 masked (so that under the causal mask its first queries have no
+/// key), the rest random.
+fn padding(rng: &mut Rng, batch: usize, seq: usize) -> Vec<f32> {
+    (0..batch * seq)
+        .map(|i| {
+            if (batch > 1 && i / seq == batch - 1) || (i == 0 && seq > 1) {
+                0.0
+            } else {
+                f32::from(rng.below(3) != 0)
+            }
+        })
+        .collect()
+}
+
 /// `bound` per dtype: float32 rounds the float32 sums; the 16-bit dtypes round the
-/// probabilities and each output once.
-fn attention_matches<T: Element>(bound: f64) {
+/// probabilities and each output once. Returns the largest relative error seen.
+fn attention_matches<T: Element>(bound: f64) -> f64 {
     let mut rng = Rng::new(test_seed(&format!("attention {:?}", T::DTYPE)));
-    for case in 0..6 {
-        let (batch, seq, heads, head_dim) = (
-            1 + rng.below(4) as usize,
-            1 + rng.below(11) as usize,
-            1 + rng.below(4) as usize,
-            1 + rng.below(9) as usize,
-        );
-        let mut a = Attention::new(batch, seq, heads, head_dim);
-        if case % 2 == 1 {
-            a = a.causal();
+    let mut worst = 0.0f64;
+    for (shape, &(batch, seq, heads, head_dim)) in SHAPES.iter().enumerate() {
+        for options in 0..8 {
+            let mut a = Attention::new(batch, seq, heads, head_dim).with_causal(options & 1 != 0);
+            if options & 4 != 0 {
+                a = a.with_dropout(0.3, 7 + shape as u64);
+            }
+            let mask = (options & 2 != 0).then(|| padding(&mut rng, batch, seq));
+            worst = worst.max(attention_case::<T>(&mut rng, &a, mask.as_deref(), bound));
         }
-        if case >= 4 {
-            a = a.with_dropout(0.3, 7 + case as u64);
+    }
+    worst
+}
+
+/// One case of [`attention_matches`]: forward and every gradient against float64.
+fn attention_case<T: Element>(
+    rng: &mut Rng,
+    a: &Attention,
+    mask: Option<&[f32]>,
+    bound: f64,
+) -> f64 {
+    let (heads, seq) = (a.heads, a.seq);
+    let n = a.len();
+    let (q, qf) = values::<T>(rng, n, -2.0, 2.0);
+    let (k, kf) = values::<T>(rng, n, -2.0, 2.0);
+    let (v, vf) = values::<T>(rng, n, -1.0, 1.0);
+    let (dout, df) = values::<T>(rng, n, -1.0, 1.0);
+    let want = reference(a, &qf, &kf, &vf, mask, &df);
+    let zero = T::from_f32(0.0);
+    let (mut out, mut probs) = (vec![zero; n], vec![0.0f32; a.probs_len()]);
+    attention(a, &q, &k, &v, mask, &mut out, &mut probs).unwrap();
+    let ctx = format!(
+        "{} {a:?} mask {}",
+        std::any::type_name::<T>(),
+        mask.is_some()
+    );
+    close(
+        &format!("{ctx} probs"),
+        &widen(&probs),
+        &want.probs,
+        1e-5,
+        1.0,
+    );
+    let mut worst = close(&format!("{ctx} out"), &widen(&out), &want.out, bound, 1e-3);
+    let (mut dq, mut dk, mut dv) = (vec![zero; n], vec![zero; n], vec![zero; n]);
+    attention_backward(
+        a, &q, &k, &v, mask, &probs, &dout, &mut dq, &mut dk, &mut dv,
+    )
+    .unwrap();
+    for (what, got, want) in [
+        ("dq", &dq, &want.dq),
+        ("dk", &dk, &want.dk),
+        ("dv", &dv, &want.dv),
+    ] {
+        worst = worst.max(close(
+            &format!("{ctx} {what}"),
+            &widen(got),
+            want,
+            bound,
+            1e-3,
+        ));
+    }
+    // Masked keys have exactly zero probability; fully masked queries are all zero.
+    if let Some(m) = mask {
+        for (pi, p) in probs.iter().enumerate() {
+            let (b, j) = (pi / (heads * seq * seq), pi % seq);
+            if m[b * seq + j] == 0.0 {
+                assert_eq!(p.to_bits(), 0, "{ctx}: masked probability {pi} is {p}");
+            }
         }
-        // A padding mask on half the cases, with the last sample fully masked.
-        let mask: Option<Vec<f32>> = (case % 3 != 0).then(|| {
-            (0..batch * seq)
-                .map(|i| {
-                    if batch > 1 && i / seq == batch - 1 {
-                        0.0
-                    } else if i % seq == 0 {
-                        1.0
-                    } else {
-                        f32::from(rng.below(3) != 0)
-                    }
-                })
-                .collect()
-        });
-        let n = a.len();
-        let (q, qf) = values::<T>(&mut rng, n, -2.0, 2.0);
-        let (k, kf) = values::<T>(&mut rng, n, -2.0, 2.0);
-        let (v, vf) = values::<T>(&mut rng, n, -1.0, 1.0);
-        let (dout, df) = values::<T>(&mut rng, n, -1.0, 1.0);
-        let want = reference(&a, &qf, &kf, &vf, mask.as_deref(), &df);
-        let zero = T::from_f32(0.0);
-        let (mut out, mut probs) = (vec![zero; n], vec![0.0f32; a.probs_len()]);
-        attention(&a, &q, &k, &v, mask.as_deref(), &mut out, &mut probs).unwrap();
-        let ctx = format!("{} case {case} {a:?}", std::any::type_name::<T>());
-        close(
-            &format!("{ctx} probs"),
-            &widen(&probs),
-            &want.probs,
-            1e-5,
-            1.0,
+    }
+    if a.causal {
+        for (pi, p) in probs.iter().enumerate() {
+            let (i, j) = ((pi / seq) % seq, pi % seq);
+            if j > i {
+                assert_eq!(p.to_bits(), 0, "{ctx}: future probability {pi} is {p}");
+            }
+        }
+    }
+    assert!(
+        out.iter().all(|x| x.to_f32().is_finite()),
+        "{ctx}: non-finite output"
+    );
+    worst
+}
+
+#[test]
+fn attention_matches_float64_per_dtype() {
+    let f32_err = attention_matches::<f32>(2e-5);
+    let bf16_err = attention_matches::<bf16>(2e-2);
+    let f16_err = attention_matches::<f16>(3e-3);
+    println!("max relative error: f32 {f32_err:.2e}, bf16 {bf16_err:.2e}, f16 {f16_err:.2e}");
+}
+
+/// Forward and backward outputs of one call on `inputs` (`q`, `k`, `v`, `dout`), as bits.
+fn run_bits<T: Element>(a: &Attention, mask: Option<&[f32]>, inputs: &[Vec<T>; 4]) -> Vec<u32> {
+    let [q, k, v, dout] = inputs;
+    let n = a.len();
+    let zero = T::from_f32(0.0);
+    let (mut out, mut probs) = (vec![zero; n], vec![0.0f32; a.probs_len()]);
+    attention(a, q, k, v, mask, &mut out, &mut probs).unwrap();
+    let (mut dq, mut dk, mut dv) = (vec![zero; n], vec![zero; n], vec![zero; n]);
+    attention_backward(a, q, k, v, mask, &probs, dout, &mut dq, &mut dk, &mut dv).unwrap();
+    let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+    [
+        bits(&out),
+        probs.iter().map(|p| p.to_bits()).collect(),
+        bits(&dq),
+        bits(&dk),
+        bits(&dv),
+    ]
+    .concat()
+}
+
+/// Large enough to split over the kernel threads: two runs give the same bits, and so does a
+/// run on the calling thread alone (the samples are independent and each sum has a fixed order,
+/// so the thread count cannot matter).
+fn attention_is_deterministic<T: Element>() {
+    let mut rng = Rng::new(test_seed(&format!("attention determinism {:?}", T::DTYPE)));
+    for a in [
+        Attention::new(9, 33, 2, 16).with_dropout(0.2, 3),
+        Attention::new(7, 50, 3, 24).causal(),
+    ] {
+        let mask = padding(&mut rng, a.batch, a.seq);
+        let inputs = [(); 4].map(|_| values::<T>(&mut rng, a.len(), -2.0, 2.0).0);
+        let what = format!("{} {a:?}", std::any::type_name::<T>());
+        let first = run_bits(&a, Some(&mask), &inputs);
+        assert!(
+            first == run_bits(&a, Some(&mask), &inputs),
+            "{what}: rerun differs"
         );
-        close(&format!("{ctx} out"), &widen(&out), &want.out, bound, 1e-3);
-        let (mut dq, mut dk, mut dv) = (vec![zero; n], vec![zero; n], vec![zero; n]);
+        let serial = threads::serial(|| run_bits(&a, Some(&mask), &inputs));
+        assert!(first == serial, "{what}: one thread differs");
+    }
+}
+
+#[test]
+fn attention_is_bit_identical_whatever_the_thread_count() {
+    attention_is_deterministic::<f32>();
+    attention_is_deterministic::<bf16>();
+    attention_is_deterministic::<f16>();
+}
+
+/// Masks select: a non-finite key or value at a padded position, or at a later position under
+/// the causal mask, reaches no output and no gradient of the positions that do not see it.
+#[test]
+fn masked_positions_do_not_leak_non_finite_values() {
+    let (batch, seq, heads, d) = (2, 9, 2, 5);
+    let mut rng = Rng::new(test_seed("attention masked nan"));
+    let n = batch * seq * heads * d;
+    let q = rng.uniform_vec(n, -1.0, 1.0);
+    let dout = rng.uniform_vec(n, -1.0, 1.0);
+    let at = |b: usize, t: usize| (b * seq + t) * heads * d..(b * seq + t + 1) * heads * d;
+    // Token 4 of each sample is padding and holds NaN in k and v; the last token holds inf.
+    let mut mask = vec![1.0f32; batch * seq];
+    let (mut k, mut v) = (rng.uniform_vec(n, -1.0, 1.0), rng.uniform_vec(n, -1.0, 1.0));
+    for b in 0..batch {
+        mask[b * seq + 4] = 0.0;
+        k[at(b, 4)].fill(f32::NAN);
+        v[at(b, 4)].fill(f32::NAN);
+    }
+    for causal in [false, true] {
+        let a = Attention::new(batch, seq, heads, d).with_causal(causal);
+        let (mut k, mut v) = (k.clone(), v.clone());
+        if causal {
+            for b in 0..batch {
+                k[at(b, seq - 1)].fill(f32::INFINITY);
+                v[at(b, seq - 1)].fill(f32::INFINITY);
+            }
+        }
+        let (mut out, mut probs) = (vec![0.0f32; n], vec![0.0f32; a.probs_len()]);
+        attention(&a, &q, &k, &v, Some(&mask), &mut out, &mut probs).unwrap();
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
         attention_backward(
             &a,
             &q,
             &k,
             &v,
-            mask.as_deref(),
+            Some(&mask),
             &probs,
             &dout,
             &mut dq,
@@ -204,30 +362,22 @@ fn attention_matches<T: Element>(bound: f64) {
             &mut dv,
         )
         .unwrap();
-        close(&format!("{ctx} dq"), &widen(&dq), &want.dq, bound, 1e-3);
-        close(&format!("{ctx} dk"), &widen(&dk), &want.dk, bound, 1e-3);
-        close(&format!("{ctx} dv"), &widen(&dv), &want.dv, bound, 1e-3);
-        // Masked keys have exactly zero probability; fully masked queries are all zero.
-        if let Some(m) = &mask {
-            for (pi, p) in probs.iter().enumerate() {
-                let (b, j) = (pi / (heads * seq * seq), pi % seq);
-                if m[b * seq + j] == 0.0 {
-                    assert_eq!(p.to_bits(), 0, "{ctx}: masked probability {pi} is {p}");
+        for b in 0..batch {
+            // Under the causal mask the last query sees the inf key: its row is NaN, and so
+            // are the key gradients it reaches; the earlier queries must stay finite.
+            let rows = if causal { seq - 1 } else { seq };
+            for t in 0..rows {
+                let what = format!("causal {causal} sample {b} token {t}");
+                assert!(out[at(b, t)].iter().all(|x| x.is_finite()), "{what}: out");
+                assert!(dq[at(b, t)].iter().all(|x| x.is_finite()), "{what}: dq");
+                if t != 4 && !causal {
+                    assert!(dk[at(b, t)].iter().all(|x| x.is_finite()), "{what}: dk");
+                    assert!(dv[at(b, t)].iter().all(|x| x.is_finite()), "{what}: dv");
                 }
             }
+            assert!(dk[at(b, 4)].iter().chain(&dv[at(b, 4)]).all(|&x| x == 0.0));
         }
-        assert!(
-            out.iter().all(|x| x.to_f32().is_finite()),
-            "{ctx}: non-finite output"
-        );
     }
-}
-
-#[test]
-fn attention_matches_float64_per_dtype() {
-    attention_matches::<f32>(2e-5);
-    attention_matches::<bf16>(2e-2);
-    attention_matches::<f16>(3e-3);
 }
 
 /// Scores far beyond float16's range (|q · k| near 4e4 × scale) and all but one key masked: the
@@ -467,4 +617,63 @@ fn embedding_names_a_bad_token_id() {
         assert!(err.contains("vocabulary size is 3"), "{err}");
     }
     assert_eq!(y, [0.0; 4], "nothing written on error");
+}
+
+/// Timings on the examples' shapes: `MnistVit` (batch 128, 17 tokens, 4 heads of 16) and
+/// `reverse_lm` (batch 64, 32 tokens, 4 heads of 16, causal), forward and backward per dtype,
+/// with GFLOP/s counting `2·seq²·head_dim` per (sample, head) and product (2 forward, 4
+/// backward). Run it with `MP_NUM_THREADS` set to compare thread counts:
+/// `cargo test -p mp-kernels --test attention -- --ignored --nocapture attention_timings`.
+#[test]
+#[ignore = "timings, not a check"]
+fn attention_timings() {
+    fn time<T: Element>(name: &str, a: Attention) {
+        let n = a.len();
+        let mut rng = Rng::new(test_seed("attention timings"));
+        let (q, _) = values::<T>(&mut rng, n, -2.0, 2.0);
+        let (k, _) = values::<T>(&mut rng, n, -2.0, 2.0);
+        let (v, _) = values::<T>(&mut rng, n, -1.0, 1.0);
+        let (dout, _) = values::<T>(&mut rng, n, -1.0, 1.0);
+        let zero = T::from_f32(0.0);
+        let (mut out, mut probs) = (vec![zero; n], vec![0.0f32; a.probs_len()]);
+        let (mut dq, mut dk, mut dv) = (vec![zero; n], vec![zero; n], vec![zero; n]);
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            let mut times: Vec<f64> = (0..30)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        };
+        let fwd = best(&mut || {
+            attention(&a, &q, &k, &v, None, &mut out, &mut probs).unwrap();
+        });
+        let bwd = best(&mut || {
+            attention_backward(
+                &a, &q, &k, &v, None, &probs, &dout, &mut dq, &mut dk, &mut dv,
+            )
+            .unwrap();
+        });
+        let product = 2.0 * (a.batch * a.heads * a.seq * a.seq * a.head_dim) as f64;
+        println!(
+            "{name:>10} {:>4}: forward {:7.3} ms {:6.1} GFLOP/s, backward {:7.3} ms {:6.1} GFLOP/s",
+            format!("{:?}", T::DTYPE),
+            fwd * 1e3,
+            2.0 * product / fwd / 1e9,
+            bwd * 1e3,
+            4.0 * product / bwd / 1e9,
+        );
+    }
+    println!("threads: {}", mp_kernels::threads::num_threads());
+    let vit = Attention::new(128, 17, 4, 16);
+    let lm = Attention::new(64, 32, 4, 16).causal();
+    for (name, a) in [("mnist_vit", vit), ("reverse_lm", lm)] {
+        time::<f32>(name, a);
+        time::<bf16>(name, a);
+        time::<f16>(name, a);
+    }
 }
