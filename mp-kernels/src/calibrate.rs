@@ -236,12 +236,14 @@ fn parse_knob(value: Option<&str>) -> std::result::Result<Vec<(DType, GemmPath)>
 /// The key a measurement is valid for.
 fn machine_key() -> String {
     format!(
-        "{} | {} | isa {:?} | {} threads | mp-kernels {}",
+        "{} | {} | isa {:?} | {} threads | mp-kernels {} | paths {}",
         crate::peak::cpu_model(),
         CpuFeatures::detect().summary(),
         Isa::detect(),
         threads::num_threads(),
-        env!("CARGO_PKG_VERSION")
+        env!("CARGO_PKG_VERSION"),
+        // A new path makes older measurements incomplete: measure again.
+        GemmPath::ALL.map(GemmPath::name).join(",")
     )
 }
 

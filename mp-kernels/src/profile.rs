@@ -295,7 +295,11 @@ mod tests {
         assert_eq!((conv.calls, conv.flop, conv.bytes), (1, 100.0, 64));
         assert!(conv.secs >= 0.002, "{conv:?}");
         let gemm = p.class(OpClass::Gemm);
-        assert_eq!((gemm.calls, gemm.flop), (1, 7.0), "the nested GEMM adds nothing");
+        assert_eq!(
+            (gemm.calls, gemm.flop),
+            (1, 7.0),
+            "the nested GEMM adds nothing"
+        );
         assert!(p.total_secs() >= conv.secs);
         assert_eq!(take(), Profile::default(), "take clears the sums");
     }

@@ -777,21 +777,24 @@ unsafe fn micro_f32_512<O: GemmOutput, const MR: usize, const NV: usize>(
     store_acc!(acc, MR, NV, w, last, tile);
 }
 
-/// AVX-512 float32 kernel (float16 and bfloat16 inputs widened while packing).
+/// AVX-512 float32 kernel (float16 and bfloat16 inputs widened while packing). `L1`: depth
+/// blocks of 192 (a 6 x 64 panel of packed B is then 48 KiB, an L1 of that size holds it while
+/// the row block of A passes under it) and A always packed; else depth blocks of 768 (B's panel
+/// streams from L2, what a core with one FMA port keeps up with) and float32 A read in place.
 #[derive(Debug)]
-pub(super) struct Avx512Kernel<const MR: usize, const NV: usize>;
+pub(super) struct Avx512Kernel<const MR: usize, const NV: usize, const L1: bool>;
 
 // SAFETY: reads only the given panels, writes only the given tile; the dispatcher checks AVX-512.
-unsafe impl<T: GemmInput, O: GemmOutput, const MR: usize, const NV: usize> Kernel<T, O>
-    for Avx512Kernel<MR, NV>
+unsafe impl<T: GemmInput, O: GemmOutput, const MR: usize, const NV: usize, const L1: bool>
+    Kernel<T, O> for Avx512Kernel<MR, NV, L1>
 {
     type P = f32;
     const MR: usize = MR;
     const NR: usize = NV * 16;
     const KPACK: usize = 1;
-    const KC: usize = 768;
+    const KC: usize = if L1 { 192 } else { 768 };
     const MC: usize = 96;
-    const DIRECT_A: bool = matches!(T::DTYPE, DType::F32);
+    const DIRECT_A: bool = !L1 && matches!(T::DTYPE, DType::F32);
     const ACC_IN_C: bool = true;
 
     unsafe fn pack_a(
