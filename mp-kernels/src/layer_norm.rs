@@ -74,20 +74,6 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Runs `f(first_row, rows_of_block)` over fixed blocks of rows, on the pool when large.
-fn for_blocks<R: Send>(rows: usize, cols: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
-    let run = |b: usize| {
-        let r0 = b * ROWS_PER_BLOCK;
-        f(r0, ROWS_PER_BLOCK.min(rows - r0))
-    };
-    if rows * cols >= crate::cast::exec::PAR_MIN && threads::num_threads() > 1 {
-        threads::pool().install(|| (0..blocks).into_par_iter().map(run).collect())
-    } else {
-        (0..blocks).map(run).collect()
-    }
-}
-
 /// Layer normalization of the `[rows, cols]` row-major `x` into `y`, with float32 `gamma` and
 /// `beta` (`cols` long); writes each row's `mean` and `inv_std` (`rows` long), what
 /// [`layer_norm_backward`] takes.
@@ -125,33 +111,62 @@ pub fn layer_norm<T: Element>(
         return Ok(());
     }
     let isa = Isa::detect();
-    let out = for_blocks(rows, cols, |r0, n| {
+    // Each block of rows writes its own rows of y and its statistics in place.
+    let run = |b: usize, yb: &mut [T], mb: &mut [f32], sb: &mut [f32]| {
+        let r0 = b * ROWS_PER_BLOCK;
         let mut xf = vec![0.0f32; cols];
-        let mut yb = vec![T::from_f32(0.0); n * cols];
-        let mut stats = Vec::with_capacity(n);
         let mut yf = vec![0.0f32; cols];
-        for r in 0..n {
-            convert(isa, &x[(r0 + r) * cols..][..cols], &mut xf);
+        for (r, yr) in yb.chunks_exact_mut(cols).enumerate() {
+            let xr = &x[(r0 + r) * cols..][..cols];
+            let xf = match crate::norm::as_f32(xr) {
+                Some(xr) => xr,
+                None => {
+                    convert(isa, xr, &mut xf);
+                    &xf
+                }
+            };
             let m = lane_sum(cols, |i| xf[i]) / cols as f32;
             let v = lane_sum(cols, |i| (xf[i] - m) * (xf[i] - m)) / cols as f32;
             let s = 1.0 / (v + epsilon).sqrt();
-            for i in 0..cols {
-                yf[i] = (xf[i] - m) * s * gamma[i] + beta[i];
+            match crate::norm::as_f32_mut(yr) {
+                Some(yr) => normalize_row(xf, m, s, gamma, beta, yr),
+                None => {
+                    normalize_row(xf, m, s, gamma, beta, &mut yf);
+                    convert(isa, &yf, yr);
+                }
             }
-            convert(isa, &yf, &mut yb[r * cols..][..cols]);
-            stats.push((m, s));
+            mb[r] = m;
+            sb[r] = s;
         }
-        (yb, stats)
-    });
-    for (b, (yb, stats)) in out.into_iter().enumerate() {
-        let r0 = b * ROWS_PER_BLOCK;
-        y[r0 * cols..][..yb.len()].copy_from_slice(&yb);
-        for (k, (m, s)) in stats.into_iter().enumerate() {
-            mean[r0 + k] = m;
-            inv_std[r0 + k] = s;
+    };
+    let block = ROWS_PER_BLOCK * cols;
+    if len >= crate::cast::exec::PAR_MIN && threads::num_threads() > 1 {
+        threads::pool().install(|| {
+            y.par_chunks_mut(block)
+                .zip(mean.par_chunks_mut(ROWS_PER_BLOCK))
+                .zip(inv_std.par_chunks_mut(ROWS_PER_BLOCK))
+                .enumerate()
+                .for_each(|(b, ((yb, mb), sb))| run(b, yb, mb, sb));
+        });
+    } else {
+        for (b, ((yb, mb), sb)) in y
+            .chunks_mut(block)
+            .zip(mean.chunks_mut(ROWS_PER_BLOCK))
+            .zip(inv_std.chunks_mut(ROWS_PER_BLOCK))
+            .enumerate()
+        {
+            run(b, yb, mb, sb);
         }
     }
     Ok(())
+}
+
+/// `y = (x - m) * s * gamma + beta`, one row, in float32.
+#[inline]
+fn normalize_row(x: &[f32], m: f32, s: f32, gamma: &[f32], beta: &[f32], y: &mut [f32]) {
+    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *y = (x - m) * s * g + b;
+    }
 }
 
 /// The gradient of [`layer_norm`]: `dx` in `T` from `dy`, the forward's `x`, `gamma`, and the
@@ -194,16 +209,18 @@ pub fn layer_norm_backward<T: Element>(
         return Ok(());
     }
     let isa = Isa::detect();
-    let out = for_blocks(rows, cols, |r0, n| {
+    // Each block of rows writes its own rows of dx and returns its partial parameter gradients,
+    // added in block order below.
+    let run = |b: usize, dxb: &mut [T]| {
+        let r0 = b * ROWS_PER_BLOCK;
         let (mut xf, mut df, mut g, mut dxf) = (
             vec![0.0f32; cols],
             vec![0.0f32; cols],
             vec![0.0f32; cols],
             vec![0.0f32; cols],
         );
-        let mut dxb = vec![T::from_f32(0.0); n * cols];
         let (mut dgam, mut dbet) = (vec![0.0f32; cols], vec![0.0f32; cols]);
-        for r in 0..n {
+        for (r, dxr) in dxb.chunks_exact_mut(cols).enumerate() {
             let row = r0 + r;
             convert(isa, &x[row * cols..][..cols], &mut xf);
             convert(isa, &dy[row * cols..][..cols], &mut df);
@@ -217,18 +234,39 @@ pub fn layer_norm_backward<T: Element>(
             }
             let mean_g = lane_sum(cols, |i| g[i]) / cols as f32;
             let mean_gx = lane_sum(cols, |i| g[i] * xf[i]) / cols as f32;
-            for i in 0..cols {
-                dxf[i] = s * (g[i] - mean_g - xf[i] * mean_gx);
+            let grad = |dxf: &mut [f32]| {
+                for i in 0..cols {
+                    dxf[i] = s * (g[i] - mean_g - xf[i] * mean_gx);
+                }
+            };
+            match crate::norm::as_f32_mut(dxr) {
+                Some(dxr) => grad(dxr),
+                None => {
+                    grad(&mut dxf);
+                    convert(isa, &dxf, dxr);
+                }
             }
-            convert(isa, &dxf, &mut dxb[r * cols..][..cols]);
         }
-        (dxb, dgam, dbet)
-    });
+        (dgam, dbet)
+    };
+    let block = ROWS_PER_BLOCK * cols;
+    let out: Vec<(Vec<f32>, Vec<f32>)> =
+        if len >= crate::cast::exec::PAR_MIN && threads::num_threads() > 1 {
+            threads::pool().install(|| {
+                dx.par_chunks_mut(block)
+                    .enumerate()
+                    .map(|(b, d)| run(b, d))
+                    .collect()
+            })
+        } else {
+            dx.chunks_mut(block)
+                .enumerate()
+                .map(|(b, d)| run(b, d))
+                .collect()
+        };
     let mut sum_gamma = vec![0.0f32; cols];
     let mut sum_beta = vec![0.0f32; cols];
-    for (b, (dxb, dgam, dbet)) in out.into_iter().enumerate() {
-        let r0 = b * ROWS_PER_BLOCK;
-        dx[r0 * cols..][..dxb.len()].copy_from_slice(&dxb);
+    for (dgam, dbet) in out {
         for i in 0..cols {
             sum_gamma[i] += dgam[i];
             sum_beta[i] += dbet[i];
