@@ -112,6 +112,20 @@ impl Cpu {
         self.gemm
     }
 
+    /// What decides this backend's bits, in one line: the GEMM path per input dtype, the
+    /// elementwise instruction set and the kernel thread count (results are bit-identical run to
+    /// run for the same line). Checkpoints record it, so a resume on other paths can say so.
+    pub fn kernel_paths(&self) -> String {
+        format!(
+            "float32={}, bfloat16={}, float16={}; elementwise {:?}; {} threads",
+            self.gemm.f32.name(),
+            self.gemm.bf16.name(),
+            self.gemm.f16.name(),
+            self.isa,
+            crate::threads::num_threads()
+        )
+    }
+
     // ---------------------------------------------------------------------------------------
     // GEMM
     // ---------------------------------------------------------------------------------------

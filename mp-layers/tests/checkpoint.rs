@@ -1624,3 +1624,29 @@ fn load_weights_refuses_non_finite_and_negative_values_by_name() {
     checkpoint::load_weights_from_bytes(&mut m, "w", &bytes).unwrap();
     assert_eq!(bits_of(&mut m), bits_of(t.model_mut()));
 }
+
+/// A checkpoint records the CPU kernel paths that computed it; resuming on the same paths says
+/// nothing, on others it says which and why it matters (bits, not correctness).
+#[test]
+fn a_checkpoint_records_its_kernel_paths_and_a_resume_on_others_says_so() {
+    let mut t = trained_trainer();
+    let bytes = t.checkpoint_bytes().unwrap();
+    let st = SafeTensors::parse("x", &bytes).unwrap();
+    let ours = mp_kernels::Cpu::global().unwrap().kernel_paths();
+    let saved = st.metadata.get(checkpoint::KEY_KERNEL_PATHS).unwrap();
+    assert_eq!(saved, &ours);
+    assert!(
+        ours.contains("float32=") && ours.contains("threads"),
+        "{ours}"
+    );
+    assert_eq!(checkpoint::paths_note("c.safetensors", Some(saved)), None);
+    assert_eq!(checkpoint::paths_note("c.safetensors", None), None);
+    let other = "float32=scalar, bfloat16=scalar, float16=scalar; elementwise Scalar; 1 threads";
+    let note = checkpoint::paths_note("c.safetensors", Some(other)).unwrap();
+    for needle in ["c.safetensors", other, &ours, "bit-for-bit", "MP_GEMM_PATH"] {
+        assert!(note.contains(needle), "{needle:?} in {note}");
+    }
+    // The file still resumes (the note is on stderr).
+    let mut again = trained_trainer();
+    again.resume_from_bytes("x", &bytes).unwrap();
+}

@@ -9,6 +9,9 @@ pub const KEY_KIND: &str = "mp.kind";
 pub const KEY_VERSION: &str = "mp.format_version";
 /// Metadata key: the training state (JSON), in checkpoints.
 pub const KEY_STATE: &str = "mp.state";
+/// Metadata key: the CPU kernel paths that computed the state (`mp_kernels::Cpu::kernel_paths`),
+/// in checkpoints; informative (a resume on other paths continues, and says so).
+pub const KEY_KERNEL_PATHS: &str = "mp.kernel_paths";
 /// Metadata key: the [`super::checksum`].
 pub const KEY_SHA256: &str = "mp.sha256";
 /// The prefix of optimizer slot tensors' names.

@@ -18,6 +18,10 @@
 //!     [`Error::NewerVersion`] before anything else in it is trusted;
 //!   - `mp.sha256`: the SHA-256 of the tensors (names, dtypes, shapes, bytes) and of the other
 //!     metadata ([`checksum`]), so a damaged file is refused ([`Error::Corrupted`]);
+//!   - `mp.kernel_paths` (checkpoints only): the CPU kernel paths that computed the state
+//!     (`mp_kernels::Cpu::kernel_paths`: the GEMM path per dtype, the elementwise instruction
+//!     set, the thread count). A resume on other paths continues and says so on stderr
+//!     ([`paths_note`]): results are bit-identical only on the same paths;
 //!   - `mp.state` (checkpoints only): a JSON object with the model's name and policy, the
 //!     training progress (epoch, step, shuffling RNG state), the optimizer (name, learning
 //!     rate, `iterations`, hyperparameters, which tensor holds which slot), the loss scaling
@@ -94,8 +98,10 @@ pub use self::atomic::{write_atomic, write_atomic_with};
 pub use self::callback::ModelCheckpoint;
 pub use self::error::{Error, Result};
 pub use self::folder::latest;
-pub use self::format::{FORMAT_VERSION, KEY_KIND, KEY_SHA256, KEY_STATE, KEY_VERSION, SLOT_PREFIX};
-pub use self::resume::Checkpointing;
+pub use self::format::{
+    FORMAT_VERSION, KEY_KERNEL_PATHS, KEY_KIND, KEY_SHA256, KEY_STATE, KEY_VERSION, SLOT_PREFIX,
+};
+pub use self::resume::{Checkpointing, paths_note};
 pub use self::seal::checksum;
 pub use self::weights::{load_weights, load_weights_from_bytes, save_weights, weights_to_bytes};
 pub use crate::train::{BestMetric, Mode};

@@ -10,7 +10,9 @@ use mp_optim::Optimizer;
 use super::atomic::{read, write_atomic};
 use super::error::{Error, Result};
 use super::folder::latest;
-use super::format::{KEY_KIND, KEY_STATE, KEY_VERSION, KIND_CHECKPOINT, SLOT_PREFIX};
+use super::format::{
+    KEY_KERNEL_PATHS, KEY_KIND, KEY_STATE, KEY_VERSION, KIND_CHECKPOINT, SLOT_PREFIX,
+};
 use super::safetensors::SafeTensors;
 use super::seal::{check_mp_metadata, seal};
 use super::state::{self, state_of};
@@ -103,6 +105,9 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
         let mut metadata = BTreeMap::new();
         metadata.insert(KEY_KIND.to_string(), KIND_CHECKPOINT.to_string());
         metadata.insert(KEY_STATE.to_string(), state);
+        if let Ok(cpu) = mp_kernels::Cpu::global() {
+            metadata.insert(KEY_KERNEL_PATHS.to_string(), cpu.kernel_paths());
+        }
         seal(&tensors, metadata)
     }
 
@@ -147,6 +152,7 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
             }
         }
         let saved = state_of(file, &st)?;
+        let note = paths_note(file, st.metadata.get(KEY_KERNEL_PATHS).map(String::as_str));
 
         // 1. Check everything, collecting every problem.
         let invalid = |what: String| Error::Invalid {
@@ -298,6 +304,25 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
         }
         self.set_progress(saved.progress);
         self.best = saved.best;
+        if let Some(note) = note {
+            eprintln!("mp: {note}");
+        }
         Ok(())
     }
+}
+
+/// What a resume says when the checkpoint in `file` was computed on other CPU kernel paths
+/// (`saved`, its [`KEY_KERNEL_PATHS`]) than this process uses: training continues correctly,
+/// but not bit-for-bit as an uninterrupted run would. `None` when they agree, or when either
+/// is unknown.
+pub fn paths_note(file: &str, saved: Option<&str>) -> Option<String> {
+    let ours = mp_kernels::Cpu::global().ok()?.kernel_paths();
+    let saved = saved?;
+    (saved != ours).then(|| {
+        format!(
+            "{file} was computed with kernel paths [{saved}], this process uses [{ours}]: \
+             training continues, but not bit-for-bit as an uninterrupted run on the first \
+             paths would (set MP_GEMM_PATH and MP_NUM_THREADS to match them for that)"
+        )
+    })
 }
