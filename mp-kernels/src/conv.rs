@@ -765,8 +765,34 @@ pub(crate) fn max_pool<T: Element>(
     let [kh, kw] = g.window.size;
     let [oh, ow] = g.output;
     let per = oh * ow * c;
+    // Keras's default, 2 x 2 windows at stride 2 with every window inside the input (no
+    // padding before, none needed after), so its four taps are read straight from two rows (the same taps in the same order,
+    // the same rule, so the same result as the general loop below).
+    let two_by_two = g.window.size == [2, 2]
+        && g.window.strides == [2, 2]
+        && g.window.dilation == [1, 1]
+        && g.pad == [0, 0]
+        // `same` padding of an odd side pads after it: a window would reach past the input.
+        && 2 * g.output[0] <= g.input[0]
+        && 2 * g.output[1] <= g.input[1];
     per_image2(y, argmax, per, |b, y, arg| {
         let base = b * g.image_len();
+        if two_by_two {
+            let w = g.input[1];
+            for i in 0..oh {
+                for j in 0..ow {
+                    let o = (i * ow + j) * c;
+                    let at = [
+                        base + ((2 * i) * w + 2 * j) * c,
+                        base + ((2 * i) * w + 2 * j + 1) * c,
+                        base + ((2 * i + 1) * w + 2 * j) * c,
+                        base + ((2 * i + 1) * w + 2 * j + 1) * c,
+                    ];
+                    max_of_four(x, at, c, &mut y[o..o + c], &mut arg[o..o + c]);
+                }
+            }
+            return;
+        }
         let mut best = vec![f32::NEG_INFINITY; c];
         for i in 0..oh {
             for j in 0..ow {
@@ -811,6 +837,29 @@ pub(crate) fn max_pool<T: Element>(
         }
     });
     Ok(())
+}
+
+/// One 2 x 2 window over `c` channels: the taps start at `at` (in window order), `y` gets the
+/// largest (the first NaN wins and stays), `arg` its index into `x`. Selects over the channels,
+/// so they run as vectors.
+#[inline]
+fn max_of_four<T: Element>(x: &[T], at: [usize; 4], c: usize, y: &mut [T], arg: &mut [u32]) {
+    let taps = at.map(|a| &x[a..a + c]);
+    for ch in 0..c {
+        let mut best = taps[0][ch];
+        let mut b = best.to_f32();
+        let mut a = (at[0] + ch) as u32;
+        for t in 1..4 {
+            let v = taps[t][ch];
+            let vf = v.to_f32();
+            let take = vf > b || (vf.is_nan() && !b.is_nan());
+            best = if take { v } else { best };
+            b = if take { vf } else { b };
+            a = if take { (at[t] + ch) as u32 } else { a };
+        }
+        y[ch] = best;
+        arg[ch] = a;
+    }
 }
 
 /// The gradient of [`max_pool`]: `dx` (float32, `[batch, h, w, channels]`) is zero but for the

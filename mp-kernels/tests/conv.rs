@@ -416,6 +416,46 @@ fn pooling_forward_and_gradients_match_float64() {
     let g = Geometry::new("test", [5, 29, 31, 17], big).ok();
     pool_case::<f32>(&mut rng, g);
     pool_case::<bf16>(&mut rng, g);
+    // Keras's default 2 x 2 window at stride 2 (a path of its own): odd sides (the last row
+    // and column are dropped), channel counts around the vector width, and the CNN's shape.
+    let keras = Window::new([2, 2]).strides([2, 2]);
+    for input in [[3, 7, 9, 5], [2, 6, 4, 17], [1, 2, 2, 1], [4, 28, 28, 32]] {
+        let g = Geometry::new("test", input, keras).ok();
+        pool_case::<f32>(&mut rng, g);
+        pool_case::<bf16>(&mut rng, g);
+        pool_case::<f16>(&mut rng, g);
+    }
+}
+
+#[test]
+fn nan_and_infinity_propagate_through_2x2_stride_2_pooling() {
+    // Two windows side by side, two channels: the first NaN of a window wins and stays.
+    let g = Geometry::new("test", [1, 2, 4, 2], Window::new([2, 2]).strides([2, 2])).unwrap();
+    let nan = f32::NAN;
+    #[rustfmt::skip]
+    let x = [
+        1.0, nan,   3.0, 2.0,   0.0, 5.0,   nan, -1.0,
+        nan, 0.0,   f32::INFINITY, -1.0,   4.0, nan,   9.0, 8.0,
+    ];
+    let mut y = [0.0f32; 4];
+    let mut arg = [0u32; 4];
+    cpu().max_pool(&g, &x, &mut y, &mut arg).unwrap();
+    assert!(
+        y[0].is_nan() && arg[0] == 8,
+        "window 0, channel 0: {y:?} {arg:?}"
+    );
+    assert!(
+        y[1].is_nan() && arg[1] == 1,
+        "window 0, channel 1: {y:?} {arg:?}"
+    );
+    assert!(
+        y[2].is_nan() && arg[2] == 6,
+        "window 1, channel 0: {y:?} {arg:?}"
+    );
+    assert!(
+        y[3].is_nan() && arg[3] == 13,
+        "window 1, channel 1: {y:?} {arg:?}"
+    );
 }
 
 /// Global average pooling is average pooling with the whole image as the window.
