@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gemm::{Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef, gemm_views};
+use crate::isa::Isa;
 use crate::threads;
 
 /// How a window meets the border (Keras's `padding`).
@@ -735,12 +736,14 @@ pub(crate) fn col2im<T: Element>(g: &Geometry, dcols: &[T], dx: &mut [f32]) -> R
 /// Max pooling: `y[b, i, j, c]` is the largest `x` in the window at `(i, j)` (positions in the
 /// padding are not candidates; NaN wins, as IEEE `maximum` says, the first one), and
 /// `argmax[b, i, j, c]` the index into `x` of the chosen element, which
-/// [`max_pool_backward`] routes the gradient to.
+/// [`max_pool_backward`] routes the gradient to. 16-bit taps are widened with the casts of
+/// `isa` (the result does not depend on it).
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `x`, `y` or `argmax`; [`Error::InvalidArgument`] when `x`
 /// has more than `u32::MAX` elements. Nothing is written on error.
 pub(crate) fn max_pool<T: Element>(
+    isa: Isa,
     g: &Geometry,
     x: &[T],
     y: &mut [T],
@@ -788,7 +791,7 @@ pub(crate) fn max_pool<T: Element>(
                         base + ((2 * i + 1) * w + 2 * j) * c,
                         base + ((2 * i + 1) * w + 2 * j + 1) * c,
                     ];
-                    max_of_four(x, at, c, &mut y[o..o + c], &mut arg[o..o + c]);
+                    max_of_four(isa, x, at, c, &mut y[o..o + c], &mut arg[o..o + c]);
                 }
             }
             return;
@@ -843,14 +846,20 @@ pub(crate) fn max_pool<T: Element>(
 /// largest (the first NaN wins and stays), `arg` its index into `x`. Selects over the channels,
 /// so they run as vectors.
 #[inline]
-fn max_of_four<T: Element>(x: &[T], at: [usize; 4], c: usize, y: &mut [T], arg: &mut [u32]) {
+fn max_of_four<T: Element>(
+    isa: Isa,
+    x: &[T],
+    at: [usize; 4],
+    c: usize,
+    y: &mut [T],
+    arg: &mut [u32],
+) {
     let taps = at.map(|a| &x[a..a + c]);
     if T::DTYPE != mp_core::DType::F32 {
         // 16-bit: widen the taps with the vector casts (F16C, AVX-512) a block of channels at
         // a time rather than one software conversion per element; the comparisons are the
         // same on the same float32 values.
         const BLOCK: usize = 64;
-        let isa = crate::isa::Isa::detect();
         let mut wide = [[0.0f32; BLOCK]; 4];
         for c0 in (0..c).step_by(BLOCK) {
             let n = BLOCK.min(c - c0);

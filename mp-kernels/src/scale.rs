@@ -34,7 +34,7 @@ pub(crate) fn scale<T: Element>(isa: Isa, x: &mut [T], s: f32) {
 }
 
 /// See [`crate::Cpu::add_assign`].
-pub(crate) fn add_assign<T: Element>(x: &[T], y: &mut [T]) {
+pub(crate) fn add_assign<T: Element>(isa: Isa, x: &[T], y: &mut [T]) {
     if T::DTYPE == DType::F32 {
         par_zip(x, 1, y, 1, |x: &[T], y: &mut [T]| {
             for (y, x) in y.iter_mut().zip(x) {
@@ -45,7 +45,6 @@ pub(crate) fn add_assign<T: Element>(x: &[T], y: &mut [T]) {
     }
     // 16-bit: widened a tile at a time with the vector casts (F16C, AVX-512) instead of one
     // software conversion per element, added in float32, rounded once (the same bits).
-    let isa = Isa::detect();
     par_zip(x, 1, y, 1, |x: &[T], y: &mut [T]| {
         const TILE: usize = 512;
         let (mut xf, mut yf) = ([0.0f32; TILE], [0.0f32; TILE]);

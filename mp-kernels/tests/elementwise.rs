@@ -1793,6 +1793,12 @@ fn add_assign_matches<T: Element>() {
             .zip(&y)
             .map(|(a, b)| T::from_f32(b.to_f32() + a.to_f32()))
             .collect();
+        for isa in isas() {
+            let mut other = y.clone();
+            cpu(isa).add_assign(&x, &mut other).unwrap();
+            let same = other.iter().zip(&want).all(|(g, w)| bits(*g) == bits(*w));
+            assert!(same, "{:?} n {n} on {isa:?}", T::DTYPE);
+        }
         let mut got = y.clone();
         global().add_assign(&x, &mut got).unwrap();
         for (i, ((g, w), (a, b))) in got.iter().zip(&want).zip(x.iter().zip(&y)).enumerate() {
