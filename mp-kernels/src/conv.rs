@@ -19,7 +19,6 @@
 use std::ops::Range;
 
 use mp_core::Element;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gemm::{Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef, gemm_views};
@@ -280,11 +279,7 @@ fn per_image<A: Send>(out: &mut [A], per: usize, f: impl Fn(usize, &mut [A]) + S
         return;
     }
     if parallel(out.len() / per, out.len()) {
-        threads::pool().install(|| {
-            out.par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(i, a)| f(i, a))
-        });
+        threads::pool().chunks_mut(out, per, f);
     } else {
         out.chunks_mut(per).enumerate().for_each(|(i, a)| f(i, a));
     }
@@ -301,12 +296,7 @@ fn per_image2<A: Send, B: Send>(
         return;
     }
     if parallel(a.len() / per, a.len()) {
-        threads::pool().install(|| {
-            a.par_chunks_mut(per)
-                .zip(b.par_chunks_mut(per))
-                .enumerate()
-                .for_each(|(i, (a, b))| f(i, a, b));
-        });
+        threads::pool().chunks_mut2((a, per), (b, per), f);
     } else {
         for (i, (a, b)) in a.chunks_mut(per).zip(b.chunks_mut(per)).enumerate() {
             f(i, a, b);
@@ -412,11 +402,9 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
         rest = others;
     }
     threads::pool()
-        .install(|| {
-            slices
-                .into_par_iter()
-                .map(|(r, out)| threads::serial(|| run(r, out, true)))
-                .collect::<Vec<_>>()
+        .map_chunks_mut(&mut slices, 1, |_, s| {
+            let (r, out) = &mut s[0];
+            threads::serial(|| run(r.clone(), out, true))
         })
         .into_iter()
         .collect()
@@ -583,11 +571,8 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
     };
     let sums: Vec<Result<Vec<f32>>> = match thread_parts(g.batch) {
         None => vec![part(0..g.batch, false)],
-        Some(parts) => threads::pool().install(|| {
-            parts
-                .into_par_iter()
-                .map(|r| threads::serial(|| part(r, true)))
-                .collect()
+        Some(parts) => threads::pool().map(parts.len(), |i| {
+            threads::serial(|| part(parts[i].clone(), true))
         }),
     };
     for dwt in sums {

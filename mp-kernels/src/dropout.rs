@@ -26,7 +26,6 @@
 //! ```
 
 use mp_core::Element;
-use rayon::prelude::*;
 
 use crate::cast::exec::PAR_MIN;
 use crate::error::{Error, Result, check_len};
@@ -134,11 +133,8 @@ fn apply<T: Element>(
         }
     };
     if x.len() >= PAR_MIN && threads::num_threads() > 1 {
-        threads::pool().install(|| {
-            y.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .enumerate()
-                .for_each(|(j, (y, x))| run(j * CHUNK, x, y));
+        threads::pool().chunks_mut(y, CHUNK, |j, y| {
+            run(j * CHUNK, &x[j * CHUNK..][..y.len()], y)
         });
     } else {
         run(0, x, y);

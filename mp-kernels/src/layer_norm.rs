@@ -33,7 +33,6 @@
 //! ```
 
 use mp_core::Element;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result, check_len};
 use crate::isa::Isa;
@@ -141,13 +140,12 @@ pub fn layer_norm<T: Element>(
     };
     let block = ROWS_PER_BLOCK * cols;
     if len >= crate::cast::exec::PAR_MIN && threads::num_threads() > 1 {
-        threads::pool().install(|| {
-            y.par_chunks_mut(block)
-                .zip(mean.par_chunks_mut(ROWS_PER_BLOCK))
-                .zip(inv_std.par_chunks_mut(ROWS_PER_BLOCK))
-                .enumerate()
-                .for_each(|(b, ((yb, mb), sb))| run(b, yb, mb, sb));
-        });
+        threads::pool().chunks_mut3(
+            (y, block),
+            (mean, ROWS_PER_BLOCK),
+            (inv_std, ROWS_PER_BLOCK),
+            run,
+        );
     } else {
         for (b, ((yb, mb), sb)) in y
             .chunks_mut(block)
@@ -252,12 +250,7 @@ pub fn layer_norm_backward<T: Element>(
     let block = ROWS_PER_BLOCK * cols;
     let out: Vec<(Vec<f32>, Vec<f32>)> =
         if len >= crate::cast::exec::PAR_MIN && threads::num_threads() > 1 {
-            threads::pool().install(|| {
-                dx.par_chunks_mut(block)
-                    .enumerate()
-                    .map(|(b, d)| run(b, d))
-                    .collect()
-            })
+            threads::pool().map_chunks_mut(dx, block, run)
         } else {
             dx.chunks_mut(block)
                 .enumerate()

@@ -49,7 +49,6 @@
 use std::ops::Range;
 
 use mp_core::Element;
-use rayon::prelude::*;
 
 use crate::cast::cast;
 use crate::cast::exec::PAR_MIN;
@@ -210,11 +209,7 @@ fn map_rows<T: Element, const K: usize>(
     };
     if parallel(out.len()) {
         let chunk = (PAR_MIN / 4).div_ceil(cols) * cols;
-        threads::pool().install(|| {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(j, o)| run(j * chunk, o));
-        });
+        threads::pool().chunks_mut(out, chunk, |j, o| run(j * chunk, o));
     } else {
         run(0, out);
     }
@@ -267,16 +262,20 @@ where
     // `k * j * COL_BLOCK` within it, laid out `[k, w]`.
     let mut partial = vec![0.0f32; blocks * stride];
     if parallel(rows * cols) {
-        threads::pool().install(|| {
-            partial
-                .par_chunks_mut(stride)
-                .enumerate()
-                .for_each(|(b, p)| {
-                    p.par_chunks_mut(chunk)
-                        .enumerate()
-                        .for_each(|(j, acc)| block(range(b), j * COL_BLOCK, acc));
-                });
-        });
+        // One item a row block when there are enough of them, else one a column chunk (the same
+        // sums either way: each (block, chunk) is computed alone).
+        let pool = threads::pool();
+        if blocks >= threads::num_threads() {
+            pool.chunks_mut(&mut partial, stride, |b, p| {
+                for (j, acc) in p.chunks_mut(chunk).enumerate() {
+                    block(range(b), j * COL_BLOCK, acc);
+                }
+            });
+        } else {
+            for (b, p) in partial.chunks_mut(stride).enumerate() {
+                pool.chunks_mut(p, chunk, |j, acc| block(range(b), j * COL_BLOCK, acc));
+            }
+        }
     } else {
         for (b, p) in partial.chunks_mut(stride).enumerate() {
             for (j, acc) in p.chunks_mut(chunk).enumerate() {

@@ -28,8 +28,6 @@
 //! and writes only when all are finite, so a skipped update leaves everything bit-identical.
 //! It reads what the update reads, so it costs about one more read pass of the buffers.
 
-use rayon::prelude::*;
-
 use crate::cast::exec::{PAR_MIN, check_isa};
 use crate::error::{Error, Result, check_len};
 use crate::isa::Isa;
@@ -415,12 +413,14 @@ fn run(b: Bufs, f: impl Fn(Bufs) -> u32 + Sync) -> u32 {
         return f(b);
     }
     let ch = n.div_ceil(4 * threads::num_threads()).next_multiple_of(64);
-    let chunks: Vec<Bufs> = (0..n)
-        .step_by(ch)
+    let flags = std::sync::atomic::AtomicU32::new(0);
+    threads::pool().for_each_index(n.div_ceil(ch), |i| {
+        let start = i * ch;
         // SAFETY: `start + len <= n`.
-        .map(|start| unsafe { b.chunk(start, ch.min(n - start)) })
-        .collect();
-    threads::pool().install(|| chunks.into_par_iter().map(&f).reduce(|| 0, |a, c| a | c))
+        let part = f(unsafe { b.chunk(start, ch.min(n - start)) });
+        flags.fetch_or(part, std::sync::atomic::Ordering::Relaxed);
+    });
+    flags.into_inner()
 }
 
 /// The update formulas, written once per instruction set with the same float32 operations, each

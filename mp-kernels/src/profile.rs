@@ -7,12 +7,10 @@
 //! opened inside another on the same thread (a convolution's GEMM) adds nothing, so each
 //! nanosecond is counted once, under the outermost op.
 //!
-//! Thread overhead is what the pool costs beyond the work: for each parallel region started
-//! from outside the pool, its wall time less the longest time one of its parts ran (for
-//! [`crate::threads::Pool::for_each_part`]), or less the time the work ran on the kernel thread
-//! it was handed to (for [`crate::threads::Pool::install`]): waking the threads, the hand-over
-//! and, for parts, the wait for the slowest. It is part of the ops' times too (the regions run
-//! inside them).
+//! Thread overhead is what the pool costs beyond the work: for each parallel region, its wall
+//! time less the longest time one thread spent on its items (see [`crate::threads::Pool`]):
+//! waking the workers, the hand-over and the wait for the slowest. It is part of the ops' times
+//! too (the regions run inside them).
 //!
 //! ```
 //! use mp_kernels::profile::{self, OpClass};

@@ -20,7 +20,6 @@
 //! ```
 
 use mp_core::Element;
-use rayon::prelude::*;
 
 use crate::cast::exec::{PAR_MIN, check_isa, ordered_sum, par_zip};
 use crate::error::{Error, Result, check_len};
@@ -59,12 +58,8 @@ pub(crate) fn bias_grad<T: Element>(
     let par = dy.len() >= PAR_MIN && threads::num_threads() > 1;
     if rows <= ROW_BLOCK {
         if par {
-            threads::pool().install(|| {
-                out.par_chunks_mut(COL_BLOCK)
-                    .enumerate()
-                    .for_each(|(j, o)| {
-                        col_sums(isa, dy, rows, cols, j * COL_BLOCK, o, accumulate);
-                    })
+            threads::pool().chunks_mut(out, COL_BLOCK, |j, o| {
+                col_sums(isa, dy, rows, cols, j * COL_BLOCK, o, accumulate);
             });
         } else {
             col_sums(isa, dy, rows, cols, 0, out, accumulate);
@@ -80,7 +75,7 @@ pub(crate) fn bias_grad<T: Element>(
         col_sums(isa, &dy[r0 * cols..(r0 + nr) * cols], nr, cols, 0, p, false);
     };
     if par {
-        threads::pool().install(|| partial.par_chunks_mut(cols).enumerate().for_each(block));
+        threads::pool().chunks_mut(&mut partial, cols, |b, p| block((b, p)));
     } else {
         partial.chunks_mut(cols).enumerate().for_each(block);
     }

@@ -12,7 +12,8 @@
 //! reached anyway runs on the calling thread ([`num_threads`] is then 1).
 
 use std::cell::Cell;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -78,93 +79,417 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The kernel threads: a rayon pool, or none when the kernels run on the calling thread (one
-/// thread asked for, or the threads could not be started).
+/// The kernel threads: the calling thread and `n - 1` workers, or none when the kernels run on
+/// the calling thread alone (one thread asked for, or the threads could not be started).
+///
+/// A parallel region publishes one job; the caller and every worker take its items from one
+/// counter until none is left, and the caller returns when every worker has finished with it.
+/// Between regions a worker spins on `pause` for [`SPIN`] (a training step's next op usually
+/// comes sooner, and a spinning worker starts it at once), then sleeps on a condition variable
+/// until the next region: it never spins in `sched_yield`. Which thread runs which item never
+/// changes a result: the kernels partition their work by item, not by thread.
 #[derive(Clone, Copy, Debug)]
-pub struct Pool(Option<&'static rayon::ThreadPool>);
+pub struct Pool(Option<&'static Workers>);
 
-impl Pool {
-    /// Runs `op` on the kernel threads (rayon's `ThreadPool::install`), or on the calling thread
-    /// when there are none. Kernels split their work only when [`num_threads`] is above 1, which
-    /// it is only with a pool, so nothing `op` runs reaches rayon's global pool.
-    pub fn install<R: Send>(self, op: impl FnOnce() -> R + Send) -> R {
-        match self.0 {
-            Some(pool) if crate::profile::enabled() && pool.current_thread_index().is_none() => {
-                let start = std::time::Instant::now();
-                let (r, ran) = pool.install(|| {
-                    let t = std::time::Instant::now();
-                    let r = op();
-                    (r, t.elapsed())
-                });
-                let wall = start.elapsed();
-                crate::profile::record_region(wall.saturating_sub(ran).as_nanos() as u64);
-                r
+/// How long an idle worker waits on `pause` before it sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// One parallel region's work: items `0..n`, taken in order from `next`.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    n: usize,
+    /// One item per thread, the thread's index (a broadcast), instead of items from `next`.
+    per_thread: bool,
+    next: AtomicUsize,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// The longest time one thread spent on items, nanoseconds (profiled regions only).
+    busiest: AtomicU64,
+    timed: bool,
+}
+
+impl Job<'_> {
+    /// Runs items until none is left (or, for a broadcast, item `me`); a panic is kept for the
+    /// caller and stops the other threads taking more.
+    fn work(&self, me: usize) {
+        let start = self.timed.then(std::time::Instant::now);
+        let run = |i: usize| {
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(i))) {
+                self.next.store(usize::MAX / 2, Ordering::SeqCst);
+                self.panic
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(p);
             }
-            Some(pool) => pool.install(op),
-            None => op(),
-        }
-    }
-
-    /// Runs `op` once on every kernel thread at the same time (rayon's `broadcast`), or once on
-    /// the calling thread; the results in thread order.
-    pub fn broadcast<R: Send>(self, op: impl Fn() -> R + Sync) -> Vec<R> {
-        match self.0 {
-            Some(pool) => pool.broadcast(|_| op()),
-            None => vec![op()],
-        }
-    }
-
-    /// The number of kernel threads (1 without a pool).
-    pub fn current_num_threads(self) -> usize {
-        self.0.map_or(1, rayon::ThreadPool::current_num_threads)
-    }
-
-    /// Runs `f` on every part, the first on the calling thread and the others on the kernel
-    /// threads, and returns when all are done; in order on the calling thread without a pool.
-    pub fn for_each_part<T: Sync>(self, parts: &[T], f: impl Fn(&T) + Sync) {
-        match (self.0, parts.split_first()) {
-            (Some(pool), Some((first, rest)))
-                if !rest.is_empty()
-                    && crate::profile::enabled()
-                    && pool.current_thread_index().is_none() =>
-            {
-                // The longest part's time, in nanoseconds.
-                let longest = std::sync::atomic::AtomicU64::new(0);
-                let timed = |part: &T| {
-                    let t = std::time::Instant::now();
-                    f(part);
-                    let ns = t.elapsed().as_nanos() as u64;
-                    longest.fetch_max(ns, std::sync::atomic::Ordering::Relaxed);
-                };
-                let start = std::time::Instant::now();
-                pool.scope(|s| {
-                    let timed = &timed;
-                    for part in rest {
-                        s.spawn(move |_| timed(part));
-                    }
-                    timed(first);
-                });
-                let wall = start.elapsed().as_nanos() as u64;
-                crate::profile::record_region(wall.saturating_sub(longest.into_inner()));
+        };
+        if self.per_thread {
+            if me < self.n {
+                run(me);
             }
-            (Some(pool), Some((first, rest))) if !rest.is_empty() => pool.scope(|s| {
-                let f = &f;
-                for part in rest {
-                    s.spawn(move |_| f(part));
+        } else {
+            loop {
+                let i = self.next.fetch_add(1, Ordering::Relaxed);
+                if i >= self.n {
+                    break;
                 }
-                f(first);
-            }),
-            _ => parts.iter().for_each(f),
+                run(i);
+            }
+        }
+        if let Some(t) = start {
+            self.busiest
+                .fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 }
 
-/// How a kernel thread is started: rayon's spawn handler (see [`set_spawn_handler`]).
-type Spawn = Box<dyn FnMut(rayon::ThreadBuilder) -> std::io::Result<()> + Send>;
+/// The workers' shared state.
+pub struct Workers {
+    /// Threads in a region, the caller included.
+    threads: usize,
+    /// Bumped once per region (and at shutdown); a worker runs the job of each new value.
+    epoch: AtomicUsize,
+    /// The current region's job (valid while `active > 0`).
+    job: AtomicPtr<Job<'static>>,
+    /// Workers that have not finished the current region.
+    active: AtomicUsize,
+    /// Workers asleep on `wake`.
+    sleepers: AtomicUsize,
+    /// Whether the caller sleeps on `done`.
+    caller_waiting: AtomicBool,
+    shutdown: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+    done: Condvar,
+    /// Held by the thread running a region: a second caller runs its items alone meanwhile.
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Workers {
+    fn new(threads: usize) -> Workers {
+        Workers {
+            threads,
+            epoch: AtomicUsize::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            active: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            caller_waiting: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            done: Condvar::new(),
+            busy: Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the next epoch and wakes the workers that sleep.
+    fn publish(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        // A worker counts itself a sleeper, under the lock, before it checks the epoch one last
+        // time; so either it sees the new epoch or this sees it asleep (both SeqCst).
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock();
+            self.wake.notify_all();
+        }
+    }
+
+    /// A worker's life: run the job of every new epoch, as worker `me` (1-based).
+    fn worker(&self, me: usize) {
+        SERIAL.with(|s| s.set(true));
+        // Epoch 0 is the one the workers were made in: a region published before this thread
+        // got here is still ahead of it.
+        let mut seen = 0;
+        loop {
+            let start = std::time::Instant::now();
+            let mut spins = 0u32;
+            loop {
+                let e = self.epoch.load(Ordering::SeqCst);
+                if e != seen {
+                    seen = e;
+                    break;
+                }
+                spins += 1;
+                if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let mut g = self.lock();
+                self.sleepers.fetch_add(1, Ordering::SeqCst);
+                while self.epoch.load(Ordering::SeqCst) == seen {
+                    g = self
+                        .wake
+                        .wait(g)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                self.sleepers.fetch_sub(1, Ordering::SeqCst);
+            }
+            if self.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+            // SAFETY: the caller keeps the job alive until `active` reaches zero, which this
+            // worker's decrement below is part of.
+            let job = unsafe { &*self.job.load(Ordering::SeqCst) };
+            job.work(me);
+            if self.active.fetch_sub(1, Ordering::SeqCst) == 1
+                && self.caller_waiting.load(Ordering::SeqCst)
+            {
+                let _g = self.lock();
+                self.done.notify_one();
+            }
+        }
+    }
+
+    /// Runs `f` on items `0..n` over the caller and the workers (see [`Pool`]).
+    fn region(&self, n: usize, per_thread: bool, f: &(dyn Fn(usize) + Sync)) {
+        let Ok(_busy) = self.busy.try_lock() else {
+            // Another thread's region is running: this one's items run here, in order.
+            return serial(|| (0..n).for_each(f));
+        };
+        let timed = crate::profile::enabled();
+        let start = timed.then(std::time::Instant::now);
+        let job = Job {
+            f,
+            n,
+            per_thread,
+            next: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+            busiest: AtomicU64::new(0),
+            timed,
+        };
+        // The workers see the job only while `active > 0`, and this returns only after.
+        let erased: *const Job<'_> = &job;
+        self.job.store(erased.cast_mut().cast(), Ordering::SeqCst);
+        self.active.store(self.threads - 1, Ordering::SeqCst);
+        self.publish();
+        serial(|| job.work(0));
+        let wait = std::time::Instant::now();
+        while self.active.load(Ordering::SeqCst) != 0 {
+            if wait.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            // A worker that finishes last reads `caller_waiting` after its decrement.
+            self.caller_waiting.store(true, Ordering::SeqCst);
+            let mut g = self.lock();
+            while self.active.load(Ordering::SeqCst) != 0 {
+                g = self
+                    .done
+                    .wait(g)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            self.caller_waiting.store(false, Ordering::SeqCst);
+        }
+        if let Some(t) = start {
+            let wall = t.elapsed().as_nanos() as u64;
+            crate::profile::record_region(wall.saturating_sub(job.busiest.into_inner()));
+        }
+        let panic = job
+            .panic
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Stops the workers (their threads return).
+    fn stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.publish();
+    }
+}
+
+/// A slice handed out in disjoint chunks to the threads of a region.
+struct Chunks<T> {
+    ptr: *mut T,
+    len: usize,
+    chunk: usize,
+}
+
+// SAFETY: each chunk is given to one thread only (see `get`), and `T: Send`.
+unsafe impl<T: Send> Sync for Chunks<T> {}
+
+impl<T> Chunks<T> {
+    fn new(s: &mut [T], chunk: usize) -> Chunks<T> {
+        Chunks {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            chunk: chunk.max(1),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.len.div_ceil(self.chunk)
+    }
+
+    /// Chunk `i`.
+    ///
+    /// # Safety
+    /// `i < count()`, and no other reference to chunk `i` may be live.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self, i: usize) -> &mut [T] {
+        let start = i * self.chunk;
+        let len = self.chunk.min(self.len - start);
+        // SAFETY: inside the slice (the caller's promise), and exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+impl Pool {
+    /// The number of kernel threads, the calling thread included (1 without workers).
+    pub fn current_num_threads(self) -> usize {
+        self.0.map_or(1, |w| w.threads)
+    }
+
+    /// Runs `f(i)` for every `i` in `0..n` over the caller and the workers and returns when all
+    /// are done; in order on the calling thread without workers, inside another region (on a
+    /// worker, or in [`serial`]) or when another thread's region is running. A panic in `f` is
+    /// raised again here once every thread has stopped.
+    pub fn for_each_index(self, n: usize, f: impl Fn(usize) + Sync) {
+        match self.0 {
+            Some(w) if n > 1 && !SERIAL.with(Cell::get) => w.region(n, false, &f),
+            _ => (0..n).for_each(f),
+        }
+    }
+
+    /// Runs `f` on every part (see [`Pool::for_each_index`]).
+    pub fn for_each_part<T: Sync>(self, parts: &[T], f: impl Fn(&T) + Sync) {
+        self.for_each_index(parts.len(), |i| f(&parts[i]));
+    }
+
+    /// `f(i)` for every `i` in `0..n`, in index order (see [`Pool::for_each_index`]).
+    pub fn map<R: Send>(self, n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+        let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+        self.chunks_mut(&mut out, 1, |i, slot| slot[0] = Some(f(i)));
+        out.into_iter().flatten().collect()
+    }
+
+    /// Runs `f(i, chunk)` on every chunk of `y` (`chunk` elements, the last one shorter).
+    pub fn chunks_mut<T: Send>(
+        self,
+        y: &mut [T],
+        chunk: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        let y = Chunks::new(y, chunk);
+        // SAFETY: item i gets chunk i alone.
+        self.for_each_index(y.count(), |i| f(i, unsafe { y.get(i) }));
+    }
+
+    /// `f(i, chunk)` for every chunk of `y` (as [`Pool::chunks_mut`]), in chunk order.
+    pub fn map_chunks_mut<T: Send, R: Send>(
+        self,
+        y: &mut [T],
+        chunk: usize,
+        f: impl Fn(usize, &mut [T]) -> R + Sync,
+    ) -> Vec<R> {
+        let mut out: Vec<Option<R>> = (0..y.len().div_ceil(chunk.max(1))).map(|_| None).collect();
+        self.chunks_mut2((&mut out, 1), (y, chunk), |i, slot, c| {
+            slot[0] = Some(f(i, c))
+        });
+        out.into_iter().flatten().collect()
+    }
+
+    /// Runs `f(i, a_i, b_i)` on matching chunks of `a` and `b` (`ca` and `cb` elements), as many
+    /// as the shorter has.
+    pub fn chunks_mut2<A: Send, B: Send>(
+        self,
+        (a, ca): (&mut [A], usize),
+        (b, cb): (&mut [B], usize),
+        f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+    ) {
+        let (a, b) = (Chunks::new(a, ca), Chunks::new(b, cb));
+        let n = a.count().min(b.count());
+        // SAFETY: item i gets chunk i of each alone.
+        self.for_each_index(n, |i| f(i, unsafe { a.get(i) }, unsafe { b.get(i) }));
+    }
+
+    /// [`Pool::chunks_mut2`] over three slices.
+    #[allow(clippy::type_complexity)]
+    pub fn chunks_mut3<A: Send, B: Send, C: Send>(
+        self,
+        (a, ca): (&mut [A], usize),
+        (b, cb): (&mut [B], usize),
+        (c, cc): (&mut [C], usize),
+        f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync,
+    ) {
+        let (a, b, c) = (Chunks::new(a, ca), Chunks::new(b, cb), Chunks::new(c, cc));
+        let n = a.count().min(b.count()).min(c.count());
+        self.for_each_index(n, |i| {
+            // SAFETY: item i gets chunk i of each alone.
+            let (a, b, c) = unsafe { (a.get(i), b.get(i), c.get(i)) };
+            f(i, a, b, c)
+        });
+    }
+
+    /// Runs `op` once on every kernel thread at the same time, or once on the calling thread;
+    /// the results in thread order (the caller's first).
+    pub fn broadcast<R: Send>(self, op: impl Fn() -> R + Sync) -> Vec<R> {
+        match self.0 {
+            Some(w) if !SERIAL.with(Cell::get) => {
+                let mut out: Vec<Option<R>> = (0..w.threads).map(|_| None).collect();
+                let slots = Chunks::new(&mut out, 1);
+                w.region(w.threads, true, &|i| {
+                    // SAFETY: thread i fills slot i alone.
+                    let slot = unsafe { slots.get(i) };
+                    slot[0] = Some(op());
+                });
+                out.into_iter().flatten().collect()
+            }
+            _ => vec![op()],
+        }
+    }
+}
+
+/// How a kernel thread is started (see [`set_spawn_handler`]).
+type Spawn = Box<dyn FnMut(ThreadBuilder) -> std::io::Result<()> + Send>;
+
+/// A kernel thread to start: [`ThreadBuilder::run`] is its body.
+pub struct ThreadBuilder {
+    index: usize,
+    body: Box<dyn FnOnce() + Send>,
+}
+
+impl std::fmt::Debug for ThreadBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadBuilder")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ThreadBuilder {
+    /// The worker's index (1-based: the calling thread is 0).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The name the default handler gives the thread.
+    pub fn name(&self) -> String {
+        format!("mp-kernels-{}", self.index)
+    }
+
+    /// Runs the worker until the process ends.
+    pub fn run(self) {
+        (self.body)()
+    }
+}
 
 /// The spawn handler set by [`set_spawn_handler`], until the pool is built.
 enum SpawnState {
-    /// `std::thread::Builder`, rayon's default.
+    /// `std::thread::Builder` with the thread's name.
     Default,
     /// Set by [`set_spawn_handler`].
     Custom(Spawn),
@@ -173,19 +498,18 @@ enum SpawnState {
 }
 
 static SPAWN: Mutex<SpawnState> = Mutex::new(SpawnState::Default);
-static POOL: OnceLock<std::result::Result<Option<rayon::ThreadPool>, String>> = OnceLock::new();
+static POOL: OnceLock<std::result::Result<Option<&'static Workers>, String>> = OnceLock::new();
 
 /// Sets how the kernel threads are started, before the pool is first used: `spawn` gets each
-/// thread's [`rayon::ThreadBuilder`] and must run [`rayon::ThreadBuilder::run`] on a new thread
-/// (rayon's `ThreadPoolBuilder::spawn_handler`: to set a stack size or pin threads, say). A
-/// spawn that fails makes [`try_pool`] fail, naming the error, as a process thread limit
-/// does (what tests inject).
+/// worker's [`ThreadBuilder`] and must run [`ThreadBuilder::run`] on a new thread (to set a stack
+/// size or pin threads, say). A spawn that fails makes [`try_pool`] fail, naming the error, as a
+/// process thread limit does (what tests inject).
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when the pool was already built (a kernel, [`num_threads`] or
 /// [`crate::Cpu`] used it).
 pub fn set_spawn_handler(
-    spawn: impl FnMut(rayon::ThreadBuilder) -> std::io::Result<()> + Send + 'static,
+    spawn: impl FnMut(ThreadBuilder) -> std::io::Result<()> + Send + 'static,
 ) -> Result<()> {
     let mut state = SPAWN
         .lock()
@@ -223,7 +547,7 @@ pub fn try_pool() -> Result<Pool> {
         start(asked.unwrap_or_else(cores), asked.is_some(), spawn)
     });
     match built {
-        Ok(pool) => Ok(Pool(pool.as_ref())),
+        Ok(pool) => Ok(Pool(*pool)),
         Err(what) => Err(Error::InvalidArgument {
             op: KNOB,
             what: what.clone(),
@@ -231,35 +555,44 @@ pub fn try_pool() -> Result<Pool> {
     }
 }
 
-/// Starts `n` kernel threads (none for one: the kernels run on the calling thread) with `spawn`
-/// (`None`: rayon's default); `asked` says whether `MP_NUM_THREADS` set `n`.
+/// Starts the `n - 1` workers of `n` kernel threads (none for one: the kernels run on the calling
+/// thread) with `spawn` (`None`: a named `std::thread`); `asked` says whether `MP_NUM_THREADS`
+/// set `n`. When a spawn fails, the workers already started are stopped.
 fn start(
     n: usize,
     asked: bool,
     spawn: Option<Spawn>,
-) -> std::result::Result<Option<rayon::ThreadPool>, String> {
+) -> std::result::Result<Option<&'static Workers>, String> {
     if n <= 1 {
         return Ok(None);
     }
-    let builder = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("mp-kernels-{i}"));
-    let built = match spawn {
-        Some(f) => builder.spawn_handler(f).build(),
-        None => builder.build(),
-    };
-    built.map(Some).map_err(|e| {
-        let why = if asked {
-            format!("{KNOB}={n}")
-        } else {
-            format!("one per core; {KNOB} is unset")
-        };
-        format!(
-            "cannot start {n} kernel threads ({why}): {e}; the process may be at its thread \
-             limit (ulimit -u): set {KNOB}=1 to run every kernel on the calling thread, or \
-             raise the limit"
-        )
-    })
+    // Kept for the process: the workers borrow it for as long as they run.
+    let workers: &'static Workers = Box::leak(Box::new(Workers::new(n)));
+    let mut spawn = spawn.unwrap_or_else(|| {
+        Box::new(|t: ThreadBuilder| {
+            std::thread::Builder::new()
+                .name(t.name())
+                .spawn(move || t.run())
+                .map(drop)
+        })
+    });
+    for index in 1..n {
+        let body = Box::new(move || workers.worker(index));
+        if let Err(e) = spawn(ThreadBuilder { index, body }) {
+            workers.stop();
+            let why = if asked {
+                format!("{KNOB}={n}")
+            } else {
+                format!("one per core; {KNOB} is unset")
+            };
+            return Err(format!(
+                "cannot start {n} kernel threads ({why}): {e}; the process may be at its thread \
+                 limit (ulimit -u): set {KNOB}=1 to run every kernel on the calling thread, or \
+                 raise the limit"
+            ));
+        }
+    }
+    Ok(Some(workers))
 }
 
 /// The kernel threads (see [`Pool`]). Every [`crate::Cpu`] checks [`try_pool`] when it is made,
@@ -315,7 +648,7 @@ mod tests {
     /// thread limit; counts its calls.
     fn limited(ok: usize, calls: &Arc<AtomicUsize>) -> Spawn {
         let calls = Arc::clone(calls);
-        Box::new(move |t: rayon::ThreadBuilder| {
+        Box::new(move |t: ThreadBuilder| {
             if calls.fetch_add(1, Ordering::SeqCst) < ok {
                 std::thread::Builder::new().spawn(move || t.run())?;
                 Ok(())
@@ -334,9 +667,9 @@ mod tests {
             (true, "(MP_NUM_THREADS=3)"),
             (false, "MP_NUM_THREADS is unset"),
         ] {
-            // The third thread fails: rayon stops the two it started.
+            // The second worker fails: the first is stopped.
             let calls = Arc::new(AtomicUsize::new(0));
-            let e = start(3, asked, Some(limited(2, &calls))).unwrap_err();
+            let e = start(3, asked, Some(limited(1, &calls))).unwrap_err();
             for part in [
                 "cannot start 3 kernel threads",
                 says,
@@ -346,27 +679,27 @@ mod tests {
             ] {
                 assert!(e.contains(part), "{part:?} missing from {e:?}");
             }
-            assert_eq!(calls.load(Ordering::SeqCst), 3);
+            assert_eq!(calls.load(Ordering::SeqCst), 2);
         }
     }
 
     #[test]
-    fn the_spawn_handler_starts_each_thread_and_one_thread_needs_none() {
+    fn the_spawn_handler_starts_each_worker_and_one_thread_needs_none() {
         let calls = Arc::new(AtomicUsize::new(0));
-        let pool = start(2, true, Some(limited(2, &calls))).unwrap().unwrap();
+        let pool = Pool(start(3, true, Some(limited(2, &calls))).unwrap());
+        // Three threads: the caller and two workers.
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        // Kept for the process, as the shared pool is (its two threads stay idle).
-        let pool = Pool(Some(Box::leak(Box::new(pool))));
-        assert_eq!(pool.current_num_threads(), 2);
-        assert_eq!(pool.broadcast(|| 1).len(), 2);
+        assert_eq!(pool.current_num_threads(), 3);
+        let ids = pool.broadcast(|| std::thread::current().id());
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[0], std::thread::current().id());
+        assert!(ids[1] != ids[0] && ids[2] != ids[0] && ids[1] != ids[2]);
         let sums: Vec<AtomicUsize> = (0..5).map(|_| AtomicUsize::new(0)).collect();
         pool.for_each_part(&[0, 1, 2, 3, 4], |&i| {
             sums[i].fetch_add(i + 1, Ordering::SeqCst);
         });
-        assert_eq!(
-            sums.iter().map(|s| s.load(Ordering::SeqCst)).sum::<usize>(),
-            15
-        );
+        let sums: Vec<usize> = sums.iter().map(|s| s.load(Ordering::SeqCst)).collect();
+        assert_eq!(sums, [1, 2, 3, 4, 5]);
         // One thread: nothing is spawned (a handler that always fails is never called), and
         // the work runs on the calling thread.
         let calls = Arc::new(AtomicUsize::new(0));
@@ -374,12 +707,83 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 0);
         let none = Pool(None);
         let me = std::thread::current().id();
-        assert_eq!(none.install(|| std::thread::current().id()), me);
         assert_eq!(none.broadcast(|| std::thread::current().id()), vec![me]);
         assert_eq!(none.current_num_threads(), 1);
         let order = Mutex::new(vec![]);
         none.for_each_part(&[3, 1, 2], |&i| order.lock().unwrap().push(i));
         assert_eq!(order.into_inner().unwrap(), [3, 1, 2]);
+    }
+
+    #[test]
+    fn regions_run_every_item_once_chunk_by_chunk_and_in_order_when_nested() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let pool = Pool(start(2, true, Some(limited(1, &calls))).unwrap());
+        for n in [0, 1, 2, 7, 100] {
+            // Many regions in a row: the worker spins between them, or sleeps and is woken.
+            for round in 0..50 {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.for_each_index(n, |i| {
+                    hits[i].fetch_add(1, Ordering::SeqCst);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::SeqCst) == 1),
+                    "{n} {round}"
+                );
+                if round == 25 {
+                    // Long enough for the worker to fall asleep.
+                    std::thread::sleep(SPIN * 5);
+                }
+            }
+            assert_eq!(
+                pool.map(n, |i| i * i),
+                (0..n).map(|i| i * i).collect::<Vec<_>>()
+            );
+        }
+        let mut y: Vec<usize> = vec![0; 103];
+        let mut z: Vec<usize> = vec![0; 11];
+        let mut w: Vec<u8> = vec![0; 40];
+        pool.chunks_mut3((&mut y, 10), (&mut z, 1), (&mut w, 4), |i, y, z, w| {
+            y.iter_mut().for_each(|v| *v = i);
+            z[0] = y.len();
+            w.fill(i as u8);
+        });
+        // Ten matching chunks (w has ten); y's eleventh chunk is left alone.
+        assert_eq!(&z[..10], [10; 10]);
+        assert_eq!(z[10], 0);
+        assert!(y[..100].iter().enumerate().all(|(k, &v)| v == k / 10));
+        assert_eq!(&y[100..], [0, 0, 0]);
+        assert!(w.iter().enumerate().all(|(k, &v)| v as usize == k / 4));
+        // Nested regions run on the thread that reaches them, in order.
+        let order = Mutex::new(vec![]);
+        pool.for_each_index(2, |i| {
+            if i == 0 {
+                pool.for_each_index(4, |j| order.lock().unwrap().push(j));
+            }
+        });
+        assert_eq!(order.into_inner().unwrap(), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_panic_in_a_region_reaches_the_caller_after_every_thread_stops() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let pool = Pool(start(2, true, Some(limited(1, &calls))).unwrap());
+        let done = AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.for_each_index(64, |i| {
+                if i == 3 {
+                    panic!("item 3 failed");
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        }));
+        let msg = r.unwrap_err();
+        assert_eq!(msg.downcast_ref::<&str>(), Some(&"item 3 failed"));
+        // The pool still works afterwards.
+        let total = AtomicUsize::new(0);
+        pool.for_each_index(10, |i| {
+            total.fetch_add(i, Ordering::SeqCst);
+        });
+        assert_eq!(total.load(Ordering::SeqCst), 45);
     }
 
     #[test]

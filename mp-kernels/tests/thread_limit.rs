@@ -55,7 +55,10 @@ fn a_thread_limit_is_an_error_naming_the_knob_at_every_entry_point() {
     assert_eq!(threads::num_threads(), 1);
     assert_eq!(threads::pool().current_num_threads(), 1);
     let me = std::thread::current().id();
-    assert_eq!(threads::pool().install(|| std::thread::current().id()), me);
+    assert_eq!(
+        threads::pool().broadcast(|| std::thread::current().id()),
+        [me]
+    );
     assert!(peak::describe_cpu().contains("1 kernel threads"));
     // Large enough to be split over the threads if there were any.
     let x: Vec<f32> = (0..1 << 20).map(|i| (i % 97) as f32 / 16.0 - 3.0).collect();

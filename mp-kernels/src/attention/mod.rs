@@ -50,7 +50,6 @@
 use std::cell::RefCell;
 
 use mp_core::Element;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result, check_len};
 use crate::isa::Isa;
@@ -280,12 +279,11 @@ fn attention_on<T: Element>(
     if per >= a.batch {
         task((0, (out, probs)));
     } else {
-        threads::pool().install(|| {
-            out.par_chunks_mut(per * g.sample())
-                .zip(probs.par_chunks_mut(per * g.sample_probs()))
-                .enumerate()
-                .for_each(task);
-        });
+        threads::pool().chunks_mut2(
+            (out, per * g.sample()),
+            (probs, per * g.sample_probs()),
+            |i, o, p| task((i, (o, p))),
+        );
     }
     Ok(())
 }
@@ -360,12 +358,8 @@ fn attention_backward_on<T: Element>(
         task((0, ((dq, dk), dv)));
     } else {
         let chunk = per * g.sample();
-        threads::pool().install(|| {
-            dq.par_chunks_mut(chunk)
-                .zip(dk.par_chunks_mut(chunk))
-                .zip(dv.par_chunks_mut(chunk))
-                .enumerate()
-                .for_each(task);
+        threads::pool().chunks_mut3((dq, chunk), (dk, chunk), (dv, chunk), |i, dq, dk, dv| {
+            task((i, ((dq, dk), dv)))
         });
     }
     Ok(())

@@ -7,8 +7,6 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 use crate::threads;
@@ -63,10 +61,12 @@ pub(crate) fn par_zip<A: Sync, D: Send>(
         return f(x, y);
     }
     let per = chunk_len(y.len(), uy) / uy.max(1);
-    threads::pool().install(|| {
-        x.par_chunks((per * ux).max(1))
-            .zip(y.par_chunks_mut((per * uy).max(1)))
-            .for_each(|(a, b)| f(a, b))
+    let (cx, cy) = ((per * ux).max(1), (per * uy).max(1));
+    let n = x.len().div_ceil(cx);
+    threads::pool().chunks_mut(y, cy, |i, b| {
+        if i < n {
+            f(&x[i * cx..((i + 1) * cx).min(x.len())], b);
+        }
     });
 }
 
@@ -83,11 +83,13 @@ pub(crate) fn par_zip2<A: Sync, B: Sync, D: Send>(
         return f(a, b, y);
     }
     let per = chunk_len(y.len(), uy) / uy.max(1);
-    threads::pool().install(|| {
-        a.par_chunks((per * ua).max(1))
-            .zip(b.par_chunks((per * ub).max(1)))
-            .zip(y.par_chunks_mut((per * uy).max(1)))
-            .for_each(|((a, b), y)| f(a, b, y))
+    let (ca, cb, cy) = ((per * ua).max(1), (per * ub).max(1), (per * uy).max(1));
+    let n = a.len().div_ceil(ca).min(b.len().div_ceil(cb));
+    threads::pool().chunks_mut(y, cy, |i, y| {
+        if i < n {
+            let a = &a[i * ca..((i + 1) * ca).min(a.len())];
+            f(a, &b[i * cb..((i + 1) * cb).min(b.len())], y);
+        }
     });
 }
 
@@ -97,7 +99,7 @@ pub(crate) fn par_each<D: Send>(y: &mut [D], f: impl Fn(&mut [D]) + Sync) {
         return f(y);
     }
     let ch = chunk_len(y.len(), 1);
-    threads::pool().install(|| y.par_chunks_mut(ch).for_each(&f));
+    threads::pool().chunks_mut(y, ch, |_, y| f(y));
 }
 
 /// Runs `f` on every chunk of `y` in place (all of them, never stopping early) and returns
@@ -107,7 +109,13 @@ pub(crate) fn par_each_all<D: Send>(y: &mut [D], f: impl Fn(&mut [D]) -> bool + 
         return f(y);
     }
     let ch = chunk_len(y.len(), 1);
-    threads::pool().install(|| y.par_chunks_mut(ch).map(&f).reduce(|| true, |a, b| a && b))
+    let all = std::sync::atomic::AtomicBool::new(true);
+    threads::pool().chunks_mut(y, ch, |_, y| {
+        if !f(y) {
+            all.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    all.into_inner()
 }
 
 /// Whether `f` holds for every chunk of `x` (chunks may run in any order and stop early).
@@ -116,7 +124,15 @@ pub(crate) fn par_all<A: Sync>(x: &[A], f: impl Fn(&[A]) -> bool + Sync) -> bool
         return f(x);
     }
     let ch = chunk_len(x.len(), 1);
-    threads::pool().install(|| x.par_chunks(ch).all(&f))
+    let all = std::sync::atomic::AtomicBool::new(true);
+    threads::pool().for_each_index(x.len().div_ceil(ch), |i| {
+        if all.load(std::sync::atomic::Ordering::Relaxed)
+            && !f(&x[i * ch..((i + 1) * ch).min(x.len())])
+        {
+            all.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    all.into_inner()
 }
 
 /// The sum of `f` over the fixed ranges `0..block, block..2*block, ...` covering `0..n`, added in
@@ -134,6 +150,6 @@ pub(crate) fn ordered_sum(
         return ranges.map(&f).fold(0.0, |a, b| a + b);
     }
     let ranges: Vec<Range<usize>> = ranges.collect();
-    let parts: Vec<f64> = threads::pool().install(|| ranges.into_par_iter().map(&f).collect());
+    let parts: Vec<f64> = threads::pool().map(ranges.len(), |i| f(ranges[i].clone()));
     parts.into_iter().fold(0.0, |a, b| a + b)
 }
