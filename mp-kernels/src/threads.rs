@@ -275,8 +275,11 @@ impl Workers {
         self.publish();
         serial(|| job.work(0));
         let wait = std::time::Instant::now();
+        let mut spins = 0u32;
         while self.active.load(Ordering::SeqCst) != 0 {
-            if wait.elapsed() < SPIN {
+            spins += 1;
+            // The clock is read once every 256 spins (it cost 2% of a ViT step read every one).
+            if !spins.is_multiple_of(256) || wait.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
