@@ -253,9 +253,13 @@ impl Workers {
 
     /// Runs `f` on items `0..n` over the caller and the workers (see [`Pool`]).
     fn region(&self, n: usize, per_thread: bool, f: &(dyn Fn(usize) + Sync)) {
-        let Ok(_busy) = self.busy.try_lock() else {
+        let busy = match self.busy.try_lock() {
+            Ok(g) => g,
+            // A panic re-raised by an earlier region poisons nothing here: the guard is dropped
+            // before it is re-raised. Taken anyway, should that ever change.
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             // Another thread's region is running: this one's items run here, in order.
-            return serial(|| (0..n).for_each(f));
+            Err(std::sync::TryLockError::WouldBlock) => return serial(|| (0..n).for_each(f)),
         };
         let timed = crate::profile::enabled();
         let start = timed.then(std::time::Instant::now);
@@ -302,6 +306,7 @@ impl Workers {
             .panic
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(busy);
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
         }
@@ -781,12 +786,15 @@ mod tests {
         }));
         let msg = r.unwrap_err();
         assert_eq!(msg.downcast_ref::<&str>(), Some(&"item 3 failed"));
-        // The pool still works afterwards.
+        // The pool still works afterwards, on both threads (not one, as a poisoned lock would
+        // leave it).
         let total = AtomicUsize::new(0);
         pool.for_each_index(10, |i| {
             total.fetch_add(i, Ordering::SeqCst);
         });
         assert_eq!(total.load(Ordering::SeqCst), 45);
+        let ids = pool.broadcast(|| std::thread::current().id());
+        assert_ne!(ids[0], ids[1]);
     }
 
     #[test]
