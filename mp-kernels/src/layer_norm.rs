@@ -14,7 +14,7 @@
 //!   `dgamma += sum_rows dy * xhat`, `dbeta += sum_rows dy`.
 //!
 //! The mean is taken first and the variance as the mean of `(x - mean)^2` (two passes, so a
-//! large mean does not cancel the spread). Row sums use eight float32 lanes. Rows run on
+//! large mean does not cancel the spread). Row sums use sixteen float32 lanes. Rows run on
 //! [`crate::threads::pool`] in fixed blocks of [`ROWS_PER_BLOCK`]; the column sums of the
 //! parameter gradients are summed per block and the blocks added in order, so every result is
 //! bit-identical whatever the thread count. NaN and infinities propagate as IEEE says.
@@ -34,9 +34,9 @@
 
 use mp_core::Element;
 
+use crate::cast::cast_chunk;
 use crate::error::{Error, Result, check_len};
 use crate::isa::Isa;
-use crate::norm::convert;
 use crate::reduce::matrix_len;
 use crate::threads;
 
@@ -54,23 +54,240 @@ fn check_epsilon(op: &'static str, epsilon: f32) -> Result<()> {
     }
 }
 
-/// Eight-lane float32 sum of `f(i)` for `i < n`.
-#[inline]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let full = n / 8 * 8;
-    let mut i = 0;
-    while i < full {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(i + l);
+/// Sixteen-lane float32 sum of `f(a[i], b[i])`: lane `l` sums the elements `i ≡ l mod 16`
+/// below the last multiple of 16 in order, the lanes are added in a fixed tree, then the tail
+/// summed in order (the same bits on every instruction set; written over 16-element chunks so
+/// that it vectorises, with a dependency chain of `n / 16` additions).
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let (ac, at) = a.as_chunks::<16>();
+    let (bc, bt) = b[..a.len()].as_chunks::<16>();
+    let mut acc = [0.0f32; 16];
+    for (ac, bc) in ac.iter().zip(bc) {
+        for l in 0..16 {
+            acc[l] += f(ac[l], bc[l]);
         }
-        i += 8;
     }
     let mut tail = 0.0f32;
-    for j in full..n {
-        tail += f(j);
+    for (&x, &y) in at.iter().zip(bt) {
+        tail += f(x, y);
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    let h: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
+    let q: [f32; 4] = std::array::from_fn(|l| h[l] + h[l + 4]);
+    ((q[0] + q[2]) + (q[1] + q[3])) + tail
+}
+
+/// The forward of one block of rows from `r0` (`yb` holds whole rows); `scratch` holds `2 *
+/// cols` float32. Compiled for each instruction set by [`forward_rows`] (no fused multiply-add,
+/// so the bits do not depend on it).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_block<T: Element>(
+    isa: Isa,
+    x: &[T],
+    (cols, r0): (usize, usize),
+    (gamma, beta, epsilon): (&[f32], &[f32], f32),
+    yb: &mut [T],
+    mb: &mut [f32],
+    sb: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (xf, yf) = scratch.split_at_mut(cols);
+    for (r, yr) in yb.chunks_exact_mut(cols).enumerate() {
+        let xr = &x[(r0 + r) * cols..][..cols];
+        let xf: &[f32] = match crate::norm::as_f32(xr) {
+            Some(xr) => xr,
+            None => {
+                cast_chunk(isa, xr, xf);
+                xf
+            }
+        };
+        let m = lane_sum(xf, xf, |x, _| x) / cols as f32;
+        let v = lane_sum(xf, xf, |x, _| (x - m) * (x - m)) / cols as f32;
+        let s = 1.0 / (v + epsilon).sqrt();
+        match crate::norm::as_f32_mut(yr) {
+            Some(yr) => normalize_row(xf, m, s, gamma, beta, yr),
+            None => {
+                normalize_row(xf, m, s, gamma, beta, yf);
+                cast_chunk(isa, yf, yr);
+            }
+        }
+        mb[r] = m;
+        sb[r] = s;
+    }
+}
+
+/// The backward of one block of rows from `r0` (`dxb` holds whole rows): writes `dx` and
+/// returns nothing; the block's parameter gradients go to `dgam` and `dbet` (`cols` each,
+/// zeroed here). `scratch` holds `3 * cols` float32.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_block<T: Element>(
+    isa: Isa,
+    (x, dy): (&[T], &[T]),
+    (cols, r0): (usize, usize),
+    (gamma, mean, inv_std): (&[f32], &[f32], &[f32]),
+    dxb: &mut [T],
+    (dgam, dbet): (&mut [f32], &mut [f32]),
+    scratch: &mut [f32],
+) {
+    dgam.fill(0.0);
+    dbet.fill(0.0);
+    let (xf, rest) = scratch.split_at_mut(cols);
+    let (g, dxf) = rest.split_at_mut(cols);
+    for (r, dxr) in dxb.chunks_exact_mut(cols).enumerate() {
+        let row = r0 + r;
+        cast_chunk(isa, &x[row * cols..][..cols], xf);
+        let dyr = &dy[row * cols..][..cols];
+        // `g` holds dy first, then dy * gamma.
+        let df: &[f32] = match crate::norm::as_f32(dyr) {
+            Some(d) => d,
+            None => {
+                cast_chunk(isa, dyr, dxf);
+                dxf
+            }
+        };
+        let (m, s) = (mean[row], inv_std[row]);
+        for i in 0..cols {
+            // xf becomes xhat.
+            xf[i] = (xf[i] - m) * s;
+            g[i] = df[i] * gamma[i];
+            dgam[i] += df[i] * xf[i];
+            dbet[i] += df[i];
+        }
+        let mean_g = lane_sum(g, g, |g, _| g) / cols as f32;
+        let mean_gx = lane_sum(g, xf, |g, x| g * x) / cols as f32;
+        let out = match crate::norm::as_f32_mut(dxr) {
+            Some(d) => d,
+            None => &mut *dxf,
+        };
+        for i in 0..cols {
+            out[i] = s * (g[i] - mean_g - xf[i] * mean_gx);
+        }
+        if crate::norm::as_f32(dxr).is_none() {
+            cast_chunk(isa, dxf, dxr);
+        }
+    }
+}
+
+/// The same code compiled for AVX-512 and AVX2 (wider vectors for the same arithmetic).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+
+    /// # Safety
+    /// AVX-512 available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn forward_avx512<T: Element>(
+        isa: Isa,
+        x: &[T],
+        shape: (usize, usize),
+        params: (&[f32], &[f32], f32),
+        yb: &mut [T],
+        mb: &mut [f32],
+        sb: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        forward_block(isa, x, shape, params, yb, mb, sb, scratch)
+    }
+
+    /// # Safety
+    /// AVX2 + FMA + F16C available.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn forward_avx2<T: Element>(
+        isa: Isa,
+        x: &[T],
+        shape: (usize, usize),
+        params: (&[f32], &[f32], f32),
+        yb: &mut [T],
+        mb: &mut [f32],
+        sb: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        forward_block(isa, x, shape, params, yb, mb, sb, scratch)
+    }
+
+    /// # Safety
+    /// AVX-512 available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn backward_avx512<T: Element>(
+        isa: Isa,
+        xs: (&[T], &[T]),
+        shape: (usize, usize),
+        params: (&[f32], &[f32], &[f32]),
+        dxb: &mut [T],
+        grads: (&mut [f32], &mut [f32]),
+        scratch: &mut [f32],
+    ) {
+        backward_block(isa, xs, shape, params, dxb, grads, scratch)
+    }
+
+    /// # Safety
+    /// AVX2 + FMA + F16C available.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn backward_avx2<T: Element>(
+        isa: Isa,
+        xs: (&[T], &[T]),
+        shape: (usize, usize),
+        params: (&[f32], &[f32], &[f32]),
+        dxb: &mut [T],
+        grads: (&mut [f32], &mut [f32]),
+        scratch: &mut [f32],
+    ) {
+        backward_block(isa, xs, shape, params, dxb, grads, scratch)
+    }
+}
+
+/// [`forward_block`] on the best build for `isa` (one this CPU supports).
+#[allow(clippy::too_many_arguments)]
+fn forward_rows<T: Element>(
+    isa: Isa,
+    x: &[T],
+    shape: (usize, usize),
+    params: (&[f32], &[f32], f32),
+    yb: &mut [T],
+    mb: &mut [f32],
+    sb: &mut [f32],
+    scratch: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported by this CPU (it came from `Isa::detect`).
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+            x86::forward_avx512(isa, x, shape, params, yb, mb, sb, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::forward_avx2(isa, x, shape, params, yb, mb, sb, scratch) },
+        _ => forward_block(isa, x, shape, params, yb, mb, sb, scratch),
+    }
+}
+
+/// [`backward_block`] on the best build for `isa` (one this CPU supports).
+fn backward_rows<T: Element>(
+    isa: Isa,
+    xs: (&[T], &[T]),
+    shape: (usize, usize),
+    params: (&[f32], &[f32], &[f32]),
+    dxb: &mut [T],
+    grads: (&mut [f32], &mut [f32]),
+    scratch: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported by this CPU (it came from `Isa::detect`).
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+            x86::backward_avx512(isa, xs, shape, params, dxb, grads, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::backward_avx2(isa, xs, shape, params, dxb, grads, scratch) },
+        _ => backward_block(isa, xs, shape, params, dxb, grads, scratch),
+    }
 }
 
 /// Layer normalization of the `[rows, cols]` row-major `x` into `y`, with float32 `gamma` and
@@ -112,31 +329,11 @@ pub fn layer_norm<T: Element>(
     let isa = Isa::detect();
     // Each block of rows writes its own rows of y and its statistics in place.
     let run = |b: usize, yb: &mut [T], mb: &mut [f32], sb: &mut [f32]| {
-        let r0 = b * ROWS_PER_BLOCK;
-        let mut xf = vec![0.0f32; cols];
-        let mut yf = vec![0.0f32; cols];
-        for (r, yr) in yb.chunks_exact_mut(cols).enumerate() {
-            let xr = &x[(r0 + r) * cols..][..cols];
-            let xf = match crate::norm::as_f32(xr) {
-                Some(xr) => xr,
-                None => {
-                    convert(isa, xr, &mut xf);
-                    &xf
-                }
-            };
-            let m = lane_sum(cols, |i| xf[i]) / cols as f32;
-            let v = lane_sum(cols, |i| (xf[i] - m) * (xf[i] - m)) / cols as f32;
-            let s = 1.0 / (v + epsilon).sqrt();
-            match crate::norm::as_f32_mut(yr) {
-                Some(yr) => normalize_row(xf, m, s, gamma, beta, yr),
-                None => {
-                    normalize_row(xf, m, s, gamma, beta, &mut yf);
-                    convert(isa, &yf, yr);
-                }
-            }
-            mb[r] = m;
-            sb[r] = s;
-        }
+        threads::with_scratch(2 * cols, |scratch| {
+            let shape = (cols, b * ROWS_PER_BLOCK);
+            let params = (gamma, beta, epsilon);
+            forward_rows(isa, x, shape, params, yb, mb, sb, scratch)
+        })
     };
     let block = ROWS_PER_BLOCK * cols;
     if len >= crate::cast::exec::PAR_MIN && threads::num_threads() > 1 {
@@ -210,41 +407,13 @@ pub fn layer_norm_backward<T: Element>(
     // Each block of rows writes its own rows of dx and returns its partial parameter gradients,
     // added in block order below.
     let run = |b: usize, dxb: &mut [T]| {
-        let r0 = b * ROWS_PER_BLOCK;
-        let (mut xf, mut df, mut g, mut dxf) = (
-            vec![0.0f32; cols],
-            vec![0.0f32; cols],
-            vec![0.0f32; cols],
-            vec![0.0f32; cols],
-        );
         let (mut dgam, mut dbet) = (vec![0.0f32; cols], vec![0.0f32; cols]);
-        for (r, dxr) in dxb.chunks_exact_mut(cols).enumerate() {
-            let row = r0 + r;
-            convert(isa, &x[row * cols..][..cols], &mut xf);
-            convert(isa, &dy[row * cols..][..cols], &mut df);
-            let (m, s) = (mean[row], inv_std[row]);
-            for i in 0..cols {
-                // xf becomes xhat.
-                xf[i] = (xf[i] - m) * s;
-                g[i] = df[i] * gamma[i];
-                dgam[i] += df[i] * xf[i];
-                dbet[i] += df[i];
-            }
-            let mean_g = lane_sum(cols, |i| g[i]) / cols as f32;
-            let mean_gx = lane_sum(cols, |i| g[i] * xf[i]) / cols as f32;
-            let grad = |dxf: &mut [f32]| {
-                for i in 0..cols {
-                    dxf[i] = s * (g[i] - mean_g - xf[i] * mean_gx);
-                }
-            };
-            match crate::norm::as_f32_mut(dxr) {
-                Some(dxr) => grad(dxr),
-                None => {
-                    grad(&mut dxf);
-                    convert(isa, &dxf, dxr);
-                }
-            }
-        }
+        threads::with_scratch(3 * cols, |scratch| {
+            let shape = (cols, b * ROWS_PER_BLOCK);
+            let params = (gamma, mean, inv_std);
+            let grads = (&mut dgam[..], &mut dbet[..]);
+            backward_rows(isa, (x, dy), shape, params, dxb, grads, scratch)
+        });
         (dgam, dbet)
     };
     let block = ROWS_PER_BLOCK * cols;

@@ -29,6 +29,7 @@ use super::Attention;
 use crate::cast::cast_chunk;
 use crate::dropout;
 use crate::isa::Isa;
+use crate::norm::{as_f32, as_f32_mut};
 
 /// Lanes per chunk: one AVX-512 register of float32.
 const L: usize = 16;
@@ -183,10 +184,8 @@ fn load_partial(x: &[f32], c0: usize) -> Lanes {
         return *chunk(x, 0);
     }
     let mut v = [0.0f32; L];
-    for (l, v) in v.iter_mut().enumerate() {
-        if l < x.len() {
-            *v = x[l];
-        }
+    for (v, &x) in v.iter_mut().zip(x) {
+        *v = x;
     }
     v
 }
@@ -200,10 +199,8 @@ fn store_partial(x: &mut [f32], c0: usize, v: &Lanes) {
         *chunk_mut(x, 0) = *v;
         return;
     }
-    for (l, &v) in v.iter().enumerate() {
-        if l < x.len() {
-            x[l] = v;
-        }
+    for (x, &v) in x.iter_mut().zip(v) {
+        *x = v;
     }
 }
 
@@ -563,6 +560,50 @@ fn softmax_row<T: Element>(
     }
 }
 
+/// `x` as float32: itself when `T` is float32 (no copy), else widened into `buf`.
+#[inline(always)]
+fn widened<'a, T: Element>(isa: Isa, x: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
+    match as_f32(x) {
+        Some(x) => x,
+        None => {
+            cast_chunk(isa, x, buf);
+            buf
+        }
+    }
+}
+
+/// Where a sample's float32 result is written: the output itself when `T` is float32, else a
+/// buffer rounded into the output by [`Sink::finish`].
+enum Sink<'a, T> {
+    Direct(&'a mut [f32]),
+    Via(&'a mut [f32], &'a mut [T]),
+}
+
+impl<'a, T: Element> Sink<'a, T> {
+    #[inline(always)]
+    fn new(out: &'a mut [T], buf: &'a mut [f32]) -> Self {
+        if T::DTYPE == DType::F32 {
+            Sink::Direct(as_f32_mut(out).expect("T is float32"))
+        } else {
+            Sink::Via(buf, out)
+        }
+    }
+
+    #[inline(always)]
+    fn buf(&mut self) -> &mut [f32] {
+        match self {
+            Sink::Direct(x) | Sink::Via(x, _) => x,
+        }
+    }
+
+    #[inline(always)]
+    fn finish(self, isa: Isa) {
+        if let Sink::Via(buf, out) = self {
+            cast_chunk(isa, buf, out);
+        }
+    }
+}
+
 /// The forward pass of the samples from `b0` (`out` and `probs` hold whole samples).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -585,10 +626,12 @@ pub(super) fn forward_samples<T: Element>(
     {
         let b = b0 + bi;
         let at = b * sl..(b + 1) * sl;
-        cast_chunk(isa, &q[at.clone()], qf);
-        cast_chunk(isa, &k[at.clone()], kf);
-        cast_chunk(isa, &v[at], vf);
+        let qf = widened(isa, &q[at.clone()], qf);
+        let kf = widened(isa, &k[at.clone()], kf);
+        let vf = widened(isa, &v[at], vf);
         let first_ok = key_mask(g, mask.map(|m| &m[b * n..][..n]), ok);
+        let mut sink = Sink::new(out, of);
+        let of = sink.buf();
         for head in 0..g.h {
             gather_transposed(g, kf, head, ok, kt);
             for j in 0..n {
@@ -614,7 +657,7 @@ pub(super) fn forward_samples<T: Element>(
             product(orow, dp, wm, vr, dp, dp, n, span, false);
             scatter(g, orow, head, None, of);
         }
-        cast_chunk(isa, of, out);
+        sink.finish(isa);
     }
 }
 
@@ -721,10 +764,12 @@ pub(super) fn backward_samples<T: Element>(
     for (bi, ((dq, dk), dv)) in samples.enumerate() {
         let b = b0 + bi;
         let at = b * sl..(b + 1) * sl;
-        cast_chunk(isa, &q[at.clone()], qf);
-        cast_chunk(isa, &k[at.clone()], kf);
-        cast_chunk(isa, &v[at.clone()], vf);
-        cast_chunk(isa, &dout[at], gf);
+        let qf = widened(isa, &q[at.clone()], qf);
+        let kf = widened(isa, &k[at.clone()], kf);
+        let vf = widened(isa, &v[at.clone()], vf);
+        let gf = widened(isa, &dout[at], gf);
+        let (mut dq, mut dk, mut dv) = (Sink::new(dq, dqf), Sink::new(dk, dkf), Sink::new(dv, dvf));
+        let (dqf, dkf, dvf) = (dq.buf(), dk.buf(), dv.buf());
         let first_ok = key_mask(g, mask.map(|m| &m[b * n..][..n]), ok);
         let pb = &probs[b * g.sample_probs()..][..g.sample_probs()];
         for head in 0..g.h {
@@ -772,9 +817,9 @@ pub(super) fn backward_samples<T: Element>(
             scatter(g, dq_r, head, None, dqf);
             scatter(g, dk_r, head, Some(ok), dkf);
         }
-        cast_chunk(isa, dqf, dq);
-        cast_chunk(isa, dkf, dk);
-        cast_chunk(isa, dvf, dv);
+        dq.finish(isa);
+        dk.finish(isa);
+        dv.finish(isa);
     }
 }
 

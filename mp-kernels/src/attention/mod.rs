@@ -47,8 +47,6 @@
 //! # Ok::<(), mp_kernels::Error>(())
 //! ```
 
-use std::cell::RefCell;
-
 use mp_core::Element;
 
 use crate::error::{Error, Result, check_len};
@@ -184,28 +182,6 @@ fn check_args(
     check_mask(op, a, mask)
 }
 
-/// Float32 elements of scratch a kernel thread keeps between calls (16 MiB); a call that needs
-/// more per sample allocates it once per task instead.
-const KEEP_SCRATCH: usize = 1 << 22;
-
-thread_local! {
-    /// The reused scratch of [`with_scratch`].
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on `len` float32 of this thread's scratch (contents unspecified).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) if len <= KEEP_SCRATCH => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        _ => f(&mut vec![0.0; len]),
-    })
-}
-
 /// Samples per task: every sample in one task on the calling thread when the call is small or
 /// there is one kernel thread, else about four tasks per thread (so that a thread slowed by
 /// other work does not hold up the rest; the split never changes a result).
@@ -258,7 +234,7 @@ fn attention_on<T: Element>(
     let g = Geometry::new(a);
     let per = samples_per_task(a);
     let task = |(t, (out, probs)): (usize, (&mut [T], &mut [f32]))| {
-        with_scratch(g.forward_scratch(), |scratch| {
+        threads::with_scratch(g.forward_scratch(), |scratch| {
             let b0 = t * per;
             match isa {
                 #[cfg(target_arch = "x86_64")]
@@ -336,7 +312,7 @@ fn attention_backward_on<T: Element>(
     let inputs = (q, k, v, dout);
     type Grads<'a, T> = ((&'a mut [T], &'a mut [T]), &'a mut [T]);
     let task = |(t, ((dq, dk), dv)): (usize, Grads<'_, T>)| {
-        with_scratch(g.backward_scratch(), |scratch| {
+        threads::with_scratch(g.backward_scratch(), |scratch| {
             let (b0, grads) = (t * per, (dq, dk, dv));
             match isa {
                 #[cfg(target_arch = "x86_64")]
