@@ -77,9 +77,23 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     ((q[0] + q[2]) + (q[1] + q[3])) + tail
 }
 
+/// `x` as float32: itself when `T` is float32, else widened into the front of `buf` (one cast
+/// for a whole block of rows, not one per row).
+#[inline(always)]
+fn widened<'a, T: Element>(isa: Isa, x: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
+    match crate::norm::as_f32(x) {
+        Some(x) => x,
+        None => {
+            let buf = &mut buf[..x.len()];
+            cast_chunk(isa, x, buf);
+            buf
+        }
+    }
+}
+
 /// The forward of one block of rows from `r0` (`yb` holds whole rows); `scratch` holds `2 *
-/// cols` float32. Compiled for each instruction set by [`forward_rows`] (no fused multiply-add,
-/// so the bits do not depend on it).
+/// yb.len()` float32. Compiled for each instruction set by [`forward_rows`] (no fused
+/// multiply-add, so the bits do not depend on it).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_block<T: Element>(
@@ -92,28 +106,27 @@ fn forward_block<T: Element>(
     sb: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let (xf, yf) = scratch.split_at_mut(cols);
-    for (r, yr) in yb.chunks_exact_mut(cols).enumerate() {
-        let xr = &x[(r0 + r) * cols..][..cols];
-        let xf: &[f32] = match crate::norm::as_f32(xr) {
-            Some(xr) => xr,
-            None => {
-                cast_chunk(isa, xr, xf);
-                xf
-            }
+    let len = yb.len();
+    let (xbuf, ybuf) = scratch.split_at_mut(len);
+    let xw = widened(isa, &x[r0 * cols..][..len], xbuf);
+    let direct = crate::norm::as_f32(yb).is_some();
+    {
+        let yw: &mut [f32] = match crate::norm::as_f32_mut(yb) {
+            Some(y) => y,
+            None => &mut ybuf[..len],
         };
-        let m = lane_sum(xf, xf, |x, _| x) / cols as f32;
-        let v = lane_sum(xf, xf, |x, _| (x - m) * (x - m)) / cols as f32;
-        let s = 1.0 / (v + epsilon).sqrt();
-        match crate::norm::as_f32_mut(yr) {
-            Some(yr) => normalize_row(xf, m, s, gamma, beta, yr),
-            None => {
-                normalize_row(xf, m, s, gamma, beta, yf);
-                cast_chunk(isa, yf, yr);
-            }
+        let rows = xw.chunks_exact(cols).zip(yw.chunks_exact_mut(cols));
+        for (r, (xf, yr)) in rows.enumerate() {
+            let m = lane_sum(xf, xf, |x, _| x) / cols as f32;
+            let v = lane_sum(xf, xf, |x, _| (x - m) * (x - m)) / cols as f32;
+            let s = 1.0 / (v + epsilon).sqrt();
+            normalize_row(xf, m, s, gamma, beta, yr);
+            mb[r] = m;
+            sb[r] = s;
         }
-        mb[r] = m;
-        sb[r] = s;
+    }
+    if !direct {
+        cast_chunk(isa, &ybuf[..len], yb);
     }
 }
 
@@ -329,7 +342,7 @@ pub fn layer_norm<T: Element>(
     let isa = Isa::detect();
     // Each block of rows writes its own rows of y and its statistics in place.
     let run = |b: usize, yb: &mut [T], mb: &mut [f32], sb: &mut [f32]| {
-        threads::with_scratch(2 * cols, |scratch| {
+        threads::with_scratch(2 * yb.len(), |scratch| {
             let shape = (cols, b * ROWS_PER_BLOCK);
             let params = (gamma, beta, epsilon);
             forward_rows(isa, x, shape, params, yb, mb, sb, scratch)
