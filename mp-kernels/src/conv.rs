@@ -22,7 +22,6 @@ use mp_core::Element;
 
 use crate::error::{Error, Result};
 use crate::gemm::{Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef, gemm_views};
-use crate::isa::Isa;
 use crate::threads;
 
 /// How a window meets the border (Keras's `padding`).
@@ -721,14 +720,14 @@ pub(crate) fn col2im<T: Element>(g: &Geometry, dcols: &[T], dx: &mut [f32]) -> R
 /// Max pooling: `y[b, i, j, c]` is the largest `x` in the window at `(i, j)` (positions in the
 /// padding are not candidates; NaN wins, as IEEE `maximum` says, the first one), and
 /// `argmax[b, i, j, c]` the index into `x` of the chosen element, which
-/// [`max_pool_backward`] routes the gradient to. 16-bit taps are widened with the casts of
-/// `isa` (the result does not depend on it).
+/// [`max_pool_backward`] routes the gradient to. In 16 bits the 2 x 2, stride-2 windows compare
+/// order keys of the bits ([`order_key16`]), the general windows widened values: the same
+/// choices.
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] naming `x`, `y` or `argmax`; [`Error::InvalidArgument`] when `x`
 /// has more than `u32::MAX` elements. Nothing is written on error.
 pub(crate) fn max_pool<T: Element>(
-    isa: Isa,
     g: &Geometry,
     x: &[T],
     y: &mut [T],
@@ -776,7 +775,7 @@ pub(crate) fn max_pool<T: Element>(
                         base + ((2 * i + 1) * w + 2 * j) * c,
                         base + ((2 * i + 1) * w + 2 * j + 1) * c,
                     ];
-                    max_of_four(isa, x, at, c, &mut y[o..o + c], &mut arg[o..o + c]);
+                    max_of_four(x, at, c, &mut y[o..o + c], &mut arg[o..o + c]);
                 }
             }
             return;
@@ -829,40 +828,36 @@ pub(crate) fn max_pool<T: Element>(
 
 /// One 2 x 2 window over `c` channels: the taps start at `at` (in window order), `y` gets the
 /// largest (the first NaN wins and stays), `arg` its index into `x`. Selects over the channels,
-/// so they run as vectors.
+/// so they run as vectors; 16-bit taps are compared by [`order_key16`] of their bits, never
+/// widened.
 #[inline]
-fn max_of_four<T: Element>(
-    isa: Isa,
-    x: &[T],
-    at: [usize; 4],
-    c: usize,
-    y: &mut [T],
-    arg: &mut [u32],
-) {
+fn max_of_four<T: Element>(x: &[T], at: [usize; 4], c: usize, y: &mut [T], arg: &mut [u32]) {
     let taps = at.map(|a| &x[a..a + c]);
-    if T::DTYPE != mp_core::DType::F32 {
-        // 16-bit: widen the taps with the vector casts (F16C, AVX-512) a block of channels at
-        // a time rather than one software conversion per element; the comparisons are the
-        // same on the same float32 values.
-        const BLOCK: usize = 64;
-        let mut wide = [[0.0f32; BLOCK]; 4];
-        for c0 in (0..c).step_by(BLOCK) {
-            let n = BLOCK.min(c - c0);
-            for (w, t) in wide.iter_mut().zip(&taps) {
-                crate::cast::cast_chunk(isa, &t[c0..c0 + n], &mut w[..n]);
+    if let Some(nan_above) = nan_above16::<T>() {
+        // 16-bit: compare order keys of the bits (no widening): the same choice as float32
+        // comparisons of the widened values, the chosen element copied bit for bit.
+        // SAFETY: `T` is bfloat16 or float16, two bytes with the bits of a `u16`.
+        let (taps, y) = unsafe {
+            (
+                taps.map(|t| std::slice::from_raw_parts(t.as_ptr().cast::<u16>(), c)),
+                std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<u16>(), c),
+            )
+        };
+        let at = at.map(|a| a as u32);
+        for ch in 0..c {
+            let mut best = taps[0][ch];
+            let mut kb = order_key16(best, nan_above);
+            let mut a = at[0] + ch as u32;
+            for t in 1..4 {
+                let v = taps[t][ch];
+                let kv = order_key16(v, nan_above);
+                let take = kv > kb;
+                best = if take { v } else { best };
+                kb = if take { kv } else { kb };
+                a = if take { at[t] + ch as u32 } else { a };
             }
-            for k in 0..n {
-                let ch = c0 + k;
-                let (mut b, mut tap) = (wide[0][k], 0);
-                for (t, w) in wide.iter().enumerate().skip(1) {
-                    let v = w[k];
-                    let take = v > b || (v.is_nan() && !b.is_nan());
-                    b = if take { v } else { b };
-                    tap = if take { t } else { tap };
-                }
-                y[ch] = taps[tap][ch];
-                arg[ch] = (at[tap] + ch) as u32;
-            }
+            y[ch] = best;
+            arg[ch] = a;
         }
         return;
     }
@@ -880,6 +875,32 @@ fn max_of_four<T: Element>(
         }
         y[ch] = best;
         arg[ch] = a;
+    }
+}
+
+/// For a 16-bit float type, the magnitude bits above which a value is NaN (its infinity's
+/// bits); `None` for float32.
+#[inline(always)]
+fn nan_above16<T: Element>() -> Option<u16> {
+    match T::DTYPE {
+        mp_core::DType::BF16 => Some(0x7f80),
+        mp_core::DType::F16 => Some(0x7c00),
+        mp_core::DType::F32 => None,
+    }
+}
+
+/// A key whose integer order is max pooling's order of 16-bit floats: every NaN above
+/// everything (so the first NaN of a window wins and stays, keys being compared strictly), `-0`
+/// and `+0` equal (the first of them stays, as float comparison says), then the usual order.
+#[inline(always)]
+fn order_key16(bits: u16, nan_above: u16) -> u16 {
+    let mag = bits & 0x7fff;
+    if mag > nan_above {
+        u16::MAX
+    } else if bits & 0x8000 != 0 {
+        0x7fff - mag
+    } else {
+        0x7fff + mag
     }
 }
 

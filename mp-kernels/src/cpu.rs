@@ -420,7 +420,7 @@ impl Cpu {
         y: &mut [T],
         argmax: &mut [u32],
     ) -> Result<()> {
-        conv::max_pool(self.isa, g, x, y, argmax)
+        conv::max_pool(g, x, y, argmax)
     }
 
     /// The gradient of [`Cpu::max_pool`] into `dx` (float32): each window's `dy` added to its

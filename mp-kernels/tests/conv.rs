@@ -458,6 +458,58 @@ fn nan_and_infinity_propagate_through_2x2_stride_2_pooling() {
     );
 }
 
+/// 16-bit 2 x 2 pooling (order keys of the bits) chooses what float32 pooling of the widened
+/// values chooses, on values full of ties, signed zeros, infinities and NaNs of both signs.
+fn pooling_16_bit_matches_float32<T: Element>(name: &str) {
+    let mut rng = rng(name);
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        2.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        1e-7,
+        -1e-7,
+    ];
+    // Odd sides: the 2 x 2 windows leave the last row and column out, as Keras's `valid`.
+    let g = Geometry::new("test", [3, 9, 7, 37], Window::new([2, 2]).strides([2, 2])).unwrap();
+    for _ in 0..20 {
+        let x: Vec<T> = (0..g.input_len())
+            .map(|_| {
+                let k = (rng.uniform(0.0, specials.len() as f32) as usize).min(specials.len() - 1);
+                T::from_f32(specials[k])
+            })
+            .collect();
+        let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let (mut y, mut arg) = (
+            vec![T::from_f32(5.0); g.output_len()],
+            vec![0u32; g.output_len()],
+        );
+        let (mut yf, mut argf) = (vec![5.0f32; g.output_len()], vec![0u32; g.output_len()]);
+        cpu().max_pool(&g, &x, &mut y, &mut arg).unwrap();
+        cpu().max_pool(&g, &wide, &mut yf, &mut argf).unwrap();
+        assert_eq!(arg, argf, "{:?}: the chosen elements", T::DTYPE);
+        for (o, (v, &a)) in y.iter().zip(&arg).enumerate() {
+            assert_eq!(
+                v.to_f32().to_bits(),
+                x[a as usize].to_f32().to_bits(),
+                "{:?} y[{o}] is x[argmax] bit for bit",
+                T::DTYPE
+            );
+        }
+    }
+}
+
+#[test]
+fn bfloat16_and_float16_2x2_pooling_choose_as_float32_does() {
+    pooling_16_bit_matches_float32::<bf16>("pool16 bf16");
+    pooling_16_bit_matches_float32::<f16>("pool16 f16");
+}
+
 /// Global average pooling is average pooling with the whole image as the window.
 #[test]
 fn global_average_pooling_is_the_mean_of_each_channel() {
