@@ -20,8 +20,9 @@
 //! `dV = P̃ᵀ dO`, `dP̃ = dO Vᵀ`, `dP = dropout(dP̃)` (the same mask), `dS = P ∘ (dP − rowsum(P ∘
 //! dP))`, `dQ = scale · dS K`, `dK = scale · dSᵀ Q`, all in float32, each rounded once.
 //!
-//! How it is computed ([`head`]): per sample, q, k, v (and dout) are widened to float32 once
-//! into a reused thread-local scratch buffer; per head, the six products (`q·kᵀ`, `P̃·v`,
+//! How it is computed ([`head`]): per sample, 16-bit q, k, v (and dout) are widened to float32
+//! once into a reused thread-local scratch buffer (float32 ones are read in place, and float32
+//! results written in place); per head, the six products (`q·kᵀ`, `P̃·v`,
 //! `dO·vᵀ`, `P̃ᵀ·dO`, `dS·k`, `dSᵀ·q`) run as register-tiled float32 FMA loops over 16 lanes,
 //! with the masked softmax between them, compiled for AVX-512, for AVX2 + FMA and portably,
 //! chosen at run time. At these sizes (tens of tokens, heads of 16) every operand of a head
