@@ -632,6 +632,30 @@ pub fn static_ranges(n: usize, parts: usize, align: usize) -> Vec<std::ops::Rang
     out
 }
 
+/// Float32 elements of scratch a thread keeps between calls (16 MiB); a call that needs more
+/// allocates it instead.
+const KEEP_SCRATCH: usize = 1 << 22;
+
+thread_local! {
+    /// The reused scratch of [`with_scratch`].
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` float32 of this thread's scratch (contents unspecified), so that a kernel's
+/// per-task buffers are not allocated every step. A nested call (the scratch already lent on
+/// this thread) or one past [`KEEP_SCRATCH`] allocates.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) if len <= KEEP_SCRATCH => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        _ => f(&mut vec![0.0; len]),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -814,28 +838,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Float32 elements of scratch a thread keeps between calls (16 MiB); a call that needs more
-/// allocates it instead.
-const KEEP_SCRATCH: usize = 1 << 22;
-
-thread_local! {
-    /// The reused scratch of [`with_scratch`].
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on `len` float32 of this thread's scratch (contents unspecified), so that a kernel's
-/// per-task buffers are not allocated every step. A nested call (the scratch already lent on
-/// this thread) or one past [`KEEP_SCRATCH`] allocates.
-pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) if len <= KEEP_SCRATCH => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        _ => f(&mut vec![0.0; len]),
-    })
 }
