@@ -101,10 +101,11 @@ impl Geometry {
         self.backward_parts().iter().sum()
     }
 
-    /// q, k, v and out widened; the key mask; `Kᵀ`, `V`, the scores then weights, `O`.
-    fn forward_parts(&self) -> [usize; 9] {
+    /// q, k, v and out widened; the key mask; `Kᵀ`, `V`, the scores then weights, `O`; the
+    /// softmax's row statistics.
+    fn forward_parts(&self) -> [usize; 10] {
         let (s, n, d, np, dp) = (self.sample(), self.n, self.d, self.np, self.dp);
-        [s, s, s, s, np, d * np, n * dp, n * np, n * dp]
+        [s, s, s, s, np, d * np, n * dp, n * np, n * dp, 2 * n]
     }
 
     /// q, k, v, dout, dq, dk and dv widened; the key mask; `K`, `Q`, `dO`, `Vᵀ`, one row of
@@ -131,6 +132,14 @@ impl Geometry {
             n * dp,
             n * dp,
         ]
+    }
+
+    /// Whether the rows of one head can be read and written in place in a sample
+    /// `[seq, heads, head_dim]`: heads of whole chunks (each row one or more full chunks) and no
+    /// key mask (no row to leave out as zeros).
+    #[inline(always)]
+    fn in_place(&self, mask: Option<&[f32]>) -> bool {
+        self.d == self.dp && mask.is_none()
     }
 
     /// The end of query `i`'s keys: it attends to the allowed keys below this.
@@ -212,12 +221,19 @@ fn hsum(v: Lanes) -> f32 {
     (h4[0] + h4[2]) + (h4[1] + h4[3])
 }
 
-/// The largest lane (NaN lanes skipped, as `f32::max` does), in a fixed pairwise order.
+/// The larger of `a` and `b`, `a` when they compare equal or `b` is NaN: one compare and
+/// select, which vectorises (`f32::max` must also handle a NaN `a`, and LLVM left it scalar).
+#[inline(always)]
+fn max_or_first(a: f32, b: f32) -> f32 {
+    if b > a { b } else { a }
+}
+
+/// The largest lane of lanes that are never NaN, in a fixed pairwise order.
 #[inline(always)]
 fn hmax(v: Lanes) -> f32 {
-    let h8: [f32; 8] = std::array::from_fn(|l| v[l].max(v[l + 8]));
-    let h4: [f32; 4] = std::array::from_fn(|l| h8[l].max(h8[l + 4]));
-    h4[0].max(h4[2]).max(h4[1].max(h4[3]))
+    let h8: [f32; 8] = std::array::from_fn(|l| max_or_first(v[l], v[l + 8]));
+    let h4: [f32; 4] = std::array::from_fn(|l| max_or_first(h8[l], h8[l + 4]));
+    max_or_first(max_or_first(h4[0], h4[2]), max_or_first(h4[1], h4[3]))
 }
 
 /// `e^x` within about 2 ulps, NaN kept, in float32 arithmetic any build vectorises the same
@@ -316,17 +332,18 @@ struct Mat<'a> {
     ks: usize,
 }
 
-/// One step of [`tile`]: `acc[r] += coef(r0 + r, k) · s` for its rows whose span holds `k`
-/// (all of them when `check` is `None`); `rows[r]` is where row `r0 + r` of `coef` starts. A
+/// One step of [`tile`]: `acc[r][c] += coef(r0 + r, k) · s[c]` for its rows whose span holds
+/// `k` (all of them when `check` is `None`); `rows[r]` is where row `r0 + r` of `coef` starts. A
 /// function, not a closure: closures do not get the caller's target features, and `mul_add`
 /// would become a libm call. Index sums wrap instead of being overflow-checked (indexing still
 /// checks bounds): a checked sum per row per step costs more than the FMA.
 #[inline(always)]
-fn step<const R: usize>(
-    acc: &mut [Lanes; R],
+#[allow(clippy::too_many_arguments)]
+fn step<const R: usize, const C: usize>(
+    acc: &mut [[Lanes; C]; R],
     coef: Mat<'_>,
     rows: &[usize; R],
-    s: &Lanes,
+    s: &[Lanes; C],
     r0: usize,
     k: usize,
     check: Option<Span>,
@@ -339,17 +356,26 @@ fn step<const R: usize>(
             continue;
         }
         let w = coef.x[rows[r].wrapping_add(kk)];
-        for l in 0..L {
-            acc[l] = w.mul_add(s[l], acc[l]);
+        for (acc, s) in acc.iter_mut().zip(s) {
+            for l in 0..L {
+                acc[l] = w.mul_add(s[l], acc[l]);
+            }
         }
     }
 }
 
-/// `out[r, c0..c0 + L] = Σ_{k ∈ span(r)} coef(r, k) · src[k, c0..c0 + L]` for the `R` rows from
-/// `r0`, `R` chains of `L` lanes in registers, each in ascending `k`.
+/// Chunks `c0..c0 + C` of row `k` of `src` (row stride `ss`).
+#[inline(always)]
+fn chunks<const C: usize>(src: &[f32], ss: usize, k: usize, c0: usize) -> [Lanes; C] {
+    std::array::from_fn(|c| *chunk(src, k * ss + c0 + c * L))
+}
+
+/// `out[r, c0..c0 + C L] = Σ_{k ∈ span(r)} coef(r, k) · src[k, c0..c0 + C L]` for the `R` rows
+/// from `r0`, `R x C` chains of `L` lanes in registers, each in ascending `k` (one coefficient
+/// per row and step serves all `C` chunks).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile<const R: usize>(
+fn tile<const R: usize, const C: usize>(
     out: &mut [f32],
     os: usize,
     coef: Mat<'_>,
@@ -359,38 +385,27 @@ fn tile<const R: usize>(
     r0: usize,
     span: Span,
 ) {
-    let mut acc = [[0.0f32; L]; R];
+    let mut acc = [[[0.0f32; L]; C]; R];
     let rows: [usize; R] = std::array::from_fn(|r| (r0 + r) * coef.rs);
     // Rows start and end their spans in order: the shared middle runs unchecked.
     let (lo_min, lo_max) = (span.lo(r0), span.lo(r0 + R - 1));
     let (hi_min, hi_max) = (span.hi(r0), span.hi(r0 + R - 1));
     for k in lo_min..lo_max {
-        step(
-            &mut acc,
-            coef,
-            &rows,
-            chunk(src, k * ss + c0),
-            r0,
-            k,
-            Some(span),
-        );
+        let s = chunks::<C>(src, ss, k, c0);
+        step(&mut acc, coef, &rows, &s, r0, k, Some(span));
     }
     for k in lo_max..hi_min {
-        step(&mut acc, coef, &rows, chunk(src, k * ss + c0), r0, k, None);
+        let s = chunks::<C>(src, ss, k, c0);
+        step(&mut acc, coef, &rows, &s, r0, k, None);
     }
     for k in hi_min.max(lo_max)..hi_max {
-        step(
-            &mut acc,
-            coef,
-            &rows,
-            chunk(src, k * ss + c0),
-            r0,
-            k,
-            Some(span),
-        );
+        let s = chunks::<C>(src, ss, k, c0);
+        step(&mut acc, coef, &rows, &s, r0, k, Some(span));
     }
     for (r, acc) in acc.iter().enumerate() {
-        *chunk_mut(out, (r0 + r) * os + c0) = *acc;
+        for (c, acc) in acc.iter().enumerate() {
+            *chunk_mut(out, (r0 + r) * os + c0 + c * L) = *acc;
+        }
     }
 }
 
@@ -410,23 +425,30 @@ fn product(
     span: Span,
     causal: bool,
 ) {
-    for c0 in (0..width).step_by(L) {
+    let mut c0 = 0;
+    while c0 < width {
+        // Two chunks at a time where there are two: one broadcast of a coefficient feeds both.
+        let pair = width - c0 >= 2 * L;
         let mut r0 = 0;
         while r0 < rows {
-            let r = match rows - r0 {
-                8.. => 8,
-                4.. => 4,
+            let r = match (pair, rows - r0) {
+                (true, 4..) => 4,
+                (false, 8..) => 8,
+                (false, 4..) => 4,
                 _ => 1,
             };
             if !(causal && c0 >= r0 + r) {
-                match r {
-                    8 => tile::<8>(out, os, coef, src, ss, c0, r0, span),
-                    4 => tile::<4>(out, os, coef, src, ss, c0, r0, span),
-                    _ => tile::<1>(out, os, coef, src, ss, c0, r0, span),
+                match (pair, r) {
+                    (true, 4) => tile::<4, 2>(out, os, coef, src, ss, c0, r0, span),
+                    (true, _) => tile::<1, 2>(out, os, coef, src, ss, c0, r0, span),
+                    (false, 8) => tile::<8, 1>(out, os, coef, src, ss, c0, r0, span),
+                    (false, 4) => tile::<4, 1>(out, os, coef, src, ss, c0, r0, span),
+                    _ => tile::<1, 1>(out, os, coef, src, ss, c0, r0, span),
                 }
             }
             r0 += r;
         }
+        c0 += if pair { 2 * L } else { L };
     }
 }
 
@@ -492,70 +514,103 @@ fn scatter(g: &Geometry, rows: &[f32], head: usize, ok: Option<&[f32]>, x: &mut 
     }
 }
 
+/// `x` when `keep`, else `+0`: a bit mask, which LLVM keeps vectorised where an `if` around the
+/// computation of `x` became a branch per lane.
+#[inline(always)]
+fn keep_if(keep: bool, x: f32) -> f32 {
+    f32::from_bits(x.to_bits() & (keep as u32).wrapping_neg())
+}
+
 /// Whether lane `l` of a chunk is an allowed key, with `rem` the query's keys left from the
 /// chunk's first (`lim.saturating_sub(c0)`).
 #[inline(always)]
 fn allowed(ok: &Lanes, l: usize, rem: usize) -> bool {
-    ok[l] != 0.0 && l < rem
+    // `&`, not `&&`: no branch per lane, so the lane loops stay vectorised.
+    (ok[l] != 0.0) & (l < rem)
 }
 
-/// Query `i`'s softmax: `s` holds its raw scores (`np` lanes) and gets the value product's
-/// weights, the probabilities after dropout rounded once to `T`; `p` (`n`) gets the float32
-/// probabilities. `base` is the flat index of the row's first probability (the dropout counter).
+/// One head's softmax: row `i` of `st` (`np` lanes per row) holds query `i`'s raw scores and
+/// gets the value product's weights, the probabilities after dropout rounded once to `T`; row
+/// `i` of `p` (`n` per row) gets the float32 probabilities. `base` is the flat index of the
+/// head's first probability (the dropout counter). `stats` holds two floats per query.
+///
+/// Three passes over all the rows (the maxima, then the exponentials and their sums, then the
+/// scaling), not one row at a time: each row's work is a chain of reductions, and rows side by
+/// side let the core overlap them. Every row's arithmetic is the same as alone.
 #[inline(always)]
-fn softmax_row<T: Element>(
+#[allow(clippy::too_many_arguments)]
+fn softmax_rows<T: Element>(
     g: &Geometry,
-    i: usize,
     first_ok: usize,
     ok: &[f32],
-    s: &mut [f32],
+    st: &mut [f32],
     p: &mut [f32],
     base: u64,
+    stats: &mut [f32],
 ) {
-    let lim = g.limit(i);
-    if first_ok >= lim {
-        // No key to attend to: zero probabilities, zero output.
-        p.fill(0.0);
-        s.fill(0.0);
-        return;
-    }
-    let mut m = [f32::NEG_INFINITY; L];
-    for c0 in (0..g.np).step_by(L) {
-        let rem = lim.saturating_sub(c0);
-        let (x, o) = (chunk(s, c0), chunk(ok, c0));
-        for l in 0..L {
-            // A NaN score makes `max` skip it; it then propagates through `exp`.
-            let sc = x[l] * g.scale;
-            if allowed(o, l, rem) {
-                m[l] = m[l].max(sc);
+    let (n, np) = (g.n, g.np);
+    let (maxes, sums) = stats[..2 * n].split_at_mut(n);
+    for i in 0..n {
+        let lim = g.limit(i);
+        let s = &st[i * np..][..np];
+        let mut m = [f32::NEG_INFINITY; L];
+        for c0 in (0..np).step_by(L) {
+            let rem = lim.saturating_sub(c0);
+            let (x, o) = (chunk(s, c0), chunk(ok, c0));
+            for l in 0..L {
+                // A NaN score is skipped (the lanes of `m` are never NaN); it then propagates
+                // through `exp`.
+                let sc = x[l] * g.scale;
+                let sc = if allowed(o, l, rem) {
+                    sc
+                } else {
+                    f32::NEG_INFINITY
+                };
+                m[l] = max_or_first(m[l], sc);
             }
         }
+        maxes[i] = hmax(m);
     }
-    let max = hmax(m);
-    let mut sum = [0.0f32; L];
-    for c0 in (0..g.np).step_by(L) {
-        let rem = lim.saturating_sub(c0);
-        let o = *chunk(ok, c0);
-        let x = chunk_mut(s, c0);
-        for l in 0..L {
-            let e = exp(x[l] * g.scale - max);
-            let e = if allowed(&o, l, rem) { e } else { 0.0 };
-            x[l] = e;
-            sum[l] += e;
+    for i in 0..n {
+        let lim = g.limit(i);
+        let max = maxes[i];
+        let s = &mut st[i * np..][..np];
+        let mut sum = [0.0f32; L];
+        for c0 in (0..np).step_by(L) {
+            let rem = lim.saturating_sub(c0);
+            let o = *chunk(ok, c0);
+            let x = chunk_mut(s, c0);
+            for l in 0..L {
+                let e = keep_if(allowed(&o, l, rem), exp(x[l] * g.scale - max));
+                x[l] = e;
+                sum[l] += e;
+            }
         }
+        sums[i] = 1.0 / hsum(sum);
     }
-    let inv = 1.0 / hsum(sum);
-    for c0 in (0..g.np).step_by(L) {
-        let rem = lim.saturating_sub(c0);
-        let (o, f) = (*chunk(ok, c0), g.drop_lanes(base, c0));
-        let x = chunk_mut(s, c0);
-        for l in 0..L {
-            // Masked keys are exactly +0 even when the sum is NaN.
-            x[l] = if allowed(&o, l, rem) { x[l] * inv } else { 0.0 };
+    for i in 0..n {
+        let lim = g.limit(i);
+        let (s, p) = (&mut st[i * np..][..np], &mut p[i * n..][..n]);
+        if first_ok >= lim {
+            // No key to attend to: zero probabilities, zero output.
+            p.fill(0.0);
+            s.fill(0.0);
+            continue;
         }
-        store_partial(p, c0, x);
-        for l in 0..L {
-            x[l] = round_to::<T>(x[l] * f[l]);
+        let inv = sums[i];
+        let base = base + (i * n) as u64;
+        for c0 in (0..np).step_by(L) {
+            let rem = lim.saturating_sub(c0);
+            let (o, f) = (*chunk(ok, c0), g.drop_lanes(base, c0));
+            let x = chunk_mut(s, c0);
+            for l in 0..L {
+                // Masked keys are exactly +0 even when the sum is NaN.
+                x[l] = keep_if(allowed(&o, l, rem), x[l] * inv);
+            }
+            store_partial(p, c0, x);
+            for l in 0..L {
+                x[l] = round_to::<T>(x[l] * f[l]);
+            }
         }
     }
 }
@@ -618,7 +673,7 @@ pub(super) fn forward_samples<T: Element>(
     scratch: &mut [f32],
 ) {
     let (sl, n, np, dp) = (g.sample(), g.n, g.np, g.dp);
-    let [qf, kf, vf, of, ok, kt, vr, st, orow] = carve(scratch, g.forward_parts());
+    let [qf, kf, vf, of, ok, kt, vr, st, orow, stats] = carve(scratch, g.forward_parts());
     for (bi, (out, probs)) in out
         .chunks_mut(sl)
         .zip(probs.chunks_mut(g.sample_probs()))
@@ -632,30 +687,49 @@ pub(super) fn forward_samples<T: Element>(
         let first_ok = key_mask(g, mask.map(|m| &m[b * n..][..n]), ok);
         let mut sink = Sink::new(out, of);
         let of = sink.buf();
+        // Without a mask and with heads of whole chunks, V is read and O written in place.
+        let direct = g.in_place(mask);
         for head in 0..g.h {
             gather_transposed(g, kf, head, ok, kt);
-            for j in 0..n {
-                gather_row(g, vf, j, head, ok[j] != 0.0, &mut vr[j * dp..][..dp]);
-            }
+            let (vs, vss) = if direct {
+                (&vf[head * g.d..], g.h * g.d)
+            } else {
+                for j in 0..n {
+                    gather_row(g, vf, j, head, ok[j] != 0.0, &mut vr[j * dp..][..dp]);
+                }
+                (&vr[..], dp)
+            };
             let qm = Mat {
                 x: &qf[head * g.d..],
                 rs: g.h * g.d,
                 ks: 1,
             };
             product(st, np, qm, kt, np, np, n, Span::All(g.d), g.causal);
-            for i in 0..n {
-                let base = (((b * g.h + head) * n + i) * n) as u64;
-                let p = &mut probs[(head * n + i) * n..][..n];
-                softmax_row::<T>(g, i, first_ok, ok, &mut st[i * np..][..np], p, base);
-            }
+            let base = ((b * g.h + head) * n * n) as u64;
+            let p = &mut probs[head * n * n..][..n * n];
+            softmax_rows::<T>(g, first_ok, ok, st, p, base, stats);
             let span = if g.causal { Span::Causal } else { Span::All(n) };
             let wm = Mat {
                 x: st,
                 rs: np,
                 ks: 1,
             };
-            product(orow, dp, wm, vr, dp, dp, n, span, false);
-            scatter(g, orow, head, None, of);
+            if direct {
+                product(
+                    &mut of[head * g.d..],
+                    g.h * g.d,
+                    wm,
+                    vs,
+                    vss,
+                    dp,
+                    n,
+                    span,
+                    false,
+                );
+            } else {
+                product(orow, dp, wm, vs, vss, dp, n, span, false);
+                scatter(g, orow, head, None, of);
+            }
         }
         sink.finish(isa);
     }
@@ -694,17 +768,10 @@ fn backward_row<T: Element>(
         for l in 0..L {
             let keep = allowed(&o, l, rem);
             let dp = ds[l] * f[l];
-            w[l] = if keep {
-                round_to::<T>(p[l] * f[l])
-            } else {
-                0.0
-            };
+            w[l] = keep_if(keep, round_to::<T>(p[l] * f[l]));
             ds[l] = dp;
-            acc[l] = if keep {
-                p[l].mul_add(dp, acc[l])
-            } else {
-                acc[l]
-            };
+            let a = p[l].mul_add(dp, acc[l]);
+            acc[l] = if keep { a } else { acc[l] };
         }
     }
     let weighted = hsum(acc);
@@ -714,11 +781,7 @@ fn backward_row<T: Element>(
         let ds = chunk_mut(ds, c0);
         for l in 0..L {
             let keep = allowed(&o, l, rem);
-            ds[l] = if keep {
-                p[l] * (ds[l] - weighted) * g.scale
-            } else {
-                0.0
-            };
+            ds[l] = keep_if(keep, p[l] * (ds[l] - weighted) * g.scale);
         }
     }
 }
@@ -772,20 +835,26 @@ pub(super) fn backward_samples<T: Element>(
         let (dqf, dkf, dvf) = (dq.buf(), dk.buf(), dv.buf());
         let first_ok = key_mask(g, mask.map(|m| &m[b * n..][..n]), ok);
         let pb = &probs[b * g.sample_probs()..][..g.sample_probs()];
+        // Without a mask (every key allowed, every query attending) and with heads of whole
+        // chunks, K, Q and dO are read and dQ, dK, dV written in place.
+        let direct = g.in_place(mask);
+        let hd = g.h * g.d;
         for head in 0..g.h {
-            for r in 0..n {
-                let row = r * dp..(r + 1) * dp;
-                let attends = first_ok < g.limit(r);
-                gather_row(g, kf, r, head, ok[r] != 0.0, &mut kr[row.clone()]);
-                gather_row(g, qf, r, head, attends, &mut qr[row.clone()]);
-                gather_row(g, gf, r, head, attends, &mut gr[row]);
-            }
-            gather_transposed(g, vf, head, ok, vt);
-            let gm = Mat {
-                x: gr,
-                rs: dp,
-                ks: 1,
+            let (krs, qrs, grs, rs) = if direct {
+                let at = head * g.d;
+                (&kf[at..], &qf[at..], &gf[at..], hd)
+            } else {
+                for r in 0..n {
+                    let row = r * dp..(r + 1) * dp;
+                    let attends = first_ok < g.limit(r);
+                    gather_row(g, kf, r, head, ok[r] != 0.0, &mut kr[row.clone()]);
+                    gather_row(g, qf, r, head, attends, &mut qr[row.clone()]);
+                    gather_row(g, gf, r, head, attends, &mut gr[row]);
+                }
+                (&kr[..], &qr[..], &gr[..], dp)
             };
+            gather_transposed(g, vf, head, ok, vt);
+            let gm = Mat { x: grs, rs, ks: 1 };
             product(ds, np, gm, vt, np, np, n, Span::All(g.d), g.causal);
             for i in 0..n {
                 let base = (((b * g.h + head) * n + i) * n) as u64;
@@ -810,12 +879,19 @@ pub(super) fn backward_samples<T: Element>(
             };
             let by_col = |x| Mat { x, rs: 1, ks: np };
             let by_row = |x| Mat { x, rs: np, ks: 1 };
-            product(dv_r, dp, by_col(w), gr, dp, dp, n, cols, false);
-            product(dq_r, dp, by_row(ds), kr, dp, dp, n, rows, false);
-            product(dk_r, dp, by_col(ds), qr, dp, dp, n, cols, false);
-            scatter(g, dv_r, head, Some(ok), dvf);
-            scatter(g, dq_r, head, None, dqf);
-            scatter(g, dk_r, head, Some(ok), dkf);
+            if direct {
+                let at = head * g.d;
+                product(&mut dvf[at..], hd, by_col(w), grs, rs, dp, n, cols, false);
+                product(&mut dqf[at..], hd, by_row(ds), krs, rs, dp, n, rows, false);
+                product(&mut dkf[at..], hd, by_col(ds), qrs, rs, dp, n, cols, false);
+            } else {
+                product(dv_r, dp, by_col(w), grs, rs, dp, n, cols, false);
+                product(dq_r, dp, by_row(ds), krs, rs, dp, n, rows, false);
+                product(dk_r, dp, by_col(ds), qrs, rs, dp, n, cols, false);
+                scatter(g, dv_r, head, Some(ok), dvf);
+                scatter(g, dq_r, head, None, dqf);
+                scatter(g, dk_r, head, Some(ok), dkf);
+            }
         }
         dq.finish(isa);
         dk.finish(isa);

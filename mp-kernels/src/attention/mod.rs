@@ -26,7 +26,11 @@
 //! `dO·vᵀ`, `P̃ᵀ·dO`, `dS·k`, `dSᵀ·q`) run as register-tiled float32 FMA loops over 16 lanes,
 //! with the masked softmax between them, compiled for AVX-512, for AVX2 + FMA and portably,
 //! chosen at run time. At these sizes (tens of tokens, heads of 16) every operand of a head
-//! fits in L1 and the products run straight from it, with no packing.
+//! fits in L1 and the products run straight from it, with no packing. Without a key mask and
+//! with heads a multiple of 16 wide, a head's rows are read and its results written in place in
+//! the `[seq, heads, head_dim]` sample; otherwise they go through per-head copies that are zero
+//! at masked positions. Where a product is 32 or more lanes wide, each coefficient feeds two
+//! chunks of 16; the softmax runs over all of a head's rows pass by pass.
 //!
 //! Determinism: the samples are split statically over [`crate::threads::pool`] in one parallel
 //! region per call; every output element is one fused multiply-add chain in ascending index
@@ -372,21 +376,29 @@ mod tests {
             let mask: Vec<f32> = (0..a.batch * a.seq)
                 .map(|t| f32::from((t + i) % 5 != 1))
                 .collect();
-            let run = |isa: Isa| {
-                let zero = T::from_f32(0.0);
-                let (mut out, mut probs) = (vec![zero; n], vec![0.0f32; a.probs_len()]);
-                attention_on(isa, a, (&q, &k, &v), Some(&mask), &mut out, &mut probs).unwrap();
-                let (mut dq, mut dk, mut dv) = (vec![zero; n], vec![zero; n], vec![zero; n]);
-                let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
-                let inputs = (&q[..], &k[..], &v[..], &dout[..]);
-                attention_backward_on(isa, a, inputs, Some(&mask), &probs, grads).unwrap();
-                let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
-                let probs = probs.iter().map(|p| p.to_bits()).collect();
-                [bits(&out), probs, bits(&dq), bits(&dk), bits(&dv)].concat()
-            };
-            let want = run(Isa::Scalar);
-            for isa in Isa::supported() {
-                assert!(run(isa) == want, "{a:?} {:?}: {isa:?} differs", T::DTYPE);
+            // With the mask, and without it (heads of 16 are then read and written in place).
+            for mask in [Some(&mask[..]), None] {
+                let run = |isa: Isa| {
+                    let zero = T::from_f32(0.0);
+                    let (mut out, mut probs) = (vec![zero; n], vec![0.0f32; a.probs_len()]);
+                    attention_on(isa, a, (&q, &k, &v), mask, &mut out, &mut probs).unwrap();
+                    let (mut dq, mut dk, mut dv) = (vec![zero; n], vec![zero; n], vec![zero; n]);
+                    let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
+                    let inputs = (&q[..], &k[..], &v[..], &dout[..]);
+                    attention_backward_on(isa, a, inputs, mask, &probs, grads).unwrap();
+                    let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+                    let probs = probs.iter().map(|p| p.to_bits()).collect();
+                    [bits(&out), probs, bits(&dq), bits(&dk), bits(&dv)].concat()
+                };
+                let want = run(Isa::Scalar);
+                for isa in Isa::supported() {
+                    let masked = mask.is_some();
+                    assert!(
+                        run(isa) == want,
+                        "{a:?} {:?} mask {masked}: {isa:?} differs",
+                        T::DTYPE
+                    );
+                }
             }
         }
     }
