@@ -120,7 +120,7 @@ pub fn cnn_cmd(args: &[String]) -> Result<()> {
     let conv_timed = time(&mut convs, o.rounds, conv_flop)?;
 
     let mut md = step_table_header(&format!(
-        "The mnist_cnn network (Adam), batch {batch}, median of {} interleaved rounds",
+        "The mnist_cnn network (Adam), batch {batch}, median of {} interleaved rounds (each a run of 1 to 8 steps, about 100 ms)",
         o.rounds
     ));
     let (rows, mut records) = step_rows(&steps, &timed, &activation, flop, batch)?;

@@ -102,19 +102,33 @@ pub(crate) fn path_peak(policy: Policy) -> Result<f64> {
 /// Per variant: the step times (ms) and the paired fractions of the path's peak.
 pub(crate) type Timed = Vec<(Vec<f64>, Vec<f64>)>;
 
+/// The least time one round of one variant runs its steps for: training runs steps back to back,
+/// and a lone step after another model's step and a peak measurement pays for cold caches (a
+/// `mnist_vit` step measured 20% slower alone than in a run of steps, on a Xeon).
+const ROUND_MS: f64 = 100.0;
+
 /// Interleaved rounds over `vs`: per variant the step times (ms) and the paired fractions of
-/// the path's peak (each step against the peak measured right before and after it).
+/// the path's peak (each round's steps against the peak measured right before and after them).
+/// A round runs each variant's steps back to back, as many as last [`ROUND_MS`] (at least one,
+/// at most 8, the count fixed from the warm-up step), and records their mean.
 pub(crate) fn time(vs: &mut [Box<dyn Variant>], rounds: usize, flop: f64) -> Result<Timed> {
+    let mut runs = vec![];
     for v in vs.iter_mut() {
         v.step()?; // warm-up
+        let t = Instant::now();
+        v.step()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        runs.push(((ROUND_MS / ms.max(1e-3)).ceil() as usize).clamp(1, 8));
     }
     let mut out = vec![(vec![], vec![]); vs.len()];
     for _ in 0..rounds {
         for (i, v) in vs.iter_mut().enumerate() {
             let before = path_peak(v.policy())?;
             let t = Instant::now();
-            v.step()?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
+            for _ in 0..runs[i] {
+                v.step()?;
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / runs[i] as f64;
             let peak = (before + path_peak(v.policy())?) / 2.0;
             out[i].0.push(ms);
             out[i].1.push(flop / (ms * 1e-3) / 1e9 / peak);

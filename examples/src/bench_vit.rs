@@ -97,7 +97,7 @@ pub fn vit_cmd(args: &[String]) -> Result<()> {
     let timed = time(&mut steps, o.rounds, flop)?;
 
     let mut md = step_table_header(&format!(
-        "The mnist_vit network (AdamW), batch {batch}, median of {} interleaved rounds",
+        "The mnist_vit network (AdamW), batch {batch}, median of {} interleaved rounds (each a run of 1 to 8 steps, about 100 ms)",
         o.rounds
     ));
     let (rows, records) = step_rows(&steps, &timed, &activation, flop, batch)?;
