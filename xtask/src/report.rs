@@ -163,6 +163,21 @@ pub fn markdown(inputs: &Inputs) -> String {
                 times(&r["ratio_of_medians_to_float32"]),
             );
         }
+        if let Some(micro) = gemm["microkernel"].as_array().filter(|m| !m.is_empty()) {
+            s.push_str("\n## GEMM microkernels alone (one thread)\n\nEach path's microkernel on one tile, its operands packed once and kept in cache (depth 128: a 64-wide B panel of 32 KiB, in L1; depth 768: in L2), against one thread's share of the peak: the ceiling of every GEMM on the path on this CPU.\n\n| path | dtype | depth | GFLOP/s | peak per thread | of peak |\n|---|---|---|---|---|---|\n");
+            for r in micro {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.1} | {:.1} | {:.1}% |",
+                    r["path"].as_str().unwrap_or("?"),
+                    r["dtype"].as_str().unwrap_or("?"),
+                    r["depth"],
+                    r["gflops"].as_f64().unwrap_or(0.0),
+                    r["peak_per_thread_gflops"].as_f64().unwrap_or(0.0),
+                    100.0 * r["fraction_of_peak"].as_f64().unwrap_or(0.0),
+                );
+            }
+        }
     }
     for section in [&inputs.cnn, &inputs.vit, &inputs.dp] {
         if let Some(md) = section.as_ref().and_then(|c| c["markdown"].as_str()) {
@@ -420,6 +435,33 @@ mod tests {
         assert!(md.contains("Flagged:"));
         let svg = svg(&sample());
         assert!(svg.starts_with("<svg") && svg.contains("0.80x"));
+    }
+
+    #[test]
+    fn microkernel_rates_get_their_table() {
+        let gemm = json!({
+            "calibration": {},
+            "results": [],
+            "microkernel": [
+                {"path": "avx512-6x64", "dtype": "float32", "depth": 128, "gflops": 226.4,
+                 "peak_per_thread_gflops": 245.4, "fraction_of_peak": 0.9225}
+            ]
+        });
+        let md = markdown(&Inputs {
+            gemm: Some(gemm),
+            train: None,
+            cnn: None,
+            vit: None,
+            dp: None,
+        });
+        assert!(
+            md.contains("## GEMM microkernels alone (one thread)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| avx512-6x64 | float32 | 128 | 226.4 | 245.4 | 92.2% |"),
+            "{md}"
+        );
     }
 
     #[test]

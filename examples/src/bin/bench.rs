@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use mp_core::{DType, Rng, bf16, f16};
 use mp_kernels::cpu_time::process_cpu_secs;
-use mp_kernels::gemm::{Gemm, GemmInput, MatMut, MatRef};
+use mp_kernels::gemm::{Gemm, GemmInput, GemmPath, MatMut, MatRef};
 use mp_kernels::{Cpu, calibrate, peak, threads};
 
 const USAGE: &str = "usage: bench <subcommand> [options]
@@ -50,8 +50,9 @@ subcommands:
       one training step of mnist_cnn or mnist_vit under POLICY, repeated STEPS times after a
       warm-up step, printing nothing but the time: for an outside profiler (`perf record`)
   gemm [--quick] [--rounds N] [--sizes N,N,...] [--out PATH]
-      square GEMM throughput for float32, bfloat16 and float16 against the measured peaks
-      (default sizes 1024,2048,4096, 9 rounds, JSON to target/bench/gemm.json;
+      square GEMM throughput for float32, bfloat16 and float16 against the measured peaks, and
+      each path's microkernel alone on one thread with its operands in cache (the ceiling of
+      its GEMMs) (default sizes 1024,2048,4096, 9 rounds, JSON to target/bench/gemm.json;
        --quick: sizes 64,256, 2 rounds)";
 
 fn main() -> Result<()> {
@@ -372,6 +373,54 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
             "samples_gflops": g,
         }));
     }
+    // Each path's microkernel alone on one thread, its operands in cache: the ceiling of every
+    // GEMM on the path, against one thread's share of the peak measured on all of them at once.
+    println!();
+    println!(
+        "Microkernel alone, one thread, operands packed once and in cache (depth 128: a 64-wide \
+         B panel of 32 KiB, in L1; depth 768: in L2); median of 3 timings of 0.1 s; peak: one \
+         thread's share of the median peak"
+    );
+    println!();
+    println!("| path | dtype | depth | GFLOP/s | peak per thread | of peak |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let mut micro = Vec::new();
+    for path in GemmPath::ALL {
+        let (dtype, pk) = if path == GemmPath::Avx512Bf16Dot {
+            match dp_stats {
+                Some((m, _, _)) => (DType::BF16, m),
+                None => continue,
+            }
+        } else {
+            (DType::F32, fma_med)
+        };
+        if !path.runs_here(dtype) || path == GemmPath::Scalar {
+            continue;
+        }
+        let pk = pk / nthreads as f64;
+        for depth in [128, 768] {
+            let rates = (0..3)
+                .map(|_| mp_kernels::gemm::microkernel_gflops(path, depth, 0.1))
+                .collect::<mp_kernels::Result<Vec<f64>>>()?;
+            let (rate, lo, hi) = stats(&rates);
+            println!(
+                "| {} | {dtype} | {depth} | {rate:.1} | {pk:.1} | {:.1}% |",
+                path.name(),
+                100.0 * rate / pk
+            );
+            micro.push(serde_json::json!({
+                "path": path.name(),
+                "dtype": dtype.name(),
+                "depth": depth,
+                "gflops": rate,
+                "min_gflops": lo,
+                "max_gflops": hi,
+                "peak_per_thread_gflops": pk,
+                "fraction_of_peak": rate / pk,
+            }));
+        }
+    }
+
     let ratios: Vec<_> = opts
         .sizes
         .iter()
@@ -408,6 +457,7 @@ fn gemm_cmd(args: &[String]) -> Result<()> {
         },
         "rounds": opts.rounds,
         "results": records,
+        "microkernel": micro,
         "ratios": ratios,
     });
     if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {

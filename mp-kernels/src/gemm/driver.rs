@@ -838,3 +838,76 @@ unsafe fn run_block_acc_in_c<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
         jc += ncur;
     }
 }
+
+/// The rate of `kernel`'s microkernel alone on the calling thread, GFLOP/s (one multiply-add = 2
+/// FLOP): calls on one `MR x NR` tile over `depth`, A cycling through 4 packed panels and B one
+/// packed panel (packed from fixed values), its partial sums loaded and stored through the tile
+/// workspace as between depth blocks, for about `seconds`. Nothing is packed or split while it
+/// runs: the ceiling of any GEMM on this kernel, and the operands stay in L1 when the B panel
+/// is small (`depth x NR` elements).
+///
+/// # Safety
+/// The CPU must support the kernel.
+pub(crate) unsafe fn microkernel_gflops<T: GemmInput, K: Kernel<T, f32>>(
+    kernel: &K,
+    depth: usize,
+    seconds: f64,
+) -> f64 {
+    const PANELS: usize = 4;
+    let (mr, nr) = (K::MR, K::NR);
+    let depth = depth.max(1).div_ceil(K::KPACK) * K::KPACK;
+    let kp = depth / K::KPACK;
+    let psize = size_of::<K::P>();
+    let value = |i: usize| T::from_f32(((i % 7) as f32 - 3.0) / 64.0);
+    let a_src: Vec<T> = (0..PANELS * mr * depth).map(value).collect();
+    let b_src: Vec<T> = (0..nr * depth).map(value).collect();
+    let (mut a_buf, mut b_buf, mut w_buf) = (Vec::new(), Vec::new(), Vec::new());
+    let a: *mut K::P = grow(&mut a_buf, PANELS * mr * kp * psize).cast();
+    let b: *mut K::P = grow(&mut b_buf, nr * kp * psize).cast();
+    let w: *mut f32 = grow(&mut w_buf, 2 * mr * nr * size_of::<f32>()).cast();
+    let mut c = vec![0.0f32; mr * nr];
+    // SAFETY: the sources hold PANELS * MR rows and NR columns of `depth` elements (row-major
+    // A, k-major B), and the buffers the packed panels.
+    let a_row = unsafe {
+        let a_row = kernel.pack_a(a_src.as_ptr(), depth, 1, PANELS * mr, depth, a);
+        kernel.pack_b(b_src.as_ptr(), 1, nr, nr, depth, b);
+        a_row
+    };
+    // A row-major pack (rows of kp) puts panel q at q * MR rows; k-major at q * MR * kp too.
+    let out = Output {
+        c: c.as_mut_ptr(),
+        ldc: nr,
+        alpha: 1.0,
+        beta: 0.0,
+        bias: std::ptr::null(),
+        relu: false,
+    };
+    // SAFETY: (0, 0) with MR x NR is C itself.
+    let tile = unsafe { out.tile(0, 0, mr, nr) };
+    let start = std::time::Instant::now();
+    let mut calls = 0usize;
+    loop {
+        for q in 0..64 {
+            // SAFETY: panel q % PANELS of the packed A, the packed B panel, the workspace tile.
+            unsafe {
+                kernel.micro(
+                    kp,
+                    a.add((q % PANELS) * mr * kp),
+                    a_row,
+                    b,
+                    w,
+                    calls == 0 && q == 0,
+                    false,
+                    &tile,
+                )
+            };
+        }
+        calls += 64;
+        if start.elapsed().as_secs_f64() >= seconds {
+            break;
+        }
+    }
+    std::hint::black_box((&c, &w_buf));
+    let flop = 2.0 * (calls * mr * nr * depth) as f64;
+    flop / start.elapsed().as_secs_f64() / 1e9
+}

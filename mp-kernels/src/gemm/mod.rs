@@ -609,6 +609,57 @@ unsafe fn dispatch<T: GemmInput, O: GemmOutput>(
     unsafe { driver::run(&scalar::ScalarKernel, problem, blocking) }
 }
 
+/// The rate of `path`'s microkernel alone on the calling thread, GFLOP/s (one multiply-add = 2
+/// FLOP), over depth `depth` with its operands packed once and kept in cache (a B panel of
+/// `depth x NR` elements: 16 KiB per 64 of depth for the 64-wide float32 tiles), for about
+/// `seconds`: what no GEMM on the path can beat on this CPU, so a GEMM's or a network's fraction
+/// of the FMA peak can be read against it. Float32 inputs, or bfloat16 for
+/// [`GemmPath::Avx512Bf16Dot`]. For `cargo xtask bench`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the path when this CPU cannot run it.
+pub fn microkernel_gflops(path: GemmPath, depth: usize, seconds: f64) -> Result<f64> {
+    let dtype = if path == GemmPath::Avx512Bf16Dot {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    path.check(dtype)?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use driver::microkernel_gflops as rate;
+        match path {
+            GemmPath::Avx512 => {
+                let k = x86::Avx512Kernel::<{ x86::F32_MR }, { x86::F32_NV }, false>;
+                // SAFETY: `check` confirmed that this CPU runs the path's instructions.
+                return Ok(unsafe { rate::<f32, _>(&k, depth, seconds) });
+            }
+            GemmPath::Avx512Wide => {
+                let k = x86::Avx512Kernel::<{ x86::WIDE_MR }, { x86::WIDE_NV }, false>;
+                // SAFETY: `check` confirmed that this CPU runs the path's instructions.
+                return Ok(unsafe { rate::<f32, _>(&k, depth, seconds) });
+            }
+            GemmPath::Avx512L1 => {
+                let k = x86::Avx512Kernel::<{ x86::F32_MR }, { x86::F32_NV }, true>;
+                // SAFETY: `check` confirmed that this CPU runs the path's instructions.
+                return Ok(unsafe { rate::<f32, _>(&k, depth, seconds) });
+            }
+            GemmPath::Avx512Bf16Dot => {
+                let k = x86::Avx512Bf16Kernel::<{ x86::BF_MR }, { x86::BF_NV }>;
+                // SAFETY: `check` confirmed that this CPU runs the path's instructions.
+                return Ok(unsafe { rate::<bf16, _>(&k, depth, seconds) });
+            }
+            GemmPath::Avx2 => {
+                // SAFETY: `check` confirmed that this CPU runs the path's instructions.
+                return Ok(unsafe { rate::<f32, _>(&x86::Avx2Kernel, depth, seconds) });
+            }
+            GemmPath::Scalar => {}
+        }
+    }
+    // SAFETY: the scalar kernel needs no CPU feature.
+    Ok(unsafe { driver::microkernel_gflops::<f32, _>(&scalar::ScalarKernel, depth, seconds) })
+}
+
 /// [`crate::Cpu::gemm`]: the shapes of the views checked against each other, then
 /// [`gemm_impl`].
 pub(crate) fn gemm_views<T: GemmInput, O: GemmOutput>(
@@ -735,6 +786,34 @@ pub(crate) fn epilogue_scalar(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The microkernel-alone rate runs every path this CPU has (at depths that are and are not
+    /// multiples of a pair) and names the path it refuses.
+    #[test]
+    fn microkernel_rates_run_here_or_name_the_path() {
+        for path in GemmPath::ALL {
+            let dtype = if path == GemmPath::Avx512Bf16Dot {
+                DType::BF16
+            } else {
+                DType::F32
+            };
+            for depth in [1, 77, 128] {
+                match microkernel_gflops(path, depth, 0.001) {
+                    Ok(rate) => {
+                        assert!(path.runs_here(dtype), "{path}: ran where it cannot");
+                        assert!(
+                            rate.is_finite() && rate > 0.0,
+                            "{path} depth {depth}: {rate}"
+                        );
+                    }
+                    Err(e) => {
+                        assert!(!path.runs_here(dtype), "{path}: {e}");
+                        assert!(e.to_string().contains(path.name()), "{e}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Every element of C is one float32 chain over k in order, so tiny blocking budgets (one
     /// panel of B per block, one row block of partial sums, several depth blocks) must give
