@@ -35,6 +35,11 @@ use crate::norm::{as_f32, as_f32_mut};
 const L: usize = 16;
 type Lanes = [f32; L];
 
+/// Each lane's index, as a float (lane masks from float compares stay vectorised).
+const LANE: Lanes = [
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+];
+
 /// One attention call's sizes and options, as the kernels use them.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Geometry {
@@ -735,9 +740,9 @@ pub(super) fn forward_samples<T: Element>(
     }
 }
 
-/// Query `i`'s backward row terms: from its probabilities `p` (`n`) and `dP̃` in `ds` (`np`
-/// lanes), the value product's weights (as the forward rounded them) into `w` and
-/// `dS = P ∘ (dP − rowsum(P ∘ dP)) · scale` over `ds`, with `dP = dP̃ ∘ dropout`.
+/// Query `i`'s backward row terms: from its probabilities (`n` of them from `p[at..]`) and
+/// `dP̃` in `ds` (`np` lanes), the value product's weights (as the forward rounded them) into
+/// `w` and `dS = P ∘ (dP − rowsum(P ∘ dP)) · scale` over `ds`, with `dP = dP̃ ∘ dropout`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_row<T: Element>(
@@ -745,7 +750,7 @@ fn backward_row<T: Element>(
     i: usize,
     first_ok: usize,
     ok: &[f32],
-    p: &[f32],
+    (p, at): (&[f32], usize),
     prow: &mut [f32],
     w: &mut [f32],
     ds: &mut [f32],
@@ -757,8 +762,17 @@ fn backward_row<T: Element>(
         ds.fill(0.0);
         return;
     }
+    let row = &p[at..][..g.n];
     for c0 in (0..g.np).step_by(L) {
-        *chunk_mut(prow, c0) = load_partial(p, c0);
+        // A whole chunk where `p` has one (it runs on into the next row: those lanes are
+        // cleared), so a short row costs no element-by-element copy.
+        *chunk_mut(prow, c0) = if at + c0 + L <= p.len() {
+            let v = chunk(p, at + c0);
+            let have = g.n.saturating_sub(c0).min(L) as f32;
+            std::array::from_fn(|l| keep_if(LANE[l] < have, v[l]))
+        } else {
+            load_partial(row, c0)
+        };
     }
     let mut acc = [0.0f32; L];
     for c0 in (0..g.np).step_by(L) {
@@ -858,14 +872,13 @@ pub(super) fn backward_samples<T: Element>(
             product(ds, np, gm, vt, np, np, n, Span::All(g.d), g.causal);
             for i in 0..n {
                 let base = (((b * g.h + head) * n + i) * n) as u64;
-                let p = &pb[(head * n + i) * n..][..n];
                 let row = i * np..(i + 1) * np;
                 backward_row::<T>(
                     g,
                     i,
                     first_ok,
                     ok,
-                    p,
+                    (pb, (head * n + i) * n),
                     prow,
                     &mut w[row.clone()],
                     &mut ds[row],
