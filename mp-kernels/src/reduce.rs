@@ -26,7 +26,8 @@ use crate::error::{Error, Result, check_len};
 use crate::isa::Isa;
 use crate::threads;
 
-/// Rows summed in one block of [`bias_grad`]; blocks are then added in order.
+/// The most rows summed in one block of [`bias_grad`] (more rows: equal blocks of at most this
+/// many, then added in order).
 const ROW_BLOCK: usize = 2048;
 /// Columns per task of [`bias_grad`] when it runs on the pool.
 const COL_BLOCK: usize = 256;
@@ -66,12 +67,15 @@ pub(crate) fn bias_grad<T: Element>(
         }
         return Ok(());
     }
-    // Several row blocks: block sums first, then added in block order.
+    // Several row blocks of equal size (a block of 2048 and one of 128 rows left one thread
+    // with 94% of the work): block sums first, then added in block order. The blocks depend on
+    // `rows` only, so the sums do not depend on the thread count.
     let blocks = rows.div_ceil(ROW_BLOCK);
+    let per = rows.div_ceil(blocks);
     let mut partial = vec![0.0f32; blocks * cols];
     let block = |(b, p): (usize, &mut [f32])| {
-        let r0 = b * ROW_BLOCK;
-        let nr = ROW_BLOCK.min(rows - r0);
+        let r0 = b * per;
+        let nr = per.min(rows - r0);
         col_sums(isa, &dy[r0 * cols..(r0 + nr) * cols], nr, cols, 0, p, false);
     };
     if par {
