@@ -21,7 +21,9 @@
 //! element of C is a single float32 accumulation chain over `k` in order, whatever the blocking
 //! or the split: results are bit-identical run to run and across thread counts. The epilogue
 //! (alpha, beta, bias, ReLU, rounding to the output dtype) is applied once, in the last depth
-//! block's store.
+//! block's store. The one exception to a single chain is [`depth_halves`]: a small, deep
+//! float32 GEMM is two chains over the two halves of its depth, added at the end, a split fixed
+//! by the shape, so still the same bits on any thread count.
 //!
 //! The budgets were tuned on a 2-core Zen 4 (1 MiB L2 per core, 32 MiB L3): at n = 4096 the
 //! float32 path runs at ~94% of the measured FMA peak on 2 threads and bfloat16 at ~93% of the
@@ -330,8 +332,99 @@ unsafe fn run_one<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
             return;
         }
     }
+    if let Some(k0) = depth_halves::<T, O, K>(p) {
+        // SAFETY: forwarded.
+        unsafe { run_depth_halves(kernel, p, k0, blocking) };
+        return;
+    }
     // SAFETY: forwarded.
     unsafe { run_split(kernel, p, blocking) }
+}
+
+/// The most elements of C a GEMM may have to run as two depth halves ([`depth_halves`]).
+const HALVES_MAX_MN: usize = 128 * 128;
+/// The least depth a GEMM must have to run as two depth halves.
+const HALVES_MIN_K: usize = 1024;
+
+/// Where a small, deep GEMM into float32 splits its depth, if it does: C at most
+/// [`HALVES_MAX_MN`] elements, depth from [`HALVES_MIN_K`] to one super-block, `alpha == 1`, no
+/// bias, no ReLU (a weight gradient of a transformer layer: `64 x 64` over 2176 tokens). Tiles
+/// of C split such a GEMM badly (11 tiles of 6 rows: 6 on one thread, 5 on the other) and every
+/// thread reads all of both operands; halves of the depth split it evenly, and each half reads
+/// only its own rows of the activations, which the thread that made them still has in cache.
+/// The split depends on the problem only, never on the thread count, so results stay
+/// bit-identical across thread counts: `C = (beta C + Σ_{p < k0}) + Σ_{p >= k0}`, each sum one
+/// float32 chain in depth order.
+fn depth_halves<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(p: &Problem<T, O>) -> Option<usize> {
+    let eligible = O::DTYPE == mp_core::DType::F32
+        && p.out.alpha == 1.0
+        && p.out.bias.is_null()
+        && !p.out.relu
+        && p.m.saturating_mul(p.n) <= HALVES_MAX_MN
+        && (HALVES_MIN_K..=SUPER_BLOCK_DEPTH).contains(&p.k);
+    eligible.then(|| (p.k / 2).div_ceil(K::KPACK) * K::KPACK)
+}
+
+/// Runs `p` as two depth halves (`0..k0` into C, `k0..k` into a float32 scratch then added to
+/// C), one per kernel thread where there are two, one after the other on one thread.
+///
+/// # Safety
+/// As for [`run`]; [`depth_halves`] must have returned `k0`.
+unsafe fn run_depth_halves<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
+    kernel: &K,
+    p: &Problem<T, O>,
+    k0: usize,
+    blocking: Blocking,
+) {
+    let (m, n) = (p.m, p.n);
+    threads::with_scratch(m * n, |scratch| {
+        let tail = SendPtr(scratch.as_mut_ptr());
+        let half = |i: usize| {
+            let tail = &tail;
+            let (pc, k) = if i == 0 { (0, k0) } else { (k0, p.k - k0) };
+            let out = if i == 0 {
+                p.out
+            } else {
+                Output {
+                    // O is float32 (checked by `depth_halves`): the scratch is C's stand-in.
+                    c: tail.0.cast::<O>(),
+                    ldc: n,
+                    beta: 0.0,
+                    ..p.out
+                }
+            };
+            let q = Problem {
+                m,
+                n,
+                k,
+                // SAFETY: depth pc.. of op(A) and op(B) is inside them.
+                a: unsafe { p.a.add(pc * p.a_ps) },
+                a_rs: p.a_rs,
+                a_ps: p.a_ps,
+                // SAFETY: as above.
+                b: unsafe { p.b.add(pc * p.b_ps) },
+                b_cs: p.b_cs,
+                b_ps: p.b_ps,
+                out,
+            };
+            // SAFETY: q is a checked sub-problem writing C (half 0) or the scratch (half 1),
+            // each on one thread.
+            unsafe { run_block(kernel, &q, 0..m, 0..n, blocking) };
+        };
+        if threads::num_threads() > 1 {
+            threads::pool().for_each_index(2, half);
+        } else {
+            half(0);
+            half(1);
+        }
+        let c = p.out.c.cast::<f32>();
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: (i, j) is inside C (float32, row stride ldc) and inside the scratch.
+                unsafe { *c.add(i * p.out.ldc + j) += *tail.0.add(i * n + j) };
+            }
+        }
+    });
 }
 
 /// Below this many elements in each dimension, a transposed op(A) is packed as it is.

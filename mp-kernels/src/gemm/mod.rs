@@ -13,7 +13,9 @@
 //! that every element of C is one float32 accumulation chain over `k = 0, 1, ..., K-1` in order.
 //! The work is split statically over [`crate::threads::pool`] (whole column or row ranges per
 //! thread), so each element of C is computed by exactly one thread in a fixed order: the result is
-//! bit-identical from run to run (and does not depend on the thread count).
+//! bit-identical from run to run (and does not depend on the thread count). A small, deep GEMM
+//! into float32 (a weight gradient over a batch of tokens) is split instead into two halves of
+//! its depth, fixed by its shape, one per thread, added at the end.
 //!
 //! Microkernels ([`GemmPath`]), one chosen per input dtype by measurement (see
 //! [`crate::calibrate`]):
@@ -786,6 +788,92 @@ pub(crate) fn epilogue_scalar(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Small, deep GEMMs into float32 with `alpha == 1` and no epilogue (weight gradients) run as
+    /// two depth halves: on every path and input dtype, with `beta` 0 and 1, depths odd and even
+    /// at both ends of the range, the result matches float64 and has the same bits on one
+    /// thread as on the pool.
+    fn depth_halves_match_float64_on_any_thread_count<T: GemmInput>() {
+        let mut rng = mp_core::Rng::new(0x4a1f_2c07);
+        for path in GemmPath::candidates(T::DTYPE) {
+            for &(m, n, k, ta) in &[
+                (64, 64, 2176, true),
+                (49, 64, 1031, true),
+                (7, 130, 1024, false),
+                (20, 128, 4096, true),
+            ] {
+                let a: Vec<T> = (0..m * k)
+                    .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
+                    .collect();
+                let b: Vec<T> = (0..k * n)
+                    .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
+                    .collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let lda = if ta { m } else { k };
+                let a_at = |i: usize, q: usize| {
+                    let x = if ta { a[q * m + i] } else { a[i * k + q] };
+                    x.to_f64()
+                };
+                for beta in [0.0f32, 1.0] {
+                    let run = || {
+                        let mut c = c0.clone();
+                        gemm_impl(
+                            path,
+                            driver::Blocking::DEFAULT,
+                            ta,
+                            false,
+                            m,
+                            n,
+                            k,
+                            1.0,
+                            &a,
+                            lda,
+                            &b,
+                            n,
+                            beta,
+                            &mut c,
+                            n,
+                            Epilogue::None,
+                        )
+                        .unwrap();
+                        c
+                    };
+                    let pooled = run();
+                    let serial = crate::threads::serial(run);
+                    let bits = |c: &[f32]| c.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(&pooled) == bits(&serial),
+                        "{path} {} [{m}, {n}, {k}] beta {beta}: one thread differs",
+                        T::DTYPE
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut want, mut size) =
+                                (f64::from(beta) * f64::from(c0[i * n + j]), 0.0);
+                            size += want.abs();
+                            for q in 0..k {
+                                let t = a_at(i, q) * b[q * n + j].to_f64();
+                                want += t;
+                                size += t.abs();
+                            }
+                            let got = f64::from(pooled[i * n + j]);
+                            assert!(
+                                (got - want).abs() <= 1e-6 * size + 1e-30,
+                                "{path} {} [{m}, {n}, {k}] beta {beta} ({i}, {j}): {got} vs {want}",
+                                T::DTYPE
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn depth_halves_f32_and_bf16() {
+        depth_halves_match_float64_on_any_thread_count::<f32>();
+        depth_halves_match_float64_on_any_thread_count::<bf16>();
+    }
 
     /// The microkernel-alone rate runs every path this CPU has (at depths that are and are not
     /// multiples of a pair) and names the path it refuses.
