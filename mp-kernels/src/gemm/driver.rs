@@ -89,6 +89,29 @@ impl<O> Output<O> {
     }
 }
 
+impl<T, O> Problem<T, O> {
+    /// Depth `pc..pc + k` of this problem, storing through `out`.
+    ///
+    /// # Safety
+    /// `pc + k` must be at most `self.k`.
+    unsafe fn depth(&self, pc: usize, k: usize, out: Output<O>) -> Problem<T, O> {
+        Problem {
+            m: self.m,
+            n: self.n,
+            k,
+            // SAFETY: depth pc.. of op(A) and op(B) is inside them (the caller's promise).
+            a: unsafe { self.a.add(pc * self.a_ps) },
+            a_rs: self.a_rs,
+            a_ps: self.a_ps,
+            // SAFETY: as above.
+            b: unsafe { self.b.add(pc * self.b_ps) },
+            b_cs: self.b_cs,
+            b_ps: self.b_ps,
+            out,
+        }
+    }
+}
+
 // SAFETY: the pointers come from slices borrowed for the whole call (A and B shared, C exclusive),
 // and threads write disjoint parts of C.
 unsafe impl<T: Sync, O: Send> Sync for Problem<T, O> {}
@@ -269,25 +292,14 @@ pub(crate) unsafe fn run<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
         while pc < p.k {
             let kcur = ks.min(p.k - pc);
             let last = pc + kcur == p.k;
-            let q = Problem {
-                m: p.m,
-                n: p.n,
-                k: kcur,
-                // SAFETY: depth pc.. of op(A) and op(B) is inside them.
-                a: unsafe { p.a.add(pc * p.a_ps) },
-                a_rs: p.a_rs,
-                a_ps: p.a_ps,
-                // SAFETY: as above.
-                b: unsafe { p.b.add(pc * p.b_ps) },
-                b_cs: p.b_cs,
-                b_ps: p.b_ps,
-                out: Output {
-                    beta: if pc == 0 { p.out.beta } else { 1.0 },
-                    bias: if last { p.out.bias } else { std::ptr::null() },
-                    relu: last && p.out.relu,
-                    ..p.out
-                },
+            let out = Output {
+                beta: if pc == 0 { p.out.beta } else { 1.0 },
+                bias: if last { p.out.bias } else { std::ptr::null() },
+                relu: last && p.out.relu,
+                ..p.out
             };
+            // SAFETY: pc + kcur <= k.
+            let q = unsafe { p.depth(pc, kcur, out) };
             // SAFETY: q is a checked sub-problem of p (C unchanged in shape).
             unsafe { run_one(kernel, &q, blocking) };
             pc += kcur;
@@ -393,20 +405,8 @@ unsafe fn run_depth_halves<T: GemmInput, O: GemmOutput, K: Kernel<T, O>>(
                     ..p.out
                 }
             };
-            let q = Problem {
-                m,
-                n,
-                k,
-                // SAFETY: depth pc.. of op(A) and op(B) is inside them.
-                a: unsafe { p.a.add(pc * p.a_ps) },
-                a_rs: p.a_rs,
-                a_ps: p.a_ps,
-                // SAFETY: as above.
-                b: unsafe { p.b.add(pc * p.b_ps) },
-                b_cs: p.b_cs,
-                b_ps: p.b_ps,
-                out,
-            };
+            // SAFETY: pc + k == p.k.
+            let q = unsafe { p.depth(pc, k, out) };
             // SAFETY: q is a checked sub-problem writing C (half 0) or the scratch (half 1),
             // each on one thread.
             unsafe { run_block(kernel, &q, 0..m, 0..n, blocking) };

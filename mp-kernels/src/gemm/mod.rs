@@ -789,6 +789,13 @@ pub(crate) fn epilogue_scalar(
 mod tests {
     use super::*;
 
+    /// `len` values uniform in [-1, 1), rounded to `T`.
+    fn uniform<T: Element>(rng: &mut mp_core::Rng, len: usize) -> Vec<T> {
+        (0..len)
+            .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
+            .collect()
+    }
+
     /// Small, deep GEMMs into float32 with `alpha == 1` and no epilogue (weight gradients) run as
     /// two depth halves: on every path and input dtype, with `beta` 0 and 1, depths odd and even
     /// at both ends of the range, the result matches float64 and has the same bits on one
@@ -802,12 +809,8 @@ mod tests {
                 (7, 130, 1024, false),
                 (20, 128, 4096, true),
             ] {
-                let a: Vec<T> = (0..m * k)
-                    .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
-                    .collect();
-                let b: Vec<T> = (0..k * n)
-                    .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
-                    .collect();
+                let a: Vec<T> = uniform(&mut rng, m * k);
+                let b: Vec<T> = uniform(&mut rng, k * n);
                 let c0: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
                 let lda = if ta { m } else { k };
                 let a_at = |i: usize, q: usize| {
@@ -924,12 +927,8 @@ mod tests {
                 } else {
                     (230, 150, 3500)
                 };
-                let a: Vec<T> = (0..m * k)
-                    .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
-                    .collect();
-                let b: Vec<T> = (0..k * n)
-                    .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
-                    .collect();
+                let a: Vec<T> = uniform(&mut rng, m * k);
+                let b: Vec<T> = uniform(&mut rng, k * n);
                 let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
                 let c0: Vec<O> = (0..m * n)
                     .map(|_| O::from_f32(rng.uniform(-1.0, 1.0)))
