@@ -521,6 +521,15 @@ unsafe fn dispatch<T: GemmInput, O: GemmOutput>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        // A depth that fits one depth block of the in-place tile (a transformer's projections,
+        // a convolution's patches): the L1 path's smaller blocks only add partial-sum traffic and
+        // its packing of A a copy, so the same tile reads A in place in one block (the same
+        // multiply-adds in the same order; see `SHALLOW_K` for the one change of bits).
+        let path = if path == GemmPath::Avx512L1 && problem.k <= x86::SHALLOW_K {
+            GemmPath::Avx512
+        } else {
+            path
+        };
         match path {
             // A C of at most 32 columns fills only part of the 64- and 48-wide tiles: the
             // 12 x 32 tile of the same family does the same multiply-adds in the same order
@@ -992,5 +1001,96 @@ mod tests {
     #[test]
     fn blocking_is_invisible_f16() {
         blocking_is_invisible::<half::f16, half::f16>();
+    }
+
+    /// [`GemmPath::Avx512L1`] runs a GEMM of depth up to [`x86::SHALLOW_K`] on the in-place
+    /// tile: the bits must be those of its own kernel, for every input type, transpose and
+    /// epilogue, with depths on both sides of the bound (but a float32 C accumulated with alpha
+    /// 1, see [`x86::SHALLOW_K`]).
+    #[cfg(target_arch = "x86_64")]
+    fn shallow_l1_keeps_its_bits<T: GemmInput, O: GemmOutput>() {
+        if !GemmPath::Avx512L1.runs_here(T::DTYPE) {
+            return;
+        }
+        let mut rng = mp_core::Rng::new(0x2b7e_1516);
+        let (m, n) = (77, 70);
+        for k in [1, 64, 300, x86::SHALLOW_K, x86::SHALLOW_K + 1] {
+            for (ta, tb) in [(false, false), (true, false), (false, true)] {
+                let a: Vec<T> = uniform(&mut rng, m * k);
+                let b: Vec<T> = uniform(&mut rng, k * n);
+                let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+                // (alpha 1 with beta 0: a float32 C with alpha 1 and beta != 0 keeps its partial
+                // sums in C when there are several depth blocks, starting from beta C.)
+                for (alpha, beta, relu) in [(1.0, 0.0, false), (0.5, 0.5, true)] {
+                    let c0: Vec<O> = (0..m * n)
+                        .map(|_| O::from_f32(rng.uniform(-1.0, 1.0)))
+                        .collect();
+                    let mut c = c0.clone();
+                    gemm_impl(
+                        GemmPath::Avx512L1,
+                        driver::Blocking::DEFAULT,
+                        ta,
+                        tb,
+                        m,
+                        n,
+                        k,
+                        alpha,
+                        &a,
+                        lda,
+                        &b,
+                        ldb,
+                        beta,
+                        &mut c,
+                        n,
+                        Epilogue::from_parts(Some(&bias[..]), relu),
+                    )
+                    .unwrap();
+                    let mut own = c0.clone();
+                    let (a_rs, a_ps) = if ta { (1, lda) } else { (lda, 1) };
+                    let (b_cs, b_ps) = if tb { (ldb, 1) } else { (1, ldb) };
+                    let problem = driver::Problem {
+                        m,
+                        n,
+                        k,
+                        a: a.as_ptr(),
+                        a_rs,
+                        a_ps,
+                        b: b.as_ptr(),
+                        b_cs,
+                        b_ps,
+                        out: driver::Output {
+                            c: own.as_mut_ptr(),
+                            ldc: n,
+                            alpha,
+                            beta,
+                            bias: bias.as_ptr(),
+                            relu,
+                        },
+                    };
+                    // SAFETY: the problem describes the vectors above; the CPU runs AVX-512.
+                    unsafe {
+                        driver::run(
+                            &x86::Avx512Kernel::<{ x86::F32_MR }, { x86::F32_NV }, true>,
+                            &problem,
+                            driver::Blocking::DEFAULT,
+                        )
+                    };
+                    let bits = |v: &[O]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(&c) == bits(&own),
+                        "k {k}, ta {ta}, tb {tb}, alpha {alpha}: the in-place tile changed bits"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn shallow_l1_gemms_keep_their_bits() {
+        shallow_l1_keeps_its_bits::<f32, f32>();
+        shallow_l1_keeps_its_bits::<bf16, bf16>();
+        shallow_l1_keeps_its_bits::<half::f16, f32>();
     }
 }

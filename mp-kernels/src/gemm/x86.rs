@@ -777,6 +777,14 @@ unsafe fn micro_f32_512<O: GemmOutput, const MR: usize, const NV: usize>(
     store_acc!(acc, MR, NV, w, last, tile);
 }
 
+/// The deepest GEMM that [`GemmPath::Avx512L1`](super::GemmPath::Avx512L1) runs on the in-place
+/// tile instead: one depth block of it (`KC` 768, up to 1.25 of it in one block). The same
+/// multiply-adds in the same order, so the same bits, but for a float32 C accumulated with alpha
+/// 1 (`C += A B`, a weight gradient over several chunks) whose depth the L1 tile splits: that
+/// one keeps its partial sums in C, starting from `beta C` and adding the products, where one depth
+/// block adds `beta C` to their sum.
+pub(crate) const SHALLOW_K: usize = 960;
+
 /// AVX-512 float32 kernel (float16 and bfloat16 inputs widened while packing). `L1`: depth
 /// blocks of 192 (a 6 x 64 panel of packed B is then 48 KiB, an L1 of that size holds it while
 /// the row block of A passes under it) and A always packed; else depth blocks of 768 (B's panel
