@@ -606,13 +606,19 @@ fn softmax_rows<T: Element>(
         let base = base + (i * n) as u64;
         for c0 in (0..np).step_by(L) {
             let rem = lim.saturating_sub(c0);
-            let (o, f) = (*chunk(ok, c0), g.drop_lanes(base, c0));
+            let o = *chunk(ok, c0);
             let x = chunk_mut(s, c0);
             for l in 0..L {
                 // Masked keys are exactly +0 even when the sum is NaN.
                 x[l] = keep_if(allowed(&o, l, rem), x[l] * inv);
             }
             store_partial(p, c0, x);
+        }
+        // The value product's weights, in a pass of their own: in the pass above, LLVM reloaded
+        // each chunk through a masked load behind the store for 16-bit types (a stall a chunk).
+        for c0 in (0..np).step_by(L) {
+            let f = g.drop_lanes(base, c0);
+            let x = chunk_mut(s, c0);
             for l in 0..L {
                 x[l] = round_to::<T>(x[l] * f[l]);
             }
