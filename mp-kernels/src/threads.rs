@@ -82,8 +82,9 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 /// The kernel threads: the calling thread and `n - 1` workers, or none when the kernels run on
 /// the calling thread alone (one thread asked for, or the threads could not be started).
 ///
-/// A parallel region publishes one job; the caller and every worker take its items from one
-/// counter until none is left, and the caller returns when every worker has finished with it.
+/// A parallel region publishes one job; the caller and every worker take its items, each from
+/// its own share first and then from the others' ([`Job`]), until none is left, and the caller
+/// returns when every worker has finished with it.
 /// Between regions a worker spins on `pause` for [`SPIN`] (a training step's next op usually
 /// comes sooner, and a spinning worker starts it at once), then sleeps on a condition variable
 /// until the next region: it never spins in `sched_yield`. Which thread runs which item never
@@ -94,13 +95,31 @@ pub struct Pool(Option<&'static Workers>);
 /// How long an idle worker waits on `pause` before it sleeps.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
-/// One parallel region's work: items `0..n`, taken in order from `next`.
+/// Threads up to which a region hands each thread its own share of the items first
+/// ([`Job::shares`]); beyond, every thread takes items from one counter.
+const MAX_SHARES: usize = 16;
+
+/// A counter on a cache line of its own (the threads bump theirs without sharing a line).
+#[repr(align(64))]
+struct Counter(AtomicUsize);
+
+/// One parallel region's work: items `0..n`. With up to [`MAX_SHARES`] threads, thread `t`'s
+/// share is the `t`-th of `threads` contiguous ranges of the items: it takes its own share's
+/// items in order, then, when its share is done, the items left in the others' shares, so a late
+/// thread's items are not waited for. Thread `t` runs the same part of every region when none
+/// is late, so the rows an op writes on one core are the rows the next op reads there, still in
+/// that core's cache (the GEMMs split rows and the row-wise ops split blocks of rows the same
+/// way). More threads than that take items from one counter.
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     n: usize,
-    /// One item per thread, the thread's index (a broadcast), instead of items from `next`.
+    /// One item per thread, the thread's index (a broadcast), instead of items from the shares.
     per_thread: bool,
-    next: AtomicUsize,
+    /// The threads in the region.
+    threads: usize,
+    /// The next item of each thread's share (only the first `threads` when they are at most
+    /// [`MAX_SHARES`]; else `shares[0]` counts over all the items).
+    shares: [Counter; MAX_SHARES],
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     /// The longest time one thread spent on items, nanoseconds (profiled regions only).
     busiest: AtomicU64,
@@ -108,13 +127,20 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// The first item of thread `t`'s share (`t == threads`: `n`).
+    fn share_start(&self, t: usize) -> usize {
+        self.n * t / self.threads
+    }
+
     /// Runs items until none is left (or, for a broadcast, item `me`); a panic is kept for the
     /// caller and stops the other threads taking more.
     fn work(&self, me: usize) {
         let start = self.timed.then(std::time::Instant::now);
         let run = |i: usize| {
             if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(i))) {
-                self.next.store(usize::MAX / 2, Ordering::SeqCst);
+                for c in &self.shares {
+                    c.0.store(usize::MAX / 2, Ordering::SeqCst);
+                }
                 self.panic
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -125,13 +151,25 @@ impl Job<'_> {
             if me < self.n {
                 run(me);
             }
-        } else {
+        } else if self.threads > MAX_SHARES {
             loop {
-                let i = self.next.fetch_add(1, Ordering::Relaxed);
+                let i = self.shares[0].0.fetch_add(1, Ordering::Relaxed);
                 if i >= self.n {
                     break;
                 }
                 run(i);
+            }
+        } else {
+            for o in 0..self.threads {
+                let t = (me + o) % self.threads;
+                let end = self.share_start(t + 1);
+                loop {
+                    let i = self.shares[t].0.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        break;
+                    }
+                    run(i);
+                }
             }
         }
         if let Some(t) = start {
@@ -263,15 +301,21 @@ impl Workers {
         };
         let timed = crate::profile::enabled();
         let start = timed.then(std::time::Instant::now);
-        let job = Job {
+        let mut job = Job {
             f,
             n,
             per_thread,
-            next: AtomicUsize::new(0),
+            threads: self.threads,
+            shares: std::array::from_fn(|_| Counter(AtomicUsize::new(0))),
             panic: Mutex::new(None),
             busiest: AtomicU64::new(0),
             timed,
         };
+        if self.threads <= MAX_SHARES {
+            for t in 0..self.threads {
+                job.shares[t] = Counter(AtomicUsize::new(job.share_start(t)));
+            }
+        }
         // The workers see the job only while `active > 0`, and this returns only after.
         let erased: *const Job<'_> = &job;
         self.job.store(erased.cast_mut().cast(), Ordering::SeqCst);
@@ -793,6 +837,40 @@ mod tests {
             }
         });
         assert_eq!(order.into_inner().unwrap(), [0, 1, 2, 3]);
+    }
+
+    /// Shares of 3 and 5 threads, and one counter past [`MAX_SHARES`]: every item once, also
+    /// when a thread is held up and the others take the rest of its share.
+    #[test]
+    fn shares_run_every_item_once_whatever_the_thread_count() {
+        for threads in [3, 5, MAX_SHARES + 1] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let pool = Pool(start(threads, true, Some(limited(threads - 1, &calls))).unwrap());
+            for n in [0, 1, 2, 5, 7, 100] {
+                for slow in [false, true] {
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    pool.for_each_index(n, |i| {
+                        if slow && i == 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                        hits[i].fetch_add(1, Ordering::SeqCst);
+                    });
+                    assert!(
+                        hits.iter().all(|h| h.load(Ordering::SeqCst) == 1),
+                        "{threads} threads, {n} items, slow {slow}"
+                    );
+                }
+            }
+            let total = AtomicUsize::new(0);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.for_each_index(64, |i| {
+                    assert_ne!(i, 40, "item 40 failed");
+                    total.fetch_add(1, Ordering::SeqCst);
+                })
+            }));
+            assert!(r.is_err(), "{threads} threads");
+            assert_eq!(pool.map(9, |i| i + 1), (1..10).collect::<Vec<_>>());
+        }
     }
 
     #[test]
