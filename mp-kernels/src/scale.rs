@@ -33,29 +33,22 @@ pub(crate) fn scale<T: Element>(isa: Isa, x: &mut [T], s: f32) {
     par_each(x, |x| scale_chunk(isa, x, s));
 }
 
-/// See [`crate::Cpu::add_assign`].
+/// See [`crate::Cpu::add_assign`]: `y = y + x`, widened to float32, added, rounded once to `T`,
+/// 16 lanes at a time in registers (a 16-bit residual add had gone through float32 tiles in
+/// memory and was slower than float32's).
 pub(crate) fn add_assign<T: Element>(isa: Isa, x: &[T], y: &mut [T]) {
-    if T::DTYPE == DType::F32 {
-        par_zip(x, 1, y, 1, |x: &[T], y: &mut [T]| {
+    let isa = isa.or_scalar();
+    par_zip(x, 1, y, 1, |x: &[T], y: &mut [T]| match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was checked; two slices of equal length, `y` distinct from `x`.
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::add_avx512(x, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::add_avx2(x, y) },
+        _ => {
             for (y, x) in y.iter_mut().zip(x) {
                 *y = T::from_f32(y.to_f32() + x.to_f32());
             }
-        });
-        return;
-    }
-    // 16-bit: widened a tile at a time with the vector casts (F16C, AVX-512) instead of one
-    // software conversion per element, added in float32, rounded once (the same bits).
-    par_zip(x, 1, y, 1, |x: &[T], y: &mut [T]| {
-        const TILE: usize = 512;
-        let (mut xf, mut yf) = ([0.0f32; TILE], [0.0f32; TILE]);
-        for (x, y) in x.chunks(TILE).zip(y.chunks_mut(TILE)) {
-            let n = x.len();
-            crate::cast::cast_chunk(isa, x, &mut xf[..n]);
-            crate::cast::cast_chunk(isa, &*y, &mut yf[..n]);
-            for (a, b) in yf[..n].iter_mut().zip(&xf[..n]) {
-                *a += *b;
-            }
-            crate::cast::cast_chunk(isa, &yf[..n], y);
         }
     });
 }
@@ -152,7 +145,7 @@ mod x86 {
     use mp_core::{DType, Element};
 
     use super::exponent_mask;
-    use crate::cast::x86::{map_avx2, map_avx512, tail_mask16};
+    use crate::cast::x86::{map_avx2, map_avx512, map2_avx2, map2_avx512, tail_mask16};
 
     /// `vfpclassps` categories: QNaN, +inf, -inf, SNaN.
     const NON_FINITE: i32 = 0x01 | 0x08 | 0x10 | 0x80;
@@ -171,6 +164,22 @@ mod x86 {
         let p = x.as_mut_ptr();
         // SAFETY: one buffer of `x.len()` elements, in place.
         unsafe { map_avx2(x.len(), p.cast_const(), p, |v| _mm256_mul_ps(v, sv)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn add_avx512<T: Element>(x: &[T], y: &mut [T]) {
+        let n = x.len().min(y.len());
+        let p = y.as_mut_ptr();
+        // SAFETY: `n` elements of each; `y` is read and written in place, lane for lane.
+        unsafe { map2_avx512(n, p.cast_const(), x.as_ptr(), p, |a, b| _mm512_add_ps(a, b)) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn add_avx2<T: Element>(x: &[T], y: &mut [T]) {
+        let n = x.len().min(y.len());
+        let p = y.as_mut_ptr();
+        // SAFETY: as above.
+        unsafe { map2_avx2(n, p.cast_const(), x.as_ptr(), p, |a, b| _mm256_add_ps(a, b)) }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
