@@ -228,6 +228,11 @@ macro_rules! store_acc {
     }};
 }
 
+/// Up to this many packed steps a float32 microkernel call does not prefetch for the next one:
+/// a call this short has no time to hide the misses, and in mnist_vit's step (projections of
+/// depth 64 and 128) the prefetches cost more than they saved (see the commit that added this).
+const SHORT_KP: usize = 128;
+
 /// Prefetches what the next microkernel call will touch first: the next tile's workspace (which
 /// follows this one) unless this is the last depth block, and in any case the C rows below this
 /// tile, which the next tile of the same panel stores to at the end.
@@ -756,7 +761,9 @@ unsafe fn micro_f32_512<O: GemmOutput, const MR: usize, const NV: usize>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     init_acc!(acc, MR, NV, first, w, tile);
-    prefetch_next::<O, MR, NV>(w, last, tile);
+    if kp > SHORT_KP {
+        prefetch_next::<O, MR, NV>(w, last, tile);
+    }
     let mut b = b;
     // SAFETY: the panels hold kp packed steps (B 64-byte aligned).
     unsafe {
