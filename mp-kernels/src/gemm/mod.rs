@@ -489,10 +489,25 @@ pub(crate) fn gemm_impl<T: GemmInput, O: GemmOutput>(
         unsafe { scalar::epilogue_only(m, n, &out) };
         return Ok(());
     }
+    let problem = stored_problem((trans_a, trans_b), (m, n, k), (a, lda), (b, ldb), out);
+    // SAFETY: the shapes, strides and lengths were checked above; C is exclusively borrowed.
+    unsafe { dispatch(path, &problem, blocking) };
+    Ok(())
+}
+
+/// The driver's problem for stored matrices: op(A) `m x k` from `a` (row stride `lda`,
+/// transposed when `trans.0`), op(B) `k x n` from `b` likewise, storing through `out`.
+fn stored_problem<T, O>(
+    trans: (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (a, lda): (&[T], usize),
+    (b, ldb): (&[T], usize),
+    out: driver::Output<O>,
+) -> driver::Problem<T, O> {
     // Strides of op(A) (rows i, depth p) and op(B) (columns j, depth p).
-    let (a_rs, a_ps) = if trans_a { (1, lda) } else { (lda, 1) };
-    let (b_cs, b_ps) = if trans_b { (ldb, 1) } else { (1, ldb) };
-    let problem = driver::Problem {
+    let (a_rs, a_ps) = if trans.0 { (1, lda) } else { (lda, 1) };
+    let (b_cs, b_ps) = if trans.1 { (ldb, 1) } else { (1, ldb) };
+    driver::Problem {
         m,
         n,
         k,
@@ -503,10 +518,7 @@ pub(crate) fn gemm_impl<T: GemmInput, O: GemmOutput>(
         b_cs,
         b_ps,
         out,
-    };
-    // SAFETY: the shapes, strides and lengths were checked above; C is exclusively borrowed.
-    unsafe { dispatch(path, &problem, blocking) };
-    Ok(())
+    }
 }
 
 /// Runs the problem on the kernel family of `path` for these element types.
@@ -1047,27 +1059,16 @@ mod tests {
                     )
                     .unwrap();
                     let mut own = c0.clone();
-                    let (a_rs, a_ps) = if ta { (1, lda) } else { (lda, 1) };
-                    let (b_cs, b_ps) = if tb { (ldb, 1) } else { (1, ldb) };
-                    let problem = driver::Problem {
-                        m,
-                        n,
-                        k,
-                        a: a.as_ptr(),
-                        a_rs,
-                        a_ps,
-                        b: b.as_ptr(),
-                        b_cs,
-                        b_ps,
-                        out: driver::Output {
-                            c: own.as_mut_ptr(),
-                            ldc: n,
-                            alpha,
-                            beta,
-                            bias: bias.as_ptr(),
-                            relu,
-                        },
+                    let out = driver::Output {
+                        c: own.as_mut_ptr(),
+                        ldc: n,
+                        alpha,
+                        beta,
+                        bias: bias.as_ptr(),
+                        relu,
                     };
+                    let problem =
+                        stored_problem((ta, tb), (m, n, k), (&a[..], lda), (&b[..], ldb), out);
                     // SAFETY: the problem describes the vectors above; the CPU runs AVX-512.
                     unsafe {
                         driver::run(
