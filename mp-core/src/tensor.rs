@@ -1,7 +1,8 @@
 //! Tensors: the dtype is a type parameter, the shape and the device are runtime values.
 //!
-//! CPU storage is contiguous, row-major and 64-byte aligned (one cache line, one zmm register),
-//! allocated through [`crate::memory`] so the bytes held by tensors can be counted. The CUDA arm
+//! CPU storage is contiguous, row-major and 64-byte aligned (one cache line, one zmm register;
+//! from 2 MiB up, aligned to and backed by huge pages where Linux offers them), allocated through
+//! [`crate::memory`] so the bytes held by tensors can be counted. The CUDA arm
 //! exists behind mp-core's `cuda` feature; without it, [`Device::Cuda`] is still a value, and
 //! asking for it returns [`Error::CudaNotCompiled`].
 
@@ -67,7 +68,7 @@ unsafe impl<E: Element> Sync for AlignedBuf<E> {}
 impl<E: Element> AlignedBuf<E> {
     fn layout(len: usize) -> Result<Layout> {
         len.checked_mul(std::mem::size_of::<E>())
-            .and_then(|bytes| Layout::from_size_align(bytes, ALIGN).ok())
+            .and_then(crate::memory::buffer_layout)
             .ok_or_else(|| Error::InvalidArgument {
                 what: format!("a tensor of {len} {} elements is too large", E::DTYPE),
             })
@@ -106,7 +107,7 @@ impl<E: Element> AlignedBuf<E> {
             Some(p) => (p, false),
             // SAFETY: the layout has a non-zero size; zeroed memory is a valid value of every
             // element type (0.0).
-            None => (unsafe { alloc::alloc_zeroed(layout) }, true),
+            None => (unsafe { crate::memory::alloc_zeroed(layout) }, true),
         };
         let Some(ptr) = NonNull::new(raw as *mut E) else {
             return Err(Error::InvalidArgument {

@@ -621,7 +621,11 @@ struct Buffers {
 fn grow(buf: &mut Vec<Line>, bytes: usize) -> *mut u8 {
     let lines = bytes.div_ceil(64).max(1);
     if buf.len() < lines {
-        *buf = vec![Line([0; 64]); lines];
+        // Huge pages asked for before the buffer is first touched (packed B spans megabytes).
+        let mut fresh: Vec<Line> = Vec::with_capacity(lines);
+        mp_core::memory::advise_huge_pages(fresh.as_mut_ptr().cast(), lines * 64);
+        fresh.resize(lines, Line([0; 64]));
+        *buf = fresh;
     }
     buf.as_mut_ptr().cast()
 }
