@@ -48,8 +48,8 @@ pub(crate) fn buffer_layout(size: usize) -> Option<Layout> {
 ///
 /// Why: a GEMM reads its operands across many pages at once (the rows of A at their stride, a
 /// column block of B, the rows of C), and on 4 KiB pages in a virtual machine every TLB miss is
-/// a two-level page walk. On the Xeon (KVM) of BENCHMARKS.md, huge pages alone took a 4096^3
-/// float32 GEMM from 200 to 250 GFLOP/s.
+/// a two-level page walk. On the Intel Xeon KVM guest the README's figures come from, huge pages
+/// alone took a 4096^3 float32 GEMM from 200 to 250 GFLOP/s.
 pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
@@ -193,8 +193,8 @@ fn cache_layout(size: usize) -> Layout {
     buffer_layout(size).expect("a layout that was valid before")
 }
 
-/// A cached buffer of exactly `size` bytes (laid out by [`buffer_layout`], contents left over), if one is free:
-/// the most recently freed one.
+/// A cached buffer of exactly `size` bytes (laid out by [`buffer_layout`], contents left over),
+/// if one is free: the most recently freed one.
 pub(crate) fn take_cached(size: usize) -> Option<*mut u8> {
     if size < CACHE_MIN_BYTES {
         return None;
@@ -206,8 +206,8 @@ pub(crate) fn take_cached(size: usize) -> Option<*mut u8> {
     Some(p as *mut u8)
 }
 
-/// Offers a freed buffer of `size` bytes (allocated with [`buffer_layout`]) to the cache, which frees
-/// its oldest buffers to make room (what a training step frees now is what the next step
+/// Offers a freed buffer of `size` bytes (allocated with [`buffer_layout`]) to the cache, which
+/// frees its oldest buffers to make room (what a training step frees now is what the next step
 /// allocates); `false` when it declines (too small, or larger than the cap), and the caller
 /// frees it.
 pub(crate) fn give_cached(ptr: *mut u8, size: usize) -> bool {
