@@ -10,6 +10,12 @@
 //! in float32), its kernel gradient `colsᵀ · dy`. The GEMMs run on the measured paths of
 //! [`crate::gemm`].
 //!
+//! Where the path has implicit-GEMM tiles (the AVX-512 float32 family) and the input at least a
+//! few channels, the forward convolution and the stride-1 input gradient (itself a convolution)
+//! skip the im2col matrix: each kernel thread copies a few of its images into a zero-padded
+//! float32 buffer and the tiles read every patch where it lies there, with the same float32 sums
+//! in the same order (the same bits). `MP_CONV_IMPLICIT=0` turns this off.
+//!
 //! The kernels are methods of [`crate::Cpu`] ([`crate::Cpu::im2col`], ...); tensors reach them
 //! through [`crate::ops`].
 //!
@@ -21,7 +27,11 @@ use std::ops::Range;
 use mp_core::Element;
 
 use crate::error::{Error, Result};
-use crate::gemm::{Gemm, GemmInput, GemmOutput, GemmPaths, MatMut, MatRef, gemm_views};
+use crate::gemm::{
+    ConvKernel, Gemm, GemmInput, GemmOutput, GemmPath, GemmPaths, MatMut, MatRef, gemm_views,
+};
+use crate::isa::Isa;
+use crate::norm;
 use crate::threads;
 
 /// How a window meets the border (Keras's `padding`).
@@ -354,6 +364,29 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
     y: &mut [O],
     gemm: Gemm<'_>,
 ) -> Result<()> {
+    conv2d_with(paths, g, x, kernel, filters, y, gemm, implicit_enabled())
+}
+
+/// Whether [`conv2d`] may take the implicit-GEMM tiles: `MP_CONV_IMPLICIT=0` turns them off
+/// (read once), to compare the two forms of the same convolution.
+fn implicit_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MP_CONV_IMPLICIT").map_or(true, |v| v != "0"))
+}
+
+/// [`conv2d`], on the implicit-GEMM tiles where they apply when `implicit`, else always on the
+/// im2col matrix (what the tests compare the tiles with).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_with<T: GemmInput, O: GemmOutput>(
+    paths: GemmPaths,
+    g: &Geometry,
+    x: &[T],
+    kernel: &[T],
+    filters: usize,
+    y: &mut [O],
+    gemm: Gemm<'_>,
+    implicit: bool,
+) -> Result<()> {
     const OP: &str = "conv2d";
     check_len(OP, "x", x.len(), g.input_len())?;
     check_len(OP, "kernel", kernel.len(), g.patch_len() * filters)?;
@@ -368,8 +401,11 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
             gemm,
         );
     }
-    let pix = g.output[0] * g.output[1];
     let path = paths.get(T::DTYPE);
+    if implicit && conv2d_implicit(path, g, x, kernel, filters, y, gemm)? {
+        return Ok(());
+    }
+    let pix = g.output[0] * g.output[1];
     // Images `images` into their rows of `y` (`out`), a chunk of images at a time.
     let run = |images: Range<usize>, out: &mut [O], serial: bool| -> Result<()> {
         let per = images_per_chunk(g, std::mem::size_of::<T>(), serial);
@@ -407,6 +443,115 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
         })
         .into_iter()
         .collect()
+}
+
+/// Fewest input channels for the implicit-GEMM tiles: each tap is a run of `channels` steps of
+/// the microkernel, and a one-channel first layer (9 taps of one step) is left to im2col.
+const IMPLICIT_MIN_CHANNELS: usize = 8;
+
+/// Bytes of zero-padded float32 images one kernel thread keeps for the implicit-GEMM tiles:
+/// about a third of a 2 MiB L2, beside the packed kernel the tiles stream.
+const PADDED_CHUNK_BYTES: usize = 512 << 10;
+
+/// [`conv2d`] without an im2col matrix, where the path has implicit-GEMM tiles
+/// ([`ConvKernel`]), the input has at least [`IMPLICIT_MIN_CHANNELS`] channels and the batch
+/// splits over the kernel threads by images ([`thread_parts`]); `Ok(false)` (nothing written)
+/// where it does not apply.
+///
+/// Each thread copies a few of its images at a time, widened to float32, into a zero-padded
+/// buffer whose border holds every tap that falls in the padding, so that tap `(ki, kj)` of
+/// output pixel `(b, i, j)` starts at one fixed offset from the pixel's base: the tiles read
+/// the patches there, as many pixels to a tile as the tile has rows (across image rows and
+/// images). The same float32 chain per element as the GEMM on the im2col matrix: the same bits.
+fn conv2d_implicit<T: GemmInput, O: GemmOutput>(
+    path: GemmPath,
+    g: &Geometry,
+    x: &[T],
+    kernel: &[T],
+    filters: usize,
+    y: &mut [O],
+    gemm: Gemm<'_>,
+) -> Result<bool> {
+    if g.channels < IMPLICIT_MIN_CHANNELS {
+        return Ok(false);
+    }
+    // Images split over the threads, or all of them on a single thread; a batch too small to
+    // split is left to the threads sharing each GEMM of the im2col path.
+    let parts = match thread_parts(g.batch) {
+        Some(parts) => parts,
+        None if threads::num_threads() == 1 => std::iter::once(0..g.batch).collect(),
+        None => return Ok(false),
+    };
+    let Some(packed) = ConvKernel::pack(path, kernel, g.patch_len(), filters) else {
+        return Ok(false);
+    };
+    let [kh, kw] = g.window.size;
+    let [sh, sw] = g.window.strides;
+    let [dh, dw] = g.window.dilation;
+    let [oh, ow] = g.output;
+    let [h, w] = g.input;
+    let ch = g.channels;
+    // The padded image covers every tap of every output pixel.
+    let hp = (h + g.pad[0]).max((oh - 1) * sh + (kh - 1) * dh + 1);
+    let wp = (w + g.pad[1]).max((ow - 1) * sw + (kw - 1) * dw + 1);
+    let padded = hp * wp * ch;
+    let taps: Vec<usize> = (0..kh)
+        .flat_map(|ki| (0..kw).map(move |kj| (ki * dh * wp + kj * dw) * ch))
+        .collect();
+    let pix = oh * ow;
+    let isa = Isa::detect();
+    let run = |images: Range<usize>, out: &mut [O]| -> Result<()> {
+        let per = (PADDED_CHUNK_BYTES / (padded * 4)).clamp(1, images.len().max(1));
+        // The border stays zero: only the interior is written, chunk after chunk.
+        let mut xp = vec![0.0f32; per * padded];
+        let mut bases: Vec<*const f32> = Vec::with_capacity(per * pix);
+        for b0 in images.clone().step_by(per) {
+            let n = per.min(images.end - b0);
+            for b in 0..n {
+                let src = &x[(b0 + b) * g.image_len()..][..g.image_len()];
+                for (ih, row) in src.chunks_exact(w * ch).enumerate() {
+                    let at = ((b * hp + ih + g.pad[0]) * wp + g.pad[1]) * ch;
+                    norm::convert(isa, row, &mut xp[at..at + w * ch]);
+                }
+            }
+            let base = xp.as_ptr();
+            bases.clear();
+            for b in 0..n {
+                for i in 0..oh {
+                    let row = (b * hp + i * sh) * wp;
+                    bases.extend((0..ow).map(|j| base.wrapping_add((row + j * sw) * ch)));
+                }
+            }
+            let at = (b0 - images.start) * pix * filters;
+            // SAFETY: the last element a tile reads, tap (kh - 1, kw - 1) of pixel
+            // (b, oh - 1, ow - 1) plus ch - 1, is at most ((b + 1) hp wp) ch - 1: inside `xp`.
+            unsafe {
+                packed.rows(
+                    &bases,
+                    &taps,
+                    ch,
+                    &mut out[at..at + n * pix * filters],
+                    gemm,
+                )?
+            };
+        }
+        Ok(())
+    };
+    let mut slices = Vec::with_capacity(parts.len());
+    let mut rest = y;
+    for r in parts {
+        let (mine, others) = rest.split_at_mut(r.len() * pix * filters);
+        slices.push((r, mine));
+        rest = others;
+    }
+    threads::pool()
+        .map_chunks_mut(&mut slices, 1, |_, s| {
+            let (r, out) = &mut s[0];
+            threads::serial(|| run(r.clone(), out))
+        })
+        .into_iter()
+        .collect::<Result<()>>()?;
+    Ok(true)
 }
 
 /// The input gradient of [`conv2d`], written in `O` (rounded once from float32 sums).
@@ -1037,6 +1182,92 @@ fn window_taps(g: &Geometry, i: usize, j: usize, mut f: impl FnMut(usize)) -> us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
+    use mp_core::Rng;
+
+    /// The implicit-GEMM tiles against the GEMM on the im2col matrix, bit for bit (both are
+    /// float64-checked in tests/conv.rs): every tile (12 x 32 for at most 32 filters, 6 x 64
+    /// with one and two panels), strides, dilation, both paddings, edge tiles across image
+    /// rows and images, the epilogue (alpha, beta, bias, ReLU), outputs in float32 and in `T`.
+    fn implicit_matches_im2col<T: GemmInput>(seed: u64) {
+        let cpu = crate::Cpu::global().unwrap();
+        let paths = cpu.gemm_paths();
+        if ConvKernel::pack::<T>(paths.get(T::DTYPE), &[T::ZERO], 1, 1).is_none() {
+            return; // no implicit tiles on this CPU's path
+        }
+        let mut rng = Rng::new(seed);
+        let cases = [
+            (
+                [9, 11, 13, 16],
+                Window::new([3, 3]).padding(Padding::Same),
+                32,
+            ),
+            ([8, 7, 9, 8], Window::new([3, 3]), 5),
+            (
+                [10, 12, 9, 9],
+                Window::new([3, 2]).strides([2, 1]).dilation([1, 2]),
+                40,
+            ),
+            (
+                [8, 9, 10, 24],
+                Window::new([2, 3]).strides([2, 2]).padding(Padding::Same),
+                64,
+            ),
+            (
+                [11, 6, 5, 33],
+                Window::new([3, 3]).dilation([2, 1]).padding(Padding::Same),
+                77,
+            ),
+            ([8, 5, 5, 64], Window::new([1, 1]).strides([2, 2]), 20),
+        ];
+        for (input, window, filters) in cases {
+            let g = geo(input, window);
+            let what = format!("{:?} {g:?} filters {filters}", T::DTYPE);
+            let x: Vec<T> = (0..g.input_len())
+                .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
+                .collect();
+            let k: Vec<T> = (0..g.patch_len() * filters)
+                .map(|_| T::from_f32(rng.uniform(-1.0, 1.0)))
+                .collect();
+            let bias: Vec<f32> = (0..filters).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let c0: Vec<f32> = (0..g.pixels() * filters)
+                .map(|_| rng.uniform(-1.0, 1.0))
+                .collect();
+            let fused = Gemm::new().epilogue(crate::gemm::Epilogue::from_parts(
+                Some(bias.as_slice()),
+                true,
+            ));
+            for gemm in [Gemm::new(), Gemm::new().scaled(0.5, 2.0), fused] {
+                let run = |implicit: bool| {
+                    let mut y = c0.clone();
+                    let mut yt: Vec<T> = c0.iter().map(|v| T::from_f32(*v)).collect();
+                    conv2d_with(paths, &g, &x, &k, filters, &mut y, gemm, implicit).unwrap();
+                    conv2d_with(paths, &g, &x, &k, filters, &mut yt, gemm, implicit).unwrap();
+                    (y, yt)
+                };
+                let (a, at) = run(true);
+                let (b, bt) = run(false);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{what} {gemm:?} float32 out");
+                let bits_t = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits_t(&at), bits_t(&bt), "{what} {gemm:?} out in T");
+            }
+            let mut y = vec![0.0f32; g.pixels() * filters];
+            let path = paths.get(T::DTYPE);
+            let ran = conv2d_implicit(path, &g, &x, &k, filters, &mut y, Gemm::new()).unwrap();
+            assert!(
+                ran,
+                "{what}: the implicit tiles should take this convolution"
+            );
+        }
+    }
+
+    #[test]
+    fn implicit_gemm_tiles_match_the_im2col_gemm_bit_for_bit() {
+        implicit_matches_im2col::<f32>(11);
+        implicit_matches_im2col::<bf16>(12);
+        implicit_matches_im2col::<f16>(13);
+    }
 
     fn geo(input: [usize; 4], w: Window) -> Geometry {
         Geometry::new("test", input, w).unwrap()

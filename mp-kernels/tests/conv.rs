@@ -303,6 +303,18 @@ fn conv_sweep<T: GemmInput>(name: &str) {
         cpu,
         Geometry::new("test", [10, 12, 9, 5], strided).ok(),
     );
+    // Enough channels for the implicit-GEMM tiles (the patches read from a padded copy of the
+    // input, no im2col matrix), odd and multiple-of-16 channel counts, strided and dilated.
+    for (input, window) in [
+        ([9, 11, 13, 16], big),
+        ([8, 7, 10, 9], strided),
+        (
+            [8, 9, 8, 32],
+            Window::new([3, 3]).dilation([2, 2]).padding(Padding::Same),
+        ),
+    ] {
+        conv_case::<T>(&mut rng, cpu, Geometry::new("test", input, window).ok());
+    }
 }
 
 #[test]

@@ -732,6 +732,164 @@ pub(crate) fn gemm_views<T: GemmInput, O: GemmOutput>(
     )
 }
 
+/// A convolution kernel packed for the implicit-GEMM tiles of the AVX-512 float32 family: a
+/// convolution's A operand (its patches) is then read where it lies, in a (padded) float32 copy
+/// of the input, instead of from an im2col matrix ([`crate::conv`]). Each element of C is the
+/// same float32 chain over the depth in order as the GEMM on the im2col matrix computes on the
+/// same paths (one depth block: the patch is at most [`ConvKernel::MAX_DEPTH`] deep), so the
+/// results are the same bits.
+#[derive(Debug)]
+pub(crate) struct ConvKernel {
+    /// k-major panels of `width` columns (64-byte blocks of 16 float32).
+    panels: Vec<Block16>,
+    k: usize,
+    n: usize,
+    /// The narrow tile's panels (`n <= 32`), else the 6 x 64 tile's.
+    narrow: bool,
+}
+
+/// 16 float32, 64-byte aligned: the packed panels' unit.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Block16([f32; 16]);
+
+impl ConvKernel {
+    /// The deepest patch the tiles take: one depth block of the 6 x 64 path, so that the GEMM
+    /// on the im2col matrix is one chain too.
+    pub(crate) const MAX_DEPTH: usize = 768;
+
+    /// Packed float32 bytes above which the kernel is left to the im2col GEMM (the tiles read
+    /// the whole packed kernel for every tile of rows, from L2).
+    const MAX_BYTES: usize = 1 << 20;
+
+    /// `kernel` (`[k, n]` row-major) packed for `path`, or `None` where `path` has no
+    /// implicit-GEMM tile (only the AVX-512 float32 family has, on x86-64) or the kernel is too
+    /// deep or too large for it.
+    pub(crate) fn pack<T: GemmInput>(
+        path: GemmPath,
+        kernel: &[T],
+        k: usize,
+        n: usize,
+    ) -> Option<ConvKernel> {
+        let family = matches!(
+            path,
+            GemmPath::Avx512 | GemmPath::Avx512Wide | GemmPath::Avx512L1
+        );
+        if !cfg!(target_arch = "x86_64")
+            || !family
+            || path.check(T::DTYPE).is_err()
+            || k == 0
+            || n == 0
+            || k > Self::MAX_DEPTH
+            || kernel.len() != k * n
+        {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let narrow = n <= x86::NARROW_N;
+            let width = if narrow {
+                x86::NARROW_NV * 16
+            } else {
+                x86::F32_NV * 16
+            };
+            let blocks = n.div_ceil(width) * width * k / 16;
+            if blocks * 64 > Self::MAX_BYTES {
+                return None;
+            }
+            let mut panels = vec![Block16([0.0; 16]); blocks];
+            // SAFETY: `check` confirmed AVX-512 F/BW/VL/DQ; `kernel` holds k * n elements and
+            // `panels` the padded panels, 64-byte aligned.
+            unsafe {
+                x86::pack_conv_b_512(kernel.as_ptr(), k, n, width, panels.as_mut_ptr().cast())
+            };
+            Some(ConvKernel {
+                panels,
+                k,
+                n,
+                narrow,
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+
+    /// Rows `0..bases.len()` of `c` (`[bases.len(), n]`, row stride `n`): row `r` is
+    /// `epilogue(alpha Σ_t Σ_q bases[r][taps[t] + q] · kernel[t ch + q, :] + beta c[r, :])`,
+    /// where `taps.len() * ch` is the packed depth.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when the taps and channels are not the packed depth, when `c` is
+    /// not `bases.len() x n`, or the bias not `n` long.
+    ///
+    /// # Safety
+    /// Every `bases[r] + taps[t]` must start `ch` readable float32 elements.
+    pub(crate) unsafe fn rows<O: GemmOutput>(
+        &self,
+        bases: &[*const f32],
+        taps: &[usize],
+        ch: usize,
+        c: &mut [O],
+        g: Gemm<'_>,
+    ) -> Result<()> {
+        let shape = |lhs_name, lhs: Vec<usize>, rhs_name, rhs: Vec<usize>| Error::ShapeMismatch {
+            op: "conv2d",
+            lhs_name,
+            lhs,
+            rhs_name,
+            rhs,
+        };
+        if taps.len() * ch != self.k {
+            return Err(shape(
+                "taps x channels",
+                vec![taps.len(), ch],
+                "packed kernel [k, n]",
+                vec![self.k, self.n],
+            ));
+        }
+        if c.len() != bases.len() * self.n {
+            return Err(shape(
+                "c",
+                vec![c.len()],
+                "rows x filters",
+                vec![bases.len(), self.n],
+            ));
+        }
+        if let Some(bias) = g.epilogue.bias()
+            && bias.len() != self.n
+        {
+            return Err(shape("bias", vec![bias.len()], "filters", vec![self.n]));
+        }
+        crate::counters::record_gemm(DType::F32);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let out = driver::Output {
+                c: c.as_mut_ptr(),
+                ldc: self.n,
+                alpha: g.alpha,
+                beta: g.beta,
+                bias: g.epilogue.bias().map_or(std::ptr::null(), <[f32]>::as_ptr),
+                relu: g.epilogue.relu(),
+            };
+            let b: *const f32 = self.panels.as_ptr().cast();
+            // SAFETY: `pack` ran, so the CPU supports AVX-512 F/BW/VL/DQ; C holds the rows
+            // (checked above), the panels the packed depth, the rows the caller's promise.
+            unsafe {
+                if self.narrow {
+                    x86::conv_rows_512::<O, { x86::NARROW_MR }, { x86::NARROW_NV }>(
+                        bases, taps, ch, b, self.n, &out,
+                    )
+                } else {
+                    x86::conv_rows_512::<O, { x86::F32_MR }, { x86::F32_NV }>(
+                        bases, taps, ch, b, self.n, &out,
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks one stored matrix: `ld >= cols` and `len >= (rows - 1) * ld + cols`.
 fn check_matrix(
     name: &'static str,

@@ -895,6 +895,115 @@ unsafe impl<T: GemmInput, O: GemmOutput, const MR: usize, const NV: usize, const
 }
 
 // ------------------------------------------------------------------------------------------------
+// Implicit-GEMM convolution tiles
+// ------------------------------------------------------------------------------------------------
+
+/// One `MR x 16 NV` tile of an implicit-GEMM convolution: A's row `i` at depth `t * c + q` (tap
+/// `t`, channel `q`) is `*rows[i].add(taps[t] + q)`, read where it lies instead of from an im2col
+/// matrix; `b` is a k-major packed panel of `taps.len() * c` steps. The accumulators start from
+/// zero and take the depth in order, one float32 chain per element as in [`micro_f32_512`] over
+/// one depth block, and the epilogue stores the tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+unsafe fn micro_conv_f32_512<O: GemmOutput, const MR: usize, const NV: usize>(
+    rows: &[*const f32; MR],
+    taps: &[usize],
+    c: usize,
+    b: *const f32,
+    tile: &Tile<O>,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    let mut b = b;
+    // One packed step at channel offset `q` of the current tap's rows `ap`.
+    macro_rules! step {
+        ($ap:expr, $q:expr) => {{
+            let mut bv = [_mm512_setzero_ps(); NV];
+            unroll!(NV, |V| {
+                // SAFETY: the panel holds taps.len() * c steps, 64-byte aligned.
+                bv[V] = unsafe { _mm512_load_ps(b.add(V * 16)) };
+            });
+            unroll!(MR, |I| {
+                // SAFETY: the caller's promise: every row base plus every tap offset starts
+                // `c` readable elements.
+                let av = _mm512_set1_ps(unsafe { *$ap[I].add($q) });
+                unroll!(NV, |V| {
+                    acc[I][V] = _mm512_fmadd_ps(av, bv[V], acc[I][V]);
+                });
+            });
+            // SAFETY: still inside the panel (or one past its end).
+            b = unsafe { b.add(NV * 16) };
+        }};
+    }
+    for &t in taps {
+        // SAFETY: as above.
+        let ap: [*const f32; MR] = std::array::from_fn(|i| unsafe { rows[i].add(t) });
+        let mut q = 0;
+        for _ in 0..c / STEP_UNROLL {
+            for _ in 0..STEP_UNROLL {
+                step!(ap, q);
+                q += 1;
+            }
+        }
+        for _ in 0..c % STEP_UNROLL {
+            step!(ap, q);
+            q += 1;
+        }
+    }
+    let w = std::ptr::null_mut::<f32>();
+    store_acc!(acc, MR, NV, w, true, tile);
+}
+
+/// Rows `0..bases.len()` of an implicit-GEMM convolution into C (through `out`'s epilogue):
+/// `C[r, :] = Σ_t Σ_q bases[r][taps[t] + q] · B[t c + q, :]`, B packed by [`pack_conv_b_512`]
+/// into `16 NV`-wide panels of `taps.len() * c` steps, `n` columns in all.
+///
+/// # Safety
+/// Every `bases[r] + taps[t]` must start `c` readable float32 elements, `b` must hold the packed
+/// panels, C must hold `bases.len()` rows of `n` columns, and the CPU must support AVX-512 F, BW,
+/// VL and DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+pub(super) unsafe fn conv_rows_512<O: GemmOutput, const MR: usize, const NV: usize>(
+    bases: &[*const f32],
+    taps: &[usize],
+    c: usize,
+    b: *const f32,
+    n: usize,
+    out: &super::driver::Output<O>,
+) {
+    let nr = NV * 16;
+    let k = taps.len() * c;
+    for r0 in (0..bases.len()).step_by(MR) {
+        let rows = MR.min(bases.len() - r0);
+        // Rows past the end repeat the last one; the tile stores only `rows`.
+        let ptrs: [*const f32; MR] = std::array::from_fn(|i| bases[r0 + i.min(rows - 1)]);
+        for (q, j0) in (0..n).step_by(nr).enumerate() {
+            // SAFETY: (r0, j0) is inside C; the panel and rows as the caller promised.
+            unsafe {
+                let tile = out.tile(r0, j0, rows, nr.min(n - j0));
+                micro_conv_f32_512::<O, MR, NV>(&ptrs, taps, c, b.add(q * nr * k), &tile);
+            }
+        }
+    }
+}
+
+/// Packs a convolution kernel (`[k, n]` row-major, `T` widened to float32) into the k-major
+/// panels of width `width` (a multiple of 16) that [`conv_rows_512`] reads.
+///
+/// # Safety
+/// `kernel` must hold `k * n` elements, `dst` `n.div_ceil(width) * width * k` float32 (64-byte
+/// aligned), and the CPU must support AVX-512 F, BW, VL and DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+pub(super) unsafe fn pack_conv_b_512<T: GemmInput>(
+    kernel: *const T,
+    k: usize,
+    n: usize,
+    width: usize,
+    dst: *mut f32,
+) {
+    // SAFETY: forwarded (element (j, p) of op(B) at kernel + j + p * n).
+    unsafe { pack_f32_512(kernel, 1, n, n, k, width, dst) }
+}
+
+// ------------------------------------------------------------------------------------------------
 // AVX512_BF16 kernel
 // ------------------------------------------------------------------------------------------------
 
