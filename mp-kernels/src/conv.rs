@@ -14,7 +14,10 @@
 //! few channels, the forward convolution and the stride-1 input gradient (itself a convolution)
 //! skip the im2col matrix: each kernel thread copies a few of its images into a zero-padded
 //! float32 buffer and the tiles read every patch where it lies there, with the same float32 sums
-//! in the same order (the same bits). `MP_CONV_IMPLICIT=0` turns this off.
+//! in the same order (the same bits). The kernel gradient does the same where the channels are
+//! a multiple of 16 and the filters of 8: its tiles (8 filters x 48 patch entries) sum each
+//! thread's pixels in order from the padded copy and `dy`, where the GEMM packed an im2col
+//! matrix. `MP_CONV_IMPLICIT=0` turns both off.
 //!
 //! The kernels are methods of [`crate::Cpu`] ([`crate::Cpu::im2col`], ...); tensors reach them
 //! through [`crate::ops`].
@@ -28,7 +31,7 @@ use mp_core::Element;
 
 use crate::error::{Error, Result};
 use crate::gemm::{
-    ConvKernel, Gemm, GemmInput, GemmOutput, GemmPath, GemmPaths, MatMut, MatRef, gemm_views,
+    self, ConvKernel, Gemm, GemmInput, GemmOutput, GemmPath, GemmPaths, MatMut, MatRef, gemm_views,
 };
 use crate::isa::Isa;
 use crate::norm;
@@ -453,6 +456,89 @@ const IMPLICIT_MIN_CHANNELS: usize = 8;
 /// about a third of a 2 MiB L2, beside the packed kernel the tiles stream.
 const PADDED_CHUNK_BYTES: usize = 512 << 10;
 
+/// The split of a batch over the kernel threads for the implicit-GEMM tiles: images split over
+/// the threads ([`thread_parts`]), or all of them on a single thread; `None` for a batch too
+/// small to split, which is left to the threads sharing each GEMM of the im2col path.
+fn implicit_parts(batch: usize) -> Option<Vec<Range<usize>>> {
+    match thread_parts(batch) {
+        Some(parts) => Some(parts),
+        None if threads::num_threads() == 1 => Some(std::iter::once(0..batch).collect()),
+        None => None,
+    }
+}
+
+/// A zero-padded float32 copy of a few images at a time, what the implicit-GEMM tiles read:
+/// its border holds every tap that falls in the padding, so that tap `(ki, kj)` of output pixel
+/// `(b, i, j)` starts at one fixed offset (`taps`) from the pixel's base (`bases`).
+struct PaddedImages {
+    /// Padded rows and columns: every tap of every output pixel is inside.
+    hp: usize,
+    wp: usize,
+    /// Images per copy.
+    per: usize,
+    /// The offset of each tap from its pixel's base, in elements, taps in patch order.
+    taps: Vec<usize>,
+    /// `per` padded images; the border stays zero (only the interior is ever written).
+    xp: Vec<f32>,
+    /// The base of each output pixel of the loaded images, in pixel order.
+    bases: Vec<*const f32>,
+}
+
+impl PaddedImages {
+    /// Room for as many images (at most `most`, at least one) as fit `budget` bytes together
+    /// with `extra` bytes per image that the caller keeps beside them.
+    fn new(g: &Geometry, budget: usize, extra: usize, most: usize) -> PaddedImages {
+        let [kh, kw] = g.window.size;
+        let [sh, sw] = g.window.strides;
+        let [dh, dw] = g.window.dilation;
+        let [oh, ow] = g.output;
+        let hp = (g.input[0] + g.pad[0]).max((oh - 1) * sh + (kh - 1) * dh + 1);
+        let wp = (g.input[1] + g.pad[1]).max((ow - 1) * sw + (kw - 1) * dw + 1);
+        let padded = hp * wp * g.channels;
+        let per = (budget / (padded * 4 + extra)).clamp(1, most.max(1));
+        let taps = (0..kh)
+            .flat_map(|ki| (0..kw).map(move |kj| (ki * dh * wp + kj * dw) * g.channels))
+            .collect();
+        PaddedImages {
+            hp,
+            wp,
+            per,
+            taps,
+            xp: vec![0.0; per * padded],
+            bases: Vec::with_capacity(per * oh * ow),
+        }
+    }
+
+    /// Copies images `b0..b0 + n` (`n <= per`) of `x`, widened to float32, and sets the bases of
+    /// their output pixels. Afterwards every base plus every tap offset starts `channels`
+    /// elements inside the copy: the last element a tile reads, tap `(kh - 1, kw - 1)` of pixel
+    /// `(b, oh - 1, ow - 1)` plus `channels - 1`, is at most `(b + 1) hp wp channels - 1`.
+    fn load<T: Element>(&mut self, g: &Geometry, x: &[T], b0: usize, n: usize) {
+        debug_assert!(n <= self.per);
+        let (hp, wp, ch) = (self.hp, self.wp, g.channels);
+        let w = g.input[1];
+        let isa = Isa::detect();
+        for b in 0..n {
+            let src = &x[(b0 + b) * g.image_len()..][..g.image_len()];
+            for (ih, row) in src.chunks_exact(w * ch).enumerate() {
+                let at = ((b * hp + ih + g.pad[0]) * wp + g.pad[1]) * ch;
+                norm::convert(isa, row, &mut self.xp[at..at + w * ch]);
+            }
+        }
+        let base = self.xp.as_ptr();
+        let [sh, sw] = g.window.strides;
+        let [oh, ow] = g.output;
+        self.bases.clear();
+        for b in 0..n {
+            for i in 0..oh {
+                let row = (b * hp + i * sh) * wp;
+                self.bases
+                    .extend((0..ow).map(|j| base.wrapping_add((row + j * sw) * ch)));
+            }
+        }
+    }
+}
+
 /// [`conv2d`] without an im2col matrix, where the path has implicit-GEMM tiles
 /// ([`ConvKernel`]), the input has at least [`IMPLICIT_MIN_CHANNELS`] channels and the batch
 /// splits over the kernel threads by images ([`thread_parts`]); `Ok(false)` (nothing written)
@@ -475,61 +561,26 @@ fn conv2d_implicit<T: GemmInput, O: GemmOutput>(
     if g.channels < IMPLICIT_MIN_CHANNELS {
         return Ok(false);
     }
-    // Images split over the threads, or all of them on a single thread; a batch too small to
-    // split is left to the threads sharing each GEMM of the im2col path.
-    let parts = match thread_parts(g.batch) {
-        Some(parts) => parts,
-        None if threads::num_threads() == 1 => std::iter::once(0..g.batch).collect(),
-        None => return Ok(false),
+    let Some(parts) = implicit_parts(g.batch) else {
+        return Ok(false);
     };
     let Some(packed) = ConvKernel::pack(path, kernel, g.patch_len(), filters) else {
         return Ok(false);
     };
-    let [kh, kw] = g.window.size;
-    let [sh, sw] = g.window.strides;
-    let [dh, dw] = g.window.dilation;
-    let [oh, ow] = g.output;
-    let [h, w] = g.input;
-    let ch = g.channels;
-    // The padded image covers every tap of every output pixel.
-    let hp = (h + g.pad[0]).max((oh - 1) * sh + (kh - 1) * dh + 1);
-    let wp = (w + g.pad[1]).max((ow - 1) * sw + (kw - 1) * dw + 1);
-    let padded = hp * wp * ch;
-    let taps: Vec<usize> = (0..kh)
-        .flat_map(|ki| (0..kw).map(move |kj| (ki * dh * wp + kj * dw) * ch))
-        .collect();
-    let pix = oh * ow;
-    let isa = Isa::detect();
+    let pix = g.output[0] * g.output[1];
     let run = |images: Range<usize>, out: &mut [O]| -> Result<()> {
-        let per = (PADDED_CHUNK_BYTES / (padded * 4)).clamp(1, images.len().max(1));
-        // The border stays zero: only the interior is written, chunk after chunk.
-        let mut xp = vec![0.0f32; per * padded];
-        let mut bases: Vec<*const f32> = Vec::with_capacity(per * pix);
-        for b0 in images.clone().step_by(per) {
-            let n = per.min(images.end - b0);
-            for b in 0..n {
-                let src = &x[(b0 + b) * g.image_len()..][..g.image_len()];
-                for (ih, row) in src.chunks_exact(w * ch).enumerate() {
-                    let at = ((b * hp + ih + g.pad[0]) * wp + g.pad[1]) * ch;
-                    norm::convert(isa, row, &mut xp[at..at + w * ch]);
-                }
-            }
-            let base = xp.as_ptr();
-            bases.clear();
-            for b in 0..n {
-                for i in 0..oh {
-                    let row = (b * hp + i * sh) * wp;
-                    bases.extend((0..ow).map(|j| base.wrapping_add((row + j * sw) * ch)));
-                }
-            }
+        let mut pad = PaddedImages::new(g, PADDED_CHUNK_BYTES, 0, images.len());
+        for b0 in images.clone().step_by(pad.per) {
+            let n = pad.per.min(images.end - b0);
+            pad.load(g, x, b0, n);
             let at = (b0 - images.start) * pix * filters;
-            // SAFETY: the last element a tile reads, tap (kh - 1, kw - 1) of pixel
-            // (b, oh - 1, ow - 1) plus ch - 1, is at most ((b + 1) hp wp) ch - 1: inside `xp`.
+            // SAFETY: `load` made every base plus every tap offset start `channels` elements
+            // inside the padded copy.
             unsafe {
                 packed.rows(
-                    &bases,
-                    &taps,
-                    ch,
+                    &pad.bases,
+                    &pad.taps,
+                    g.channels,
                     &mut out[at..at + n * pix * filters],
                     gemm,
                 )?
@@ -713,9 +764,25 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
         }
         Ok(dwt)
     };
-    let sums: Vec<Result<Vec<f32>>> = match thread_parts(g.batch) {
-        None => vec![part(0..g.batch, false)],
-        Some(parts) => threads::pool().map(parts.len(), |i| {
+    let path = paths.get(T::DTYPE);
+    let implicit = implicit_enabled()
+        && gemm::conv_kernel_grad_supported(path, g.channels, filters)
+        && g.patch_len() <= IMPLICIT_MAX_PATCH;
+    let sums: Vec<Result<Vec<f32>>> = match (implicit_parts(g.batch), thread_parts(g.batch)) {
+        (Some(parts), _) if implicit => threads::pool().map(parts.len(), |i| {
+            threads::serial(|| {
+                Ok(kernel_grad_implicit(
+                    path,
+                    g,
+                    x,
+                    dy,
+                    filters,
+                    parts[i].clone(),
+                ))
+            })
+        }),
+        (_, None) => vec![part(0..g.batch, false)],
+        (_, Some(parts)) => threads::pool().map(parts.len(), |i| {
             threads::serial(|| part(parts[i].clone(), true))
         }),
     };
@@ -728,6 +795,68 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
         }
     }
     Ok(())
+}
+
+/// The deepest patch the implicit kernel-gradient tiles take: their B vectors are read from the
+/// padded images, and a patch longer than this is left to im2col and the GEMM.
+const IMPLICIT_MAX_PATCH: usize = 4608;
+
+/// Bytes of padded images and of their `dy` rows one kernel thread keeps for the implicit
+/// kernel gradient: every tile of the gradient passes over them, so they stay in its L2.
+const GRAD_CHUNK_BYTES: usize = 768 << 10;
+
+/// One kernel thread's share of [`conv2d_backward_kernel`] on the implicit-GEMM tiles: `dwᵀ`
+/// (`[filters, patch_len]`) summed over images `images`, pixel after pixel, from a padded copy
+/// of a few images at a time ([`PaddedImages`]) and their rows of `dy` (widened to float32).
+fn kernel_grad_implicit<T: GemmInput>(
+    path: GemmPath,
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    filters: usize,
+    images: Range<usize>,
+) -> Vec<f32> {
+    let pix = g.output[0] * g.output[1];
+    let per_image_dy = pix * filters;
+    let mut pad = PaddedImages::new(g, GRAD_CHUNK_BYTES, per_image_dy * 4, images.len());
+    let mut dwt = vec![0.0f32; filters * g.patch_len()];
+    let mut wide = vec![
+        0.0f32;
+        if norm::as_f32(dy).is_some() {
+            0
+        } else {
+            pad.per * per_image_dy
+        }
+    ];
+    let isa = Isa::detect();
+    for (i, b0) in images.clone().step_by(pad.per).enumerate() {
+        let n = pad.per.min(images.end - b0);
+        pad.load(g, x, b0, n);
+        let rows = &dy[b0 * per_image_dy..(b0 + n) * per_image_dy];
+        let rows: &[f32] = match norm::as_f32(rows) {
+            Some(rows) => rows,
+            None => {
+                let w = &mut wide[..rows.len()];
+                norm::convert(isa, rows, w);
+                w
+            }
+        };
+        // SAFETY: the caller checked `conv_kernel_grad_supported`; `load` made every base plus
+        // every tap offset start `channels` elements inside the padded copy.
+        unsafe {
+            gemm::conv_kernel_grad_rows(
+                path,
+                &pad.bases,
+                &pad.taps,
+                g.channels,
+                rows,
+                filters,
+                i == 0,
+                &mut dwt,
+            )
+        };
+    }
+    dwt
 }
 
 /// Writes the im2col matrix of `x` (`[batch, h, w, channels]`) into `cols`

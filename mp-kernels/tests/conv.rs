@@ -121,8 +121,13 @@ fn assert_close(what: &str, got: &[f32], reference: &[f64], bound: &[f64]) {
 
 /// Forward, kernel gradient and input gradient of one random convolution in `T`.
 fn conv_case<T: GemmInput>(rng: &mut Rng, cpu: &Cpu, g: Option<Geometry>) {
-    let g = g.unwrap_or_else(|| random_geometry(rng, true));
     let filters = pick(rng, 1, 11);
+    conv_case_with::<T>(rng, cpu, g, filters);
+}
+
+/// [`conv_case`] with `filters` filters.
+fn conv_case_with<T: GemmInput>(rng: &mut Rng, cpu: &Cpu, g: Option<Geometry>, filters: usize) {
+    let g = g.unwrap_or_else(|| random_geometry(rng, true));
     let (pixels, patch, c) = (g.pixels(), g.patch_len(), g.channels);
     let x: Vec<T> = rand_vec(rng, g.input_len());
     let w: Vec<T> = rand_vec(rng, patch * filters);
@@ -314,6 +319,25 @@ fn conv_sweep<T: GemmInput>(name: &str) {
         ),
     ] {
         conv_case::<T>(&mut rng, cpu, Geometry::new("test", input, window).ok());
+    }
+    // Channels a multiple of 16 and filters of 8: the kernel gradient's implicit tiles too
+    // (patch widths that end in 48-, 32- and 16-wide panels).
+    for (input, window, filters) in [
+        ([9, 11, 13, 16], big, 8),
+        ([8, 7, 10, 32], strided, 24),
+        (
+            [8, 6, 5, 48],
+            Window::new([2, 2]).padding(Padding::Same),
+            16,
+        ),
+        ([10, 5, 7, 16], Window::new([1, 2]).strides([1, 2]), 40),
+    ] {
+        conv_case_with::<T>(
+            &mut rng,
+            cpu,
+            Geometry::new("test", input, window).ok(),
+            filters,
+        );
     }
 }
 

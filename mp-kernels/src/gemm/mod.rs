@@ -890,6 +890,72 @@ impl ConvKernel {
     }
 }
 
+/// Filters a tile of the implicit-GEMM kernel gradient covers ([`conv_kernel_grad_rows`]).
+const CONV_DW_MR: usize = 8;
+
+/// Whether `path` has implicit-GEMM tiles for the kernel gradient of a convolution with `c`
+/// input channels and `filters` filters (the AVX-512 float32 family, on x86-64; `c` a multiple
+/// of 16, so that each vector of patch entries lies inside one tap, and `filters` a multiple of
+/// 8, the tile's rows).
+pub(crate) fn conv_kernel_grad_supported(path: GemmPath, c: usize, filters: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && matches!(
+            path,
+            GemmPath::Avx512 | GemmPath::Avx512Wide | GemmPath::Avx512L1
+        )
+        && path.check(DType::F32).is_ok()
+        && c > 0
+        && c.is_multiple_of(16)
+        && filters > 0
+        && filters.is_multiple_of(CONV_DW_MR)
+}
+
+/// Adds one chunk of pixels into a convolution's transposed kernel gradient `dwt`
+/// (`[filters, taps.len() * c]`, float32; overwritten when `first`): `dwt[f, t c + q] += Σ_p
+/// dy[p, f] · bases[p][taps[t] + q]`, one float32 chain per element in pixel order across
+/// chunks. `dy` is `[bases.len(), filters]`.
+///
+/// # Safety
+/// [`conv_kernel_grad_supported`] must hold for `path`, `c` and `filters`; every
+/// `bases[p] + taps[t]` must start `c` readable float32 elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn conv_kernel_grad_rows(
+    path: GemmPath,
+    bases: &[*const f32],
+    taps: &[usize],
+    c: usize,
+    dy: &[f32],
+    filters: usize,
+    first: bool,
+    dwt: &mut [f32],
+) {
+    debug_assert!(conv_kernel_grad_supported(path, c, filters));
+    assert_eq!(
+        dy.len(),
+        bases.len() * filters,
+        "dy: one row of filters a pixel"
+    );
+    assert_eq!(dwt.len(), filters * taps.len() * c, "dwt: [filters, patch]");
+    crate::counters::record_gemm(DType::F32);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU supports the path (the caller checked `conv_kernel_grad_supported`); dy and
+    // dwt hold what they must (asserted), the rows the caller's promise.
+    unsafe {
+        x86::conv_dw_rows_512::<CONV_DW_MR>(
+            bases,
+            taps,
+            c,
+            dy.as_ptr(),
+            filters,
+            filters,
+            first,
+            dwt.as_mut_ptr(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (path, bases, taps, c, dy, filters, first, dwt);
+}
+
 /// Checks one stored matrix: `ld >= cols` and `len >= (rows - 1) * ld + cols`.
 fn check_matrix(
     name: &'static str,

@@ -985,6 +985,120 @@ pub(super) unsafe fn conv_rows_512<O: GemmOutput, const MR: usize, const NV: usi
     }
 }
 
+/// One `MR x 16 NV` tile of an implicit-GEMM convolution's kernel gradient, transposed
+/// (`dwᵀ[f, e] += Σ_p dy[p, f] · patch_p[e]`): rows are filters, columns patch entries, the depth
+/// the pixels. Pixel `p`'s vector `V` of the tile's patch entries is `bases[p] + voff[V]` (16
+/// entries inside one tap); its filters are `a + p * lda`, `MR` in a row. The sums start from
+/// zero when `first`, else from the tile in C (float32, stored unrounded), and take the pixels in
+/// order: one float32 chain per element across calls.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+unsafe fn micro_conv_dw_512<const MR: usize, const NV: usize>(
+    bases: &[*const f32],
+    voff: [usize; NV],
+    a: *const f32,
+    lda: usize,
+    first: bool,
+    tile: &Tile<f32>,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    let w = std::ptr::null_mut::<f32>();
+    init_acc!(acc, MR, NV, first, w, tile);
+    let mut ap = a;
+    macro_rules! step {
+        ($bp:expr) => {{
+            let bp: *const f32 = $bp;
+            let mut bv = [_mm512_setzero_ps(); NV];
+            unroll!(NV, |V| {
+                // SAFETY: the caller's promise: 16 readable elements at every base + offset.
+                bv[V] = unsafe { _mm512_loadu_ps(bp.add(voff[V])) };
+            });
+            unroll!(MR, |I| {
+                // SAFETY: MR filters of every pixel's row of dy are readable.
+                let av = _mm512_set1_ps(unsafe { *ap.add(I) });
+                unroll!(NV, |V| {
+                    acc[I][V] = _mm512_fmadd_ps(av, bv[V], acc[I][V]);
+                });
+            });
+            ap = ap.wrapping_add(lda);
+        }};
+    }
+    let mut chunks = bases.chunks_exact(STEP_UNROLL);
+    for quad in &mut chunks {
+        for &bp in quad {
+            step!(bp);
+        }
+    }
+    for &bp in chunks.remainder() {
+        step!(bp);
+    }
+    store_acc!(acc, MR, NV, w, true, tile);
+}
+
+/// Adds one chunk of pixels into an implicit-GEMM convolution's transposed kernel gradient
+/// `dwt` (`[filters, taps.len() * c]`, float32): `dwt[f, t c + q] += Σ_p dy[p, f] ·
+/// bases[p][taps[t] + q]`, overwriting instead when `first`; `dy` rows `lda` apart.
+///
+/// # Safety
+/// `c` and `filters` must be multiples of 16 and of `MR`; every `bases[p] + taps[t]` must start
+/// `c` readable float32 elements, `dy` hold `bases.len()` rows, `dwt` the gradient, and the
+/// CPU must support AVX-512 F, BW, VL and DQ.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn conv_dw_rows_512<const MR: usize>(
+    bases: &[*const f32],
+    taps: &[usize],
+    c: usize,
+    dy: *const f32,
+    lda: usize,
+    filters: usize,
+    first: bool,
+    dwt: *mut f32,
+) {
+    let patch = taps.len() * c;
+    // Patch entry e's offset from its pixel's base.
+    let off = |e: usize| taps[e / c] + e % c;
+    for f0 in (0..filters).step_by(MR) {
+        let mut e0 = 0;
+        while e0 < patch {
+            let width = (patch - e0).min(48);
+            let out = super::driver::Output {
+                c: dwt,
+                ldc: patch,
+                alpha: 1.0,
+                beta: 0.0,
+                bias: std::ptr::null(),
+                relu: false,
+            };
+            // SAFETY: (f0, e0) is inside dwt; the rows and dy as the caller promised.
+            unsafe {
+                let mut tile = out.tile(f0, e0, MR, width);
+                tile.acc_in_c = true;
+                let a = dy.add(f0);
+                match width {
+                    48 => micro_conv_dw_512::<MR, 3>(
+                        bases,
+                        [off(e0), off(e0 + 16), off(e0 + 32)],
+                        a,
+                        lda,
+                        first,
+                        &tile,
+                    ),
+                    32 => micro_conv_dw_512::<MR, 2>(
+                        bases,
+                        [off(e0), off(e0 + 16)],
+                        a,
+                        lda,
+                        first,
+                        &tile,
+                    ),
+                    _ => micro_conv_dw_512::<MR, 1>(bases, [off(e0)], a, lda, first, &tile),
+                }
+            }
+            e0 += width;
+        }
+    }
+}
+
 /// Packs a convolution kernel (`[k, n]` row-major, `T` widened to float32) into the k-major
 /// panels of width `width` (a multiple of 16) that [`conv_rows_512`] reads.
 ///
