@@ -744,7 +744,7 @@ pub(crate) struct ConvKernel {
     panels: Vec<Block16>,
     k: usize,
     n: usize,
-    /// The narrow tile's panels (`n <= 32`), else the 6 x 64 tile's.
+    /// The narrow tile's panels (`n <= 32`, 32 wide), else the 6 x 64 tile's.
     narrow: bool,
 }
 
@@ -876,7 +876,7 @@ impl ConvKernel {
             // (checked above), the panels the packed depth, the rows the caller's promise.
             unsafe {
                 if self.narrow {
-                    x86::conv_rows_512::<O, { x86::NARROW_MR }, { x86::NARROW_NV }>(
+                    x86::conv_rows_512::<O, { x86::CONV_NARROW_MR }, { x86::NARROW_NV }>(
                         bases, taps, ch, b, self.n, &out,
                     )
                 } else {
