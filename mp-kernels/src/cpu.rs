@@ -556,6 +556,52 @@ impl Cpu {
         crate::norm::normalize(x, rows, cols, mean, var, gamma, beta, epsilon, y)
     }
 
+    /// [`Cpu::normalize`] followed by ReLU, in one pass (see [`crate::norm::normalize_relu`]).
+    ///
+    /// # Errors
+    /// As [`crate::norm::normalize_relu`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn normalize_relu<T: Element>(
+        &self,
+        x: &[T],
+        rows: usize,
+        cols: usize,
+        mean: &[f32],
+        var: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        epsilon: f32,
+        y: &mut [T],
+    ) -> Result<()> {
+        crate::norm::normalize_relu(x, rows, cols, mean, var, gamma, beta, epsilon, y)
+    }
+
+    /// The training-mode gradient of [`Cpu::normalize_relu`] (see
+    /// [`crate::norm::normalize_relu_backward`]).
+    ///
+    /// # Errors
+    /// As [`crate::norm::normalize_relu_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn normalize_relu_backward<T: Element>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        rows: usize,
+        cols: usize,
+        mean: &[f32],
+        var: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        epsilon: f32,
+        dx: &mut [T],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) -> Result<()> {
+        crate::norm::normalize_relu_backward(
+            x, dy, rows, cols, mean, var, gamma, beta, epsilon, dx, dgamma, dbeta,
+        )
+    }
+
     /// The training-mode gradient of [`Cpu::normalize`] (see
     /// [`crate::norm::normalize_backward`]).
     ///

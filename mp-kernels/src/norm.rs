@@ -378,40 +378,130 @@ pub fn normalize<T: Element>(
     epsilon: f32,
     y: &mut [T],
 ) -> Result<()> {
-    const OP: &str = "normalize";
-    let len = matrix_len(OP, rows, cols)?;
-    check_len(OP, "x", x.len(), len)?;
-    check_cols(
-        OP,
-        cols,
-        &[
-            ("mean", mean.len()),
-            ("var", var.len()),
-            ("gamma", gamma.len()),
-            ("beta", beta.len()),
-        ],
-    )?;
-    check_len(OP, "y", y.len(), len)?;
-    check_epsilon(OP, epsilon)?;
+    let stats = Stats {
+        mean,
+        var,
+        gamma,
+        beta,
+        epsilon,
+    };
+    normalize_impl("normalize", x, rows, cols, stats, false, y)
+}
+
+/// [`normalize`] followed by ReLU (`y = x` if `x > 0`, `+0` if `x <= 0`, NaN if NaN, as
+/// [`crate::activation`] defines it), in one pass: the same bits as the two ops one after the
+/// other (ReLU commutes with the rounding to `T`), without writing and reading the normalized
+/// tensor in between. What a `BatchNormalization` followed by a ReLU `Activation` runs.
+///
+/// # Errors
+/// As [`normalize`], naming `normalize_relu`.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_relu<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    mean: &[f32],
+    var: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+    y: &mut [T],
+) -> Result<()> {
+    let stats = Stats {
+        mean,
+        var,
+        gamma,
+        beta,
+        epsilon,
+    };
+    normalize_impl("normalize_relu", x, rows, cols, stats, true, y)
+}
+
+/// A normalization's per-column statistics and affine parameters.
+#[derive(Clone, Copy)]
+struct Stats<'a> {
+    mean: &'a [f32],
+    var: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    epsilon: f32,
+}
+
+impl Stats<'_> {
+    /// Checks the lengths (`cols` each) and epsilon.
+    fn check(&self, op: &'static str, cols: usize) -> Result<()> {
+        check_cols(
+            op,
+            cols,
+            &[
+                ("mean", self.mean.len()),
+                ("var", self.var.len()),
+                ("gamma", self.gamma.len()),
+                ("beta", self.beta.len()),
+            ],
+        )?;
+        check_epsilon(op, self.epsilon)
+    }
+
+    /// `gamma * inv_std` per column: what the forward multiplies `x - mean` by.
+    fn scale(&self) -> Vec<f32> {
+        self.gamma
+            .iter()
+            .zip(self.var)
+            .map(|(g, v)| g * inv_std(*v, self.epsilon))
+            .collect()
+    }
+}
+
+/// [`normalize`], then ReLU when `relu`.
+fn normalize_impl<T: Element>(
+    op: &'static str,
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    p: Stats<'_>,
+    relu: bool,
+    y: &mut [T],
+) -> Result<()> {
+    let len = matrix_len(op, rows, cols)?;
+    check_len(op, "x", x.len(), len)?;
+    p.check(op, cols)?;
+    check_len(op, "y", y.len(), len)?;
     if len == 0 {
         return Ok(());
     }
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(var)
-        .map(|(g, v)| g * inv_std(*v, epsilon))
-        .collect();
+    let scale = p.scale();
+    let (mean, beta) = (p.mean, p.beta);
     map_rows(Isa::detect(), [x], cols, y, |c0, [xr], yr| {
         let w = yr.len();
         let per_col = mean[c0..c0 + w]
             .iter()
             .zip(&scale[c0..c0 + w])
             .zip(&beta[c0..c0 + w]);
-        for ((o, v), ((m, s), b)) in yr.iter_mut().zip(xr).zip(per_col) {
-            *o = (v - m) * s + b;
+        if relu {
+            for ((o, v), ((m, s), b)) in yr.iter_mut().zip(xr).zip(per_col) {
+                let t = (v - m) * s + b;
+                // Not `t <= 0`: NaN passes through, as the activation's ReLU does.
+                *o = if t > 0.0 || t.is_nan() { t } else { 0.0 };
+            }
+        } else {
+            for ((o, v), ((m, s), b)) in yr.iter_mut().zip(xr).zip(per_col) {
+                *o = (v - m) * s + b;
+            }
         }
     });
     Ok(())
+}
+
+/// The largest float32 that rounds to zero (or below) in `T`: a value `v` of [`normalize`]
+/// passes its ReLU, once rounded to `T`, exactly when `v > relu_floor::<T>()` (half the
+/// smallest subnormal of `T`, a tie that rounds to the even zero; 0 for float32).
+fn relu_floor<T: Element>() -> f32 {
+    match T::DTYPE {
+        mp_core::DType::F16 => (-25f32).exp2(),
+        mp_core::DType::BF16 => f32::from_bits(1 << 16), // 2^-134
+        _ => 0.0,
+    }
 }
 
 /// The training-mode gradient of [`normalize`]: `mean` and `var` are the batch statistics of
@@ -442,30 +532,105 @@ pub fn normalize_backward<T: Element>(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) -> Result<()> {
-    const OP: &str = "normalize_backward";
-    let len = matrix_len(OP, rows, cols)?;
-    check_len(OP, "x", x.len(), len)?;
-    check_len(OP, "dy", dy.len(), len)?;
-    check_cols(
-        OP,
+    // Backward does not read beta; the ReLU variant does.
+    let zeros = vec![0.0f32; gamma.len()];
+    let stats = Stats {
+        mean,
+        var,
+        gamma,
+        beta: &zeros,
+        epsilon,
+    };
+    backward_impl(
+        "normalize_backward",
+        x,
+        dy,
+        rows,
         cols,
-        &[
-            ("mean", mean.len()),
-            ("var", var.len()),
-            ("gamma", gamma.len()),
-        ],
-    )?;
-    check_len(OP, "dx", dx.len(), len)?;
+        stats,
+        false,
+        dx,
+        dgamma,
+        dbeta,
+    )
+}
+
+/// The training-mode gradient of [`normalize_relu`]: [`normalize_backward`] of ReLU's
+/// gradient, `dy` where the forward's output was positive, `dy * 0` where it was not, NaN where
+/// it was NaN, with the forward's output recomputed from `x` (no saved output, no pass to form
+/// ReLU's gradient): the same bits as the two backward ops one after the other.
+///
+/// # Errors
+/// As [`normalize_backward`] (`beta` checked too), naming `normalize_relu_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_relu_backward<T: Element>(
+    x: &[T],
+    dy: &[T],
+    rows: usize,
+    cols: usize,
+    mean: &[f32],
+    var: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+    dx: &mut [T],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    let stats = Stats {
+        mean,
+        var,
+        gamma,
+        beta,
+        epsilon,
+    };
+    backward_impl(
+        "normalize_relu_backward",
+        x,
+        dy,
+        rows,
+        cols,
+        stats,
+        true,
+        dx,
+        dgamma,
+        dbeta,
+    )
+}
+
+/// [`normalize_backward`], of [`normalize_relu`] when `relu`.
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<T: Element>(
+    op: &'static str,
+    x: &[T],
+    dy: &[T],
+    rows: usize,
+    cols: usize,
+    p: Stats<'_>,
+    relu: bool,
+    dx: &mut [T],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Result<()> {
+    let len = matrix_len(op, rows, cols)?;
+    check_len(op, "x", x.len(), len)?;
+    check_len(op, "dy", dy.len(), len)?;
+    p.check(op, cols)?;
+    check_len(op, "dx", dx.len(), len)?;
     check_cols(
-        OP,
+        op,
         cols,
         &[("dgamma", dgamma.len()), ("dbeta", dbeta.len())],
     )?;
-    check_epsilon(OP, epsilon)?;
     if len == 0 {
         return Ok(());
     }
-    let inv: Vec<f32> = var.iter().map(|v| inv_std(*v, epsilon)).collect();
+    let (mean, beta) = (p.mean, p.beta);
+    let inv: Vec<f32> = p.var.iter().map(|v| inv_std(*v, p.epsilon)).collect();
+    // ReLU's gradient from the recomputed forward output: `v = (x - m) * s + b` as the forward
+    // computed it, positive once rounded to T exactly when above `floor`.
+    let scale = if relu { p.scale() } else { Vec::new() };
+    let floor = relu_floor::<T>();
     // sums[..cols]: sum dy; sums[cols..]: sum dy * xhat.
     let mut sums = vec![0.0f32; 2 * cols];
     let isa = Isa::detect();
@@ -474,6 +639,17 @@ pub fn normalize_backward<T: Element>(
         let (sdy, sdyx) = acc.split_at_mut(w);
         let (m, s) = (&mean[c0..c0 + w], &inv[c0..c0 + w]);
         widened_rows(isa, [x, dy], cols, r, c0, w, |[xr, dr]| {
+            if relu {
+                let cols = ReluCols {
+                    mean: m,
+                    inv: s,
+                    scale: &scale[c0..c0 + w],
+                    beta: &beta[c0..c0 + w],
+                    floor,
+                };
+                relu_sums_row(isa, cols, xr, dr, sdy, sdyx);
+                return;
+            }
             let sums = sdy.iter_mut().zip(sdyx.iter_mut());
             let per_col = m.iter().zip(s);
             for (((a, b), (v, d)), (m, s)) in sums.zip(xr.iter().zip(dr)).zip(per_col) {
@@ -486,12 +662,24 @@ pub fn normalize_backward<T: Element>(
     let n = rows as f32;
     let mean_dy: Vec<f32> = sum_dy.iter().map(|s| s / n).collect();
     let mean_dyx: Vec<f32> = sum_dyx.iter().map(|s| s / n).collect();
-    let gs: Vec<f32> = gamma.iter().zip(&inv).map(|(g, s)| g * s).collect();
+    let gs: Vec<f32> = p.gamma.iter().zip(&inv).map(|(g, s)| g * s).collect();
     map_rows(isa, [x, dy], cols, dx, |c0, [xr, dr], or| {
         let w = or.len();
         let stats = mean[c0..c0 + w].iter().zip(&inv[c0..c0 + w]);
         let means = mean_dy[c0..c0 + w].iter().zip(&mean_dyx[c0..c0 + w]);
         let per_col = stats.zip(means).zip(&gs[c0..c0 + w]);
+        if relu {
+            let cols = ReluCols {
+                mean: &mean[c0..c0 + w],
+                inv: &inv[c0..c0 + w],
+                scale: &scale[c0..c0 + w],
+                beta: &beta[c0..c0 + w],
+                floor,
+            };
+            let means = [&mean_dy[c0..c0 + w], &mean_dyx[c0..c0 + w], &gs[c0..c0 + w]];
+            relu_dx_row(isa, cols, means, xr, dr, or);
+            return;
+        }
         for ((o, (v, d)), (((m, s), (m1, m2)), g)) in
             or.iter_mut().zip(xr.iter().zip(dr)).zip(per_col)
         {
@@ -505,4 +693,124 @@ pub fn normalize_backward<T: Element>(
         *b += s;
     }
     Ok(())
+}
+
+/// Per-column values of a row piece of [`normalize_relu_backward`]: the batch mean and
+/// `inv_std`, the forward's scale and beta, and the ReLU floor of the element type.
+#[derive(Clone, Copy)]
+struct ReluCols<'a> {
+    mean: &'a [f32],
+    inv: &'a [f32],
+    scale: &'a [f32],
+    beta: &'a [f32],
+    floor: f32,
+}
+
+/// ReLU's gradient factor of an element `v` of a column: 1 where the forward's output
+/// (`(v - mean) * scale + beta`, rounded to the element type) is positive, NaN where it is NaN,
+/// else 0. Two selects, no branch, so the loops around it vectorize.
+#[inline(always)]
+fn relu_factor(v: f32, m: f32, s: f32, b: f32, floor: f32) -> f32 {
+    let t = (v - m) * s + b;
+    let k = if t > floor { 1.0 } else { 0.0 };
+    if t.is_nan() { t } else { k }
+}
+
+/// One row piece of the sums of [`normalize_relu_backward`]: `sdy += g`, `sdyx += g * xhat`
+/// with `g = dy * relu_factor`.
+#[inline(always)]
+fn relu_sums_body(p: ReluCols<'_>, xr: &[f32], dr: &[f32], sdy: &mut [f32], sdyx: &mut [f32]) {
+    let sums = sdy.iter_mut().zip(sdyx.iter_mut());
+    let fwd = p.scale.iter().zip(p.beta);
+    let per_col = p.mean.iter().zip(p.inv).zip(fwd);
+    for (((a, b), (v, d)), ((m, s), (sf, bf))) in sums.zip(xr.iter().zip(dr)).zip(per_col) {
+        let d = d * relu_factor(*v, *m, *sf, *bf, p.floor);
+        *a += d;
+        *b += d * xhat(*v, *m, *s);
+    }
+}
+
+/// One row piece of `dx` of [`normalize_relu_backward`]; `means` holds `mean(dy)`,
+/// `mean(dy xhat)` and `gamma inv_std` per column.
+#[inline(always)]
+fn relu_dx_body(p: ReluCols<'_>, means: [&[f32]; 3], xr: &[f32], dr: &[f32], or: &mut [f32]) {
+    let [m1, m2, gs] = means;
+    let stats = p.mean.iter().zip(p.inv);
+    let per_col = stats.zip(m1.iter().zip(m2)).zip(gs);
+    let fwd = p.scale.iter().zip(p.beta);
+    for ((o, (v, d)), ((((m, s), (m1, m2)), g), (sf, bf))) in
+        or.iter_mut().zip(xr.iter().zip(dr)).zip(per_col.zip(fwd))
+    {
+        let d = d * relu_factor(*v, *m, *sf, *bf, p.floor);
+        *o = g * ((d - m1) - xhat(*v, *m, *s) * m2);
+    }
+}
+
+/// The AVX-512 build of [`relu_sums_body`] (the same operations in the same order, the same
+/// bits; the portable build is SSE2-wide and bound by its arithmetic here).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn relu_sums_avx512(
+    p: ReluCols<'_>,
+    xr: &[f32],
+    dr: &[f32],
+    sdy: &mut [f32],
+    sdyx: &mut [f32],
+) {
+    relu_sums_body(p, xr, dr, sdy, sdyx)
+}
+
+/// The AVX-512 build of [`relu_dx_body`].
+///
+/// # Safety
+/// As for [`relu_sums_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn relu_dx_avx512(
+    p: ReluCols<'_>,
+    means: [&[f32]; 3],
+    xr: &[f32],
+    dr: &[f32],
+    or: &mut [f32],
+) {
+    relu_dx_body(p, means, xr, dr, or)
+}
+
+/// [`relu_sums_body`] on the widest build `isa` runs.
+fn relu_sums_row(
+    isa: Isa,
+    p: ReluCols<'_>,
+    xr: &[f32],
+    dr: &[f32],
+    sdy: &mut [f32],
+    sdyx: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) {
+        // SAFETY: `isa` is the detected one, so the CPU supports AVX-512.
+        return unsafe { relu_sums_avx512(p, xr, dr, sdy, sdyx) };
+    }
+    let _ = isa;
+    relu_sums_body(p, xr, dr, sdy, sdyx)
+}
+
+/// [`relu_dx_body`] on the widest build `isa` runs.
+fn relu_dx_row(
+    isa: Isa,
+    p: ReluCols<'_>,
+    means: [&[f32]; 3],
+    xr: &[f32],
+    dr: &[f32],
+    or: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) {
+        // SAFETY: as in `relu_sums_row`.
+        return unsafe { relu_dx_avx512(p, means, xr, dr, or) };
+    }
+    let _ = isa;
+    relu_dx_body(p, means, xr, dr, or)
 }

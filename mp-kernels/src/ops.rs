@@ -1051,10 +1051,24 @@ impl Norm<'_> {
 /// Parameters that are not `channels` long; a bad `epsilon`; `WrongDevice`; on CUDA, no kernel
 /// yet.
 pub fn normalize<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>) -> Result<Tensor<D>> {
+    normalize_with(x, p, false)
+}
+
+/// [`normalize`] followed by ReLU, in one pass: the same values as [`normalize`] then
+/// [`activation`] with ReLU (see [`crate::norm::normalize_relu`]).
+///
+/// # Errors
+/// As [`normalize`].
+pub fn normalize_relu<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>) -> Result<Tensor<D>> {
+    normalize_with(x, p, true)
+}
+
+/// [`normalize`], then ReLU when `relu`.
+fn normalize_with<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>, relu: bool) -> Result<Tensor<D>> {
     let _span = profile::span(OpClass::BatchNorm).bytes(2 * nb(x));
-    const OP: &str = "normalize";
+    let op = if relu { "normalize_relu" } else { "normalize" };
     let (rows, cols) = rows_cols(x.shape());
-    p.check(OP, cols)?;
+    p.check(op, cols)?;
     let devices = [
         x.device(),
         p.mean.device(),
@@ -1063,22 +1077,22 @@ pub fn normalize<D: DTypeKind>(x: &Tensor<D>, p: Norm<'_>) -> Result<Tensor<D>> 
         p.beta.device(),
     ];
     let mut y = for_overwrite::<D>(x.shape(), x.device())?;
-    match device(OP, &devices)? {
-        Device::Cpu => Cpu::global()?.normalize(
-            x.as_slice()?,
-            rows,
-            cols,
-            p.mean.as_slice()?,
-            p.var.as_slice()?,
-            p.gamma.as_slice()?,
-            p.beta.as_slice()?,
-            p.epsilon,
-            y.as_mut_slice()?,
-        )?,
+    match device(op, &devices)? {
+        Device::Cpu => {
+            let cpu = Cpu::global()?;
+            let (x, y) = (x.as_slice()?, y.as_mut_slice()?);
+            let (mean, var) = (p.mean.as_slice()?, p.var.as_slice()?);
+            let (gamma, beta) = (p.gamma.as_slice()?, p.beta.as_slice()?);
+            if relu {
+                cpu.normalize_relu(x, rows, cols, mean, var, gamma, beta, p.epsilon, y)?
+            } else {
+                cpu.normalize(x, rows, cols, mean, var, gamma, beta, p.epsilon, y)?
+            }
+        }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => return Err(cuda_missing(n)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+        Device::Cuda(_) => return Err(not_on_cuda(op)),
     }
     Ok(y)
 }
@@ -1095,35 +1109,70 @@ pub fn normalize_backward<D: DTypeKind>(
     dgamma: &mut Tensor<F32>,
     dbeta: &mut Tensor<F32>,
 ) -> Result<Tensor<D>> {
+    normalize_backward_with(x, dy, p, dgamma, dbeta, false)
+}
+
+/// The gradient of [`normalize_relu`] with the batch's own statistics: [`normalize_backward`]
+/// of ReLU's gradient, the forward's output recomputed from `x` (see
+/// [`crate::norm::normalize_relu_backward`]).
+///
+/// # Errors
+/// As [`normalize_backward`].
+pub fn normalize_relu_backward<D: DTypeKind>(
+    x: &Tensor<D>,
+    dy: &Tensor<D>,
+    p: Norm<'_>,
+    dgamma: &mut Tensor<F32>,
+    dbeta: &mut Tensor<F32>,
+) -> Result<Tensor<D>> {
+    normalize_backward_with(x, dy, p, dgamma, dbeta, true)
+}
+
+/// [`normalize_backward`], of [`normalize_relu`] when `relu`.
+fn normalize_backward_with<D: DTypeKind>(
+    x: &Tensor<D>,
+    dy: &Tensor<D>,
+    p: Norm<'_>,
+    dgamma: &mut Tensor<F32>,
+    dbeta: &mut Tensor<F32>,
+    relu: bool,
+) -> Result<Tensor<D>> {
     let _span = profile::span(OpClass::BatchNorm).bytes(3 * nb(x));
-    const OP: &str = "normalize_backward";
+    let op = if relu {
+        "normalize_relu_backward"
+    } else {
+        "normalize_backward"
+    };
     let (rows, cols) = rows_cols(x.shape());
-    p.check(OP, cols)?;
-    same_shape(OP, "dy", x.shape(), dy.shape())?;
-    same_shape(OP, "dgamma", &[cols], dgamma.shape())?;
-    same_shape(OP, "dbeta", &[cols], dbeta.shape())?;
+    p.check(op, cols)?;
+    same_shape(op, "dy", x.shape(), dy.shape())?;
+    same_shape(op, "dgamma", &[cols], dgamma.shape())?;
+    same_shape(op, "dbeta", &[cols], dbeta.shape())?;
     let mut dx = for_overwrite::<D>(x.shape(), x.device())?;
     match device(
-        OP,
+        op,
         &[x.device(), dy.device(), p.gamma.device(), dgamma.device()],
     )? {
-        Device::Cpu => Cpu::global()?.normalize_backward(
-            x.as_slice()?,
-            dy.as_slice()?,
-            rows,
-            cols,
-            p.mean.as_slice()?,
-            p.var.as_slice()?,
-            p.gamma.as_slice()?,
-            p.epsilon,
-            dx.as_mut_slice()?,
-            dgamma.as_mut_slice()?,
-            dbeta.as_mut_slice()?,
-        )?,
+        Device::Cpu => {
+            let cpu = Cpu::global()?;
+            let (x, dy, dx) = (x.as_slice()?, dy.as_slice()?, dx.as_mut_slice()?);
+            let (mean, var, gamma) = (p.mean.as_slice()?, p.var.as_slice()?, p.gamma.as_slice()?);
+            let (dgamma, dbeta) = (dgamma.as_mut_slice()?, dbeta.as_mut_slice()?);
+            if relu {
+                let beta = p.beta.as_slice()?;
+                cpu.normalize_relu_backward(
+                    x, dy, rows, cols, mean, var, gamma, beta, p.epsilon, dx, dgamma, dbeta,
+                )?
+            } else {
+                cpu.normalize_backward(
+                    x, dy, rows, cols, mean, var, gamma, p.epsilon, dx, dgamma, dbeta,
+                )?
+            }
+        }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => return Err(cuda_missing(n)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => return Err(not_on_cuda(OP)),
+        Device::Cuda(_) => return Err(not_on_cuda(op)),
     }
     Ok(dx)
 }

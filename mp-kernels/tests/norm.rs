@@ -1026,3 +1026,106 @@ fn dropout_bad_lengths_are_errors_that_write_nothing() {
         assert!(y.iter().all(|v| v.to_f32() == -7.0), "written");
     }
 }
+
+/// `normalize_relu` and its backward against `normalize` then ReLU and ReLU's backward then
+/// `normalize_backward`, bit for bit (NaN payloads aside): the fused pair recomputes ReLU's
+/// mask from `x`, so every value the two-op sequence could round differently is here: outputs
+/// at and near zero (in float16, below half its smallest subnormal), NaN and infinities in `x`
+/// and `dy`, and a column whose beta puts every output at about 2^-25.
+fn fused_relu_case<T: Bits>(rng: &mut Rng, rows: usize, cols: usize) {
+    let cpu = mp_kernels::Cpu::global().unwrap();
+    let mut x: Vec<T> = batch(rng, rows, cols);
+    let mut dy: Vec<T> = rand_vec(rng, rows * cols, -1.0, 1.0);
+    for (i, v) in x.iter_mut().enumerate() {
+        match rng.below(40) {
+            0 => *v = T::from_f32(f32::NAN),
+            1 => *v = T::from_f32(f32::INFINITY),
+            2 => *v = T::from_f32(f32::NEG_INFINITY),
+            3 => dy[i] = T::from_f32([f32::NAN, f32::INFINITY][rng.below(2) as usize]),
+            _ => {}
+        }
+    }
+    let mean = rand_f32(rng, cols, -3.0, 3.0);
+    let var = rand_f32(rng, cols, 0.0, 4.0);
+    let mut gamma = rand_f32(rng, cols, -2.0, 2.0);
+    let mut beta = rand_f32(rng, cols, -1.0, 1.0);
+    // Column 0: outputs all within a few float16 subnormals of zero.
+    gamma[0] = 1e-9;
+    beta[0] = (-25f32).exp2() * [1.0, 0.5, 1.5, -1.0][rng.below(4) as usize];
+    let eps = 1e-3;
+    let n = rows * cols;
+    let same = |a: &[T], b: &[T], what: &str| {
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            let nan = |v: &T| v.to_f32().is_nan();
+            assert!(
+                p.bits() == q.bits() || (nan(p) && nan(q)),
+                "{:?} {rows}x{cols} {what}[{i}]: {} vs {}",
+                T::DTYPE,
+                p.to_f32(),
+                q.to_f32()
+            );
+        }
+    };
+    // Forward.
+    let mut fused = vec![sentinel::<T>(); n];
+    cpu.normalize_relu(&x, rows, cols, &mean, &var, &gamma, &beta, eps, &mut fused)
+        .unwrap();
+    let mut z = vec![sentinel::<T>(); n];
+    cpu.normalize(&x, rows, cols, &mean, &var, &gamma, &beta, eps, &mut z)
+        .unwrap();
+    let mut y = vec![sentinel::<T>(); n];
+    cpu.activation(mp_kernels::activation::Activation::Relu, &z, &mut y)
+        .unwrap();
+    same(&fused, &y, "y");
+    // Backward.
+    let mut dz = vec![sentinel::<T>(); n];
+    cpu.activation_backward(mp_kernels::activation::Activation::Relu, &dy, &y, &mut dz)
+        .unwrap();
+    let start = rand_f32(rng, 2 * cols, -1.0, 1.0);
+    let (mut dg, mut db) = (start[..cols].to_vec(), start[cols..].to_vec());
+    let mut dx = vec![sentinel::<T>(); n];
+    cpu.normalize_backward(
+        &x, &dz, rows, cols, &mean, &var, &gamma, eps, &mut dx, &mut dg, &mut db,
+    )
+    .unwrap();
+    let (mut fg, mut fb) = (start[..cols].to_vec(), start[cols..].to_vec());
+    let mut fdx = vec![sentinel::<T>(); n];
+    cpu.normalize_relu_backward(
+        &x, &dy, rows, cols, &mean, &var, &gamma, &beta, eps, &mut fdx, &mut fg, &mut fb,
+    )
+    .unwrap();
+    same(&fdx, &dx, "dx");
+    let f = |v: &[f32]| v.iter().map(|x| T::from_f32(*x)).collect::<Vec<T>>();
+    // The float32 sums compared exactly: through f32 -> T only when T is float32.
+    if T::DTYPE == mp_core::DType::F32 {
+        same(&f(&fg), &f(&dg), "dgamma");
+        same(&f(&fb), &f(&db), "dbeta");
+    } else {
+        for (what, a, b) in [("dgamma", &fg, &dg), ("dbeta", &fb, &db)] {
+            for (i, (p, q)) in a.iter().zip(b.iter()).enumerate() {
+                assert!(
+                    p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                    "{:?} {rows}x{cols} {what}[{i}]: {p} vs {q}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn normalize_relu_is_normalize_then_relu_bit_for_bit() {
+    for (name, seed_shapes) in [("fused f32", 0), ("fused bf16", 1), ("fused f16", 2)] {
+        let mut rng = rng(name);
+        let mut cases = shapes(&mut rng);
+        cases.truncate(12);
+        cases.extend([(3, 1031), BIG]);
+        for (rows, cols) in cases {
+            match seed_shapes {
+                0 => fused_relu_case::<f32>(&mut rng, rows, cols),
+                1 => fused_relu_case::<bf16>(&mut rng, rows, cols),
+                _ => fused_relu_case::<f16>(&mut rng, rows, cols),
+            }
+        }
+    }
+}

@@ -98,6 +98,39 @@ pub trait Layer: Send + 'static {
         need_dx: bool,
     ) -> Result<Option<Tensor<Self::Input>>>;
 
+    /// The elementwise activation this layer is, when a preceding layer can apply it to its own
+    /// output in the same pass ([`Layer::forward_train_fused`]); a `#[model]` then runs the two
+    /// fields fused in training. ReLU `Activation`s answer; every other layer `None`.
+    fn fusable_activation(&self) -> Option<mp_kernels::activation::Activation> {
+        None
+    }
+
+    /// Training forward with `act` applied to the output in the same pass, keeping what the
+    /// backward of both needs (its own backward then applies `act`'s gradient too), where this
+    /// layer can (`BatchNormalization` with ReLU, on the CPU); `Ok(None)`, nothing computed and
+    /// nothing kept, where it cannot: the model then runs the two layers one after the other.
+    /// The result is what [`Layer::forward_train`] then the activation would give, bit for bit.
+    fn forward_train_fused(
+        &mut self,
+        x: &Tensor<Self::Input>,
+        act: mp_kernels::activation::Activation,
+    ) -> Result<Option<Tensor<Self::Output>>> {
+        let _ = (x, act);
+        Ok(None)
+    }
+
+    /// Training forward of an activation whose work the preceding layer did
+    /// ([`Layer::forward_train_fused`]): `x` is already its output. It keeps nothing, and its
+    /// next backward hands `dy` through unchanged (the preceding layer applies the gradient).
+    /// Only layers with a [`Layer::fusable_activation`] are asked.
+    fn forward_train_absorbed(&mut self, x: &Tensor<Self::Input>) -> Result<Tensor<Self::Output>> {
+        let _ = x;
+        Err(Error::InvalidState {
+            layer: self.name().to_string(),
+            what: "forward_train_absorbed called on a layer that fuses into no other".into(),
+        })
+    }
+
     /// Whether the layer ends in a softmax computed in float32, so a cross-entropy loss can hand
     /// it the gradient with respect to the softmax's *input* (`p - onehot`, the fused form).
     fn ends_in_softmax(&self) -> bool {

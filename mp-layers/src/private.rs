@@ -102,6 +102,37 @@ pub fn residual_grad<C: DTypeKind, O: DTypeKind>(
     Ok(Some(dx))
 }
 
+/// One field's training forward in a `#[model]`: absorbed into the previous field when that
+/// one fused this field's activation (`absorbed`), else fused with the next field's activation
+/// where the layer can ([`Layer::forward_train_fused`], the dtypes agreeing so no cast sits
+/// between them), else on its own. Returns the output and whether the next field's work was
+/// done here.
+pub fn forward_train_fusing<A: Layer, N: Layer>(
+    a: &mut A,
+    next: Option<&N>,
+    x: &Tensor<A::Input>,
+    absorbed: bool,
+) -> Result<(Tensor<A::Output>, bool)> {
+    if absorbed {
+        return Ok((a.forward_train_absorbed(x)?, false));
+    }
+    if let Some(act) = next.and_then(Layer::fusable_activation)
+        && <A::Output as DTypeKind>::DTYPE == <N::Input as DTypeKind>::DTYPE
+        && fusion_enabled()
+        && let Some(y) = a.forward_train_fused(x, act)?
+    {
+        return Ok((y, true));
+    }
+    Ok((a.forward_train(x)?, false))
+}
+
+/// Whether `#[model]`s fuse fields in training: `MP_FUSION=0` turns it off (read once), to
+/// compare with the fields run one after the other.
+fn fusion_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MP_FUSION").map_or(true, |v| v != "0"))
+}
+
 /// The input gradient a middle layer must return (it was asked for one).
 pub fn required_grad<D: DTypeKind>(grad: Option<Tensor<D>>, field: &str) -> Result<Tensor<D>> {
     grad.ok_or_else(|| Error::InvalidState {

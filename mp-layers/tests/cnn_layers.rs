@@ -910,3 +910,119 @@ mod resume {
         resumes_bit_exactly::<MixedFloat16>();
     }
 }
+
+mod fusion {
+    use super::*;
+    use mp_layers::{Activation, BatchNormalization, model};
+
+    #[model]
+    struct Block {
+        conv: Conv2D,
+        bn: BatchNormalization,
+        relu: Activation,
+    }
+
+    #[model]
+    struct Net {
+        conv: Conv2D,
+        bn: BatchNormalization,
+        relu: Activation,
+        #[residual]
+        block: Block,
+        bn_after: BatchNormalization,
+        relu_after: Activation,
+    }
+
+    fn grads<M: Layer>(m: &mut M) -> Vec<(String, Vec<u32>)> {
+        let mut out = vec![];
+        m.visit_variables("", &mut |p, v| {
+            let bits = v.grad().as_slice()?.iter().map(|g| g.to_bits()).collect();
+            out.push((p.to_string(), bits));
+            Ok(v.zero_grad()?)
+        })
+        .unwrap();
+        out
+    }
+
+    fn bits<D: DTypeKind>(t: &Tensor<D>) -> Vec<u64> {
+        // NaN payloads aside: every NaN compares as one value.
+        values(t)
+            .iter()
+            .map(|v| if v.is_nan() { u64::MAX } else { v.to_bits() })
+            .collect()
+    }
+
+    /// A `#[model]` runs `BatchNormalization` then a ReLU `Activation` as one fused pass
+    /// (`normalize_relu`), the ReLU keeping nothing, wherever no residual addition sits between
+    /// them (`bn_after` follows the block's addition and still fuses with `relu_after`; inside
+    /// the block too): the output, the input gradient and every variable's gradient are those of
+    /// the same layers run one by one, bit for bit, NaN and infinities in the input included.
+    fn fused_matches_unfused<P: PolicyKind>() {
+        let mut rng = Rng::new(mp_core::rng::test_seed("fusion"));
+        let mut m = Net::<P>::new(
+            Conv2D::new(16, [3, 3]).padding(Padding::Same),
+            BatchNormalization::new(),
+            Activation::relu(),
+            Block::new(
+                Conv2D::new(16, [3, 3]).padding(Padding::Same),
+                BatchNormalization::new(),
+                Activation::relu(),
+            ),
+            BatchNormalization::new(),
+            Activation::relu(),
+        );
+        m.build(&[7, 6, 3]).unwrap();
+        let mut xs = rng.uniform_vec(5 * 7 * 6 * 3, -1.0, 1.0);
+        xs[17] = f32::NAN;
+        xs[40] = f32::INFINITY;
+        let x = Tensor::<Compute<P>>::from_f32(&[5, 7, 6, 3], &xs).unwrap();
+        let dy = rand::<Compute<P>>(&mut rng, &[5, 7, 6, 16]);
+        grads(&mut m);
+
+        let y = m.forward_train(&x).unwrap();
+        if std::env::var("MP_FUSION").as_deref() != Ok("0") {
+            assert_eq!(m.relu.saved_bytes(), 0, "the fused ReLU keeps nothing");
+            assert_eq!(m.block.relu.saved_bytes(), 0);
+            assert_eq!(m.relu_after.saved_bytes(), 0);
+        }
+        let dx = m.backward(&dy, true).unwrap().unwrap();
+        let fused = grads(&mut m);
+
+        // The same layers one by one.
+        let h = m.conv.forward_train(&x).unwrap();
+        let h = m.bn.forward_train(&h).unwrap();
+        let h = m.relu.forward_train(&h).unwrap();
+        assert!(m.relu.saved_bytes() > 0);
+        let b = m.block.conv.forward_train(&h).unwrap();
+        let b = m.block.bn.forward_train(&b).unwrap();
+        let b = m.block.relu.forward_train(&b).unwrap();
+        let mut sum = b.clone();
+        mp_kernels::ops::add_assign(&h, &mut sum).unwrap();
+        let a = m.bn_after.forward_train(&sum).unwrap();
+        let y1 = m.relu_after.forward_train(&a).unwrap();
+        assert_eq!(bits(&y), bits(&y1), "{:?} output", P::POLICY);
+        let g = m.relu_after.backward(&dy, true).unwrap().unwrap();
+        let g = m.bn_after.backward(&g, true).unwrap().unwrap();
+        let gb = m.block.relu.backward(&g, true).unwrap().unwrap();
+        let gb = m.block.bn.backward(&gb, true).unwrap().unwrap();
+        let mut gh = m.block.conv.backward(&gb, true).unwrap().unwrap();
+        mp_kernels::ops::add_assign(&g, &mut gh).unwrap();
+        let g = m.relu.backward(&gh, true).unwrap().unwrap();
+        let g = m.bn.backward(&g, true).unwrap().unwrap();
+        let dx1 = m.conv.backward(&g, true).unwrap().unwrap();
+        assert_eq!(bits(&dx), bits(&dx1), "{:?} input gradient", P::POLICY);
+        let unfused = grads(&mut m);
+        assert_eq!(fused.len(), 16);
+        for ((p, a), (q, b)) in fused.iter().zip(&unfused) {
+            assert_eq!(p, q);
+            assert!(a == b, "{:?} gradient of {p}", P::POLICY);
+        }
+    }
+
+    #[test]
+    fn batch_norm_then_relu_fuses_bit_for_bit_under_every_policy() {
+        fused_matches_unfused::<Float32>();
+        fused_matches_unfused::<MixedBFloat16>();
+        fused_matches_unfused::<MixedFloat16>();
+    }
+}

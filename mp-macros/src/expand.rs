@@ -165,7 +165,7 @@ fn expand(model: &Model<'_>) -> TokenStream {
         names.join(", ")
     );
     let forward = forward_chain(&layers, quote!(&), quote!(forward));
-    let forward_train = forward_chain(&layers, quote!(&mut), quote!(forward_train));
+    let forward_train = forward_train_chain(&layers);
     let last_id = last.field.ident;
     let backward = backward_chain(
         &layers,
@@ -450,6 +450,58 @@ fn forward_chain(layers: &[Layer<'_>], borrow: TokenStream, method: TokenStream)
         });
     }
     out.extend(quote!(::core::result::Result::Ok(y)));
+    out
+}
+
+/// The body of `forward_train`: as [`forward_chain`], each field through
+/// `forward_train_fusing`, which runs a field together with the next one's activation where the
+/// layer can (a `BatchNormalization` followed by a ReLU `Activation`: one pass instead of two,
+/// no saved output for the ReLU), and the next one then only records that its work was done.
+/// Fields on either side of a `#[residual]` field's addition are never fused: the addition
+/// needs the first field's own output.
+fn forward_train_chain(layers: &[Layer<'_>]) -> TokenStream {
+    let (_, private, _) = paths();
+    let mut out = TokenStream::new();
+    // Whether fields i and i + 1 may fuse.
+    let pair = |i: usize| {
+        i + 1 < layers.len() && !layers[i].field.residual && !layers[i + 1].field.residual
+    };
+    for (i, l) in layers.iter().enumerate() {
+        let (id, ty, compute) = (l.field.ident, &l.ty, &l.compute);
+        let name = &l.field.name;
+        let skip = l.field.residual.then(|| {
+            let as_layer = &l.as_layer;
+            quote!(let y = #private::residual_add::<#as_layer::Output, #compute>(y, &h, #name)?;)
+        });
+        let absorbed = if i > 0 && pair(i - 1) {
+            quote!(__fused)
+        } else {
+            quote!(false)
+        };
+        let next = if pair(i) {
+            let next_id = layers[i + 1].field.ident;
+            quote!(::core::option::Option::Some(&self.#next_id))
+        } else {
+            quote!(::core::option::Option::None::<&#ty>)
+        };
+        let input = match i.checked_sub(1) {
+            None => quote!(let h = x;),
+            Some(p) => {
+                let prev_as_layer = &layers[p].as_layer;
+                quote! {
+                    let h = #private::convert::<#prev_as_layer::Output, #compute>(y)?;
+                    let h = &h;
+                }
+            }
+        };
+        out.extend(quote! {
+            #input
+            let (y, __fused) =
+                #private::forward_train_fusing(&mut self.#id, #next, h, #absorbed)?;
+            #skip
+        });
+    }
+    out.extend(quote!(let _ = __fused; ::core::result::Result::Ok(y)));
     out
 }
 

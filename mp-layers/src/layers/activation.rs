@@ -100,6 +100,9 @@ pub struct Activation<P: PolicyKind> {
     saved_y: Option<Tensor<P::Compute>>,
     /// Softmax keeps its float32 output.
     saved_p: Option<Tensor<F32>>,
+    /// The last `forward_train` was done by the preceding layer
+    /// ([`Layer::forward_train_absorbed`]): backward hands the gradient through.
+    absorbed: bool,
     _policy: PhantomData<P>,
 }
 
@@ -122,6 +125,7 @@ impl<P: PolicyKind> Activation<P> {
             shape: None,
             saved_y: None,
             saved_p: None,
+            absorbed: false,
             _policy: PhantomData,
         }
     }
@@ -225,6 +229,7 @@ impl<P: PolicyKind> Layer for Activation<P> {
         Ok(self.apply(x)?.0)
     }
     fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        self.absorbed = false;
         let (y, p) = self.apply(x)?;
         match p {
             Some(p) => self.saved_p = Some(p),
@@ -240,6 +245,10 @@ impl<P: PolicyKind> Layer for Activation<P> {
         dy: &Tensor<P::Compute>,
         _need_dx: bool,
     ) -> Result<Option<Tensor<P::Compute>>> {
+        if std::mem::take(&mut self.absorbed) {
+            // The preceding layer applies this activation's gradient.
+            return Ok(Some(dy.clone()));
+        }
         if let Some(form) = self.kind.gelu() {
             let x = self
                 .saved_y
@@ -290,6 +299,21 @@ impl<P: PolicyKind> Layer for Activation<P> {
         _f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
     ) -> Result<()> {
         Ok(())
+    }
+    fn fusable_activation(&self) -> Option<Act> {
+        (self.kind.elementwise() == Some(Act::Relu)).then_some(Act::Relu)
+    }
+    fn forward_train_absorbed(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
+        if self.fusable_activation().is_none() {
+            return Err(Error::InvalidState {
+                layer: self.name.clone(),
+                what: format!("a {:?} activation cannot be absorbed", self.kind),
+            });
+        }
+        self.saved_y = None;
+        self.saved_p = None;
+        self.absorbed = true;
+        Ok(x.clone())
     }
     fn saved_bytes(&self) -> usize {
         self.saved_y.as_ref().map_or(0, Tensor::size_in_bytes)

@@ -97,11 +97,13 @@ pub struct BatchNormalization<P: PolicyKind> {
     _policy: PhantomData<P>,
 }
 
-/// What backward needs of a training forward: the input, the batch mean and variance.
+/// What backward needs of a training forward: the input, the batch mean and variance, and
+/// whether a ReLU was fused into the output ([`Layer::forward_train_fused`]).
 struct Saved<P: PolicyKind> {
     x: Tensor<P::Compute>,
     mean: Tensor<F32>,
     var: Tensor<F32>,
+    relu: bool,
 }
 
 impl<P: PolicyKind> std::fmt::Debug for BatchNormalization<P> {
@@ -178,6 +180,26 @@ impl<P: PolicyKind> BatchNormalization<P> {
         check_batch(&self.name, self.output_shape.as_deref(), x.shape())
     }
 
+    /// The training forward, followed by ReLU in the same pass when `relu`.
+    fn train_forward(&mut self, x: &Tensor<P::Compute>, relu: bool) -> Result<Tensor<P::Compute>> {
+        self.check_input(x)?;
+        let (mean, var) = ops::moments(x)?;
+        let params = self.params(&mean, &var)?;
+        let y = if relu {
+            ops::normalize_relu(x, params)?
+        } else {
+            ops::normalize(x, params)?
+        };
+        self.pending.push((mean.clone(), var.clone()));
+        self.saved = Some(Saved {
+            x: x.clone(),
+            mean,
+            var,
+            relu,
+        });
+        Ok(y)
+    }
+
     fn params<'a>(&'a self, mean: &'a Tensor<F32>, var: &'a Tensor<F32>) -> Result<Norm<'a>> {
         match (&self.gamma, &self.beta) {
             (Some(gamma), Some(beta)) => Ok(Norm {
@@ -250,16 +272,19 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
     }
 
     fn forward_train(&mut self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
-        self.check_input(x)?;
-        let (mean, var) = ops::moments(x)?;
-        let y = ops::normalize(x, self.params(&mean, &var)?)?;
-        self.pending.push((mean.clone(), var.clone()));
-        self.saved = Some(Saved {
-            x: x.clone(),
-            mean,
-            var,
-        });
-        Ok(y)
+        self.train_forward(x, false)
+    }
+
+    fn forward_train_fused(
+        &mut self,
+        x: &Tensor<P::Compute>,
+        act: mp_kernels::activation::Activation,
+    ) -> Result<Option<Tensor<P::Compute>>> {
+        // The fused pass is a CPU kernel; elsewhere the two layers run one after the other.
+        if act != mp_kernels::activation::Activation::Relu || x.device() != mp_core::Device::Cpu {
+            return Ok(None);
+        }
+        self.train_forward(x, true).map(Some)
     }
 
     fn backward(
@@ -267,10 +292,11 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
         dy: &Tensor<P::Compute>,
         _need_dx: bool,
     ) -> Result<Option<Tensor<P::Compute>>> {
-        let Saved { x, mean, var } = self.saved.take().ok_or_else(|| Error::InvalidState {
-            layer: self.name.clone(),
-            what: "backward called without a preceding forward_train".into(),
-        })?;
+        let Saved { x, mean, var, relu } =
+            self.saved.take().ok_or_else(|| Error::InvalidState {
+                layer: self.name.clone(),
+                what: "backward called without a preceding forward_train".into(),
+            })?;
         if dy.shape() != x.shape() {
             return Err(Error::ShapeMismatch {
                 layer: self.name.clone(),
@@ -294,7 +320,11 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
             epsilon: self.epsilon,
         };
         let dbeta = beta.grad_mut();
-        let dx = ops::normalize_backward(&x, dy, params, dgamma, dbeta)?;
+        let dx = if relu {
+            ops::normalize_relu_backward(&x, dy, params, dgamma, dbeta)?
+        } else {
+            ops::normalize_backward(&x, dy, params, dgamma, dbeta)?
+        };
         Ok(Some(dx))
     }
 
