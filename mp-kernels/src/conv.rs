@@ -450,7 +450,7 @@ pub(crate) fn conv2d_with<T: GemmInput, O: GemmOutput>(
 
 /// Fewest input channels for the implicit-GEMM tiles: each tap is a run of `channels` steps of
 /// the microkernel, and a one-channel first layer (9 taps of one step) is left to im2col.
-const IMPLICIT_MIN_CHANNELS: usize = 8;
+const IMPLICIT_MIN_CHANNELS: usize = 1;
 
 /// Bytes of zero-padded float32 images one kernel thread keeps for the implicit-GEMM tiles:
 /// about a third of a 2 MiB L2, beside the packed kernel the tiles stream.
@@ -718,6 +718,11 @@ fn transposed<T: Element>(g: &Geometry, kernel: &[T], filters: usize) -> (Geomet
     (gt, flipped)
 }
 
+/// The longest patch whose kernel gradient is computed as `patchesᵀ · dy` (patch entries as
+/// the GEMM's rows) rather than `dyᵀ · patches`: 256x28x28x1 -> 32 (a patch of 9) took 6.6 ms
+/// the second way on the Xeon, most of it transposing `dy` into packed A.
+const SHORT_PATCH: usize = 16;
+
 /// The kernel gradient of [`conv2d`]: `dw += patches(x)ᵀ · dy` in float32 (`dw` `[patch_len,
 /// filters]`), the patches formed a chunk of images at a time, chunks added in order.
 ///
@@ -752,6 +757,9 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
     // from their rows as they are. The threads' sums are added in thread order.
     let patch = g.patch_len();
     let pix = g.output[0] * g.output[1];
+    // A patch shorter than one tile of rows (a first layer's 3x3 window on one channel): the
+    // patch entries are the GEMM's rows and the filters its columns.
+    let short_patch = patch <= SHORT_PATCH;
     let part = |images: Range<usize>, serial: bool| -> Result<Vec<f32>> {
         let per = images_per_chunk(g, std::mem::size_of::<T>(), serial);
         let mut cols = vec![T::ZERO; per.min(images.len()) * pix * patch];
@@ -761,18 +769,31 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
             let c = chunk(g, n);
             let cols = &mut cols[..c.cols_len()];
             im2col(&c, &x[b0 * g.image_len()..(b0 + n) * g.image_len()], cols)?;
-            gemm_views(
-                paths.get(T::DTYPE),
-                MatRef::new(
-                    &dy[b0 * pix * filters..(b0 + n) * pix * filters],
-                    c.pixels(),
-                    filters,
-                )
-                .t(),
-                MatRef::new(cols, c.pixels(), patch),
-                MatMut::new(&mut dwt, filters, patch),
-                acc,
-            )?;
+            let dy = MatRef::new(
+                &dy[b0 * pix * filters..(b0 + n) * pix * filters],
+                c.pixels(),
+                filters,
+            );
+            let cols = MatRef::new(cols, c.pixels(), patch);
+            if short_patch {
+                // dw = patchesᵀ · dy: the short patch is the tile's rows, dy packs as B in
+                // the order it is stored (transposing it as A cost more than the products).
+                let dw = MatMut::new(&mut dwt, patch, filters);
+                gemm_views(paths.get(T::DTYPE), cols.t(), dy, dw, acc)?;
+            } else {
+                let dw = MatMut::new(&mut dwt, filters, patch);
+                gemm_views(paths.get(T::DTYPE), dy.t(), cols, dw, acc)?;
+            }
+        }
+        if short_patch {
+            // Back to [filters, patch], what the threads' sums are added from.
+            let mut t = vec![0.0f32; filters * patch];
+            for (e, row) in dwt.chunks_exact(filters).enumerate() {
+                for (f, v) in row.iter().enumerate() {
+                    t[f * patch + e] = *v;
+                }
+            }
+            dwt = t;
         }
         Ok(dwt)
     };
