@@ -10,8 +10,7 @@
 //! in float32), its kernel gradient `colsᵀ · dy`. The GEMMs run on the measured paths of
 //! [`crate::gemm`].
 //!
-//! Where the path has implicit-GEMM tiles (the AVX-512 float32 family) and the input at least a
-//! few channels, the forward convolution and the stride-1 input gradient (itself a convolution)
+//! Where the path has implicit-GEMM tiles (the AVX-512 float32 family), the forward convolution and the stride-1 input gradient (itself a convolution)
 //! skip the im2col matrix: each kernel thread copies a few of its images into a zero-padded
 //! float32 buffer and the tiles read every patch where it lies there, with the same float32 sums
 //! in the same order (the same bits). The kernel gradient does the same where the channels are
@@ -367,14 +366,14 @@ pub(crate) fn conv2d<T: GemmInput, O: GemmOutput>(
     y: &mut [O],
     gemm: Gemm<'_>,
 ) -> Result<()> {
-    conv2d_with(paths, g, x, kernel, filters, y, gemm, implicit_enabled())
+    conv2d_with(paths, g, x, kernel, filters, y, gemm, implicit_enabled()?)
 }
 
-/// Whether [`conv2d`] may take the implicit-GEMM tiles: `MP_CONV_IMPLICIT=0` turns them off
-/// (read once), to compare the two forms of the same convolution.
-fn implicit_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MP_CONV_IMPLICIT").map_or(true, |v| v != "0"))
+/// Whether the convolutions may take the implicit-GEMM tiles: `MP_CONV_IMPLICIT=0` turns them
+/// off, to compare the two forms of the same convolution ([`crate::switch_knob`]).
+fn implicit_enabled() -> Result<bool> {
+    static ON: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    crate::switch_knob("MP_CONV_IMPLICIT", &ON)
 }
 
 /// [`conv2d`], on the implicit-GEMM tiles where they apply when `implicit`, else always on the
@@ -447,10 +446,6 @@ pub(crate) fn conv2d_with<T: GemmInput, O: GemmOutput>(
         .into_iter()
         .collect()
 }
-
-/// Fewest input channels for the implicit-GEMM tiles: each tap is a run of `channels` steps of
-/// the microkernel, and a one-channel first layer (9 taps of one step) is left to im2col.
-const IMPLICIT_MIN_CHANNELS: usize = 1;
 
 /// Bytes of zero-padded float32 images one kernel thread keeps for the implicit-GEMM tiles:
 /// about a third of a 2 MiB L2, beside the packed kernel the tiles stream.
@@ -552,7 +547,8 @@ impl PaddedImages {
 }
 
 /// [`conv2d`] without an im2col matrix, where the path has implicit-GEMM tiles
-/// ([`ConvKernel`]), the input has at least [`IMPLICIT_MIN_CHANNELS`] channels and the batch
+/// ([`ConvKernel`]; each tap is a run of `channels` steps, one for a one-channel first layer,
+/// which still beats forming its im2col matrix) and the batch
 /// splits over the kernel threads by images ([`thread_parts`]); `Ok(false)` (nothing written)
 /// where it does not apply.
 ///
@@ -570,9 +566,6 @@ fn conv2d_implicit<T: GemmInput, O: GemmOutput>(
     y: &mut [O],
     gemm: Gemm<'_>,
 ) -> Result<bool> {
-    if g.channels < IMPLICIT_MIN_CHANNELS {
-        return Ok(false);
-    }
     let Some(parts) = implicit_parts(g.batch) else {
         return Ok(false);
     };
@@ -798,7 +791,7 @@ pub(crate) fn conv2d_backward_kernel<T: GemmInput>(
         Ok(dwt)
     };
     let path = paths.get(T::DTYPE);
-    let implicit = implicit_enabled()
+    let implicit = implicit_enabled()?
         && gemm::conv_kernel_grad_supported(path, g.channels, filters)
         && g.patch_len() <= IMPLICIT_MAX_PATCH;
     let sums: Vec<Result<Vec<f32>>> = match (implicit_parts(g.batch), thread_parts(g.batch)) {

@@ -54,5 +54,44 @@ pub mod softmax;
 pub mod threads;
 
 pub use cpu::Cpu;
+
+/// An on/off knob read from the environment: unset or `1` is on, `0` off; any other value is
+/// an [`Error::InvalidArgument`] naming the knob (`MP_CONV_IMPLICIT`, `MP_FUSION`). The value is
+/// read once per knob: `cell` keeps it.
+///
+/// # Errors
+/// The knob's value when it is neither `0` nor `1`.
+pub fn switch_knob(
+    name: &'static str,
+    cell: &'static std::sync::OnceLock<std::result::Result<bool, String>>,
+) -> Result<bool> {
+    cell.get_or_init(|| parse_switch(name, std::env::var(name).ok().as_deref()))
+        .clone()
+        .map_err(|what| Error::InvalidArgument { op: name, what })
+}
+
+fn parse_switch(name: &str, value: Option<&str>) -> std::result::Result<bool, String> {
+    match value.map(str::trim) {
+        None | Some("" | "1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(v) => Err(format!("{name}={v:?} is not 0 (off) or 1 (on)")),
+    }
+}
 pub use error::{Error, Result};
 pub use isa::Isa;
+
+#[cfg(test)]
+mod tests {
+    use super::parse_switch;
+
+    #[test]
+    fn switch_knobs_take_0_or_1_and_name_themselves_otherwise() {
+        assert_eq!(parse_switch("MP_FUSION", None), Ok(true));
+        assert_eq!(parse_switch("MP_FUSION", Some("1")), Ok(true));
+        assert_eq!(parse_switch("MP_FUSION", Some(" 0 ")), Ok(false));
+        for bad in ["off", "yes", "2", "-1"] {
+            let e = parse_switch("MP_FUSION", Some(bad)).unwrap_err();
+            assert!(e.contains("MP_FUSION") && e.contains(bad), "{e}");
+        }
+    }
+}

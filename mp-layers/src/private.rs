@@ -118,7 +118,7 @@ pub fn forward_train_fusing<A: Layer, N: Layer>(
     }
     if let Some(act) = next.and_then(Layer::fusable_activation)
         && <A::Output as DTypeKind>::DTYPE == <N::Input as DTypeKind>::DTYPE
-        && fusion_enabled()
+        && fusion_enabled()?
         && let Some(y) = a.forward_train_fused(x, act)?
     {
         return Ok((y, true));
@@ -126,11 +126,11 @@ pub fn forward_train_fusing<A: Layer, N: Layer>(
     Ok((a.forward_train(x)?, false))
 }
 
-/// Whether `#[model]`s fuse fields in training: `MP_FUSION=0` turns it off (read once), to
-/// compare with the fields run one after the other.
-fn fusion_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MP_FUSION").map_or(true, |v| v != "0"))
+/// Whether `#[model]`s fuse fields in training: `MP_FUSION=0` turns it off, to compare with
+/// the fields run one after the other ([`mp_kernels::switch_knob`]).
+fn fusion_enabled() -> Result<bool> {
+    static ON: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    Ok(mp_kernels::switch_knob("MP_FUSION", &ON)?)
 }
 
 /// The input gradient a middle layer must return (it was asked for one).
