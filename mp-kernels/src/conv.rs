@@ -30,7 +30,8 @@ use mp_core::Element;
 
 use crate::error::{Error, Result};
 use crate::gemm::{
-    self, ConvKernel, Gemm, GemmInput, GemmOutput, GemmPath, GemmPaths, MatMut, MatRef, gemm_views,
+    self, Block16, ConvKernel, Gemm, GemmInput, GemmOutput, GemmPath, GemmPaths, MatMut, MatRef,
+    gemm_views,
 };
 use crate::isa::Isa;
 use crate::norm;
@@ -475,23 +476,12 @@ struct PaddedImages {
     taps: Vec<usize>,
     /// `per` padded images, 64-byte aligned (with channels a multiple of 16, every tap's
     /// vectors are whole cache lines); the border stays zero (only the interior is written).
-    xp: Vec<Line16>,
+    xp: Vec<Block16>,
     /// The base of each output pixel of the loaded images, in pixel order.
     bases: Vec<*const f32>,
 }
 
-/// 16 float32, 64-byte aligned.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line16([f32; 16]);
-
 impl PaddedImages {
-    /// The padded images as float32.
-    fn floats(&mut self) -> &mut [f32] {
-        // SAFETY: `Line16` is 16 float32 with no padding (repr(C), 64 bytes).
-        unsafe { std::slice::from_raw_parts_mut(self.xp.as_mut_ptr().cast(), self.xp.len() * 16) }
-    }
-
     /// Room for as many images (at most `most`, at least one) as fit `budget` bytes together
     /// with `extra` bytes per image that the caller keeps beside them.
     fn new(g: &Geometry, budget: usize, extra: usize, most: usize) -> PaddedImages {
@@ -511,7 +501,7 @@ impl PaddedImages {
             wp,
             per,
             taps,
-            xp: vec![Line16([0.0; 16]); (per * padded).div_ceil(16)],
+            xp: vec![Block16([0.0; 16]); (per * padded).div_ceil(16)],
             bases: Vec::with_capacity(per * oh * ow),
         }
     }
@@ -529,7 +519,11 @@ impl PaddedImages {
             let src = &x[(b0 + b) * g.image_len()..][..g.image_len()];
             for (ih, row) in src.chunks_exact(w * ch).enumerate() {
                 let at = ((b * hp + ih + g.pad[0]) * wp + g.pad[1]) * ch;
-                norm::convert(isa, row, &mut self.floats()[at..at + w * ch]);
+                norm::convert(
+                    isa,
+                    row,
+                    &mut Block16::floats_mut(&mut self.xp)[at..at + w * ch],
+                );
             }
         }
         let base: *const f32 = self.xp.as_ptr().cast();

@@ -382,7 +382,7 @@ pub fn normalize<T: Element>(
         mean,
         var,
         gamma,
-        beta,
+        beta: Some(beta),
         epsilon,
     };
     normalize_impl("normalize", x, rows, cols, stats, false, y)
@@ -411,7 +411,7 @@ pub fn normalize_relu<T: Element>(
         mean,
         var,
         gamma,
-        beta,
+        beta: Some(beta),
         epsilon,
     };
     normalize_impl("normalize_relu", x, rows, cols, stats, true, y)
@@ -423,7 +423,8 @@ struct Stats<'a> {
     mean: &'a [f32],
     var: &'a [f32],
     gamma: &'a [f32],
-    beta: &'a [f32],
+    /// `None` where nothing reads it (the plain backward).
+    beta: Option<&'a [f32]>,
     epsilon: f32,
 }
 
@@ -437,9 +438,11 @@ impl Stats<'_> {
                 ("mean", self.mean.len()),
                 ("var", self.var.len()),
                 ("gamma", self.gamma.len()),
-                ("beta", self.beta.len()),
             ],
         )?;
+        if let Some(beta) = self.beta {
+            check_cols(op, cols, &[("beta", beta.len())])?;
+        }
         check_epsilon(op, self.epsilon)
     }
 
@@ -471,7 +474,7 @@ fn normalize_impl<T: Element>(
         return Ok(());
     }
     let scale = p.scale();
-    let (mean, beta) = (p.mean, p.beta);
+    let (mean, beta) = (p.mean, p.beta.unwrap_or_default());
     map_rows(Isa::detect(), [x], cols, y, |c0, [xr], yr| {
         let w = yr.len();
         let per_col = mean[c0..c0 + w]
@@ -533,12 +536,11 @@ pub fn normalize_backward<T: Element>(
     dbeta: &mut [f32],
 ) -> Result<()> {
     // Backward does not read beta; the ReLU variant does.
-    let zeros = vec![0.0f32; gamma.len()];
     let stats = Stats {
         mean,
         var,
         gamma,
-        beta: &zeros,
+        beta: None,
         epsilon,
     };
     backward_impl(
@@ -581,7 +583,7 @@ pub fn normalize_relu_backward<T: Element>(
         mean,
         var,
         gamma,
-        beta,
+        beta: Some(beta),
         epsilon,
     };
     backward_impl(
@@ -625,7 +627,8 @@ fn backward_impl<T: Element>(
     if len == 0 {
         return Ok(());
     }
-    let (mean, beta) = (p.mean, p.beta);
+    // Empty for the plain backward, which never indexes it.
+    let (mean, beta) = (p.mean, p.beta.unwrap_or_default());
     let inv: Vec<f32> = p.var.iter().map(|v| inv_std(*v, p.epsilon)).collect();
     // ReLU's gradient from the recomputed forward output: `v = (x - m) * s + b` as the forward
     // computed it, positive once rounded to T exactly when above `floor`.

@@ -748,10 +748,19 @@ pub(crate) struct ConvKernel {
     narrow: bool,
 }
 
-/// 16 float32, 64-byte aligned: the packed panels' unit.
+/// 16 float32, 64-byte aligned: the unit of buffers that AVX-512 tiles load whole cache lines
+/// from (the packed panels here, the padded images of [`crate::conv`]).
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
-struct Block16([f32; 16]);
+pub(crate) struct Block16(pub(crate) [f32; 16]);
+
+impl Block16 {
+    /// `blocks` as float32.
+    pub(crate) fn floats_mut(blocks: &mut [Block16]) -> &mut [f32] {
+        // SAFETY: `Block16` is 16 float32 with no padding (repr(C), 64 bytes).
+        unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), blocks.len() * 16) }
+    }
+}
 
 impl ConvKernel {
     /// The deepest patch the tiles take: one depth block of the 6 x 64 path, so that the GEMM
