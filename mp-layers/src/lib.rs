@@ -42,9 +42,17 @@ pub use layers::pooling::{AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D
 pub use layers::sequence::{ClassToken, Embedding, PositionEmbedding, SequencePooling};
 pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;
+
+/// The columns of a [`StepLogger`]'s log, in order: the CSV header, the JSON Lines keys.
+pub fn train_step_log_columns() -> Vec<String> {
+    train::STEP_LOG_COLUMNS
+        .iter()
+        .map(|c| c.to_string())
+        .collect()
+}
 pub use train::{
     BestMetric, BinaryCrossentropy, Callback, CategoricalCrossentropy, EarlyStopping, EpochLogs,
-    FitOptions, History, Loss, LossInfo, Mean, MeanSquaredError, Metric, MicroBatch, ModelVars,
-    Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepResult, TrainOptimizer,
-    Trainer, TrainingProgress, Verbose,
+    FitOptions, History, LogFormat, Loss, LossInfo, Mean, MeanSquaredError, Metric, MicroBatch,
+    ModelVars, Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepLogger,
+    StepReport, StepResult, TrainOptimizer, Trainer, TrainingProgress, Verbose,
 };

@@ -3,7 +3,7 @@
 //! read it, stop training ([`Trainer::stop_training`], as `EarlyStopping` does), or stop it
 //! with an error.
 
-use super::{EpochLogs, SparseCategoricalCrossentropy, Trainer, TrainingProgress};
+use super::{EpochLogs, SparseCategoricalCrossentropy, StepReport, Trainer, TrainingProgress};
 use crate::error::Result;
 use crate::layer::Model;
 use mp_optim::Optimizer;
@@ -25,6 +25,21 @@ pub trait Callback<M: Model, O: Optimizer, Lo = SparseCategoricalCrossentropy>: 
     ) -> Result<()> {
         let _ = (trainer, has_validation);
         Ok(())
+    }
+
+    /// Runs after every optimizer update of `fit` (applied or skipped), with its report
+    /// (Keras's `on_train_batch_end`); the trainer's [`Trainer::progress`] already counts it.
+    /// Under data parallelism it runs on every rank with the same report; an error on any rank
+    /// stops every rank at this step.
+    fn on_batch_end(&mut self, trainer: &mut Trainer<M, O, Lo>, report: &StepReport) -> Result<()> {
+        let _ = (trainer, report);
+        Ok(())
+    }
+
+    /// Whether this callback wants [`StepReport::gradient_norm`]: `fit` then computes the
+    /// global gradient norm at every step (one more read of the gradients).
+    fn wants_gradient_norm(&self) -> bool {
+        false
     }
 
     /// Runs at the end of every epoch, after validation, with the epoch's logs; the trainer's

@@ -42,6 +42,18 @@ pub(crate) fn first_nonfinite_gradient<M: Model>(model: &mut M) -> Result<Option
     Ok(mp_optim::loss_scale_optimizer::check_gradients(&mut ModelVars(model))?.first_nonfinite)
 }
 
+/// The global L2 norm of the model's gradients (float64 sums of squares over every variable
+/// with a gradient); NaN or infinite when a gradient is.
+pub(crate) fn gradient_norm<M: Model>(model: &mut M) -> Result<f64> {
+    use mp_optim::VariableSet;
+    let mut total = 0.0f64;
+    ModelVars(model).for_each_variable(&mut |_, v| {
+        total += mp_kernels::ops::sum_squares(v.grad())?;
+        Ok(())
+    })?;
+    Ok(total.sqrt())
+}
+
 /// Where a skipped step's first non-finite value appeared: the input batch, the model output
 /// (the loss), or the named gradient.
 pub(crate) fn nonfinite_origin<D: mp_core::DTypeKind>(

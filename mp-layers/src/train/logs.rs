@@ -193,4 +193,44 @@ pub struct StepResult {
     pub applied: bool,
     /// The loss scale the step used (1 without loss scaling).
     pub loss_scale: f32,
+    /// Why the update was skipped (`None` when it was applied): the first non-finite gradient,
+    /// or the update that would have written NaN or infinity.
+    pub skipped: Option<String>,
+    /// The global L2 norm of the gradients the optimizer was given (unscaled, before any
+    /// clipping; NaN or infinite when a gradient was), when the trainer tracks it
+    /// ([`Trainer::with_gradient_norm`](super::Trainer::with_gradient_norm), or a callback
+    /// asks for it in `fit`).
+    pub gradient_norm: Option<f64>,
+}
+
+/// One optimizer update of `fit`, as [`Callback::on_batch_end`](super::Callback::on_batch_end)
+/// sees it: what a step logger writes (Keras's per-batch logs, plus what mixed precision adds:
+/// the loss scale, and whether and why the step was skipped).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Batches trained in total after this update ([`TrainingProgress::step`]): the key a
+    /// resumed run is truncated to.
+    pub step: u64,
+    /// The epoch (0-based).
+    pub epoch: usize,
+    /// The batches of this epoch done after this update (1-based).
+    pub batch: usize,
+    /// The update's (unscaled) mean loss.
+    pub loss: f32,
+    /// The loss scale the update used; `None` without loss scaling.
+    pub loss_scale: Option<f32>,
+    /// Whether the update was applied.
+    pub applied: bool,
+    /// Why it was skipped (see [`StepResult::skipped`]).
+    pub skipped: Option<String>,
+    /// The global gradient norm, when tracked (see [`StepResult::gradient_norm`]).
+    pub gradient_norm: Option<f64>,
+    /// The learning rate the update used.
+    pub learning_rate: f32,
+    /// Micro-batches in the update (more than 1 with gradient accumulation).
+    pub micro_batches: usize,
+    /// Samples in the update, over every rank.
+    pub samples: usize,
+    /// Wall-clock seconds of the update, from its first gather to its metrics.
+    pub seconds: f64,
 }

@@ -10,6 +10,7 @@ mod monitor;
 mod optimizer;
 mod parallel;
 mod progress;
+mod telemetry;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +23,7 @@ use ndarray::{ArrayD, ArrayView, ArrayViewD, Dimension};
 pub use self::callbacks::Callback;
 pub use self::early_stopping::EarlyStopping;
 pub use self::logs::{
-    EpochLogs, FitOptions, History, Scores, StepResult, TrainingProgress, Verbose,
+    EpochLogs, FitOptions, History, Scores, StepReport, StepResult, TrainingProgress, Verbose,
 };
 pub use self::losses::{
     BinaryCrossentropy, CategoricalCrossentropy, Loss, LossInfo, MeanSquaredError,
@@ -32,8 +33,11 @@ pub use self::metrics::{Mean, Metric, SparseCategoricalAccuracy};
 pub use self::monitor::{BestMetric, Mode};
 pub use self::optimizer::{ModelVars, TrainOptimizer};
 pub use self::parallel::CommStats;
+pub use self::telemetry::{COLUMNS as STEP_LOG_COLUMNS, LogFormat, StepLogger};
 
-use self::data::{check_data, first_nonfinite_gradient, gather, nonfinite_origin, targets_of};
+use self::data::{
+    check_data, first_nonfinite_gradient, gather, gradient_norm, nonfinite_origin, targets_of,
+};
 use self::metrics::MetricSums;
 use self::parallel::Replicas;
 use self::progress::Reporter;
@@ -70,6 +74,8 @@ pub struct Trainer<M: Model, O: Optimizer, Lo = SparseCategoricalCrossentropy> {
     stop: bool,
     /// The learning rate as a function of the applied updates, if any.
     schedule: Option<LearningRateSchedule>,
+    /// Whether every step computes the global gradient norm ([`StepResult::gradient_norm`]).
+    gradient_norm: bool,
 }
 
 /// Why a training step was skipped.
@@ -129,6 +135,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             replicas: Replicas::default(),
             stop: false,
             schedule: None,
+            gradient_norm: false,
         }
     }
 
@@ -224,6 +231,14 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// What the last training step's collectives moved and took (zero alone).
     pub fn comm_stats(&self) -> CommStats {
         self.replicas.last
+    }
+
+    /// Computes the global L2 norm of the gradients at every step, reported in
+    /// [`StepResult::gradient_norm`] (one more read of the gradients per step; `fit` turns it
+    /// on while a callback's [`Callback::wants_gradient_norm`] says so).
+    pub fn with_gradient_norm(mut self, on: bool) -> Self {
+        self.gradient_norm = on;
+        self
     }
 
     /// How many consecutive skipped steps stop training with [`Error::NonFiniteSteps`] (default
@@ -544,11 +559,15 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         // optimizer itself (its own check): the replicas hold the same weights, slots and summed
         // gradients, so they decide it alike.
         let elsewhere = || Some("the gradients of another rank".to_string());
+        let mut norm = None;
         let (applied, skip) = match &mut self.optimizer {
             TrainOptimizer::Plain(o) => {
                 // The same finite check as loss scaling, without the scale: a non-finite
                 // gradient never reaches the weights under float32 or mixed_bfloat16 either.
                 let found = first_nonfinite_gradient(&mut self.model)?;
+                if self.gradient_norm {
+                    norm = Some(gradient_norm(&mut self.model)?);
+                }
                 if self.replicas.any(found.is_some())? {
                     (false, Some(Skip::Gradient(found.or_else(elsewhere))))
                 } else {
@@ -565,6 +584,9 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                     check.first_nonfinite = elsewhere();
                 }
                 let nonfinite = check.first_nonfinite.clone();
+                if self.gradient_norm {
+                    norm = Some(gradient_norm(&mut self.model)?);
+                }
                 let outcome = s.apply_checked(&mut ModelVars(&mut self.model), check)?;
                 let skip = match outcome.nonfinite_update {
                     Some(u) => Some(Skip::Update(u)),
@@ -574,6 +596,11 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 (outcome.applied, skip)
             }
         };
+        let skipped = skip.as_ref().map(|skip| match skip {
+            Skip::Gradient(Some(v)) => format!("non-finite gradient: {v}"),
+            Skip::Gradient(None) => "non-finite gradient".to_string(),
+            Skip::Update(u) => format!("non-finite update of {} ({})", u.variable, u.what()),
+        });
         // Layer state of the step (moving statistics) is committed only when it was applied.
         self.model.end_step(applied)?;
         self.replicas.average_state(&mut self.model)?;
@@ -619,6 +646,8 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 loss,
                 applied,
                 loss_scale: scale,
+                skipped,
+                gradient_norm: norm,
             },
             probs,
         ))
@@ -779,7 +808,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         } = self.replicas.agree_outcome(plan)?;
         let (xv, yv) = match &validation {
             Some((xv, _)) => (xv.view(), yv),
-            None => (x.view(), y.clone()),
+            None => (x.clone(), y.clone()),
         };
         if self.replicas.is_parallel() {
             let mut h = self.handshake(sample_shape(&x), per, options.batch_size)?;
@@ -808,7 +837,6 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             h.push("max non-finite steps", self.max_nonfinite_steps);
             self.replicas.handshake(&h)?;
         }
-        let metrics = self.metrics.clone();
         // Replicas start equal: rank 0's weights everywhere.
         self.replicas.broadcast_variables(&mut self.model)?;
         self.stop = false;
@@ -820,6 +848,28 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
             }
         }
         self.replicas.agree_outcome(begun)?;
+        let tracked = self.gradient_norm;
+        self.gradient_norm |= callbacks.iter().any(|cb| cb.wants_gradient_norm());
+        let history = self.fit_loop(x, y, (xv, yv), (per, train, val), options, callbacks);
+        self.gradient_norm = tracked;
+        history
+    }
+
+    /// The epochs of [`Trainer::fit_epochs`], after its checks and `on_train_begin`.
+    #[allow(clippy::type_complexity)]
+    fn fit_loop<T: Copy>(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        y: Vec<T>,
+        (xv, yv): (ArrayViewD<'_, f32>, Vec<T>),
+        (per, train, val): (usize, std::ops::Range<usize>, std::ops::Range<usize>),
+        options: &FitOptions,
+        callbacks: &mut [Box<dyn Callback<M, O, Lo>>],
+    ) -> Result<History>
+    where
+        Lo: Loss<T>,
+    {
+        let metrics = self.metrics.clone();
         self.warn_tensor_core_shapes(options.batch_size);
         let mut history = History::default();
         let first_epoch = self.progress.epoch;
@@ -864,6 +914,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                     .zip(&targets)
                     .map(|(x, t)| (x, &t[..]))
                     .collect();
+                let step_started = Instant::now();
                 let (result, probs) = self.train_window(&micro)?;
                 loss_mean.update_state(result.loss, window_samples as f64);
                 let mut step = MetricSums::new(&metrics);
@@ -878,6 +929,34 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 skipped += u64::from(!result.applied);
                 done += window.len();
                 reporter.step(done, loss_mean.result(), &scores.results(), started);
+                if !callbacks.is_empty() {
+                    let report = StepReport {
+                        step: self.progress.step,
+                        epoch,
+                        batch: done,
+                        loss: result.loss,
+                        loss_scale: match &self.optimizer {
+                            TrainOptimizer::Scaled(_) => Some(result.loss_scale),
+                            TrainOptimizer::Plain(_) => None,
+                        },
+                        applied: result.applied,
+                        skipped: result.skipped,
+                        gradient_norm: result.gradient_norm,
+                        learning_rate: self.optimizer.inner().learning_rate(),
+                        micro_batches: window.len(),
+                        samples: window_samples,
+                        seconds: step_started.elapsed().as_secs_f64(),
+                    };
+                    let mut ended = Ok(());
+                    for cb in callbacks.iter_mut() {
+                        ended = cb.on_batch_end(self, &report);
+                        if ended.is_err() {
+                            break;
+                        }
+                    }
+                    // A logger failing on rank 0 stops every rank, at the same step.
+                    self.replicas.agree_outcome(ended)?;
+                }
             }
             self.progress.rng_state = rng.state();
             let (val_loss, val_metrics) = if val.is_empty() {
