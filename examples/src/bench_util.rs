@@ -292,8 +292,10 @@ impl Bounds {
 /// policy, its milliseconds per step, its share of the step, and its fraction of its bound (the
 /// compute peak of its path when it counts FLOP; else the bytes it must move over the bandwidth
 /// of the cache level its working set fits in). Rows for thread overhead (see
-/// `mp_kernels::profile`) and for the time outside every op (generated model code, the
-/// trainer, allocation).
+/// `mp_kernels::profile`: a region's wall time less its busiest thread's), for the threads'
+/// idle time inside the regions (as a share of all the threads' time: start-up, hand-over and
+/// shares that end early), for the ops that ran on one thread (the others waiting), and for
+/// the time outside every op (generated model code, the trainer, allocation).
 pub(crate) fn op_table(
     title: &str,
     vs: &mut [Box<dyn Variant>],
@@ -373,8 +375,11 @@ pub(crate) fn op_table(
         }
         md.push('\n');
     }
+    let threads = mp_kernels::threads::num_threads() as f64;
     for (name, of) in [
         ("thread overhead", 0usize),
+        ("idle in regions", 3),
+        ("ops on one thread", 4),
         ("outside ops", 1),
         ("whole step", 2),
     ] {
@@ -383,6 +388,9 @@ pub(crate) fn op_table(
             let secs = match of {
                 0 => p.thread_secs / per_step,
                 1 => (step - p.total_secs() / per_step).max(0.0),
+                // The threads' idle time as wall time: its share of all threads' time.
+                3 => p.idle_secs() / threads / per_step,
+                4 => p.serial_secs() / per_step,
                 _ => *step,
             };
             md.push_str(&format!(

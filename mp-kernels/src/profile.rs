@@ -10,7 +10,10 @@
 //! Thread overhead is what the pool costs beyond the work: for each parallel region, its wall
 //! time less the longest time one thread spent on its items (see [`crate::threads::Pool`]):
 //! waking the workers, the hand-over and the wait for the slowest. It is part of the ops' times
-//! too (the regions run inside them).
+//! too (the regions run inside them). Two more sums say how much of the threads' time an op
+//! leaves unused: per class, the threads' idle time inside its regions (the region's wall time
+//! times its threads, less their time on items: a share that ends before the others counts
+//! here), and its time outside any region (on the calling thread alone).
 //!
 //! ```
 //! use mp_kernels::profile::{self, OpClass};
@@ -113,6 +116,10 @@ struct Sums {
     calls: AtomicU64,
     flop: AtomicU64,
     bytes: AtomicU64,
+    /// Wall time of the parallel regions run inside this class's ops.
+    region: AtomicU64,
+    /// Thread time idle inside those regions: wall x threads less the threads' busy time.
+    idle: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -121,6 +128,8 @@ const ZERO: Sums = Sums {
     calls: AtomicU64::new(0),
     flop: AtomicU64::new(0),
     bytes: AtomicU64::new(0),
+    region: AtomicU64::new(0),
+    idle: AtomicU64::new(0),
 };
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -130,6 +139,8 @@ static REGIONS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// The class of the outermost open span on this thread.
+    static CLASS: Cell<Option<OpClass>> = const { Cell::new(None) };
 }
 
 /// Turns timing on or off for the whole process.
@@ -168,6 +179,9 @@ pub fn span(class: OpClass) -> Span {
         d.set(d.get() + 1);
         d.get() == 1
     });
+    if outer {
+        CLASS.with(|c| c.set(Some(class)));
+    }
     Span {
         counted: true,
         open: outer.then(|| (class, Instant::now())),
@@ -193,6 +207,7 @@ impl Span {
 impl Drop for Span {
     fn drop(&mut self) {
         if let Some((class, start)) = self.open {
+            CLASS.with(|c| c.set(None));
             let s = &SUMS[class.slot()];
             s.nanos
                 .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -207,9 +222,14 @@ impl Drop for Span {
 }
 
 /// Adds one parallel region's overhead ([`crate::threads`] calls it).
-pub(crate) fn record_region(overhead_nanos: u64) {
+pub(crate) fn record_region(overhead_nanos: u64, wall_nanos: u64, idle_nanos: u64) {
     THREAD_NANOS.fetch_add(overhead_nanos, Ordering::Relaxed);
     REGIONS.fetch_add(1, Ordering::Relaxed);
+    if let Some(class) = CLASS.with(Cell::get) {
+        let s = &SUMS[class.slot()];
+        s.region.fetch_add(wall_nanos, Ordering::Relaxed);
+        s.idle.fetch_add(idle_nanos, Ordering::Relaxed);
+    }
 }
 
 /// One class's sums.
@@ -223,6 +243,13 @@ pub struct ClassSums {
     pub flop: f64,
     /// Bytes moved at least.
     pub bytes: u64,
+    /// Wall time of the parallel regions inside the class's ops, seconds (the rest of `secs`
+    /// ran on the calling thread alone).
+    pub region_secs: f64,
+    /// Kernel-thread time idle inside those regions, seconds: each region's wall time times
+    /// its threads, less the time the threads spent on its items (start-up, hand-over, and
+    /// threads that finished their share before the others).
+    pub idle_secs: f64,
 }
 
 /// The sums since the last [`take`].
@@ -245,6 +272,21 @@ impl Profile {
     pub fn total_secs(&self) -> f64 {
         self.classes.iter().map(|c| c.secs).sum()
     }
+
+    /// Kernel-thread seconds idle inside the parallel regions of all ops
+    /// ([`ClassSums::idle_secs`]).
+    pub fn idle_secs(&self) -> f64 {
+        self.classes.iter().map(|c| c.idle_secs).sum()
+    }
+
+    /// Seconds the ops ran on the calling thread alone, outside any parallel region (the other
+    /// kernel threads waited meanwhile).
+    pub fn serial_secs(&self) -> f64 {
+        self.classes
+            .iter()
+            .map(|c| (c.secs - c.region_secs).max(0.0))
+            .sum()
+    }
 }
 
 /// Reads the sums and sets them to zero.
@@ -257,6 +299,8 @@ pub fn take() -> Profile {
             calls: s.calls.swap(0, Ordering::Relaxed),
             flop: s.flop.swap(0, Ordering::Relaxed) as f64,
             bytes: s.bytes.swap(0, Ordering::Relaxed),
+            region_secs: s.region.swap(0, Ordering::Relaxed) as f64 * 1e-9,
+            idle_secs: s.idle.swap(0, Ordering::Relaxed) as f64 * 1e-9,
         };
     }
     p.thread_secs = THREAD_NANOS.swap(0, Ordering::Relaxed) as f64 * 1e-9;
@@ -299,6 +343,28 @@ mod tests {
             "the nested GEMM adds nothing"
         );
         assert!(p.total_secs() >= conv.secs);
+
+        // A region whose second item ends 20 ms before its first: with two threads, the one
+        // that ran it idles (its idle time is counted); run on one thread (a single thread, or
+        // another test's region holding the pool), the whole span is serial.
+        enable(true);
+        let _ = take();
+        {
+            let _span = span(OpClass::Dropout);
+            crate::threads::pool().for_each_index(2, |i| {
+                if i == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            });
+        }
+        enable(false);
+        let d = take().class(OpClass::Dropout);
+        assert!(d.region_secs <= d.secs, "{d:?}");
+        if d.region_secs > 0.0 {
+            assert!(d.idle_secs >= 0.015 && d.region_secs >= 0.02, "{d:?}");
+        } else {
+            assert!(d.secs >= 0.02 && d.idle_secs == 0.0, "{d:?}");
+        }
         // (Only the class sums: another test's pool region may still report its overhead.)
         let again = take();
         for class in OpClass::ALL {

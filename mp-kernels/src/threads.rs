@@ -123,6 +123,8 @@ struct Job<'a> {
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     /// The longest time one thread spent on items, nanoseconds (profiled regions only).
     busiest: AtomicU64,
+    /// The time all threads spent on items, nanoseconds (profiled regions only).
+    busy: AtomicU64,
     timed: bool,
 }
 
@@ -173,8 +175,9 @@ impl Job<'_> {
             }
         }
         if let Some(t) = start {
-            self.busiest
-                .fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let nanos = t.elapsed().as_nanos() as u64;
+            self.busiest.fetch_max(nanos, Ordering::Relaxed);
+            self.busy.fetch_add(nanos, Ordering::Relaxed);
         }
     }
 }
@@ -309,6 +312,7 @@ impl Workers {
             shares: std::array::from_fn(|_| Counter(AtomicUsize::new(0))),
             panic: Mutex::new(None),
             busiest: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
             timed,
         };
         if self.threads <= MAX_SHARES {
@@ -344,7 +348,12 @@ impl Workers {
         }
         if let Some(t) = start {
             let wall = t.elapsed().as_nanos() as u64;
-            crate::profile::record_region(wall.saturating_sub(job.busiest.into_inner()));
+            let threads = self.threads as u64;
+            crate::profile::record_region(
+                wall.saturating_sub(job.busiest.into_inner()),
+                wall,
+                (wall * threads).saturating_sub(job.busy.into_inner()),
+            );
         }
         let panic = job
             .panic
