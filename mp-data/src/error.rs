@@ -171,6 +171,20 @@ pub enum Error {
          explicitly"
     )]
     NoCacheDir,
+    /// A CSV file that cannot be read as a table of numeric features and a label: `line` is
+    /// the file's line (the header is line 1), `column` the header's name for the column, where
+    /// the problem is in one.
+    #[error("{file}: line {line}{}: {what}", column.as_ref().map(|c| format!(", column {c:?}")).unwrap_or_default())]
+    Csv {
+        /// The file (or name given for in-memory bytes).
+        file: String,
+        /// The line, 1-based (the header is line 1).
+        line: u64,
+        /// The column's name in the header, where one is concerned.
+        column: Option<String>,
+        /// What is wrong.
+        what: String,
+    },
     /// An argument out of range (a validation fraction, mismatched sample counts, ...).
     #[error("invalid argument: {what}")]
     InvalidArgument {

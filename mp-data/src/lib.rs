@@ -12,6 +12,8 @@
 //! - [`Cache`], [`FileSpec`], [`Source`]: that checksummed cache, for any list of files.
 //! - [`Dataset`]: features and labels with seeded shuffling, batching, `take`/`skip` and the
 //!   Keras validation split, built on `mp_core::Rng` and `mp_core::rng`.
+//! - [`tabular`]: CSV files of numeric features and a label column ([`tabular::read_csv`]),
+//!   numeric or string labels, missing values an error naming line and column unless filled.
 //!
 //! ```
 //! use mp_data::{Dataset, idx, mnist};
@@ -62,6 +64,7 @@ pub mod dataset;
 pub mod error;
 pub mod idx;
 pub mod mnist;
+pub mod tabular;
 mod tar;
 
 pub use cache::{Cache, FileSpec, Source, sha256_hex};
