@@ -642,6 +642,21 @@ fn wrong_lengths_are_errors_that_name_the_argument_and_write_nothing() {
     let e = cpu().max_pool_backward(&g, &y, &arg, &mut dx).unwrap_err();
     assert!(e.to_string().contains("not in image 1"), "{e}");
     assert!(dx.iter().all(|&v| v == 5.0));
+    // The same on a batch large enough to be checked on all kernel threads: the first image
+    // (in batch order) with a stray entry is named, and nothing is written.
+    let big = Geometry::new("test", [8, 32, 32, 64], Window::new([2, 2]).strides([2, 2])).unwrap();
+    let xb = vec![1.0f32; big.input_len()];
+    let (mut yb, mut argb) = (vec![0.0f32; big.output_len()], vec![0u32; big.output_len()]);
+    cpu().max_pool(&big, &xb, &mut yb, &mut argb).unwrap();
+    let per = big.output_len() / 8;
+    argb[5 * per + 7] -= (big.input_len() / 8) as u32;
+    argb[6 * per] = u32::MAX;
+    let mut dx = vec![5.0f32; big.input_len()];
+    let e = cpu()
+        .max_pool_backward(&big, &yb, &argb, &mut dx)
+        .unwrap_err();
+    assert!(e.to_string().contains("is not in image 5"), "{e}");
+    assert!(dx.iter().all(|&v| v == 5.0));
     let dilated =
         Geometry::new("test", [1, 5, 5, 1], Window::new([2, 2]).dilation([2, 1])).unwrap();
     let e = cpu()
