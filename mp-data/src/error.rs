@@ -185,6 +185,15 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// A NumPy `.npy` file or `.npz` array that cannot be read as features or labels: `file`
+    /// names the file (and the archive's array as `file [name]`).
+    #[error("{file}: {what}")]
+    Npy {
+        /// The file, and the array of an archive.
+        file: String,
+        /// What is wrong.
+        what: String,
+    },
     /// An argument out of range (a validation fraction, mismatched sample counts, ...).
     #[error("invalid argument: {what}")]
     InvalidArgument {

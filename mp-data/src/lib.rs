@@ -12,6 +12,8 @@
 //! - [`Cache`], [`FileSpec`], [`Source`]: that checksummed cache, for any list of files.
 //! - [`Dataset`]: features and labels with seeded shuffling, batching, `take`/`skip` and the
 //!   Keras validation split, built on `mp_core::Rng` and `mp_core::rng`.
+//! - `npy` (the `npy` feature, on by default): NumPy `.npy` files and `.npz` archives of any
+//!   numeric dtype, as float32 features or class ids.
 //! - [`tabular`]: CSV files of numeric features and a label column ([`tabular::read_csv`]),
 //!   numeric or string labels, missing values an error naming line and column unless filled.
 //!
@@ -64,6 +66,8 @@ pub mod dataset;
 pub mod error;
 pub mod idx;
 pub mod mnist;
+#[cfg(feature = "npy")]
+pub mod npy;
 pub mod tabular;
 mod tar;
 
