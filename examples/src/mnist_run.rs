@@ -47,8 +47,18 @@ impl ImageArgs {
     /// An unknown option or a value that does not parse, named; a launcher environment that
     /// MPI cannot join.
     pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_env_allowing(&[])
+    }
+
+    /// [`ImageArgs::from_env`] for a binary that also takes the options `extra` (which it
+    /// reads itself).
+    ///
+    /// # Errors
+    /// As [`ImageArgs::from_env`].
+    pub fn from_env_allowing(extra: &[&str]) -> anyhow::Result<Self> {
         let args = Args::from_env(&[])?;
-        args.check_known(OPTIONS)?;
+        let known: Vec<&str> = OPTIONS.iter().chain(extra).copied().collect();
+        args.check_known(&known)?;
         let comm = mp_core::dist::from_env()?;
         let policy = args.policy()?;
         if comm.rank() == 0 {

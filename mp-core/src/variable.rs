@@ -81,12 +81,17 @@ impl fmt::Display for OutOfDomain {
 /// (BatchNormalization's moving statistics) is state the layer updates itself: optimizers do not
 /// see it, checkpoints save it. Its [`Domain`] says which values it may hold; values given from
 /// outside are checked against it.
+///
+/// A [frozen](Variable::set_frozen) variable is held fixed for fine-tuning: its layer computes no
+/// gradient for it and optimizers do not see it (no update, no slots, no weight decay). Frozen is
+/// separate from trainable: a frozen layer's moving statistics are frozen too.
 #[derive(Clone, Debug)]
 pub struct Variable {
     name: String,
     value: Tensor<F32>,
     grad: Tensor<F32>,
     trainable: bool,
+    frozen: bool,
     domain: Domain,
 }
 
@@ -99,6 +104,7 @@ impl Variable {
             value,
             grad,
             trainable: true,
+            frozen: false,
             domain: Domain::Finite,
         })
     }
@@ -124,9 +130,26 @@ impl Variable {
         self.domain
     }
 
-    /// Whether an optimizer updates it.
+    /// Whether it is state an optimizer updates (not a moving statistic). A frozen trainable
+    /// variable is still trainable; [`Variable::updated`] says whether an optimizer steps it.
     pub fn trainable(&self) -> bool {
         self.trainable
+    }
+
+    /// Whether it is held fixed (fine-tuning): no gradient, no optimizer update.
+    pub fn frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Freezes or unfreezes it. Freezing zeroes nothing: its gradient is simply no longer
+    /// computed nor applied.
+    pub fn set_frozen(&mut self, frozen: bool) {
+        self.frozen = frozen;
+    }
+
+    /// Whether an optimizer steps it: trainable and not frozen.
+    pub fn updated(&self) -> bool {
+        self.trainable && !self.frozen
     }
 
     /// The name.

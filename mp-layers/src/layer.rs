@@ -7,6 +7,7 @@ use mp_core::{DTypeKind, F32, Policy, PolicyKind, Tensor, Variable};
 
 use mp_kernels::ops;
 
+use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
 
 /// The compute dtype (marker type) of layer `L`.
@@ -31,6 +32,8 @@ pub struct SummaryRow {
     pub params: usize,
     /// Of which non-trainable (BatchNormalization's moving statistics).
     pub non_trainable: usize,
+    /// Of which trainable but [frozen](Model::freeze).
+    pub frozen: usize,
 }
 
 /// A layer: computes in its policy's compute dtype, keeps float32 variables, and knows its own
@@ -159,6 +162,30 @@ pub trait Layer: Send + 'static {
         f: &mut dyn FnMut(&str, &mut Variable) -> Result<()>,
     ) -> Result<()>;
 
+    /// Describes this layer's variables in a foreign weights layout (`out.layout()`): their
+    /// names, shapes and element orders there. `prefix` is the layer's mp path prefix
+    /// (`block_1/conv_a/`); [`ForeignTensors::name`] turns it into the foreign prefix.
+    ///
+    /// The default exports each variable as it is, named by its path with `/` as `.`: right for
+    /// layers whose variables have no other convention. Layers with a PyTorch counterpart
+    /// (`Dense`, `Conv2D`, the normalizations, embeddings, attention) rename and rearrange;
+    /// `#[model]` calls its fields in order. Every layer with variables calls
+    /// [`ForeignTensors::take_flattened`].
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        let mut found = vec![];
+        self.visit_variables(prefix, &mut |path, v| {
+            found.push((path.to_string(), v.shape().to_vec()));
+            Ok(())
+        })?;
+        if !found.is_empty() {
+            out.take_flattened();
+        }
+        for (path, shape) in found {
+            out.push(path.replace('/', "."), path, &shape, Transform::Same);
+        }
+        Ok(())
+    }
+
     /// Bytes of activations kept by the last `forward_train` for backward.
     fn saved_bytes(&self) -> usize;
 
@@ -167,6 +194,11 @@ pub trait Layer: Send + 'static {
 
     /// Of [`Layer::param_count`], the non-trainable ones (state the layer updates itself).
     fn non_trainable_param_count(&self) -> usize {
+        0
+    }
+
+    /// Of [`Layer::param_count`], the trainable ones that are [frozen](Model::freeze).
+    fn frozen_param_count(&self) -> usize {
         0
     }
 
@@ -198,6 +230,7 @@ pub trait Layer: Send + 'static {
             output_shape: self.output_shape().map(<[usize]>::to_vec),
             params: self.param_count(),
             non_trainable: self.non_trainable_param_count(),
+            frozen: self.frozen_param_count(),
         });
     }
 }
@@ -313,6 +346,75 @@ pub trait Model: Layer {
     fn zero_grad(&mut self) -> Result<()> {
         self.visit_variables("", &mut |_, v| Ok(v.zero_grad()?))
     }
+
+    /// Freezes the layer or nested block at `path` for fine-tuning: a field (`conv_1`), a
+    /// nested model's field (`block_1/conv_a`), or `""` for the whole model. Its variables keep
+    /// their values through training: `Dense` and `Conv2D` skip their weight-gradient GEMMs,
+    /// `BatchNormalization` normalises with its moving statistics (and leaves them as they are),
+    /// optimizers neither step them nor keep slots or decay for them. The frozen set is saved
+    /// in checkpoints and must agree across ranks. Returns how many variables `path` holds.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `path` and the model's layers when no variable is at
+    /// `path`.
+    fn freeze(&mut self, path: &str) -> Result<usize> {
+        set_frozen(self, path, true)
+    }
+
+    /// Unfreezes the layer or nested block at `path` (see [`Model::freeze`]): it trains again.
+    fn unfreeze(&mut self, path: &str) -> Result<usize> {
+        set_frozen(self, path, false)
+    }
+
+    /// The paths of the frozen variables, in the model's order.
+    fn frozen_variables(&mut self) -> Result<Vec<String>> {
+        let mut out = vec![];
+        self.visit_variables("", &mut |path, v| {
+            if v.frozen() {
+                out.push(path.to_string());
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// Sets the frozen flag of every variable at `path` (see [`Model::freeze`]).
+fn set_frozen<M: Model + ?Sized>(model: &mut M, path: &str, frozen: bool) -> Result<usize> {
+    let path = path.trim_end_matches('/');
+    let mut matched = 0;
+    let mut layers: Vec<String> = vec![];
+    model.visit_variables("", &mut |var, v| {
+        let layer = var.rsplit_once('/').map_or("", |(l, _)| l);
+        if !layers.iter().any(|l| l == layer) {
+            layers.push(layer.to_string());
+        }
+        let inside = path.is_empty()
+            || var == path
+            || var
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.starts_with('/'));
+        if inside {
+            v.set_frozen(frozen);
+            matched += 1;
+        }
+        Ok(())
+    })?;
+    if matched == 0 {
+        let what = if layers.is_empty() {
+            "the model has no variables: build it first".to_string()
+        } else {
+            format!("its layers with variables are {}", layers.join(", "))
+        };
+        return Err(Error::InvalidArgument {
+            what: format!(
+                "{}: no layer of {} is at path {path:?}: {what}",
+                if frozen { "freeze" } else { "unfreeze" },
+                model.model_name()
+            ),
+        });
+    }
+    Ok(matched)
 }
 
 /// Formats summary rows as Keras does.
@@ -365,9 +467,13 @@ pub fn format_summary(model_name: &str, policy: Policy, rows: &[SummaryRow]) -> 
         "Total params: {total} ({:.2} MB in float32)",
         total as f64 * 4.0 / 1e6
     );
-    let frozen: usize = rows.iter().map(|r| r.non_trainable).sum();
-    let _ = writeln!(out, "Trainable params: {}", total - frozen);
-    let _ = writeln!(out, "Non-trainable params: {frozen}");
+    let non_trainable: usize = rows.iter().map(|r| r.non_trainable).sum();
+    let frozen: usize = rows.iter().map(|r| r.frozen).sum();
+    let _ = writeln!(out, "Trainable params: {}", total - non_trainable - frozen);
+    let _ = writeln!(out, "Non-trainable params: {non_trainable}");
+    if frozen > 0 {
+        let _ = writeln!(out, "Frozen params: {frozen} (trainable, held fixed)");
+    }
     let _ = write!(out, "{line}");
     out
 }

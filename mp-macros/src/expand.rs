@@ -313,6 +313,19 @@ fn expand(model: &Model<'_>) -> TokenStream {
                 ::core::result::Result::Ok(())
             }
 
+            fn foreign_tensors(
+                &mut self,
+                prefix: &str,
+                out: &mut #mp::checkpoint::ForeignTensors,
+            ) -> #mp::Result<()> {
+                #(#as_layers::foreign_tensors(
+                    &mut self.#ids,
+                    &#private::child_prefix(prefix, #names),
+                    out,
+                )?;)*
+                ::core::result::Result::Ok(())
+            }
+
             fn saved_bytes(&self) -> usize {
                 #(#as_layers::saved_bytes(&self.#ids))+*
             }
@@ -323,6 +336,10 @@ fn expand(model: &Model<'_>) -> TokenStream {
 
             fn non_trainable_param_count(&self) -> usize {
                 #(#as_layers::non_trainable_param_count(&self.#ids))+*
+            }
+
+            fn frozen_param_count(&self) -> usize {
+                #(#as_layers::frozen_param_count(&self.#ids))+*
             }
 
             fn begin_step(&mut self, step: u64) {

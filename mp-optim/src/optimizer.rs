@@ -185,52 +185,72 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    /// Creates the buffers at the first step; afterwards checks the variables still match.
-    /// Nothing is written to the variables.
+    /// Creates the buffers at the first step; afterwards matches them to the variables by
+    /// name. The set may change between steps (fine-tuning freezes and unfreezes layers): a
+    /// variable no longer given loses its buffers, a new one gets zeroed buffers. A variable
+    /// given under a known name with another shape, or a set sharing no name with the one the
+    /// buffers were built for (another model), is an error. Returns the buffers as they were
+    /// when it changed them, so that a skipped step can put them back. Nothing is written to
+    /// the variables.
     pub(crate) fn prepare(
         &mut self,
         optimizer: &'static str,
         per_variable: usize,
         vars: &mut dyn VariableSet,
-    ) -> Result<()> {
+    ) -> Result<Option<Slots>> {
         let mut seen: Vec<(String, Vec<usize>, mp_core::Device)> = vec![];
         vars.for_each_variable(&mut |name, v| {
             seen.push((name.to_string(), v.shape().to_vec(), v.value().device()));
             Ok(())
         })?;
-        if self.names.is_empty() && self.buffers.is_empty() {
-            for (name, shape, device) in seen {
-                let bufs = (0..per_variable)
-                    .map(|_| Tensor::<F32>::zeros_on(&shape, device))
-                    .collect::<Result<_, _>>()?;
-                self.names.push(name);
-                self.shapes.push(shape);
-                self.buffers.push(bufs);
-            }
-            return Ok(());
+        let same = seen.len() == self.names.len()
+            && seen
+                .iter()
+                .zip(self.names.iter().zip(&self.shapes))
+                .all(|((n, s, _), (name, shape))| n == name && s == shape);
+        if same {
+            return Ok(None);
         }
-        if seen.len() != self.names.len() {
+        let index = |name: &str| self.names.iter().position(|n| n == name);
+        let mut persisting = 0;
+        for (name, shape, _) in &seen {
+            if let Some(i) = index(name) {
+                persisting += 1;
+                if *shape != self.shapes[i] {
+                    return Err(Error::StateMismatch {
+                        optimizer,
+                        what: format!(
+                            "variable {name:?} had shape {:?}, now {shape:?}",
+                            self.shapes[i]
+                        ),
+                    });
+                }
+            }
+        }
+        if !self.is_empty() && !seen.is_empty() && persisting == 0 {
             return Err(Error::StateMismatch {
                 optimizer,
                 what: format!(
-                    "it was built for {} variables, {} were given",
-                    self.names.len(),
-                    seen.len()
+                    "it was built for the variables {:?}, none of which were given (now {:?}): \
+                     a new model needs a new optimizer",
+                    self.names,
+                    seen.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>()
                 ),
             });
         }
-        for (i, (name, shape, _)) in seen.iter().enumerate() {
-            if name != &self.names[i] || shape != &self.shapes[i] {
-                return Err(Error::StateMismatch {
-                    optimizer,
-                    what: format!(
-                        "variable {i} was {:?} {:?}, now {name:?} {shape:?}",
-                        self.names[i], self.shapes[i]
-                    ),
-                });
-            }
+        let mut next = Slots::default();
+        for (name, shape, device) in seen {
+            let bufs = match index(&name) {
+                Some(i) => self.buffers[i].clone(),
+                None => (0..per_variable)
+                    .map(|_| Tensor::<F32>::zeros_on(&shape, device))
+                    .collect::<Result<_, _>>()?,
+            };
+            next.names.push(name);
+            next.shapes.push(shape);
+            next.buffers.push(bufs);
         }
-        Ok(())
+        Ok(Some(std::mem::replace(self, next)))
     }
 
     /// Whether no step has built the buffers yet.
@@ -608,17 +628,17 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
         self.iterations
     }
     fn apply_gradients(&mut self, vars: &mut dyn VariableSet) -> Result<Update> {
-        let fresh = self.slots.is_empty();
-        self.slots.prepare(R::NAME, self.rule.slots().len(), vars)?;
+        let before = self.slots.prepare(R::NAME, self.rule.slots().len(), vars)?;
         Ok(match self.check_then_update(vars)? {
             None => {
                 self.iterations += 1;
                 Update::Applied
             }
             Some(skipped) => {
-                // Nothing was written: a skipped first step leaves no slots behind either.
-                if fresh {
-                    self.slots = Slots::default();
+                // Nothing was written: a skipped step leaves the slots as they were (none
+                // after a skipped first step), whatever the variable set.
+                if let Some(before) = before {
+                    self.slots = before;
                 }
                 Update::Skipped(skipped)
             }

@@ -12,6 +12,10 @@ pub const KEY_STATE: &str = "mp.state";
 /// Metadata key: the CPU kernel paths that computed the state (`mp_kernels::Cpu::kernel_paths`),
 /// in checkpoints; informative (a resume on other paths continues, and says so).
 pub const KEY_KERNEL_PATHS: &str = "mp.kernel_paths";
+/// Metadata key, in weights files: their [`Layout`](super::Layout) (`mp`, `pytorch`, ...).
+pub const KEY_LAYOUT: &str = "mp.layout";
+/// Metadata key, in weights files: the dtype their values are stored in (`float32`, ...).
+pub const KEY_DTYPE: &str = "mp.dtype";
 /// Metadata key: the [`super::checksum`].
 pub const KEY_SHA256: &str = "mp.sha256";
 /// The prefix of optimizer slot tensors' names.

@@ -38,6 +38,21 @@
 //!     the state derived serde (`mp-layers/tests/fixtures/checkpoint-v1.safetensors`) must keep
 //!     loading.
 //!
+//! The state also lists the frozen variables (`frozen`, absent when none is): a resume freezes
+//! exactly those.
+//!
+//! # Weights files in other layouts
+//!
+//! [`save_weights_as`] writes the weights alone in mp's layout or in PyTorch's
+//! ([`Layout::PyTorch`]: `dense_1.weight` as `[out, in]`, convolutions as `[out, in, kh, kw]`,
+//! BatchNormalization's `running_mean`/`running_var`/`num_batches_tracked`, attention as
+//! `q_proj`/`k_proj`/`v_proj`/`out_proj` or packed), as float32, bfloat16 or float16
+//! ([`WeightDtype`]), with `mp.layout`, `mp.dtype` and the hyperparameters the tensors do not
+//! carry (`mp.hparams.<layer>.eps`, ...) in the metadata. Each layer says how its variables
+//! appear there ([`Layer::foreign_tensors`](crate::Layer::foreign_tensors)). [`load_weights`]
+//! reads any of them back; [`load_weights_with`] chooses the layout, a non-strict load
+//! ([`LoadReport`] lists what was skipped) and a renaming of foreign names.
+//!
 //! # Writing and loading
 //!
 //! Every file is written atomically ([`write_atomic`]): to a temporary file in the same
@@ -88,6 +103,7 @@ mod callback;
 mod error;
 mod folder;
 mod format;
+mod layout;
 mod resume;
 pub mod safetensors;
 mod seal;
@@ -99,9 +115,14 @@ pub use self::callback::ModelCheckpoint;
 pub use self::error::{Error, Result};
 pub use self::folder::latest;
 pub use self::format::{
-    FORMAT_VERSION, KEY_KERNEL_PATHS, KEY_KIND, KEY_SHA256, KEY_STATE, KEY_VERSION, SLOT_PREFIX,
+    FORMAT_VERSION, KEY_DTYPE, KEY_KERNEL_PATHS, KEY_KIND, KEY_LAYOUT, KEY_SHA256, KEY_STATE,
+    KEY_VERSION, SLOT_PREFIX,
 };
+pub use self::layout::{ForeignTensor, ForeignTensors, Layout, Part, Transform, WeightDtype};
 pub use self::resume::{Checkpointing, paths_note};
 pub use self::seal::checksum;
-pub use self::weights::{load_weights, load_weights_from_bytes, save_weights, weights_to_bytes};
+pub use self::weights::{
+    LoadOptions, LoadReport, load_weights, load_weights_from_bytes, load_weights_from_bytes_with,
+    load_weights_with, save_weights, save_weights_as, weights_to_bytes, weights_to_bytes_as,
+};
 pub use crate::train::{BestMetric, Mode};

@@ -77,6 +77,7 @@ pub trait Checkpointing {
 impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
     fn checkpoint_bytes(&mut self) -> Result<Vec<u8>> {
         let weights = self.model_mut().get_weights()?;
+        let frozen = self.model_mut().frozen_variables()?;
         // What resume would refuse is not written: every value, and the counts.
         let mut problems = weight_value_problems(&weights, &domains(self.model_mut())?)?;
         let opt = self.optimizer().inner();
@@ -101,7 +102,7 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
         ));
         unsaveable("the checkpoint", problems)?;
         let names = weights.iter().map(|(n, _)| n.clone()).collect();
-        let state = state::to_json(self, names, slots)?;
+        let state = state::to_json(self, names, frozen, slots)?;
         let mut metadata = BTreeMap::new();
         metadata.insert(KEY_KIND.to_string(), KIND_CHECKPOINT.to_string());
         metadata.insert(KEY_STATE.to_string(), state);
@@ -186,6 +187,13 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
         let mut slot_values = vec![];
         let names: Vec<&str> = saved.weights.iter().map(String::as_str).collect();
         let weights = match_weights(&st, &names, &vars, &mut problems)?;
+        for name in &saved.frozen {
+            if !vars.iter().any(|(p, _)| p == name) {
+                problems.push(format!(
+                    "frozen variable {name:?} is not a variable of the model"
+                ));
+            }
+        }
 
         let opt = self.optimizer().inner();
         if saved.optimizer.name != opt.name() {
@@ -302,6 +310,11 @@ impl<M: Model, O: Optimizer, Lo> Checkpointing for Trainer<M, O, Lo> {
             }
             return Err(e);
         }
+        let frozen: BTreeSet<&str> = saved.frozen.iter().map(String::as_str).collect();
+        self.model_mut().visit_variables("", &mut |path, v| {
+            v.set_frozen(frozen.contains(path));
+            Ok(())
+        })?;
         self.set_progress(saved.progress);
         self.best = saved.best;
         if let Some(note) = note {

@@ -14,7 +14,7 @@ use super::format::{FORMAT_VERSION, KEY_KIND, KEY_SHA256, KEY_VERSION};
 use super::format::{KIND_CHECKPOINT, KIND_WEIGHTS};
 
 /// A tensor to write: name, safetensors dtype, shape, little-endian bytes.
-type Entry<'a> = (&'a str, &'a str, &'a [usize], &'a [u8]);
+pub(super) type Entry<'a> = (&'a str, &'a str, &'a [usize], &'a [u8]);
 
 fn digest<'a>(
     metadata: &BTreeMap<String, String>,
@@ -66,7 +66,7 @@ pub fn checksum(st: &SafeTensors<'_>) -> String {
 /// Serializes float32 tensors with mp metadata and its checksum.
 pub(super) fn seal(
     tensors: &[(String, &Tensor<F32>)],
-    mut metadata: BTreeMap<String, String>,
+    metadata: BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
     let mut seen = BTreeSet::new();
     let mut bytes = Vec::with_capacity(tensors.len());
@@ -94,10 +94,19 @@ pub(super) fn seal(
         .zip(&bytes)
         .map(|((name, t), b)| (name.as_str(), "F32", t.shape(), b.as_slice()))
         .collect();
+    seal_entries(&entries, metadata)
+}
+
+/// Serializes tensors of any dtype (`(name, dtype, shape, bytes)`, names unique) with mp
+/// metadata and its checksum.
+pub(super) fn seal_entries(
+    entries: &[Entry<'_>],
+    mut metadata: BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     metadata.insert(KEY_VERSION.into(), FORMAT_VERSION.to_string());
     let sum = digest(&metadata, entries.iter().copied());
     metadata.insert(KEY_SHA256.into(), sum);
-    safetensors::serialize(&entries, &metadata)
+    safetensors::serialize(entries, &metadata)
 }
 
 /// Checks what kind of mp file this is (refusing newer versions) and its checksum.

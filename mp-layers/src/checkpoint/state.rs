@@ -18,11 +18,13 @@ use super::safetensors::SafeTensors;
 use crate::layer::Model;
 use crate::train::{BestMetric, Mode, TrainOptimizer, Trainer, TrainingProgress};
 
-/// `mp.state` for `trainer`, whose weights are the tensors `weights` (in the model's order)
-/// and whose optimizer slots are `slots` (`[variable path, slot name, tensor name]`).
+/// `mp.state` for `trainer`, whose weights are the tensors `weights` (in the model's order),
+/// of which `frozen` are frozen, and whose optimizer slots are `slots` (`[variable path, slot
+/// name, tensor name]`).
 pub(super) fn to_json<M: Model, O: Optimizer, Lo>(
     trainer: &Trainer<M, O, Lo>,
     weights: Vec<String>,
+    frozen: Vec<String>,
     slots: Vec<(String, String, String)>,
 ) -> Result<String> {
     let opt = trainer.optimizer().inner();
@@ -31,6 +33,7 @@ pub(super) fn to_json<M: Model, O: Optimizer, Lo>(
         policy: <M::Policy as PolicyKind>::POLICY.name().to_string(),
         progress: trainer.progress(),
         weights,
+        frozen,
         optimizer: SavedOptimizer {
             name: opt.name().to_string(),
             learning_rate: Decimal(opt.learning_rate()),
@@ -102,6 +105,10 @@ struct State {
     progress: TrainingProgress,
     /// The weight tensors' names, in the model's variable order.
     weights: Vec<String>,
+    /// The frozen variables' paths (fine-tuning); absent when none is frozen, as in checkpoints
+    /// from before freezing existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    frozen: Vec<String>,
     #[serde(deserialize_with = "object")]
     optimizer: SavedOptimizer,
     #[serde(deserialize_with = "nullable_object")]
@@ -184,6 +191,7 @@ struct SavedBest {
 pub(super) struct SavedState {
     pub(super) progress: TrainingProgress,
     pub(super) weights: Vec<String>,
+    pub(super) frozen: Vec<String>,
     pub(super) optimizer: SavedOptimizer,
     pub(super) scaling: Option<ScalingState>,
     pub(super) best: Option<(BestMetric, f32)>,
@@ -218,6 +226,7 @@ impl State {
         Ok(SavedState {
             progress: self.progress,
             weights: self.weights,
+            frozen: self.frozen,
             optimizer: self.optimizer,
             scaling,
             best: self.best.map(|b| {

@@ -7,6 +7,7 @@ use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::activation::Activation as Act;
 use mp_kernels::ops;
 
+use crate::checkpoint::ForeignTensors;
 use crate::error::{Error, Result};
 use crate::layer::{Layer, convert_ref};
 
@@ -293,6 +294,16 @@ impl<P: PolicyKind> Layer for Activation<P> {
         self.saved_p = None;
         Ok(Some(crate::layer::convert::<F32, P::Compute>(dz.clone())?))
     }
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        // No variables; GELU's form is what PyTorch's `approximate` argument needs.
+        match self.kind {
+            ActivationKind::Gelu => out.hyperparameter(prefix, "approximate", "none"),
+            ActivationKind::GeluTanh => out.hyperparameter(prefix, "approximate", "tanh"),
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         _prefix: &str,
@@ -510,6 +521,11 @@ impl<P: PolicyKind> Layer for Flatten<P> {
         shape.extend_from_slice(inp);
         Ok(Some(dy.clone().reshape(&shape)?))
     }
+    fn foreign_tensors(&mut self, _prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        out.set_flattened(self.input_shape.as_deref());
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         _prefix: &str,

@@ -7,6 +7,7 @@ use mp_kernels::ops;
 
 use super::dense::Dense;
 use super::util::name_seed;
+use crate::checkpoint::{ForeignTensors, Part, Transform};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
 
@@ -391,6 +392,63 @@ impl<P: PolicyKind> Layer for MultiHeadAttention<P> {
         }
     }
 
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        out.take_flattened();
+        let projections = [
+            (&self.query, "query/", "q_proj/"),
+            (&self.key, "key/", "k_proj/"),
+            (&self.value, "value/", "v_proj/"),
+        ];
+        if out.layout().packs_attention() {
+            // torch.nn.MultiheadAttention: the three projections stacked along the outputs.
+            let mut weights = vec![];
+            let mut biases = vec![];
+            for (dense, mp, _) in &projections {
+                let (kernel, bias) = dense.variable_shapes();
+                if let Some(k) = kernel {
+                    weights.push(Part {
+                        path: format!("{prefix}{mp}kernel"),
+                        shape: k.to_vec(),
+                        transform: Transform::Transpose,
+                    });
+                }
+                if let Some(b) = bias {
+                    biases.push(Part {
+                        path: format!("{prefix}{mp}bias"),
+                        shape: b.to_vec(),
+                        transform: Transform::Same,
+                    });
+                }
+            }
+            if !weights.is_empty() {
+                out.push_parts(ForeignTensors::name(prefix, "in_proj_weight"), weights);
+            }
+            if !biases.is_empty() {
+                out.push_parts(ForeignTensors::name(prefix, "in_proj_bias"), biases);
+            }
+        } else {
+            for (dense, mp, foreign) in &projections {
+                dense.foreign_as(
+                    &format!("{prefix}{mp}"),
+                    &format!("{prefix}{foreign}"),
+                    None,
+                    out,
+                );
+            }
+        }
+        self.output.foreign_as(
+            &format!("{prefix}attention_output/"),
+            &format!("{prefix}out_proj/"),
+            None,
+            out,
+        );
+        out.hyperparameter(prefix, "num_heads", self.num_heads);
+        if self.causal {
+            out.hyperparameter(prefix, "causal", true);
+        }
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         prefix: &str,
@@ -425,6 +483,13 @@ impl<P: PolicyKind> Layer for MultiHeadAttention<P> {
             + self.key.param_count()
             + self.value.param_count()
             + self.output.param_count()
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        self.query.frozen_param_count()
+            + self.key.frozen_param_count()
+            + self.value.frozen_param_count()
+            + self.output.frozen_param_count()
     }
 
     fn begin_step(&mut self, step: u64) {

@@ -10,6 +10,7 @@ use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops;
 
 use super::util::{KernelCast, glorot_uniform, name_seed};
+use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
 use crate::layer::{Layer, convert_ref};
 
@@ -334,11 +335,38 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
             });
         };
         // d kernel += patchesᵀ · dz, accumulated in float32 straight into the gradient.
-        ops::conv2d_backward_kernel(&x, dz, &g, kernel.grad_mut())?;
-        if let Some(bias) = self.bias.as_mut() {
+        // A frozen variable gets no gradient: no weight-gradient GEMM at all.
+        if !kernel.frozen() {
+            ops::conv2d_backward_kernel(&x, dz, &g, kernel.grad_mut())?;
+        }
+        if let Some(bias) = self.bias.as_mut().filter(|b| !b.frozen()) {
             ops::bias_grad_accumulate(dz, bias.grad_mut())?;
         }
         Ok(dx)
+    }
+
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        out.take_flattened();
+        if let Some(k) = &self.kernel {
+            out.push(
+                ForeignTensors::name(prefix, "weight"),
+                format!("{prefix}kernel"),
+                k.shape(),
+                Transform::ConvOihw,
+            );
+        }
+        if let Some(b) = &self.bias {
+            out.push(
+                ForeignTensors::name(prefix, "bias"),
+                format!("{prefix}bias"),
+                b.shape(),
+                Transform::Same,
+            );
+        }
+        if self.relu {
+            out.hyperparameter(prefix, "activation", "relu");
+        }
+        Ok(())
     }
 
     fn visit_variables(
@@ -363,5 +391,9 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
     fn param_count(&self) -> usize {
         self.kernel.as_ref().map_or(0, |k| k.value().len())
             + self.bias.as_ref().map_or(0, |b| b.value().len())
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.kernel.as_ref(), self.bias.as_ref()])
     }
 }

@@ -9,6 +9,7 @@ use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops::{self, Mat};
 
 use super::util::{KernelCast, check_features, glorot_uniform, name_seed};
+use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
 use crate::layer::{Layer, convert_ref};
 
@@ -50,6 +51,53 @@ pub struct Dense<P: PolicyKind> {
     saved_x: Option<Tensor<P::Compute>>,
     saved_y: Option<Tensor<P::Compute>>,
     _policy: PhantomData<P>,
+}
+
+impl<P: PolicyKind> Dense<P> {
+    /// The kernel's and bias's foreign tensors: `weight` (`[out, in]`, its inputs in
+    /// channels-first order after a `Flatten` of `flattened` images) and `bias`, under
+    /// `foreign_prefix`; `prefix` is the layer's mp prefix.
+    pub(crate) fn foreign_as(
+        &self,
+        prefix: &str,
+        foreign_prefix: &str,
+        flattened: Option<[usize; 3]>,
+        out: &mut ForeignTensors,
+    ) {
+        if let Some(k) = &self.kernel {
+            let transform = match flattened {
+                Some([h, w, c]) if h * w * c == k.shape()[0] && h * w > 1 => {
+                    Transform::FlattenedTranspose { h, w, c }
+                }
+                _ => Transform::Transpose,
+            };
+            out.push(
+                ForeignTensors::name(foreign_prefix, "weight"),
+                format!("{prefix}kernel"),
+                k.shape(),
+                transform,
+            );
+        }
+        if let Some(b) = &self.bias {
+            out.push(
+                ForeignTensors::name(foreign_prefix, "bias"),
+                format!("{prefix}bias"),
+                b.shape(),
+                Transform::Same,
+            );
+        }
+        if self.relu {
+            out.hyperparameter(foreign_prefix, "activation", "relu");
+        }
+    }
+
+    /// The kernel's and bias's shapes, once built.
+    pub(crate) fn variable_shapes(&self) -> (Option<&[usize]>, Option<&[usize]>) {
+        (
+            self.kernel.as_ref().map(Variable::shape),
+            self.bias.as_ref().map(Variable::shape),
+        )
+    }
 }
 
 impl<P: PolicyKind> std::fmt::Debug for Dense<P> {
@@ -293,16 +341,25 @@ impl<P: PolicyKind> Layer for Dense<P> {
                 layer: self.name.clone(),
             });
         };
-        ops::gemm(
-            Mat::of(&x).t(),
-            Mat::of(dz),
-            kernel.grad_mut(),
-            Gemm::new().accumulate(),
-        )?;
-        if let Some(bias) = self.bias.as_mut() {
+        // A frozen variable gets no gradient: no weight-gradient GEMM at all.
+        if !kernel.frozen() {
+            ops::gemm(
+                Mat::of(&x).t(),
+                Mat::of(dz),
+                kernel.grad_mut(),
+                Gemm::new().accumulate(),
+            )?;
+        }
+        if let Some(bias) = self.bias.as_mut().filter(|b| !b.frozen()) {
             ops::bias_grad_accumulate(dz, bias.grad_mut())?;
         }
         Ok(dx)
+    }
+
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        let flattened = out.take_flattened();
+        self.foreign_as(prefix, prefix, flattened, out);
+        Ok(())
     }
 
     fn visit_variables(
@@ -327,5 +384,9 @@ impl<P: PolicyKind> Layer for Dense<P> {
     fn param_count(&self) -> usize {
         self.kernel.as_ref().map_or(0, |k| k.value().len())
             + self.bias.as_ref().map_or(0, |b| b.value().len())
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.kernel.as_ref(), self.bias.as_ref()])
     }
 }

@@ -7,8 +7,28 @@ use std::marker::PhantomData;
 use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::ops::{self, Norm};
 
+use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
+
+/// `gamma`/`beta` (and BatchNormalization's moving statistics) under PyTorch's names.
+fn foreign_norm(
+    prefix: &str,
+    out: &mut ForeignTensors,
+    variables: [(Option<&Variable>, &str, &str); 4],
+) {
+    out.take_flattened();
+    for (v, mp, foreign) in variables {
+        if let Some(v) = v {
+            out.push(
+                ForeignTensors::name(prefix, foreign),
+                format!("{prefix}{mp}"),
+                v.shape(),
+                Transform::Same,
+            );
+        }
+    }
+}
 
 /// What both normalisation layers check at `build`: a finite positive epsilon, a non-empty last
 /// axis (returned: the features), and, when already built (`built`), the same shape (then
@@ -100,10 +120,14 @@ pub struct BatchNormalization<P: PolicyKind> {
 /// What backward needs of a training forward: the input, the batch mean and variance, and
 /// whether a ReLU was fused into the output ([`Layer::forward_train_fused`]).
 struct Saved<P: PolicyKind> {
+    /// The input; for a frozen layer with a fused ReLU, the output (its mask is what backward
+    /// needs).
     x: Tensor<P::Compute>,
     mean: Tensor<F32>,
     var: Tensor<F32>,
     relu: bool,
+    /// Normalised with the moving statistics (a frozen layer): backward is a per-channel scale.
+    frozen: bool,
 }
 
 impl<P: PolicyKind> std::fmt::Debug for BatchNormalization<P> {
@@ -181,8 +205,34 @@ impl<P: PolicyKind> BatchNormalization<P> {
     }
 
     /// The training forward, followed by ReLU in the same pass when `relu`.
+    /// Whether the layer is frozen (its `gamma` is): it then normalises with its moving
+    /// statistics in training too, and leaves them as they are.
+    fn frozen(&self) -> bool {
+        self.gamma.as_ref().is_some_and(Variable::frozen)
+    }
+
     fn train_forward(&mut self, x: &Tensor<P::Compute>, relu: bool) -> Result<Tensor<P::Compute>> {
         self.check_input(x)?;
+        if self.frozen() {
+            let (Some(mean), Some(var)) = (&self.moving_mean, &self.moving_variance) else {
+                return Err(self.not_built());
+            };
+            let (mean, var) = (mean.value().clone(), var.value().clone());
+            let params = self.params(&mean, &var)?;
+            let y = if relu {
+                ops::normalize_relu(x, params)?
+            } else {
+                ops::normalize(x, params)?
+            };
+            self.saved = Some(Saved {
+                x: if relu { y.clone() } else { x.clone() },
+                mean,
+                var,
+                relu,
+                frozen: true,
+            });
+            return Ok(y);
+        }
         let (mean, var) = ops::moments(x)?;
         let params = self.params(&mean, &var)?;
         let y = if relu {
@@ -196,6 +246,7 @@ impl<P: PolicyKind> BatchNormalization<P> {
             mean,
             var,
             relu,
+            frozen: false,
         });
         Ok(y)
     }
@@ -292,17 +343,47 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
         dy: &Tensor<P::Compute>,
         _need_dx: bool,
     ) -> Result<Option<Tensor<P::Compute>>> {
-        let Saved { x, mean, var, relu } =
-            self.saved.take().ok_or_else(|| Error::InvalidState {
-                layer: self.name.clone(),
-                what: "backward called without a preceding forward_train".into(),
-            })?;
+        let Saved {
+            x,
+            mean,
+            var,
+            relu,
+            frozen,
+        } = self.saved.take().ok_or_else(|| Error::InvalidState {
+            layer: self.name.clone(),
+            what: "backward called without a preceding forward_train".into(),
+        })?;
         if dy.shape() != x.shape() {
             return Err(Error::ShapeMismatch {
                 layer: self.name.clone(),
                 expected: format!("a gradient of shape {:?}", x.shape()),
                 got: dy.shape().to_vec(),
             });
+        }
+        if frozen {
+            // y = gamma (x - mean) / sqrt(var + epsilon) + beta with constant statistics:
+            // dx = dy gamma / sqrt(var + epsilon), which is `normalize` of dy with a zero mean
+            // and a zero beta (in float32, rounded once to the compute dtype).
+            let masked;
+            let dz = if relu {
+                masked =
+                    ops::activation_backward(mp_kernels::activation::Activation::Relu, dy, &x)?;
+                &masked
+            } else {
+                dy
+            };
+            let Some(gamma) = &self.gamma else {
+                return Err(self.not_built());
+            };
+            let zeros = Tensor::<F32>::zeros_on(mean.shape(), mean.device())?;
+            let params = Norm {
+                mean: &zeros,
+                var: &var,
+                gamma: gamma.value(),
+                beta: &zeros,
+                epsilon: self.epsilon,
+            };
+            return Ok(Some(ops::normalize(dz, params)?));
         }
         let (Some(gamma), Some(beta)) = (self.gamma.as_mut(), self.beta.as_mut()) else {
             return Err(Error::NotBuilt {
@@ -348,6 +429,29 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
         Ok(())
     }
 
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        foreign_norm(
+            prefix,
+            out,
+            [
+                (self.gamma.as_ref(), "gamma", "weight"),
+                (self.beta.as_ref(), "beta", "bias"),
+                (self.moving_mean.as_ref(), "moving_mean", "running_mean"),
+                (
+                    self.moving_variance.as_ref(),
+                    "moving_variance",
+                    "running_var",
+                ),
+            ],
+        );
+        if self.moving_mean.is_some() {
+            out.push_batches_tracked(ForeignTensors::name(prefix, "num_batches_tracked"));
+        }
+        out.hyperparameter(prefix, "eps", self.epsilon);
+        out.hyperparameter(prefix, "momentum", 1.0 - self.momentum);
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         prefix: &str,
@@ -378,6 +482,10 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
 
     fn non_trainable_param_count(&self) -> usize {
         self.channels().map_or(0, |c| 2 * c)
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.gamma.as_ref(), self.beta.as_ref()])
     }
 }
 
@@ -549,6 +657,21 @@ impl<P: PolicyKind> Layer for LayerNormalization<P> {
         Ok(Some(dx))
     }
 
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        foreign_norm(
+            prefix,
+            out,
+            [
+                (self.gamma.as_ref(), "gamma", "weight"),
+                (self.beta.as_ref(), "beta", "bias"),
+                (None, "", ""),
+                (None, "", ""),
+            ],
+        );
+        out.hyperparameter(prefix, "eps", self.epsilon);
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         prefix: &str,
@@ -570,5 +693,9 @@ impl<P: PolicyKind> Layer for LayerNormalization<P> {
 
     fn param_count(&self) -> usize {
         self.gamma.as_ref().map_or(0, |g| 2 * g.value().len())
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.gamma.as_ref(), self.beta.as_ref()])
     }
 }

@@ -14,6 +14,7 @@ use mp_kernels::sequence::Pool;
 use ndarray::ArrayViewD;
 
 use super::util::{glorot_uniform, name_seed, uniform};
+use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
 
@@ -241,6 +242,19 @@ impl<P: PolicyKind> Layer for Embedding<P> {
         Ok(None)
     }
 
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        out.take_flattened();
+        if let Some(e) = &self.embeddings {
+            out.push(
+                ForeignTensors::name(prefix, "weight"),
+                format!("{prefix}embeddings"),
+                e.shape(),
+                Transform::Same,
+            );
+        }
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         prefix: &str,
@@ -258,6 +272,10 @@ impl<P: PolicyKind> Layer for Embedding<P> {
 
     fn param_count(&self) -> usize {
         self.embeddings.as_ref().map_or(0, |e| e.value().len())
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.embeddings.as_ref()])
     }
 }
 
@@ -401,6 +419,21 @@ impl<P: PolicyKind> Layer for PositionEmbedding<P> {
         Ok(Some(dy.clone()))
     }
 
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        out.take_flattened();
+        if let Some(e) = &self.embeddings {
+            let mut to = vec![1];
+            to.extend_from_slice(e.shape());
+            out.push_reshaped(
+                ForeignTensors::name(prefix, "position_embeddings"),
+                format!("{prefix}embeddings"),
+                e.shape(),
+                to,
+            );
+        }
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         prefix: &str,
@@ -418,6 +451,10 @@ impl<P: PolicyKind> Layer for PositionEmbedding<P> {
 
     fn param_count(&self) -> usize {
         self.embeddings.as_ref().map_or(0, |e| e.value().len())
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.embeddings.as_ref()])
     }
 }
 
@@ -528,6 +565,21 @@ impl<P: PolicyKind> Layer for ClassToken<P> {
         Ok(Some(dx))
     }
 
+    fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
+        out.take_flattened();
+        if let Some(t) = &self.token {
+            let mut to = vec![1, 1];
+            to.extend_from_slice(t.shape());
+            out.push_reshaped(
+                ForeignTensors::name(prefix, "cls_token"),
+                format!("{prefix}token"),
+                t.shape(),
+                to,
+            );
+        }
+        Ok(())
+    }
+
     fn visit_variables(
         &mut self,
         prefix: &str,
@@ -545,6 +597,10 @@ impl<P: PolicyKind> Layer for ClassToken<P> {
 
     fn param_count(&self) -> usize {
         self.token.as_ref().map_or(0, |t| t.value().len())
+    }
+
+    fn frozen_param_count(&self) -> usize {
+        super::util::frozen_len(&[self.token.as_ref()])
     }
 }
 

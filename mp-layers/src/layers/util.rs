@@ -101,3 +101,12 @@ impl<D: DTypeKind> KernelCast<D> {
         })
     }
 }
+
+/// Values in the frozen variables among `vars`.
+pub(crate) fn frozen_len(vars: &[Option<&mp_core::Variable>]) -> usize {
+    vars.iter()
+        .flatten()
+        .filter(|v| v.frozen())
+        .map(|v| v.value().len())
+        .sum()
+}

@@ -7,7 +7,7 @@ use mp_optim::{LossScaleOptimizer, Optimizer, VariableSet};
 use crate::error::Error;
 use crate::layer::Layer;
 
-/// A model's variables as an optimizer sees them: the trainable ones.
+/// A model's variables as an optimizer sees them: the trainable ones that are not frozen.
 #[derive(Debug)]
 pub struct ModelVars<'a, M: Layer>(pub &'a mut M);
 
@@ -19,7 +19,7 @@ impl<M: Layer> VariableSet for ModelVars<'_, M> {
         // The optimizer's own error travels through the model's visit as itself and comes out
         // unchanged; a model's error is kept whole as the source.
         match self.0.visit_variables("", &mut |name, v| {
-            if v.trainable() {
+            if v.updated() {
                 f(name, v).map_err(Error::Optim)
             } else {
                 Ok(())

@@ -292,14 +292,14 @@ impl Replicas {
         let b = &mut self.buckets;
         b.clear();
         model.visit_variables("", &mut |_, v| {
-            if v.trainable() {
+            if v.updated() {
                 b.push(v.grad_mut(), share)?;
             }
             Ok(())
         })?;
         b.all_reduce(&*self.comm)?;
         model.visit_variables("", &mut |_, v| {
-            if v.trainable() {
+            if v.updated() {
                 b.pop(v.grad_mut(), 1.0)?;
             }
             Ok(())
@@ -333,14 +333,14 @@ impl Replicas {
         let b = &mut self.buckets;
         b.clear();
         model.visit_variables("", &mut |_, v| {
-            if !v.trainable() {
+            if !v.trainable() && !v.frozen() {
                 b.push(v.value(), 1.0)?;
             }
             Ok(())
         })?;
         b.all_reduce(&*self.comm)?;
         model.visit_variables("", &mut |_, v| {
-            if !v.trainable() {
+            if !v.trainable() && !v.frozen() {
                 b.pop(v.value_mut(), inv)?;
             }
             Ok(())
