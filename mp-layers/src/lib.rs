@@ -43,16 +43,9 @@ pub use layers::sequence::{ClassToken, Embedding, PositionEmbedding, SequencePoo
 pub use mp_kernels::conv::Padding;
 pub use mp_macros::model;
 
-/// The columns of a [`StepLogger`]'s log, in order: the CSV header, the JSON Lines keys.
-pub fn train_step_log_columns() -> Vec<String> {
-    train::STEP_LOG_COLUMNS
-        .iter()
-        .map(|c| c.to_string())
-        .collect()
-}
 pub use train::{
     BestMetric, BinaryCrossentropy, Callback, CategoricalCrossentropy, EarlyStopping, EpochLogs,
     FitOptions, History, LogFormat, Loss, LossInfo, Mean, MeanSquaredError, Metric, MicroBatch,
-    ModelVars, Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy, StepLogger,
-    StepReport, StepResult, TrainOptimizer, Trainer, TrainingProgress, Verbose,
+    ModelVars, STEP_LOG_COLUMNS, Scores, SparseCategoricalAccuracy, SparseCategoricalCrossentropy,
+    StepLogger, StepReport, StepResult, TrainOptimizer, Trainer, TrainingProgress, Verbose,
 };

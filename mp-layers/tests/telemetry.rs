@@ -79,7 +79,7 @@ fn read_csv(path: &std::path::Path) -> Vec<std::collections::HashMap<String, Str
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
     let header = cells(lines.next().unwrap());
-    assert_eq!(header, mp_layers::train_step_log_columns());
+    assert_eq!(header, mp_layers::STEP_LOG_COLUMNS);
     lines
         .map(|l| {
             let c = cells(l);
@@ -269,7 +269,7 @@ fn a_log_that_cannot_be_resumed_is_named_and_left_as_it_was() {
     let path = dir.path().join("steps.csv");
     let junk = format!(
         "{}\n1,0,1,0.5\nseven,0,2\n",
-        mp_layers::train_step_log_columns().join(",")
+        mp_layers::STEP_LOG_COLUMNS.join(",")
     );
     std::fs::write(&path, &junk).unwrap();
     let mut t = trainer::<Float32>().with_callback(StepLogger::csv(&path));

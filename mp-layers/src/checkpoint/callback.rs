@@ -124,6 +124,10 @@ impl ModelCheckpoint {
 }
 
 impl<M: Model, O: Optimizer, Lo> Callback<M, O, Lo> for ModelCheckpoint {
+    fn uses_batch_end(&self) -> bool {
+        false
+    }
+
     /// Checks the metric exists (and, for a validation metric, that there is validation data).
     fn on_train_begin(
         &mut self,

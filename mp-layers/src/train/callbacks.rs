@@ -36,6 +36,14 @@ pub trait Callback<M: Model, O: Optimizer, Lo = SparseCategoricalCrossentropy>: 
         Ok(())
     }
 
+    /// Whether [`Callback::on_batch_end`] does anything (the default: yes). `fit` builds the
+    /// step report, calls `on_batch_end` and, under data parallelism, agrees on its outcome
+    /// across the ranks (one collective per step) only when some callback says yes: a callback
+    /// that keeps the default no-op `on_batch_end` says no, and costs nothing per step.
+    fn uses_batch_end(&self) -> bool {
+        true
+    }
+
     /// Whether this callback wants [`StepReport::gradient_norm`]: `fit` then computes the
     /// global gradient norm at every step (one more read of the gradients).
     fn wants_gradient_norm(&self) -> bool {
@@ -60,6 +68,10 @@ where
     O: Optimizer,
     F: FnMut(&EpochLogs, &TrainingProgress) -> Result<()> + Send,
 {
+    fn uses_batch_end(&self) -> bool {
+        false
+    }
+
     fn on_epoch_end(&mut self, trainer: &mut Trainer<M, O, Lo>, logs: &EpochLogs) -> Result<()> {
         self(logs, &trainer.progress())
     }

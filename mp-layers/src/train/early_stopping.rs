@@ -93,6 +93,10 @@ impl EarlyStopping {
 }
 
 impl<M: Model, O: Optimizer, Lo> Callback<M, O, Lo> for EarlyStopping {
+    fn uses_batch_end(&self) -> bool {
+        false
+    }
+
     /// Checks the metric and forgets any earlier run.
     fn on_train_begin(
         &mut self,

@@ -722,7 +722,9 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     /// Training continues from [`Trainer::progress`]: after [`Checkpointing::resume`](crate::Checkpointing::resume) it runs
     /// `options.epochs` more epochs from the restored one, with the restored shuffling state, so
     /// the result is bit-for-bit that of an uninterrupted run. The [callbacks](Callback) run
-    /// when training starts and at the end of every epoch, in the order they were added.
+    /// when training starts, after every optimizer update ([`Callback::on_batch_end`], with the
+    /// step's [`StepReport`], for callbacks that [use it](Callback::uses_batch_end)), at the end
+    /// of every epoch and when training ends, in the order they were added.
     ///
     /// # Errors
     /// Data and targets that do not fit each other, the model or the loss (named, before the
@@ -871,6 +873,8 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
     {
         let metrics = self.metrics.clone();
         self.warn_tensor_core_shapes(options.batch_size);
+        // The per-step report, and its agreement across ranks, only for callbacks that use it.
+        let per_step = callbacks.iter().any(|cb| cb.uses_batch_end());
         let mut history = History::default();
         let first_epoch = self.progress.epoch;
         if self.progress.epoch == 0 && self.progress.step == 0 {
@@ -929,7 +933,7 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
                 skipped += u64::from(!result.applied);
                 done += window.len();
                 reporter.step(done, loss_mean.result(), &scores.results(), started);
-                if !callbacks.is_empty() {
+                if per_step {
                     let report = StepReport {
                         step: self.progress.step,
                         epoch,
@@ -1091,10 +1095,11 @@ impl<M: Model, O: Optimizer, Lo> Trainer<M, O, Lo> {
         h.push("policy", <M::Policy as PolicyKind>::POLICY);
         h.push("model", self.model.model_name());
         self.model.visit_variables("", &mut |name, v| {
-            let kind = if v.trainable() {
-                ""
-            } else {
-                " (not trainable)"
+            let kind = match (v.trainable(), v.frozen()) {
+                (true, false) => "",
+                (true, true) => " (frozen)",
+                (false, false) => " (not trainable)",
+                (false, true) => " (not trainable, frozen)",
             };
             h.push(
                 format!("variable {name}"),
