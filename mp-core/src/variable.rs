@@ -93,6 +93,15 @@ pub struct Variable {
     trainable: bool,
     frozen: bool,
     domain: Domain,
+    /// See [`Variable::version`].
+    version: u64,
+}
+
+/// The source of [`Variable::version`]s: unique in the process.
+static VERSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_version() -> u64 {
+    VERSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Variable {
@@ -106,6 +115,7 @@ impl Variable {
             trainable: true,
             frozen: false,
             domain: Domain::Finite,
+            version: next_version(),
         })
     }
 
@@ -180,7 +190,16 @@ impl Variable {
     /// The value, to update in place: what kernels write every step, unchecked. To set a value
     /// from outside, use [`Variable::assign`] or [`Variable::set_value`], which check it.
     pub fn value_mut(&mut self) -> &mut Tensor<F32> {
+        self.version = next_version();
         &mut self.value
+    }
+
+    /// A number that changes whenever the value may have changed (every mutable access to it,
+    /// every assignment, a move to another device) and is unique in the process: what a cache
+    /// of the value in another form (a layer's 16-bit copy of its kernel for inference) is
+    /// keyed by.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// The gradient.
@@ -195,6 +214,7 @@ impl Variable {
 
     /// The value and the gradient at once (what an optimizer update needs).
     pub fn value_and_grad_mut(&mut self) -> (&mut Tensor<F32>, &mut Tensor<F32>) {
+        self.version = next_version();
         (&mut self.value, &mut self.grad)
     }
 
@@ -205,6 +225,7 @@ impl Variable {
             let grad = self.grad.to_device(device)?;
             self.value = value;
             self.grad = grad;
+            self.version = next_version();
         }
         Ok(())
     }
@@ -222,6 +243,7 @@ impl Variable {
     /// length mismatch; the variable is left unchanged.
     pub fn assign(&mut self, value: &[f32]) -> Result<()> {
         self.check_values("assign", value)?;
+        self.version = next_version();
         self.value.copy_from_slice(value)
     }
 
@@ -233,6 +255,7 @@ impl Variable {
     pub fn set_value(&mut self, value: &Tensor<F32>) -> Result<()> {
         self.check_value("set_value", value)?;
         self.value = value.to_device(self.value.device())?;
+        self.version = next_version();
         Ok(())
     }
 

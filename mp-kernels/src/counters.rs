@@ -19,6 +19,19 @@ pub(crate) fn record_gemm(dtype: DType) {
     GEMM_CALLS[slot(dtype)].fetch_add(1, Ordering::Relaxed);
 }
 
+static CASTS: AtomicU64 = AtomicU64::new(0);
+
+/// Records one cast between dtypes.
+pub(crate) fn record_cast() {
+    CASTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many casts between dtypes (`ops::cast`, `ops::cast_into`) this process has run
+/// (monotonic; compare before/after).
+pub fn casts() -> u64 {
+    CASTS.load(Ordering::Relaxed)
+}
+
 /// How many GEMMs with inputs of `dtype` this process has run (monotonic; compare before/after).
 pub fn gemm_calls(dtype: DType) -> u64 {
     GEMM_CALLS[slot(dtype)].load(Ordering::Relaxed)

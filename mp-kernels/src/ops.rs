@@ -290,6 +290,7 @@ pub fn gemm<T: DTypeKind, O: DTypeKind>(
 /// [`Error::ShapeMismatch`] for another shape; `WrongDevice`.
 pub fn cast_into<S: DTypeKind, D: DTypeKind>(x: &Tensor<S>, out: &mut Tensor<D>) -> Result<()> {
     let _span = profile::span(OpClass::Cast).bytes(nb(x) + nb(out));
+    crate::counters::record_cast();
     const OP: &str = "cast";
     same_shape(OP, "out", x.shape(), out.shape())?;
     match device(OP, &[x.device(), out.device()])? {

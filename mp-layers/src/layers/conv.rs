@@ -9,10 +9,10 @@ use mp_kernels::conv::{Geometry, Padding, Window};
 use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops;
 
-use super::util::{KernelCast, glorot_uniform, name_seed};
+use super::util::{InferenceCast, KernelCast, glorot_uniform, name_seed};
 use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
-use crate::layer::{Layer, convert_ref};
+use crate::layer::Layer;
 
 /// A 2-D convolution, like Keras's `Conv2D` (`data_format="channels_last"`).
 ///
@@ -56,6 +56,8 @@ pub struct Conv2D<P: PolicyKind> {
     bias: Option<Variable>,
     /// The kernel cast to the compute dtype by the last `forward_train` (16-bit policies).
     kernel_cast: KernelCast<P::Compute>,
+    /// The kernel cast to the compute dtype for `forward`, kept while the kernel is unchanged.
+    inference_cast: InferenceCast<P::Compute>,
     saved_x: Option<Tensor<P::Compute>>,
     saved_y: Option<Tensor<P::Compute>>,
     _policy: PhantomData<P>,
@@ -90,6 +92,7 @@ impl<P: PolicyKind> Conv2D<P> {
             kernel: None,
             bias: None,
             kernel_cast: KernelCast::new(),
+            inference_cast: InferenceCast::new(),
             saved_x: None,
             saved_y: None,
             _policy: PhantomData,
@@ -280,7 +283,7 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
 
     fn forward(&self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
         let kernel = self.kernel.as_ref().ok_or_else(|| self.not_built())?;
-        let k = convert_ref::<F32, P::Compute>(kernel.value())?;
+        let k = self.inference_cast.get(kernel)?;
         self.compute(x, &k)
     }
 

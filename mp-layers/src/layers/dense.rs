@@ -8,10 +8,10 @@ use mp_kernels::activation::Activation;
 use mp_kernels::gemm::{Epilogue, Gemm};
 use mp_kernels::ops::{self, Mat};
 
-use super::util::{KernelCast, check_features, glorot_uniform, name_seed};
+use super::util::{InferenceCast, KernelCast, check_features, glorot_uniform, name_seed};
 use crate::checkpoint::{ForeignTensors, Transform};
 use crate::error::{Error, Result};
-use crate::layer::{Layer, convert_ref};
+use crate::layer::Layer;
 
 /// A densely connected layer, like Keras's `Dense`.
 ///
@@ -48,6 +48,8 @@ pub struct Dense<P: PolicyKind> {
     bias: Option<Variable>,
     /// The kernel cast to the compute dtype by the last `forward_train` (16-bit policies).
     kernel_cast: KernelCast<P::Compute>,
+    /// The kernel cast to the compute dtype for `forward`, kept while the kernel is unchanged.
+    inference_cast: InferenceCast<P::Compute>,
     saved_x: Option<Tensor<P::Compute>>,
     saved_y: Option<Tensor<P::Compute>>,
     _policy: PhantomData<P>,
@@ -126,6 +128,7 @@ impl<P: PolicyKind> Dense<P> {
             kernel: None,
             bias: None,
             kernel_cast: KernelCast::new(),
+            inference_cast: InferenceCast::new(),
             saved_x: None,
             saved_y: None,
             _policy: PhantomData,
@@ -279,7 +282,7 @@ impl<P: PolicyKind> Layer for Dense<P> {
 
     fn forward(&self, x: &Tensor<P::Compute>) -> Result<Tensor<P::Compute>> {
         let (_, kernel) = self.built()?;
-        let k = convert_ref::<F32, P::Compute>(kernel.value())?;
+        let k = self.inference_cast.get(kernel)?;
         self.compute(x, &k)
     }
 

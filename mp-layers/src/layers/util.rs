@@ -110,3 +110,39 @@ pub(crate) fn frozen_len(vars: &[Option<&mp_core::Variable>]) -> usize {
         .map(|v| v.value().len())
         .sum()
 }
+
+/// A layer's kernel in its compute dtype for inference (`forward`, which `predict` and
+/// `evaluate` run), kept between calls and cast again only when the variable's
+/// [version](Variable::version) says its value may have changed (a step, `set_weights`, a load,
+/// a resume). Under float32 it is the variable itself.
+pub(crate) struct InferenceCast<D: DTypeKind> {
+    cached: std::sync::Mutex<Option<(u64, Tensor<D>)>>,
+}
+
+impl<D: DTypeKind> InferenceCast<D> {
+    pub(crate) fn new() -> Self {
+        InferenceCast {
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `kernel` in `D` (an O(1) shared copy).
+    pub(crate) fn get(&self, kernel: &Variable) -> Result<Tensor<D>> {
+        if let Some(k) = same_dtype::<F32, D>(kernel.value()) {
+            return Ok(k.clone());
+        }
+        let mut slot = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((version, cast)) = slot.as_ref()
+            && *version == kernel.version()
+            && cast.device() == kernel.value().device()
+        {
+            return Ok(cast.clone());
+        }
+        let cast: Tensor<D> = ops::cast(kernel.value())?;
+        *slot = Some((kernel.version(), cast.clone()));
+        Ok(cast)
+    }
+}
