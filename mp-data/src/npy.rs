@@ -34,26 +34,95 @@ use ndarray_npy::{NpzReader, ReadNpyError, ReadNpyExt, ReadNpzError, ReadableEle
 
 use crate::error::{Error, Result};
 
-/// An element type an array may be stored in, and its float64 value (exact for every integer
-/// up to 2^53, and for float32).
-trait Numeric: ReadableElement + Copy {
-    fn to_f64(self) -> f64;
+/// An element type an array may be stored in, converted straight to what is asked of it
+/// (no wider intermediate array).
+trait Numeric: ReadableElement + Copy + std::fmt::Display {
+    /// As float32 (rounded to nearest for the wider types).
+    fn to_f32(self) -> f32;
+    /// As a class id when it is a whole number from 0 to `u32::MAX`.
+    fn to_class(self) -> Option<u32>;
 }
 
-macro_rules! numeric {
+macro_rules! integers {
     ($($t:ty),*) => {$(
         impl Numeric for $t {
-            fn to_f64(self) -> f64 {
-                self as f64
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+            fn to_class(self) -> Option<u32> {
+                u32::try_from(self).ok()
             }
         }
     )*};
 }
-numeric!(f32, f64, u8, i8, u16, i16, u32, i32, u64, i64);
+integers!(u8, i8, u16, i16, u32, i32, u64, i64);
+
+macro_rules! floats {
+    ($($t:ty),*) => {$(
+        impl Numeric for $t {
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+            fn to_class(self) -> Option<u32> {
+                let v = f64::from(self);
+                (v >= 0.0 && v <= f64::from(u32::MAX) && v.fract() == 0.0).then_some(v as u32)
+            }
+        }
+    )*};
+}
+floats!(f32, f64);
 
 impl Numeric for bool {
-    fn to_f64(self) -> f64 {
-        f64::from(u8::from(self))
+    fn to_f32(self) -> f32 {
+        f32::from(u8::from(self))
+    }
+    fn to_class(self) -> Option<u32> {
+        Some(u32::from(self))
+    }
+}
+
+/// What is made of the array, whatever its dtype: float32 features or class ids.
+trait Visit {
+    type Out;
+    fn visit<T: Numeric>(&self, a: ArrayD<T>) -> std::result::Result<Self::Out, String>;
+}
+
+struct Features;
+
+impl Visit for Features {
+    type Out = ArrayD<f32>;
+    fn visit<T: Numeric>(&self, a: ArrayD<T>) -> std::result::Result<ArrayD<f32>, String> {
+        Ok(a.mapv(T::to_f32))
+    }
+}
+
+/// Class ids: one per sample, each a whole number from 0 to `u32::MAX`.
+struct Labels;
+
+impl Visit for Labels {
+    type Out = Array1<u32>;
+    fn visit<T: Numeric>(&self, a: ArrayD<T>) -> std::result::Result<Array1<u32>, String> {
+        let shape = a.shape().to_vec();
+        let n = match shape.as_slice() {
+            [n] | [n, 1] => *n,
+            _ => {
+                return Err(format!(
+                    "labels must be 1-D (or one column), not of shape {shape:?}"
+                ));
+            }
+        };
+        let mut out = Vec::with_capacity(n);
+        for (i, &v) in a.iter().enumerate() {
+            match v.to_class() {
+                Some(id) => out.push(id),
+                None => {
+                    return Err(format!(
+                        "label {i} is {v}: a class id must be a whole number from 0"
+                    ));
+                }
+            }
+        }
+        Ok(Array1::from(out))
     }
 }
 
@@ -64,7 +133,7 @@ enum Source<'a> {
 }
 
 /// One attempt at reading the source as `T`: `Ok(None)` when its dtype is not `T`.
-fn try_read<T: Numeric>(src: &Source<'_>) -> std::result::Result<Option<ArrayD<f64>>, String> {
+fn try_read<T: Numeric>(src: &Source<'_>) -> std::result::Result<Option<ArrayD<T>>, String> {
     let wrong = |e: &ReadNpyError| matches!(e, ReadNpyError::WrongDescriptor(_));
     let read = match src {
         Source::Npy(bytes) => ArrayD::<T>::read_npy(Cursor::new(*bytes))
@@ -86,22 +155,69 @@ fn try_read<T: Numeric>(src: &Source<'_>) -> std::result::Result<Option<ArrayD<f
         }
     };
     match read {
-        Ok(a) => Ok(Some(a.mapv(T::to_f64))),
+        Ok(a) => Ok(Some(a)),
         Err(None) => Ok(None),
         Err(Some(what)) => Err(what),
     }
 }
 
-/// The array as float64, trying every supported dtype.
-fn read_any(src: &Source<'_>) -> std::result::Result<ArrayD<f64>, String> {
+/// The type code of a `.npy` file's `descr` (`f4` for `'<f4'`), read from its header without
+/// parsing the data, so the right element type is tried first; `None` when the header is not
+/// one (the full parse then names the problem).
+fn descr(bytes: &[u8]) -> Option<&str> {
+    let rest = bytes.strip_prefix(b"\x93NUMPY")?;
+    let (len, text_at): (usize, usize) = match rest.first()? {
+        1 => (
+            usize::from(u16::from_le_bytes([*rest.get(2)?, *rest.get(3)?])),
+            4,
+        ),
+        _ => (
+            u32::from_le_bytes([*rest.get(2)?, *rest.get(3)?, *rest.get(4)?, *rest.get(5)?])
+                as usize,
+            6,
+        ),
+    };
+    let header = std::str::from_utf8(rest.get(text_at..text_at.checked_add(len)?)?).ok()?;
+    let after = &header[header.find("'descr'")? + "'descr'".len()..];
+    let quoted = &after[after.find('\'')? + 1..];
+    let code = &quoted[..quoted.find('\'')?];
+    Some(code.trim_start_matches(['<', '>', '|', '=']))
+}
+
+/// What `v` makes of the array, trying its dtype first (from a `.npy` header), then every
+/// supported dtype.
+fn read_any<V: Visit>(src: &Source<'_>, v: &V) -> std::result::Result<V::Out, String> {
+    let first = match src {
+        Source::Npy(bytes) => descr(bytes),
+        Source::Npz(..) => None,
+    };
     macro_rules! each {
-        ($($t:ty),*) => {$(
-            if let Some(a) = try_read::<$t>(src)? {
-                return Ok(a);
-            }
-        )*};
+        ($(($t:ty, $code:literal)),*) => {
+            $(
+                if first == Some($code) && let Some(a) = try_read::<$t>(src)? {
+                    return v.visit(a);
+                }
+            )*
+            $(
+                if first != Some($code) && let Some(a) = try_read::<$t>(src)? {
+                    return v.visit(a);
+                }
+            )*
+        };
     }
-    each!(f32, f64, u8, i8, u16, i16, u32, i32, u64, i64, bool);
+    each!(
+        (f32, "f4"),
+        (f64, "f8"),
+        (u8, "u1"),
+        (i8, "i1"),
+        (u16, "u2"),
+        (i16, "i2"),
+        (u32, "u4"),
+        (i32, "i4"),
+        (u64, "u8"),
+        (i64, "i8"),
+        (bool, "b1")
+    );
     Err(
         "its dtype is none of float32, float64, the 8- to 64-bit integers and bool (complex, \
          float16, strings and objects are not read)"
@@ -138,8 +254,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 /// # Errors
 /// [`Error::Npy`] naming `file` and the problem.
 pub fn parse_features(file: &str, bytes: &[u8]) -> Result<ArrayD<f32>> {
-    let a = read_any(&Source::Npy(bytes)).map_err(|w| bad(file, w))?;
-    Ok(a.mapv(|v| v as f32))
+    read_any(&Source::Npy(bytes), &Features).map_err(|w| bad(file, w))
 }
 
 /// The features in the `.npy` file at `path` (see the [module docs](self)).
@@ -151,39 +266,12 @@ pub fn read_features(path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
     parse_features(&path.display().to_string(), &read_file(path)?)
 }
 
-/// Class ids from an array: one per sample, each a whole number from 0 to `u32::MAX`.
-fn to_labels(file: &str, a: ArrayD<f64>) -> Result<Array1<u32>> {
-    let shape = a.shape().to_vec();
-    let n = match shape.as_slice() {
-        [n] | [n, 1] => *n,
-        _ => {
-            return Err(bad(
-                file,
-                format!("labels must be 1-D (or one column), not of shape {shape:?}"),
-            ));
-        }
-    };
-    let flat: Vec<f64> = a.iter().copied().collect();
-    let mut out = Vec::with_capacity(n);
-    for (i, &v) in flat.iter().enumerate() {
-        if !(v >= 0.0 && v <= f64::from(u32::MAX) && v.fract() == 0.0) {
-            return Err(bad(
-                file,
-                format!("label {i} is {v}: a class id must be a whole number from 0"),
-            ));
-        }
-        out.push(v as u32);
-    }
-    Ok(Array1::from(out))
-}
-
 /// The class ids in the `.npy` bytes, named `file` in errors.
 ///
 /// # Errors
 /// [`Error::Npy`] naming `file` and the problem (a label's index where one is bad).
 pub fn parse_labels(file: &str, bytes: &[u8]) -> Result<Array1<u32>> {
-    let a = read_any(&Source::Npy(bytes)).map_err(|w| bad(file, w))?;
-    to_labels(file, a)
+    read_any(&Source::Npy(bytes), &Labels).map_err(|w| bad(file, w))
 }
 
 /// The class ids in the `.npy` file at `path` (see the [module docs](self)).
@@ -204,8 +292,7 @@ pub fn npz_features(path: impl AsRef<Path>, name: &str) -> Result<ArrayD<f32>> {
     let path = path.as_ref();
     let file = format!("{} [{name}]", path.display());
     let bytes = read_file(path)?;
-    let a = read_any(&Source::Npz(&bytes, name)).map_err(|w| bad(&file, w))?;
-    Ok(a.mapv(|v| v as f32))
+    read_any(&Source::Npz(&bytes, name), &Features).map_err(|w| bad(&file, w))
 }
 
 /// The class ids in array `name` of the `.npz` archive at `path`.
@@ -216,6 +303,27 @@ pub fn npz_labels(path: impl AsRef<Path>, name: &str) -> Result<Array1<u32>> {
     let path = path.as_ref();
     let file = format!("{} [{name}]", path.display());
     let bytes = read_file(path)?;
-    let a = read_any(&Source::Npz(&bytes, name)).map_err(|w| bad(&file, w))?;
-    to_labels(&file, a)
+    read_any(&Source::Npz(&bytes, name), &Labels).map_err(|w| bad(&file, w))
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::array;
+    use ndarray_npy::WriteNpyExt;
+
+    use super::descr;
+
+    #[test]
+    fn the_header_names_the_dtype_to_try_first() {
+        let mut f4 = Vec::new();
+        array![1.0f32, 2.0].write_npy(&mut f4).unwrap();
+        assert_eq!(descr(&f4), Some("f4"));
+        let mut u1 = Vec::new();
+        array![[1u8]].write_npy(&mut u1).unwrap();
+        assert_eq!(descr(&u1), Some("u1"));
+        // Not a header: no guess (the full parse names the problem).
+        assert_eq!(descr(b"\x93NUMPY\x01\x00\xff\xff{"), None);
+        assert_eq!(descr(b"PK\x03\x04"), None);
+        assert_eq!(descr(&f4[..12]), None);
+    }
 }
