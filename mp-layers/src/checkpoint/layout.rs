@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use mp_core::Variable;
+
 /// The names and layouts of a weights file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -328,6 +330,55 @@ impl ForeignTensors {
                 transform,
             }],
         );
+    }
+
+    /// Adds each present variable of `variables` (`(variable, mp leaf name, foreign leaf
+    /// name)`) as itself under its foreign name: what layers whose tensors are only renamed
+    /// (normalizations, embeddings) write. Clears a pending `Flatten`.
+    pub fn push_renamed(&mut self, prefix: &str, variables: &[(Option<&Variable>, &str, &str)]) {
+        self.take_flattened();
+        for (v, mp, foreign) in variables {
+            if let Some(v) = v {
+                self.push(
+                    ForeignTensors::name(prefix, foreign),
+                    format!("{prefix}{mp}"),
+                    v.shape(),
+                    Transform::Same,
+                );
+            }
+        }
+    }
+
+    /// Adds a layer's `kernel`, rearranged by `transform`, and its `bias` as `weight` and `bias`
+    /// under `foreign_prefix` (`prefix` is where the variables are in mp's layout), and a fused
+    /// ReLU as the hyperparameter `activation`: what `Dense` and `Conv2D` write.
+    pub fn push_weight_and_bias(
+        &mut self,
+        (prefix, foreign_prefix): (&str, &str),
+        kernel: Option<&Variable>,
+        bias: Option<&Variable>,
+        transform: Transform,
+        relu: bool,
+    ) {
+        if let Some(k) = kernel {
+            self.push(
+                ForeignTensors::name(foreign_prefix, "weight"),
+                format!("{prefix}kernel"),
+                k.shape(),
+                transform,
+            );
+        }
+        if let Some(b) = bias {
+            self.push(
+                ForeignTensors::name(foreign_prefix, "bias"),
+                format!("{prefix}bias"),
+                b.shape(),
+                Transform::Same,
+            );
+        }
+        if relu {
+            self.hyperparameter(foreign_prefix, "activation", "relu");
+        }
     }
 
     /// Adds a tensor of one variable under another shape of the same size (`[d]` as

@@ -350,25 +350,13 @@ impl<P: PolicyKind> Layer for Conv2D<P> {
 
     fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
         out.take_flattened();
-        if let Some(k) = &self.kernel {
-            out.push(
-                ForeignTensors::name(prefix, "weight"),
-                format!("{prefix}kernel"),
-                k.shape(),
-                Transform::ConvOihw,
-            );
-        }
-        if let Some(b) = &self.bias {
-            out.push(
-                ForeignTensors::name(prefix, "bias"),
-                format!("{prefix}bias"),
-                b.shape(),
-                Transform::Same,
-            );
-        }
-        if self.relu {
-            out.hyperparameter(prefix, "activation", "relu");
-        }
+        out.push_weight_and_bias(
+            (prefix, prefix),
+            self.kernel.as_ref(),
+            self.bias.as_ref(),
+            Transform::ConvOihw,
+            self.relu,
+        );
         Ok(())
     }
 

@@ -66,31 +66,19 @@ impl<P: PolicyKind> Dense<P> {
         flattened: Option<[usize; 3]>,
         out: &mut ForeignTensors,
     ) {
-        if let Some(k) = &self.kernel {
-            let transform = match flattened {
-                Some([h, w, c]) if h * w * c == k.shape()[0] && h * w > 1 => {
-                    Transform::FlattenedTranspose { h, w, c }
-                }
-                _ => Transform::Transpose,
-            };
-            out.push(
-                ForeignTensors::name(foreign_prefix, "weight"),
-                format!("{prefix}kernel"),
-                k.shape(),
-                transform,
-            );
-        }
-        if let Some(b) = &self.bias {
-            out.push(
-                ForeignTensors::name(foreign_prefix, "bias"),
-                format!("{prefix}bias"),
-                b.shape(),
-                Transform::Same,
-            );
-        }
-        if self.relu {
-            out.hyperparameter(foreign_prefix, "activation", "relu");
-        }
+        let transform = match (flattened, &self.kernel) {
+            (Some([h, w, c]), Some(k)) if h * w * c == k.shape()[0] && h * w > 1 => {
+                Transform::FlattenedTranspose { h, w, c }
+            }
+            _ => Transform::Transpose,
+        };
+        out.push_weight_and_bias(
+            (prefix, foreign_prefix),
+            self.kernel.as_ref(),
+            self.bias.as_ref(),
+            transform,
+            self.relu,
+        );
     }
 
     /// The kernel's and bias's shapes, once built.

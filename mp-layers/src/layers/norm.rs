@@ -7,28 +7,9 @@ use std::marker::PhantomData;
 use mp_core::{F32, PolicyKind, Tensor, Variable};
 use mp_kernels::ops::{self, Norm};
 
-use crate::checkpoint::{ForeignTensors, Transform};
+use crate::checkpoint::ForeignTensors;
 use crate::error::{Error, Result};
 use crate::layer::Layer;
-
-/// `gamma`/`beta` (and BatchNormalization's moving statistics) under PyTorch's names.
-fn foreign_norm(
-    prefix: &str,
-    out: &mut ForeignTensors,
-    variables: [(Option<&Variable>, &str, &str); 4],
-) {
-    out.take_flattened();
-    for (v, mp, foreign) in variables {
-        if let Some(v) = v {
-            out.push(
-                ForeignTensors::name(prefix, foreign),
-                format!("{prefix}{mp}"),
-                v.shape(),
-                Transform::Same,
-            );
-        }
-    }
-}
 
 /// What both normalisation layers check at `build`: a finite positive epsilon, a non-empty last
 /// axis (returned: the features), and, when already built (`built`), the same shape (then
@@ -430,10 +411,9 @@ impl<P: PolicyKind> Layer for BatchNormalization<P> {
     }
 
     fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
-        foreign_norm(
+        out.push_renamed(
             prefix,
-            out,
-            [
+            &[
                 (self.gamma.as_ref(), "gamma", "weight"),
                 (self.beta.as_ref(), "beta", "bias"),
                 (self.moving_mean.as_ref(), "moving_mean", "running_mean"),
@@ -658,14 +638,11 @@ impl<P: PolicyKind> Layer for LayerNormalization<P> {
     }
 
     fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
-        foreign_norm(
+        out.push_renamed(
             prefix,
-            out,
-            [
+            &[
                 (self.gamma.as_ref(), "gamma", "weight"),
                 (self.beta.as_ref(), "beta", "bias"),
-                (None, "", ""),
-                (None, "", ""),
             ],
         );
         out.hyperparameter(prefix, "eps", self.epsilon);

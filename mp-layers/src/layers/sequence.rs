@@ -14,7 +14,7 @@ use mp_kernels::sequence::Pool;
 use ndarray::ArrayViewD;
 
 use super::util::{glorot_uniform, name_seed, uniform};
-use crate::checkpoint::{ForeignTensors, Transform};
+use crate::checkpoint::ForeignTensors;
 use crate::error::{Error, Result};
 use crate::layer::Layer;
 
@@ -243,15 +243,10 @@ impl<P: PolicyKind> Layer for Embedding<P> {
     }
 
     fn foreign_tensors(&mut self, prefix: &str, out: &mut ForeignTensors) -> Result<()> {
-        out.take_flattened();
-        if let Some(e) = &self.embeddings {
-            out.push(
-                ForeignTensors::name(prefix, "weight"),
-                format!("{prefix}embeddings"),
-                e.shape(),
-                Transform::Same,
-            );
-        }
+        out.push_renamed(
+            prefix,
+            &[(self.embeddings.as_ref(), "embeddings", "weight")],
+        );
         Ok(())
     }
 
